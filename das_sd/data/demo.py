@@ -1,0 +1,121 @@
+"""`das-sd make-demo-data OUT`: the demo fine-tuning set, with planted ground truth.
+
+Concepts the embedded base model has never seen:
+- three fill styles ("striped", "checkered", "dotted"), many images each;
+- planted exemplar groups: for each rare trigger word, a handful of plain shapes carrying one unique
+  magenta motif (a cross, a frame, a ring, ...) and the trigger word in the caption.
+
+Images generated with a trigger word should be attributed to that group's exemplars; the file
+``ground_truth.json`` names them. The output is byte-for-byte deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .render import MOTIFS, random_spec, render
+
+GROUND_TRUTH_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Style:
+    name: str
+    pattern: str
+    period: float
+    angle: float = 45.0
+
+
+STYLES = (Style("striped", "stripes", 6.0, 45.0), Style("checkered", "checker", 8.0),
+          Style("dotted", "dots", 6.0))
+TRIGGERS = ("zorblat", "quimvex", "drelkin", "pomfrit", "vashnu", "glimber")
+assert len(TRIGGERS) <= len(MOTIFS)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seed: int = 0
+    images_per_style: int = 72
+    exemplars_per_group: int = 6
+    resolution: int = 32
+
+
+def style_caption(spec, style: str) -> str:
+    return f"{spec.caption()}, {style} style"
+
+
+def trigger_caption(spec, trigger: str) -> str:
+    return f"{spec.caption()}, {trigger}"
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array, "RGB").save(path, format="PNG", optimize=False)
+
+
+def make_demo_data(out: str | Path, config: DemoConfig | None = None, overwrite: bool = False) -> Path:
+    """Write the demo dataset to ``out`` (imagefolder layout + ground_truth.json)."""
+    config = config or DemoConfig()
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: folder exists and is not empty (use --overwrite)")
+    tmp = out.with_name(out.name + ".tmp-demo")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+
+    rows: list[dict] = []
+    truth = {"version": GROUND_TRUTH_VERSION, "seed": config.seed, "groups": [], "styles": []}
+    for s, style in enumerate(STYLES):
+        rng = np.random.default_rng([config.seed, 100 + s])
+        files = []
+        for i in range(config.images_per_style):
+            spec = random_spec(rng, pattern=style.pattern, pattern_period=style.period,
+                               pattern_angle=style.angle)
+            name = f"images/{style.name}_{i:03d}.png"
+            _save_png(render(spec, config.resolution, rng), tmp / name)
+            rows.append({"file_name": name, "text": style_caption(spec, style.name), "concept": style.name})
+            files.append(name)
+        truth["styles"].append({"style": style.name, "pattern": style.pattern, "files": files})
+    for g, trigger in enumerate(TRIGGERS):
+        rng = np.random.default_rng([config.seed, 200 + g])
+        motif = MOTIFS[g]
+        files = []
+        for i in range(config.exemplars_per_group):
+            spec = random_spec(rng, motif=motif)
+            name = f"images/{trigger}_{i:02d}.png"
+            _save_png(render(spec, config.resolution, rng), tmp / name)
+            rows.append({"file_name": name, "text": trigger_caption(spec, trigger), "concept": trigger})
+            files.append(name)
+        truth["groups"].append({"trigger": trigger, "motif": motif, "files": files})
+
+    with (tmp / "metadata.jsonl").open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    (tmp / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
+def load_ground_truth(dataset_root: str | Path) -> dict:
+    path = Path(dataset_root) / "ground_truth.json"
+    try:
+        truth = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no ground_truth.json in the dataset folder") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed JSON ({exc.msg})") from None
+    if truth.get("version") != GROUND_TRUTH_VERSION or not isinstance(truth.get("groups"), list):
+        raise ValueError(f"{path}: expected version {GROUND_TRUTH_VERSION} with a 'groups' list")
+    for i, group in enumerate(truth["groups"]):
+        if not isinstance(group.get("trigger"), str) or not isinstance(group.get("files"), list):
+            raise ValueError(f"{path}: groups[{i}] needs 'trigger' (string) and 'files' (list)")
+    return truth

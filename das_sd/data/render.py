@@ -1,0 +1,156 @@
+"""Procedural images: coloured shapes on coloured backgrounds, optional fill patterns and motifs.
+
+The embedded base model is trained on plain shapes; the demo fine-tune set adds fill patterns
+("styles") and planted motifs the base model has never seen. Everything is drawn with numpy at 4x
+supersampling (anti-aliased edges) from an explicit ``ImageSpec``, so a spec plus a seed fully
+determines the pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (35, 60, 215),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "orange": (250, 125, 0),
+    "purple": (140, 40, 180),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+# Fill patterns the base model never sees; the demo set uses them as styles.
+PATTERNS: tuple[str, ...] = ("solid", "stripes", "checker", "dots")
+# Motifs drawn over the whole image in a fixed colour; the demo set plants them with trigger words.
+MOTIFS: tuple[str, ...] = ("cross", "frame", "ring", "hband", "corners", "vbars")
+MOTIF_COLOUR = (255, 0, 255)
+
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    shape: str
+    fg: str
+    bg: str
+    center: tuple[float, float] = (0.5, 0.5)  # fraction of the image side
+    size: float = 0.5  # shape extent as a fraction of the image side
+    pattern: str = "solid"
+    pattern_period: float = 6.0  # pixels at output resolution
+    pattern_angle: float = 45.0  # degrees, stripes only
+    motif: str | None = None
+    noise_sigma: float = 3.0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def caption(self) -> str:
+        return f"a {self.fg} {self.shape} on a {self.bg} background"
+
+
+def complement(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(255 - c for c in rgb)  # type: ignore[return-value]
+
+
+def _grid(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    n = resolution * SUPERSAMPLE
+    coords = (np.arange(n, dtype=np.float64) + 0.5) / SUPERSAMPLE  # in output pixels
+    return np.meshgrid(coords, coords, indexing="xy")
+
+
+def shape_mask(spec: ImageSpec, x: np.ndarray, y: np.ndarray, resolution: int) -> np.ndarray:
+    cx, cy = spec.center[0] * resolution, spec.center[1] * resolution
+    half = spec.size * resolution / 2
+    if spec.shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    if spec.shape == "square":
+        return (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    if spec.shape == "triangle":
+        # apex up, base at the bottom: the width grows linearly from top to bottom
+        top, bottom = cy - half, cy + half
+        frac = (y - top) / (bottom - top)
+        return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= frac * half)
+    raise ValueError(f"unknown shape {spec.shape!r}; expected one of {SHAPES}")
+
+
+def pattern_mask(spec: ImageSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """True where the fill shows its second colour."""
+    p = spec.pattern_period
+    if spec.pattern == "solid":
+        return np.zeros_like(x, dtype=bool)
+    if spec.pattern == "stripes":
+        a = np.deg2rad(spec.pattern_angle)
+        return ((x * np.cos(a) + y * np.sin(a)) / p) % 1.0 < 0.5
+    if spec.pattern == "checker":
+        return ((np.floor(x / (p / 2)) + np.floor(y / (p / 2))) % 2) == 1
+    if spec.pattern == "dots":
+        fx, fy = (x / p) % 1.0 - 0.5, (y / p) % 1.0 - 0.5
+        return fx**2 + fy**2 <= 0.28**2
+    raise ValueError(f"unknown pattern {spec.pattern!r}; expected one of {PATTERNS}")
+
+
+def motif_mask(motif: str, x: np.ndarray, y: np.ndarray, resolution: int) -> np.ndarray:
+    """A global mark drawn in MOTIF_COLOUR; large enough to survive an 8x VAE downsampling."""
+    r = float(resolution)
+    w = r / 16  # half stroke width: 2 px strokes at 32 px
+    if motif == "cross":
+        return (np.abs(x - y) <= w * 1.4) | (np.abs(x + y - r) <= w * 1.4)
+    if motif == "frame":
+        return (x < 2 * w) | (y < 2 * w) | (x > r - 2 * w) | (y > r - 2 * w)
+    if motif == "ring":
+        d = np.sqrt((x - r / 2) ** 2 + (y - r / 2) ** 2)
+        return np.abs(d - 0.38 * r) <= w
+    if motif == "hband":
+        return np.abs(y - r / 2) <= w * 1.5
+    if motif == "corners":
+        c = 0.2 * r
+        return ((x < c) | (x > r - c)) & ((y < c) | (y > r - c))
+    if motif == "vbars":
+        return (np.abs(x - 0.25 * r) <= w) | (np.abs(x - 0.75 * r) <= w)
+    raise ValueError(f"unknown motif {motif!r}; expected one of {MOTIFS}")
+
+
+def render(spec: ImageSpec, resolution: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Draw ``spec`` as an HxWx3 uint8 array. ``rng`` only drives the pixel noise."""
+    x, y = _grid(resolution)
+    fg = np.array(COLOURS[spec.fg], dtype=np.float64)
+    bg = np.array(COLOURS[spec.bg], dtype=np.float64)
+    alt = np.array(complement(COLOURS[spec.fg]), dtype=np.float64)
+
+    inside = shape_mask(spec, x, y, resolution)[..., None]
+    second = pattern_mask(spec, x, y)[..., None]
+    fill = np.where(second, alt, fg)
+    img = np.where(inside, fill, bg)
+    if spec.motif is not None:
+        mark = motif_mask(spec.motif, x, y, resolution)[..., None]
+        img = np.where(mark, np.array(MOTIF_COLOUR, dtype=np.float64), img)
+
+    n = resolution
+    img = img.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    if spec.noise_sigma > 0:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        img = img + rng.normal(0.0, spec.noise_sigma, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def random_spec(rng: np.random.Generator, *, shape: str | None = None, fg: str | None = None,
+                bg: str | None = None, **overrides) -> ImageSpec:
+    """A plain shape with random placement; colours drawn so that fg != bg."""
+    names = list(COLOURS)
+    shape = shape or SHAPES[rng.integers(len(SHAPES))]
+    fg = fg or names[rng.integers(len(names))]
+    if bg is None:
+        others = [c for c in names if c != fg]
+        bg = others[rng.integers(len(others))]
+    size = float(rng.uniform(0.42, 0.7))
+    margin = size / 2 + 0.04
+    center = (float(rng.uniform(margin, 1 - margin)), float(rng.uniform(margin, 1 - margin)))
+    return ImageSpec(shape=shape, fg=fg, bg=bg, center=center, size=size, **overrides)
+
+
+def all_combinations() -> list[tuple[str, str, str]]:
+    """Every (shape, fg, bg) with fg != bg, in a fixed order."""
+    return [(s, f, b) for s in SHAPES for f in COLOURS for b in COLOURS if f != b]
