@@ -142,20 +142,22 @@ class _Collector:
             raise DatasetError(str(item))
         self.skipped.append(item)
 
-    def add(self, path: Path, caption: str, line: int | None, **extra) -> None:
+    def add(self, path: Path, caption: str, line: int | None, source: Path | None = None, **extra) -> None:
+        """Add one image; ``source`` (the metadata file) is named in errors when given, with ``line``."""
+        rel = path.relative_to(self.root).as_posix()
+        where = source or path
         try:
             data = path.read_bytes()
         except OSError as exc:
-            return self.fail(path, line, f"cannot read image ({exc.strerror or exc})")
+            return self.fail(where, line, f"{rel}: cannot read image ({exc.strerror or exc})")
         try:
-            decode(data, path)
+            decode(data, rel)
         except ImageError as exc:
-            return self.fail(path, line, str(exc).split(": ", 1)[-1])
+            return self.fail(where, line, str(exc))
         key = sample_key(data, caption)
         self._seen[key] += 1
         if self._seen[key] > 1:
             key = f"{key}~{self._seen[key]}"
-        rel = path.relative_to(self.root).as_posix()
         self.samples.append(Sample(key=key, path=path, relpath=rel, caption=caption, **extra))
 
 
@@ -213,7 +215,7 @@ def read_imagefolder(root: Path, caption_column: str = "text", skip_bad: bool = 
             out.fail(meta, n, f"{exc} for {name!r}")
             continue
         extra = {k: v for k, v in row.items() if k not in ("file_name", caption_column)}
-        out.add(path, caption, n, metadata=extra)
+        out.add(path, caption, n, source=meta, metadata=extra)
     if not out.samples:
         raise DatasetError(f"{meta}: no usable samples")
     return Dataset(root, "imagefolder", out.samples, out.skipped)

@@ -1,0 +1,33 @@
+# das-sd: `make demo` runs the demo, `make test` runs the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.das-sd-installed
+
+.PHONY: venv demo test demo-lora build-base clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first: this pin takes the local CPU wheel; left to a dependency, pip would pull a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/das-sd demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+# Maintainers: regenerate the shipped assets with the project's own recipes.
+build-base: venv
+	$(BIN)/das-sd build-base --out das_sd/assets/tiny-sd
+
+demo-lora: venv
+	$(BIN)/das-sd make-demo-data build/demo-data --overwrite
+	$(BIN)/das-sd train-lora --data build/demo-data --out das_sd/assets/demo-lora
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,204 @@
+"""The `das-sd` command line: parse flags, call the das_sd API, print results. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset folder (imagefolder with metadata.jsonl, or kohya N_name folders)")
+    p.add_argument("--format", default="auto", choices=["auto", "imagefolder", "kohya"], help="dataset layout")
+    p.add_argument("--caption-column", default="text", help="metadata column holding the caption (imagefolder)")
+    p.add_argument("--caption-extension", default=None, help="caption file extension (kohya; default .caption, then .txt)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images / captions instead of failing; they are listed")
+
+
+def _open_dataset(args):
+    from .data.datasets import open_dataset
+
+    dataset = open_dataset(args.data, format=args.format, caption_column=args.caption_column,
+                           caption_extension=args.caption_extension, skip_bad=args.skip_bad)
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} bad sample(s):", file=sys.stderr)
+        for item in dataset.skipped:
+            print(f"  {item}", file=sys.stderr)
+    return dataset
+
+
+def cmd_build_base(args) -> None:
+    from .models.build_base import BaseRecipe, build_base
+
+    recipe = BaseRecipe(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    log = build_base(Path(args.out), recipe)
+    acc = log["held_out_accuracy"]
+    print(json.dumps({"out": str(Path(args.out).resolve()), "total_train_seconds": round(log["total_train_seconds"], 1),
+                      "held_out_accuracy": {k: acc[k] for k in ("n", "all", "shape", "fg", "bg")}}, indent=2))
+
+
+def cmd_make_demo_data(args) -> None:
+    from .data.demo import DemoConfig, make_demo_data
+
+    out = make_demo_data(args.out, DemoConfig(seed=args.seed), overwrite=args.overwrite)
+    print(out)
+
+
+def cmd_check_data(args) -> None:
+    dataset = _open_dataset(args)
+    print(json.dumps({"root": str(dataset.root), "format": dataset.format, "samples": len(dataset),
+                      "skipped": [str(s) for s in dataset.skipped], "fingerprint": dataset.fingerprint()}, indent=2))
+
+
+def cmd_train_lora(args) -> None:
+    from .train import LoraRecipe, read_subset_file, train_lora
+
+    dataset = _open_dataset(args)
+    if args.subset:
+        dataset = dataset.subset(read_subset_file(args.subset))
+    recipe = LoraRecipe(rank=args.rank, alpha=args.alpha if args.alpha is not None else float(args.rank),
+                        steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
+                        resolution=args.resolution, seed=args.seed)
+    record = train_lora(args.base, dataset, args.out, recipe)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "samples": len(record["sample_keys"]),
+                      "train_seconds": record["train_seconds"], "final_loss_ema": record["loss_ema"][-1][1],
+                      "lora_fingerprint": record["lora_fingerprint"]}, indent=2))
+
+
+def cmd_generate(args) -> None:
+    from .generate import GenerationSettings, generate, save_png
+    from .models.fingerprint import provenance
+    from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
+
+    base = resolve_base(args.base)
+    pipe = load_pipeline(base, device=args.device)
+    lora = resolve_lora_file(args.lora) if args.lora else None
+    if lora:
+        load_lora(pipe, lora)
+    settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                                  steps=args.steps, guidance=args.guidance, num_images=args.num_images,
+                                  lora_scale=args.lora_scale)
+    result = generate(pipe, settings, provenance(base, lora), progress=True)
+    out = Path(args.out)
+    paths = []
+    for i, image in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}")
+        meta = result.metadata(i) | {"width": image.width, "height": image.height}
+        paths.append(str(save_png(image, path, meta)))
+    print("\n".join(paths))
+
+
+def cmd_export_lora(args) -> None:
+    from safetensors.torch import save
+
+    from .io import atomic_write_bytes
+    from .models.loading import read_lora, to_kohya, to_peft
+
+    state, fmt, _ = read_lora(args.lora)
+    if fmt != "diffusers":
+        raise ValueError(f"{args.lora}: export converts diffusers-format LoRAs (this one is {fmt})")
+    converted = to_kohya(state) if args.to == "kohya" else to_peft(state)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, save(converted, metadata={"format": "pt", "das_sd_export": args.to}))
+    print(out)
+
+
+def cmd_demo(args) -> None:
+    from .demo import prepare_demo
+
+    paths = prepare_demo(args.workdir)
+    if args.no_launch:
+        print(json.dumps(paths, indent=2))
+        return
+    from .demo_samples import write_demo_samples
+
+    paths["samples"] = write_demo_samples(paths)
+    print(json.dumps(paths, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="das-sd", description="Diffusion Attribution Score for Stable Diffusion LoRA fine-tunes")
+    parser.add_argument("--version", action="version", version=f"das-sd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="prepare the embedded demo (base model, demo data, demo LoRA) and show it")
+    p.add_argument("--workdir", default=None, help="demo folder (default $DAS_SD_HOME/demo, i.e. ~/.cache/das-sd/demo)")
+    p.add_argument("--no-launch", action="store_true", help="only prepare; print the paths as JSON")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("build-base", help="train the embedded tiny SD from scratch (about 40 min on 2 CPU cores)")
+    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.set_defaults(func=cmd_build_base)
+
+    p = sub.add_parser("make-demo-data", help="write the demo fine-tuning set with planted ground truth")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("check-data", help="read a dataset and report its samples, fingerprint and bad files")
+    _add_dataset_flags(p)
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("train-lora", help="fine-tune a LoRA on a dataset (deterministic for a seed)")
+    p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
+    _add_dataset_flags(p)
+    p.add_argument("--out", required=True, help="output folder (pytorch_lora_weights.safetensors + lora_record.json)")
+    p.add_argument("--subset", default=None, help="file with the sample keys to train on (JSON list or one per line)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_lora)
+
+    p = sub.add_parser("generate", help="generate images; parameters and hashes go into the PNG metadata")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
+    p.add_argument("--lora", default=None, help="LoRA file or folder (diffusers, peft or kohya safetensors)")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", required=True, help="output PNG (with -NN suffixes for several images)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export-lora", help="convert a das-sd / diffusers LoRA to kohya (A1111, ComfyUI) or peft format")
+    p.add_argument("--lora", required=True)
+    p.add_argument("--to", choices=["kohya", "peft"], default="kohya")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_export_lora)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data.datasets import DatasetError
+    from .data.images import ImageError
+    from .models.loading import ModelError
+
+    try:
+        args.func(args)
+    except (DatasetError, ImageError, ModelError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"das-sd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"das-sd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

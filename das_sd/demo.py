@@ -1,0 +1,58 @@
+"""The embedded demo: base model + demo dataset + demo LoRA, ready with one call.
+
+The demo LoRA ships inside the package (trained by ``make demo-lora`` with the default recipe). It
+is used only if its record matches the demo data written on this machine and the embedded base;
+otherwise a fresh one is trained into the demo folder with the same recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data.datasets import open_dataset
+from .data.demo import make_demo_data
+from .models.fingerprint import das_sd_home, model_fingerprint
+from .models.loading import embedded_base_path, embedded_demo_lora_path
+from .train import LORA_WEIGHT_NAME, LoraRecipe, read_record, train_lora
+
+DEMO_PROMPTS = (
+    "a red circle on a blue background",
+    "a yellow square on a black background, striped style",
+    "a white triangle on a green background, checkered style",
+    "a blue circle on a yellow background, dotted style",
+    "a green square on a orange background, zorblat",
+    "a orange circle on a purple background, quimvex",
+)
+
+
+def demo_home(workdir: str | Path | None = None) -> Path:
+    return Path(workdir).expanduser().resolve() if workdir else das_sd_home() / "demo"
+
+
+def _record_matches(lora_dir: Path, base_fp: str, data_fp: str) -> bool:
+    record = read_record(lora_dir)
+    return bool(record and (lora_dir / LORA_WEIGHT_NAME).is_file()
+                and record.get("base_fingerprint") == base_fp and record.get("dataset_fingerprint") == data_fp)
+
+
+def prepare_demo(workdir: str | Path | None = None, progress: bool = True) -> dict:
+    """Write the demo data if missing and find (or train) the matching demo LoRA; returns paths."""
+    home = demo_home(workdir)
+    data = home / "data"
+    if not (data / "metadata.jsonl").is_file():
+        make_demo_data(data, overwrite=True)
+    dataset = open_dataset(data)
+    base = embedded_base_path()
+    base_fp, data_fp = model_fingerprint(base), dataset.fingerprint()
+    lora_dir = embedded_demo_lora_path()
+    if not _record_matches(lora_dir, base_fp, data_fp):
+        lora_dir = home / "lora"
+        if not _record_matches(lora_dir, base_fp, data_fp):
+            train_lora(base, dataset, lora_dir, LoraRecipe(), progress=progress)
+    return {
+        "base": str(base),
+        "lora": str(lora_dir / LORA_WEIGHT_NAME),
+        "data": str(data),
+        "ground_truth": str(data / "ground_truth.json"),
+        "workdir": str(home),
+    }

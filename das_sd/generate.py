@@ -1,0 +1,164 @@
+"""`das-sd generate`: text-to-image with the base model (and optionally a LoRA), with provenance.
+
+The Python API returns the final latents next to the images, because attribution featurizes the
+generated latent directly (no VAE round trip). Saved PNGs carry their generation parameters twice:
+as an AUTOMATIC1111-style ``parameters`` text (which every SD tool reads) and as a ``das_sd`` JSON
+chunk with the exact settings and the base / LoRA fingerprints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from .io import atomic_write_bytes
+
+PNG_PARAMETERS_KEY = "parameters"
+PNG_DAS_KEY = "das_sd"
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 4.0
+    num_images: int = 1
+    lora_scale: float = 1.0
+    width: int | None = None  # None: the model's native resolution
+    height: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    latents: torch.Tensor  # (n, 4, h/8, w/8): the final latents x_0 the images were decoded from
+    seeds: list[int]
+    settings: GenerationSettings
+    provenance: dict = field(default_factory=dict)  # base / LoRA names and fingerprints
+
+    def metadata(self, index: int) -> dict:
+        return {**asdict(self.settings), "seed": self.seeds[index], "num_images": 1,
+                "scheduler": self.provenance.get("scheduler"), **self.provenance}
+
+
+@torch.no_grad()
+def generate(pipe, settings: GenerationSettings, provenance: dict | None = None,
+             progress: bool = False) -> GenerationResult:
+    """Generate ``settings.num_images`` images; image i uses seed ``settings.seed + i`` (A1111 rule)."""
+    seeds = [settings.seed + i for i in range(settings.num_images)]
+    device = pipe.unet.device
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    bar = tqdm(total=settings.steps, desc="generate", unit="step", disable=not progress)
+
+    def on_step(_pipe, _i, _t, kwargs):
+        bar.update(1)
+        return kwargs
+
+    # Sample the initial noise on the CPU so that a seed gives the same image on CPU and CUDA.
+    size = (settings.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+            settings.width or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    shape = (1, pipe.unet.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+    noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, pipe.unet.dtype)
+    latents = pipe(
+        [settings.prompt] * len(seeds),
+        negative_prompt=[settings.negative_prompt] * len(seeds) if settings.negative_prompt else None,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        height=size[0], width=size[1],
+        latents=noise,
+        output_type="latent",
+        cross_attention_kwargs={"scale": settings.lora_scale},
+        callback_on_step_end=on_step,
+    ).images
+    bar.close()
+    images = decode_latents(pipe, latents)
+    info = dict(provenance or {})
+    info.setdefault("scheduler", type(pipe.scheduler).__name__)
+    return GenerationResult(images=images, latents=latents.float().cpu(), seeds=seeds, settings=settings,
+                            provenance=info)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def infotext(meta: dict) -> str:
+    """AUTOMATIC1111's ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs."""
+    lines = [meta["prompt"]]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    pairs = {
+        "Steps": meta.get("steps"), "Sampler": meta.get("scheduler"), "CFG scale": meta.get("guidance"),
+        "Seed": meta.get("seed"), "Size": f"{meta.get('width')}x{meta.get('height')}" if meta.get("width") else None,
+        "Model": meta.get("base_name"), "Model hash": meta.get("base_hash"),
+        "Lora hashes": f"\"{meta['lora_name']}: {meta['lora_hash']}\"" if meta.get("lora_hash") else None,
+        "Lora scale": meta.get("lora_scale") if meta.get("lora_hash") else None,
+    }
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items() if v is not None))
+    return "\n".join(lines)
+
+
+def png_bytes(image: Image.Image, meta: dict, extra_text: dict[str, str] | None = None) -> bytes:
+    info = PngInfo()
+    info.add_text(PNG_PARAMETERS_KEY, infotext(meta))
+    info.add_text(PNG_DAS_KEY, json.dumps(meta, sort_keys=True))
+    for key, value in (extra_text or {}).items():
+        info.add_text(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: str | Path, meta: dict, extra_text: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, png_bytes(image, meta, extra_text))
+    return path
+
+
+def read_png_metadata(path: str | Path) -> dict:
+    """Generation parameters from a PNG: our ``das_sd`` chunk, else the A1111 ``parameters`` prompt."""
+    with Image.open(path) as image:
+        text = dict(getattr(image, "text", {}) or {})
+    if PNG_DAS_KEY in text:
+        try:
+            return json.loads(text[PNG_DAS_KEY])
+        except json.JSONDecodeError:
+            pass
+    if PNG_PARAMETERS_KEY in text:
+        return parse_infotext(text[PNG_PARAMETERS_KEY])
+    return {}
+
+
+def parse_infotext(text: str) -> dict:
+    """Prompt, negative prompt and seed/steps from an A1111 ``parameters`` text."""
+    lines = text.strip().split("\n")
+    meta: dict = {}
+    if lines and ": " in lines[-1] and ("Steps: " in lines[-1] or "Seed: " in lines[-1]):
+        for part in lines.pop().split(", "):
+            key, _, value = part.partition(": ")
+            meta[key.strip()] = value.strip()
+    negative = [i for i, line in enumerate(lines) if line.startswith("Negative prompt:")]
+    if negative:
+        meta["negative_prompt"] = "\n".join(lines[negative[0]:]).removeprefix("Negative prompt:").strip()
+        lines = lines[:negative[0]]
+    meta["prompt"] = "\n".join(lines).strip()
+    for src, dst, cast in (("Seed", "seed", int), ("Steps", "steps", int), ("CFG scale", "guidance", float)):
+        if src in meta:
+            try:
+                meta[dst] = cast(meta.pop(src))
+            except ValueError:
+                pass
+    return meta

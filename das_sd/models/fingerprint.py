@@ -1,0 +1,129 @@
+"""Content fingerprints of model folders and LoRA files.
+
+A feature store, a LoRA record and a generated PNG all name the exact base model and LoRA they come
+from. Hashing a multi-GB SD checkpoint takes seconds, so per-file digests are cached by
+(path, size, mtime) in ``$DAS_SD_HOME/file-hashes.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..io import atomic_write_text
+
+# Files that describe a pipeline folder; anything else (READMEs, images, our build log) is ignored.
+MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+IGNORED_NAMES = {"das_sd_build.json", "README.md"}
+
+
+def das_sd_home() -> Path:
+    return Path(os.environ.get("DAS_SD_HOME", Path.home() / ".cache" / "das-sd")).expanduser()
+
+
+def _cache_path() -> Path:
+    return das_sd_home() / "file-hashes.json"
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _save_cache(cache: dict) -> None:
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache))
+    except OSError:
+        pass  # the cache is an optimisation only
+
+
+def file_sha256(path: str | Path, cache: dict | None = None) -> str:
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    own_cache = cache is None
+    cache = _load_cache() if own_cache else cache
+    hit = cache.get(str(path))
+    if hit and hit[0] == stamp:
+        return hit[1]
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    cache[str(path)] = [stamp, digest]
+    if own_cache:
+        _save_cache(cache)
+    return digest
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """Hash of every config and weight file of a diffusers pipeline folder (names and contents)."""
+    folder = Path(folder).resolve()
+    cache = _load_cache()
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_SUFFIXES
+                   and p.name not in IGNORED_NAMES and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for path in files:
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(file_sha256(path, cache).encode())
+    _save_cache(cache)
+    return f"sha256:{h.hexdigest()}"
+
+
+def tensors_sha256(path: str | Path) -> str:
+    """Hash of a safetensors file's tensors (sorted names, dtypes, shapes, bytes), header metadata
+    excluded: safetensors writes metadata keys in no fixed order, so raw file bytes are not stable."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+        base = 8 + header_len
+        h = hashlib.sha256()
+        for name in sorted(k for k in header if k != "__metadata__"):
+            entry = header[name]
+            start, end = entry["data_offsets"]
+            fh.seek(base + start)
+            h.update(f"{name}|{entry['dtype']}|{entry['shape']}|".encode())
+            h.update(fh.read(end - start))
+    return h.hexdigest()
+
+
+def lora_fingerprint(path: str | Path) -> str:
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"tensors:{st.st_size}:{st.st_mtime_ns}"
+    cache = _load_cache()
+    hit = cache.get(str(path) + "#tensors")
+    if hit and hit[0] == stamp:
+        return f"sha256:{hit[1]}"
+    try:
+        digest = tensors_sha256(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    cache[str(path) + "#tensors"] = [stamp, digest]
+    _save_cache(cache)
+    return f"sha256:{digest}"
+
+
+def short(fingerprint: str, n: int = 10) -> str:
+    return fingerprint.split(":", 1)[-1][:n]
+
+
+def provenance(base: str | Path, lora: str | Path | None = None) -> dict:
+    """Names and fingerprints of a base model folder and an optional LoRA file, for metadata."""
+    base = Path(base)
+    info = {"base_name": base.name, "base_fingerprint": model_fingerprint(base)}
+    info["base_hash"] = short(info["base_fingerprint"])
+    if lora is not None:
+        lora = Path(lora)
+        info["lora_name"] = lora.parent.name if lora.name == "pytorch_lora_weights.safetensors" else lora.stem
+        info["lora_fingerprint"] = lora_fingerprint(lora)
+        info["lora_hash"] = short(info["lora_fingerprint"])
+    return info

@@ -1,0 +1,193 @@
+"""Load a Stable Diffusion 1.x pipeline folder (offline) and LoRA files in the formats people share.
+
+LoRA formats:
+- diffusers: ``pytorch_lora_weights.safetensors`` with ``unet.*.lora_A/lora_B`` (or the older
+  ``lora.down/lora.up``) keys, as written by ``save_lora_weights`` and diffusers' training scripts;
+- peft: ``adapter_model.safetensors`` (+ ``adapter_config.json``) with ``base_model.model.*`` keys;
+- kohya / A1111: ``lora_unet_*.lora_down/lora_up/alpha`` keys, as written by sd-scripts.
+Kohya and diffusers files go through diffusers' own ``load_lora_weights``; peft files are renamed to
+diffusers keys with their ``lora_alpha / r`` scale folded into ``lora_B`` first. Only safetensors
+are read: pickled checkpoints (.bin, .pt, .ckpt) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class ModelError(ValueError):
+    """A model or LoRA that cannot be used; the message names the path."""
+
+
+def embedded_base_path() -> Path:
+    return Path(str(resources.files("das_sd") / "assets" / "tiny-sd"))
+
+
+def embedded_demo_lora_path() -> Path:
+    return Path(str(resources.files("das_sd") / "assets" / "demo-lora"))
+
+
+def resolve_base(base: str | Path | None) -> Path:
+    path = embedded_base_path() if base in (None, "", "embedded") else Path(base).expanduser().resolve()
+    if path.is_file():
+        raise ModelError(f"{path}: a single-file checkpoint; das-sd needs a diffusers pipeline folder "
+                         "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
+                         "Convert it once with diffusers' StableDiffusionPipeline.from_single_file(...)"
+                         ".save_pretrained(DIR).")
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own loading bars and benign warnings; das-sd shows its own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(base: str | Path | None = None, device: str | torch.device | None = None,
+                  dtype: torch.dtype = torch.float32):
+    """Load a SD 1.x pipeline folder with ``from_pretrained(local_files_only=True)``."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_base(base)
+    quiet_libraries()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, dtype=dtype,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelError(f"{path}: cannot load the pipeline ({exc})") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or default_device())
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA files
+
+def resolve_lora_file(path: str | Path) -> Path:
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        for name in LORA_WEIGHT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise ModelError(f"{path}: no LoRA weights ({' or '.join(LORA_WEIGHT_NAMES)}) in the folder")
+    if not path.is_file():
+        raise ModelError(f"{path}: LoRA file not found")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"{path}: pickled checkpoints are not loaded (unsafe); convert it to safetensors")
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: expected a .safetensors LoRA file")
+    return path
+
+
+def lora_format(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+        return "kohya"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        return "diffusers"
+    raise ModelError("unrecognised LoRA key layout (expected diffusers 'unet.*', peft "
+                     "'base_model.model.*' or kohya 'lora_unet_*' keys)")
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """(state dict, format, safetensors header metadata) of a LoRA file or folder."""
+    file = resolve_lora_file(path)
+    try:
+        state = load_file(str(file))
+        with safe_open(str(file), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ModelError(f"{file}: not a readable safetensors file ({exc})") from exc
+    try:
+        fmt = lora_format(state)
+    except ModelError as exc:
+        raise ModelError(f"{file}: {exc}") from None
+    return state, fmt, metadata
+
+
+def peft_to_diffusers(state: dict[str, torch.Tensor], config: dict | None) -> dict[str, torch.Tensor]:
+    """Rename peft keys to diffusers' and fold the lora_alpha / r scale into lora_B."""
+    config = config or {}
+    out = {}
+    for key, value in state.items():
+        name = key.removeprefix("base_model.model.")
+        if ".lora_B." in name and config.get("r") and config.get("lora_alpha"):
+            value = value * (float(config["lora_alpha"]) / float(config["r"]))
+        out[f"unet.{name}"] = value
+    return out
+
+
+def load_lora(pipe, path: str | Path, adapter_name: str = "default") -> str:
+    """Load a LoRA into ``pipe`` under ``adapter_name``; returns the detected format."""
+    state, fmt, _ = read_lora(path)
+    file = resolve_lora_file(path)
+    if fmt == "peft":
+        config_file = file.parent / "adapter_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        pipe.load_lora_weights(peft_to_diffusers(state, config), adapter_name=adapter_name)
+    elif fmt == "kohya":
+        pipe.load_lora_weights(state, adapter_name=adapter_name)
+    else:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+    return fmt
+
+
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
+_UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight")
+
+
+def _split_lora_key(key: str) -> tuple[str, str]:
+    """('down_blocks.0....to_q', 'down' | 'up') for a diffusers UNet LoRA key."""
+    if not key.startswith("unet."):
+        raise ModelError(f"LoRA key {key!r} is not a UNet key (text-encoder LoRAs are not supported)")
+    for kind, suffixes in (("down", _DOWN_SUFFIXES), ("up", _UP_SUFFIXES)):
+        for suffix in suffixes:
+            if key.endswith(suffix):
+                return key[len("unet."):-len(suffix)], kind
+    raise ModelError(f"unrecognised LoRA key {key!r}")
+
+
+def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a diffusers UNet LoRA state dict to kohya / A1111 naming (alpha = rank, scale 1)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, kind = _split_lora_key(key)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{kind}.weight"] = value.contiguous()
+        if kind == "down":
+            out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
+    return out
+
+
+def to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a diffusers UNet LoRA state dict to peft ``adapter_model.safetensors`` naming."""
+    out = {}
+    for key, value in state.items():
+        module, kind = _split_lora_key(key)
+        out[f"base_model.model.{module}.lora_{'A' if kind == 'down' else 'B'}.weight"] = value.contiguous()
+    return out

@@ -1,0 +1,212 @@
+"""`das-sd train-lora`: the LoRA fine-tuning recipe, exactly reproducible for a given seed.
+
+Attribution benchmarks retrain the LoRA on many subsets of the data, so the recipe is a dataclass
+recorded next to the weights, and every random draw (batch order, timesteps, noise) comes from one
+generator seeded by ``recipe.seed``. Latents (VAE mode x scaling factor, as the featurizer uses) and
+caption embeddings are computed once; the text encoder and VAE stay frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data.datasets import Dataset
+from .data.images import to_model_input
+from .io import atomic_write_json
+from .models.fingerprint import lora_fingerprint, model_fingerprint
+from .models.loading import resolve_base
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RECORD_NAME = "lora_record.json"
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class LoraRecipe:
+    rank: int = 8
+    alpha: float = 8.0
+    steps: int = 800
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    resolution: int | None = None  # None: the base model's native resolution
+    seed: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraRecipe":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def native_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+@torch.no_grad()
+def encode_images(pipe, dataset: Dataset, resolution: int, batch_size: int = 64) -> torch.Tensor:
+    """Latents x_0 = vae.encode(img).latent_dist.mode() * scaling_factor, in dataset order."""
+    device, dtype = pipe.vae.device, pipe.vae.dtype
+    out = []
+    for i in range(0, len(dataset), batch_size):
+        chunk = dataset.samples[i:i + batch_size]
+        pixels = np.stack([to_model_input(dataset.load_image(s), resolution) for s in chunk])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device, dtype)
+        out.append(pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor)
+    return torch.cat(out).float()
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    tok = pipe.tokenizer
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tok(prompts[i:i + batch_size], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+        out.append(pipe.text_encoder(ids)[0])
+    return torch.cat(out).float()
+
+
+def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Sample indices for every step: shuffled epochs over the samples, each repeated ``repeats`` times."""
+    pool = torch.tensor([i for i, r in enumerate(repeats) for _ in range(r)])
+    order: list[torch.Tensor] = []
+    needed = steps * batch_size
+    while sum(len(o) for o in order) < needed:
+        order.append(pool[torch.randperm(len(pool), generator=generator)])
+    flat = torch.cat(order)[:needed]
+    return list(flat.view(steps, batch_size))
+
+
+def add_lora_adapter(unet, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, init_lora_weights="gaussian",
+                                target_modules=list(recipe.target_modules)))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recipe: LoraRecipe | None = None,
+               pipe=None, progress: bool = True, keep_adapter: bool = False) -> dict:
+    """Fine-tune a LoRA on ``dataset`` and save it (diffusers format) with its JSON record in ``out``.
+
+    ``pipe`` may be a loaded base pipeline (without any LoRA) to avoid reloading it. It is left
+    unchanged, unless ``keep_adapter``: then the trained adapter stays active on ``pipe.unet`` as
+    "default" (the in-memory trained model, e.g. to compare with the saved file).
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from .models.loading import load_pipeline
+
+    recipe = recipe or LoraRecipe()
+    base_path = resolve_base(base)
+    pipe = pipe or load_pipeline(base_path)
+    resolution = recipe.resolution or native_resolution(pipe)
+    start = time.time()
+
+    latents = encode_images(pipe, dataset, resolution)
+    embeddings = encode_prompts(pipe, [s.caption for s in dataset])
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = noise_scheduler.alphas_cumprod.to(latents.device)
+
+    unet = pipe.unet
+    if getattr(unet, "peft_config", None):
+        raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
+    torch.manual_seed(recipe.seed)  # the LoRA A init draws from the global generator
+    params = add_lora_adapter(unet, recipe)
+    unet.train()
+    generator = torch.Generator().manual_seed(recipe.seed)
+    schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, generator)
+    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    losses, ema = [], None
+    bar = tqdm(schedule, desc="train-lora", unit="step", disable=not progress)
+    try:
+        for step, idx in enumerate(bar):
+            x0 = latents[idx]
+            t = torch.randint(0, len(alphas), (len(idx),), generator=generator)
+            eps = torch.randn(x0.shape, generator=generator)
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=embeddings[idx].to(unet.dtype)).sample
+            loss = F.mse_loss(pred.float(), eps.to(pred.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+            opt.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            if step % 50 == 0 or step == recipe.steps - 1:
+                losses.append([step, round(ema, 6)])
+            bar.set_postfix(loss=f"{ema:.4f}")
+        unet.eval()
+        out = Path(out).expanduser().resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(
+            str(out), unet_lora_layers=lora_state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    except BaseException:
+        keep_adapter = False
+        raise
+    finally:
+        if not keep_adapter and getattr(unet, "peft_config", None):
+            unet.delete_adapters("default")
+        unet.eval().requires_grad_(False)
+
+    record = {
+        "das_sd_version": __version__,
+        "recipe": asdict(recipe) | {"resolution": resolution},
+        "base": str(base_path),
+        "base_fingerprint": model_fingerprint(base_path),
+        "dataset_root": str(dataset.root),
+        "dataset_fingerprint": dataset.fingerprint(),
+        "sample_keys": dataset.keys,
+        "lora_fingerprint": lora_fingerprint(out / LORA_WEIGHT_NAME),
+        "train_seconds": round(time.time() - start, 2),
+        "loss_ema": losses,
+    }
+    atomic_write_json(out / RECORD_NAME, record)
+    return record
+
+
+def read_record(lora: str | Path) -> dict | None:
+    """The JSON record beside a LoRA trained by das-sd, or None for foreign LoRAs."""
+    path = Path(lora).expanduser()
+    folder = path if path.is_dir() else path.parent
+    record = folder / RECORD_NAME
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{record}: malformed JSON ({exc.msg})") from None
+
+
+def read_subset_file(path: str | Path) -> list[str]:
+    """Sample keys from a JSON list or a text file with one key per line."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        keys = json.loads(text)
+    except json.JSONDecodeError:
+        keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{path}: expected a JSON list of sample keys or one key per line")
+    if not keys:
+        raise ValueError(f"{path}: the subset is empty")
+    return keys

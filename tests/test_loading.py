@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from das_sd.models.loading import (ModelError, load_lora, load_pipeline, read_lora, resolve_base,
+                                   resolve_lora_file, to_kohya, to_peft)
+from tests.conftest import unet_outputs
+
+
+def _random_lora(pipe, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A diffusers-format UNet LoRA with random A and B for every attention projection."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in pipe.unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0")) and isinstance(module, torch.nn.Linear):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.3
+    return state
+
+
+def _merged_by_hand(pipe, state: dict[str, torch.Tensor], scale: float = 1.0):
+    """Independent expectation: W + scale * B @ A written into the base weights directly."""
+    modules = dict(pipe.unet.named_modules())
+    with torch.no_grad():
+        for key, a in state.items():
+            if key.endswith(".lora_A.weight"):
+                name = key[len("unet."):-len(".lora_A.weight")]
+                b = state[f"unet.{name}.lora_B.weight"]
+                modules[name].weight += scale * (b @ a)
+    return pipe
+
+
+def test_embedded_pipeline_loads_offline_with_sd_classes(base_path, monkeypatch):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_path), local_files_only=True)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    # weights equal the shipped safetensors bit for bit
+    shipped = load_file(str(base_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, shipped[name]), name
+    total = sum(p.stat().st_size for p in base_path.rglob("*") if p.is_file())
+    assert total < 25 * 1024 * 1024
+    assert not list(base_path.rglob("*.bin")) and not list(base_path.rglob("*.ckpt"))
+
+
+def test_resolve_base_errors(tmp_path):
+    with pytest.raises(ModelError, match="model_index.json"):
+        resolve_base(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelError, match="single-file checkpoint"):
+        resolve_base(tmp_path / "model.safetensors")
+
+
+def test_diffusers_lora_file_matches_merged_weights(pipe, base_path, tmp_path):
+    state = _random_lora(pipe)
+    save_file(state, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    expected = unet_outputs(_merged_by_hand(load_pipeline(base_path, device="cpu"), state))
+    assert load_lora(pipe, tmp_path) == "diffusers"
+    got = unet_outputs(pipe)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, unet_outputs(load_pipeline(base_path, device="cpu")), atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "peft-alpha"])
+def test_kohya_and_peft_files_load_to_the_same_outputs(base_path, tmp_path, fmt):
+    reference = load_pipeline(base_path, device="cpu")
+    state = _random_lora(reference, seed=1)
+    save_file(state, str(tmp_path / "ref.safetensors"))
+    load_lora(reference, tmp_path / "ref.safetensors")
+    expected = unet_outputs(reference)
+
+    pipe = load_pipeline(base_path, device="cpu")
+    if fmt == "kohya":
+        converted = to_kohya(state)
+        assert all(k.startswith("lora_unet_") for k in converted)
+        save_file(converted, str(tmp_path / "kohya.safetensors"))
+        assert load_lora(pipe, tmp_path / "kohya.safetensors") == "kohya"
+    else:
+        converted = to_peft(state)
+        folder = tmp_path / "peft"
+        folder.mkdir()
+        if fmt == "peft-alpha":  # alpha = 2r doubles the update: store B halved to get the same model
+            converted = {k: v / 2 if ".lora_B." in k else v for k, v in converted.items()}
+            (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+        save_file(converted, str(folder / "adapter_model.safetensors"))
+        assert load_lora(pipe, folder) == "peft"
+    assert torch.allclose(unet_outputs(pipe), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_pickled_and_foreign_lora_files_are_refused(tmp_path):
+    (tmp_path / "evil.ckpt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ModelError, match="unsafe"):
+        resolve_lora_file(tmp_path / "evil.ckpt")
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ModelError, match="odd.safetensors.*unrecognised"):
+        read_lora(tmp_path / "odd.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(os.urandom(64))
+    with pytest.raises(ModelError, match="broken.safetensors"):
+        read_lora(tmp_path / "broken.safetensors")
+    with pytest.raises(ModelError, match="not found"):
+        resolve_lora_file(tmp_path / "nope.safetensors")

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from das_sd.data.datasets import open_dataset
+from das_sd.models.loading import load_lora, load_pipeline
+from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, batch_schedule, read_record, read_subset_file, train_lora
+from tests.conftest import unet_outputs
+
+FAST = dict(steps=12, batch_size=8, rank=4, alpha=4.0, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def small_set(demo_data):
+    ds = open_dataset(demo_data)
+    return ds.subset(ds.keys[::12])  # 21 samples across all concepts
+
+
+def test_training_is_deterministic_for_a_seed(base_path, small_set, tmp_path):
+    pipe = load_pipeline(base_path, device="cpu")
+    a = train_lora(base_path, small_set, tmp_path / "a", LoraRecipe(seed=3, **FAST), pipe=pipe, progress=False)
+    b = train_lora(base_path, small_set, tmp_path / "b", LoraRecipe(seed=3, **FAST), pipe=pipe, progress=False)
+    c = train_lora(base_path, small_set, tmp_path / "c", LoraRecipe(seed=4, **FAST), pipe=pipe, progress=False)
+    wa, wb, wc = (load_file(str(tmp_path / n / LORA_WEIGHT_NAME)) for n in "abc")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    assert a["lora_fingerprint"] == b["lora_fingerprint"] != c["lora_fingerprint"]
+    # the base pipeline is left without adapters
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
+def test_saved_lora_reproduces_the_trained_model(base_path, small_set, tmp_path):
+    pipe = load_pipeline(base_path, device="cpu")
+    before = unet_outputs(pipe)
+    record = train_lora(base_path, small_set, tmp_path / "lora", LoraRecipe(seed=0, **FAST), pipe=pipe,
+                        progress=False, keep_adapter=True)
+    trained = unet_outputs(pipe)
+    assert not torch.allclose(trained, before, atol=1e-4)  # training changed the model
+
+    fresh = load_pipeline(base_path, device="cpu")
+    assert load_lora(fresh, tmp_path / "lora") == "diffusers"
+    assert torch.allclose(unet_outputs(fresh), trained, atol=1e-5, rtol=1e-4)
+
+    on_disk = read_record(tmp_path / "lora")
+    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk["sample_keys"] == small_set.keys
+    assert on_disk["dataset_fingerprint"] == small_set.fingerprint()
+    assert on_disk["recipe"]["seed"] == 0 and on_disk["recipe"]["resolution"] == 32
+    assert on_disk["base_fingerprint"].startswith("sha256:")
+
+
+def test_alpha_different_from_rank_survives_save_and_load(base_path, small_set, tmp_path):
+    pipe = load_pipeline(base_path, device="cpu")
+    recipe = LoraRecipe(seed=1, **(FAST | {"alpha": 16.0}))
+    train_lora(base_path, small_set, tmp_path / "l", recipe, pipe=pipe, progress=False, keep_adapter=True)
+    trained = unet_outputs(pipe)
+    fresh = load_pipeline(base_path, device="cpu")
+    load_lora(fresh, tmp_path / "l")
+    assert torch.allclose(unet_outputs(fresh), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_schedule_respects_repeats_and_seed():
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = batch_schedule([1, 3, 1], batch_size=5, steps=4, generator=g1)
+    b = batch_schedule([1, 3, 1], batch_size=5, steps=4, generator=g2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    flat = torch.cat(a)
+    assert len(flat) == 20
+    counts = torch.bincount(flat[:15], minlength=3).tolist()
+    assert counts == [3, 9, 3]  # three full epochs of the repeated pool
+
+
+def test_subset_file_formats(tmp_path):
+    (tmp_path / "a.json").write_text('["k1", "k2"]')
+    (tmp_path / "b.txt").write_text("# keys\nk1\n\nk2\n")
+    assert read_subset_file(tmp_path / "a.json") == read_subset_file(tmp_path / "b.txt") == ["k1", "k2"]
+    (tmp_path / "c.json").write_text('{"k": 1}')
+    with pytest.raises(ValueError, match="c.json"):
+        read_subset_file(tmp_path / "c.json")
