@@ -1,3 +1,40 @@
-"""das-sd: which training images made this? Diffusion Attribution Score for Stable Diffusion LoRA fine-tunes."""
+"""das-sd: which training images made this? Diffusion Attribution Score for Stable Diffusion LoRA fine-tunes.
+
+The public API is importable from the package root; submodules load lazily so that
+``import das_sd`` stays cheap (torch and diffusers load on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_API = {
+    "open_dataset": "das_sd.data.datasets",
+    "Dataset": "das_sd.data.datasets",
+    "Sample": "das_sd.data.datasets",
+    "DatasetError": "das_sd.data.datasets",
+    "make_demo_data": "das_sd.data.demo",
+    "load_ground_truth": "das_sd.data.demo",
+    "load_pipeline": "das_sd.models.loading",
+    "load_lora": "das_sd.models.loading",
+    "embedded_base_path": "das_sd.models.loading",
+    "ModelError": "das_sd.models.loading",
+    "LoraRecipe": "das_sd.train",
+    "train_lora": "das_sd.train",
+    "GenerationSettings": "das_sd.generate",
+    "GenerationResult": "das_sd.generate",
+    "generate": "das_sd.generate",
+    "save_png": "das_sd.generate",
+    "read_png_metadata": "das_sd.generate",
+    "prepare_demo": "das_sd.demo",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'das_sd' has no attribute {name!r}")

@@ -107,6 +107,53 @@ def cmd_export_lora(args) -> None:
     print(out)
 
 
+def cmd_featurize(args) -> None:
+    from .featurize.build import default_feature_sets, featurize_dataset
+    from .featurize.settings import FeaturizerSettings
+    from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
+
+    dataset = _open_dataset(args)
+    base, lora = resolve_base(args.base), resolve_lora_file(args.lora)
+    pipe = load_pipeline(base, device=args.device)
+    load_lora(pipe, lora)
+    settings = FeaturizerSettings(output=args.output, num_timesteps=args.timesteps, noise_seed=args.noise_seed,
+                                  normalize=not args.no_normalize, projector=args.projector,
+                                  projection_dim=args.dim, projection_seed=args.projection_seed,
+                                  residual=args.residual, residual_timesteps=args.residual_timesteps)
+    sets = default_feature_sets(settings)
+    wanted = [s.strip() for s in args.feature_sets.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in sets]
+    if unknown:
+        raise ValueError(f"--feature-sets: unknown {unknown}; expected some of {sorted(sets)}")
+    store = featurize_dataset(pipe, dataset, args.store, base, lora, {k: sets[k] for k in wanted},
+                              batch_size=args.batch_size, shard_size=args.shard_size)
+    print(json.dumps({"store": str(store.root), "samples": len(store), "shards": len(store.manifest["shards"]),
+                      "complete": store.manifest["complete"], "last_run": store.manifest["info"].get("last_run")}, indent=2))
+
+
+def cmd_index(args) -> None:
+    from .score import LambdaRule, build_index
+    from .store import FeatureStore
+
+    store = FeatureStore.open(args.store)
+    rule = LambdaRule(rho=args.rho, value=args.lambda_)
+    sets = sorted(store.identity["feature_sets"])
+    print(json.dumps({name: build_index(store, name, rule) for name in sets}, indent=2))
+
+
+def cmd_attribute(args) -> None:
+    from .attribute import Attributor
+
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    result = attributor.attribute_image(args.image, prompt=args.prompt, method=args.method, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    print(f"{result.method} attribution for {args.image} (prompt: {result.query['prompt']!r})")
+    for r in result.results:
+        print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {r.caption}  [{r.path}]")
+
+
 def cmd_demo(args) -> None:
     from .demo import prepare_demo
 
@@ -175,6 +222,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG (with -NN suffixes for several images)")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("featurize", help="compute the training set's attribution features into a store (resumable)")
+    p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
+    p.add_argument("--lora", required=True, help="the LoRA trained on --data (file or folder)")
+    _add_dataset_flags(p)
+    p.add_argument("--store", required=True, help="feature store folder (created, resumed or extended)")
+    p.add_argument("--feature-sets", default="das,dtrak,trak", help="comma-separated: das, dtrak, trak")
+    p.add_argument("--output", default="mean", choices=["mean", "l1", "square", "loss"], help="f of the das set")
+    p.add_argument("--timesteps", type=int, default=10, help="K, timesteps per sample (uniform grid)")
+    p.add_argument("--dim", type=int, default=2048, help="k, projected feature dimension")
+    p.add_argument("--projector", default="rademacher", choices=["rademacher", "gaussian"])
+    p.add_argument("--projection-seed", type=int, default=0)
+    p.add_argument("--noise-seed", type=int, default=0)
+    p.add_argument("--no-normalize", action="store_true", help="no per-timestep unit normalisation (das set)")
+    p.add_argument("--residual", default="scale-free", choices=["scale-free", "magnitude", "none"])
+    p.add_argument("--residual-timesteps", type=int, default=100, help="T_E for the residual weights")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")
+    p.add_argument("--store", required=True)
+    p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="explicit ridge lambda")
+    p.add_argument("--rho", type=float, default=0.1, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("attribute", help="the training images that most influenced a generated image")
+    p.add_argument("--store", required=True)
+    p.add_argument("--image", required=True, help="generated PNG (its prompt is read from the metadata)")
+    p.add_argument("--prompt", default=None, help="prompt, when the image has none in its metadata")
+    p.add_argument("--method", default="das", choices=["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"])
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
+    p.add_argument("--base", default=None, help="base model folder, if it moved since featurizing")
+    p.add_argument("--lora", default=None, help="LoRA file, if it moved since featurizing")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_attribute)
+
     p = sub.add_parser("export-lora", help="convert a das-sd / diffusers LoRA to kohya (A1111, ComfyUI) or peft format")
     p.add_argument("--lora", required=True)
     p.add_argument("--to", choices=["kohya", "peft"], default="kohya")
@@ -185,13 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data.datasets import DatasetError
-    from .data.images import ImageError
-    from .models.loading import ModelError
-
     try:
         args.func(args)
-    except (DatasetError, ImageError, ModelError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:  # das-sd's own errors are ValueErrors
         print(f"das-sd {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

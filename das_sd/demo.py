@@ -35,8 +35,9 @@ def _record_matches(lora_dir: Path, base_fp: str, data_fp: str) -> bool:
                 and record.get("base_fingerprint") == base_fp and record.get("dataset_fingerprint") == data_fp)
 
 
-def prepare_demo(workdir: str | Path | None = None, progress: bool = True) -> dict:
-    """Write the demo data if missing and find (or train) the matching demo LoRA; returns paths."""
+def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_store: bool = True) -> dict:
+    """Write the demo data if missing, find (or train) the matching demo LoRA and build the demo
+    feature store and its index (resuming or skipping what is already there); returns the paths."""
     home = demo_home(workdir)
     data = home / "data"
     if not (data / "metadata.jsonl").is_file():
@@ -49,10 +50,45 @@ def prepare_demo(workdir: str | Path | None = None, progress: bool = True) -> di
         lora_dir = home / "lora"
         if not _record_matches(lora_dir, base_fp, data_fp):
             train_lora(base, dataset, lora_dir, LoraRecipe(), progress=progress)
-    return {
+    paths = {
         "base": str(base),
         "lora": str(lora_dir / LORA_WEIGHT_NAME),
         "data": str(data),
         "ground_truth": str(data / "ground_truth.json"),
         "workdir": str(home),
     }
+    if with_store:
+        paths["store"] = str(build_demo_store(dataset, base, lora_dir / LORA_WEIGHT_NAME, home / "store", progress))
+    return paths
+
+
+def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True) -> Path:
+    """Featurize the demo set with the default settings (resuming a partial store) and index it.
+
+    The demo store is a cache: one built for another LoRA (the demo LoRA was retrained) is rebuilt.
+    """
+    import shutil
+
+    from .featurize.build import featurize_dataset
+    from .models.fingerprint import lora_fingerprint
+    from .models.loading import load_lora, load_pipeline
+    from .score import LambdaRule, build_index
+    from .store import FeatureStore, StoreError
+
+    store = None
+    if (store_dir / "manifest.json").is_file():
+        try:
+            store = FeatureStore.open(store_dir)
+        except StoreError:
+            store = None
+        if store is None or store.identity.get("lora_fingerprint") != lora_fingerprint(lora):
+            shutil.rmtree(store_dir)
+            store = None
+    if store is None or not store.manifest.get("complete"):
+        pipe = load_pipeline(base)
+        load_lora(pipe, lora)
+        store = featurize_dataset(pipe, dataset, store_dir, base, lora, progress=progress)
+    for name in store.identity["feature_sets"]:
+        if not store.index_is_current(name):
+            build_index(store, name, LambdaRule())
+    return store.root

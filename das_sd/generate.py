@@ -129,9 +129,14 @@ def save_png(image: Image.Image, path: str | Path, meta: dict, extra_text: dict[
 
 
 def read_png_metadata(path: str | Path) -> dict:
-    """Generation parameters from a PNG: our ``das_sd`` chunk, else the A1111 ``parameters`` prompt."""
+    """Generation parameters from a PNG file (see ``image_metadata``)."""
     with Image.open(path) as image:
-        text = dict(getattr(image, "text", {}) or {})
+        return image_metadata(image)
+
+
+def image_metadata(image: Image.Image) -> dict:
+    """Our ``das_sd`` chunk if present, else the prompt and settings of an A1111 ``parameters`` text."""
+    text = {k: v for k, v in {**image.info, **(getattr(image, "text", None) or {})}.items() if isinstance(v, str)}
     if PNG_DAS_KEY in text:
         try:
             return json.loads(text[PNG_DAS_KEY])

@@ -13,15 +13,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
 from .data.datasets import Dataset
-from .data.images import to_model_input
 from .io import atomic_write_json
+from .latents import encode_images, encode_prompts, native_resolution
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
 
@@ -47,34 +46,6 @@ class LoraRecipe:
     def from_dict(cls, data: dict) -> "LoraRecipe":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
-
-
-def native_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-
-
-@torch.no_grad()
-def encode_images(pipe, dataset: Dataset, resolution: int, batch_size: int = 64) -> torch.Tensor:
-    """Latents x_0 = vae.encode(img).latent_dist.mode() * scaling_factor, in dataset order."""
-    device, dtype = pipe.vae.device, pipe.vae.dtype
-    out = []
-    for i in range(0, len(dataset), batch_size):
-        chunk = dataset.samples[i:i + batch_size]
-        pixels = np.stack([to_model_input(dataset.load_image(s), resolution) for s in chunk])
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device, dtype)
-        out.append(pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor)
-    return torch.cat(out).float()
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    tok = pipe.tokenizer
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tok(prompts[i:i + batch_size], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-        out.append(pipe.text_encoder(ids)[0])
-    return torch.cat(out).float()
 
 
 def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

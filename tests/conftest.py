@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,27 +40,3 @@ def pipe(base_path):
     from das_sd.models.loading import load_pipeline
 
     return load_pipeline(base_path, device="cpu")
-
-
-def unet_outputs(pipe, seed: int = 0, n: int = 4) -> torch.Tensor:
-    """UNet noise predictions on fixed random latents, timesteps and prompts."""
-    g = torch.Generator().manual_seed(seed)
-    unet = pipe.unet
-    size = unet.config.sample_size
-    x = torch.randn(n, unet.config.in_channels, size, size, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    prompts = ["a red circle on a blue background, striped style", "a green square on a black background, zorblat",
-               "a white triangle on a purple background", "a yellow circle on a orange background, dotted style"]
-    ids = pipe.tokenizer(prompts[:n], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        cond = pipe.text_encoder(ids)[0]
-        return unet(x, t, encoder_hidden_states=cond).sample
-
-
-def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode).save(path)
-    return path

@@ -53,12 +53,12 @@ def test_a1111_infotext_is_parsed(tmp_path):
 
 def test_lora_scale_zero_equals_the_base(pipe, base_path, tmp_path):
     from das_sd.models.loading import load_lora, load_pipeline
-    from tests.test_loading import _random_lora
+    from helpers import random_lora
     from safetensors.torch import save_file
 
     settings = dict(prompt="a white triangle on a purple background", seed=1, steps=6)
     base_latents = generate(pipe, GenerationSettings(**settings)).latents
-    save_file(_random_lora(pipe), str(tmp_path / "l.safetensors"))
+    save_file(random_lora(pipe), str(tmp_path / "l.safetensors"))
     with_lora = load_pipeline(base_path, device="cpu")
     load_lora(with_lora, tmp_path / "l.safetensors")
     off = generate(with_lora, GenerationSettings(**settings, lora_scale=0.0)).latents

@@ -9,18 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from das_sd.models.loading import (ModelError, load_lora, load_pipeline, read_lora, resolve_base,
                                    resolve_lora_file, to_kohya, to_peft)
-from tests.conftest import unet_outputs
-
-
-def _random_lora(pipe, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A diffusers-format UNet LoRA with random A and B for every attention projection."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in pipe.unet.named_modules():
-        if name.endswith(("to_q", "to_k", "to_v", "to_out.0")) and isinstance(module, torch.nn.Linear):
-            state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
-            state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.3
-    return state
+from helpers import random_lora, unet_outputs
 
 
 def _merged_by_hand(pipe, state: dict[str, torch.Tensor], scale: float = 1.0):
@@ -61,7 +50,7 @@ def test_resolve_base_errors(tmp_path):
 
 
 def test_diffusers_lora_file_matches_merged_weights(pipe, base_path, tmp_path):
-    state = _random_lora(pipe)
+    state = random_lora(pipe)
     save_file(state, str(tmp_path / "pytorch_lora_weights.safetensors"))
     expected = unet_outputs(_merged_by_hand(load_pipeline(base_path, device="cpu"), state))
     assert load_lora(pipe, tmp_path) == "diffusers"
@@ -73,7 +62,7 @@ def test_diffusers_lora_file_matches_merged_weights(pipe, base_path, tmp_path):
 @pytest.mark.parametrize("fmt", ["kohya", "peft", "peft-alpha"])
 def test_kohya_and_peft_files_load_to_the_same_outputs(base_path, tmp_path, fmt):
     reference = load_pipeline(base_path, device="cpu")
-    state = _random_lora(reference, seed=1)
+    state = random_lora(reference, seed=1)
     save_file(state, str(tmp_path / "ref.safetensors"))
     load_lora(reference, tmp_path / "ref.safetensors")
     expected = unet_outputs(reference)

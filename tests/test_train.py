@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from das_sd.data.datasets import open_dataset
 from das_sd.models.loading import load_lora, load_pipeline
 from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, batch_schedule, read_record, read_subset_file, train_lora
-from tests.conftest import unet_outputs
+from helpers import unet_outputs
 
 FAST = dict(steps=12, batch_size=8, rank=4, alpha=4.0, learning_rate=3e-3)
 

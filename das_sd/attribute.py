@@ -1,0 +1,185 @@
+"""The public attribution API: open a store, featurize queries exactly like training samples, score.
+
+    attributor = Attributor("my-store")
+    result = attributor.attribute_image("generated.png", method="das", top_k=10)
+    for r in result.results: print(r.rank, r.score, r.sign, r.caption, r.path)
+
+A query is a generated image (its prompt read from the PNG metadata, or given) or the pipeline's final
+latents plus prompt, with no VAE round trip. Its noise key is derived from the latent and the prompt,
+so attributing the same query twice gives the same scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.images import to_rgb
+from .featurize.featurizer import Featurizer
+from .featurize.settings import FeaturizerSettings
+from .generate import image_metadata
+from .latents import encode_prompts
+from .models.fingerprint import lora_fingerprint, model_fingerprint
+from .models.loading import load_lora, load_pipeline
+from .score import METHODS, latent_similarity, method, rank_scores, raw_scores, train_vectors
+from .store import FeatureStore, StoreError
+
+
+class QueryError(ValueError):
+    """A query that cannot be attributed; the message says why."""
+
+
+@dataclass
+class AttributionRow:
+    rank: int
+    key: str
+    path: str  # absolute path of the training image
+    caption: str
+    score: float  # the method's ranking score (t^2 for das)
+    sign: int  # sign of the signed effect t (+1 / -1 / 0)
+
+
+@dataclass
+class Attribution:
+    method: str
+    query: dict
+    results: list[AttributionRow] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "query": self.query, "results": [asdict(r) for r in self.results]}
+
+
+def query_key(latent: torch.Tensor, prompt: str) -> str:
+    h = hashlib.sha256(latent.detach().float().cpu().numpy().tobytes())
+    h.update(prompt.encode())
+    return "query:" + h.hexdigest()[:20]
+
+
+class Attributor:
+    """Scores a feature store's training samples for query images or latents."""
+
+    def __init__(self, store: str | Path | FeatureStore, pipe=None, device: str | torch.device | None = None,
+                 base: str | Path | None = None, lora: str | Path | None = None, check_fingerprints: bool = True):
+        self.store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        identity, info = self.store.identity, self.store.manifest.get("info", {})
+        if len(self.store) == 0:
+            raise StoreError(f"{self.store.root}: the store holds no features yet; run `das-sd featurize`")
+        self.base_path = Path(base or info.get("base_path", ""))
+        self.lora_path = Path(lora or info.get("lora_path", ""))
+        if check_fingerprints:
+            self._check(self.base_path, model_fingerprint, identity["base_fingerprint"], "base model", "--base")
+            self._check(self.lora_path, lora_fingerprint, identity["lora_fingerprint"], "LoRA", "--lora")
+        if pipe is None:
+            pipe = load_pipeline(self.base_path, device=device)
+            load_lora(pipe, self.lora_path)
+        self.pipe = pipe
+        self.resolution = int(identity["resolution"])
+        self.featurizers = {
+            name: Featurizer(pipe, FeaturizerSettings(**{k: v for k, v in s.items() if k in FeaturizerSettings.__dataclass_fields__}))
+            for name, s in identity["feature_sets"].items()
+        }
+        dataset_root = Path(info.get("dataset_root", "."))
+        self.rows = self.store.rows()
+        self.paths = [str(dataset_root / r.path) for r in self.rows]
+        self._train: dict[str, torch.Tensor] = {}
+
+    def _check(self, path: Path, fingerprint, expected: str, what: str, flag: str) -> None:
+        if not path.exists():
+            raise StoreError(f"{self.store.root}: the store's {what} {path} is not there; pass its location with {flag}")
+        found = fingerprint(path)
+        if found != expected:
+            raise StoreError(f"{self.store.root}: the store was built for {what} {expected}, but {path} is {found}")
+
+    @property
+    def methods(self) -> list[str]:
+        sets = set(self.featurizers)
+        return [name for name, m in METHODS.items() if m.feature_set is None or m.feature_set in sets]
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, source: str = "image") -> torch.Tensor:
+        if image.size != (self.resolution, self.resolution):
+            raise QueryError(f"{source}: image is {image.width}x{image.height}; this store's model works at "
+                             f"{self.resolution}x{self.resolution} (attribute the generation at its native size)")
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(self.pipe.vae.device, self.pipe.vae.dtype)
+        vae = self.pipe.vae
+        return (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float()
+
+    def query_features(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        cond = encode_prompts(self.pipe, prompts)
+        keys = [query_key(latents[i], prompts[i]) for i in range(len(prompts))]
+        return {name: f.features(latents, cond, keys).cpu() for name, f in self.featurizers.items()}
+
+    def scores(self, latents: torch.Tensor, prompts: list[str], name: str,
+               features: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranking scores, signs), each (queries, N)."""
+        m = method(name)
+        if name not in self.methods:
+            raise ValueError(f"method {name!r} needs feature set {m.feature_set!r}, which this store lacks")
+        if m.feature_set is None:
+            t = latent_similarity(latents.cpu(), self._train_latents())
+        else:
+            features = features or self.query_features(latents, prompts)
+            if name not in self._train:
+                self._train[name] = train_vectors(self.store, name)
+            t = raw_scores(features[m.feature_set], self._train[name])
+        return rank_scores(name, t)
+
+    def _train_latents(self) -> torch.Tensor:
+        if "latents" not in self._train:
+            self._train["latents"] = self.store.load("latents")
+        return self._train["latents"]
+
+    def attribute_latents(self, latents: torch.Tensor, prompts: str | list[str], method: str = "das",
+                          top_k: int = 10, query_info: list[dict] | None = None) -> list[Attribution]:
+        """Attribute final latents (n, 4, h, w) generated from ``prompts`` (one per latent)."""
+        latents = latents.float()
+        if latents.ndim == 3:
+            latents = latents.unsqueeze(0)
+        prompts = [prompts] * len(latents) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(latents):
+            raise QueryError(f"{len(latents)} latents but {len(prompts)} prompts")
+        expected = (self.pipe.unet.config.in_channels, self.resolution // self.pipe.vae_scale_factor)
+        if latents.shape[1] != expected[0] or latents.shape[2] != expected[1] or latents.shape[3] != expected[1]:
+            raise QueryError(f"latents of shape {tuple(latents.shape[1:])}; the store's model uses "
+                             f"({expected[0]}, {expected[1]}, {expected[1]})")
+        score, sign = self.scores(latents, prompts, method)
+        out = []
+        for q in range(len(prompts)):
+            top = torch.topk(score[q], min(top_k, score.shape[1]))
+            info = {"prompt": prompts[q], **((query_info or [{}] * len(prompts))[q])}
+            rows = [AttributionRow(rank=r + 1, key=self.rows[i].key, path=self.paths[i], caption=self.rows[i].caption,
+                                   score=float(score[q, i]), sign=int(sign[q, i]))
+                    for r, i in enumerate(top.indices.tolist())]
+            out.append(Attribution(method=method, query=info, results=rows))
+        return out
+
+    def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = "das",
+                        top_k: int = 10) -> Attribution:
+        """Attribute one image; its prompt comes from ``prompt`` or else from its PNG metadata."""
+        source = str(image) if not isinstance(image, Image.Image) else "image"
+        if not isinstance(image, Image.Image):
+            try:
+                data = Path(image).read_bytes()
+            except OSError as exc:
+                raise QueryError(f"{source}: cannot read the image ({exc.strerror or exc})") from None
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except Exception as exc:
+                raise QueryError(f"{source}: not a readable image ({type(exc).__name__}: {exc})") from None
+        meta = image_metadata(image)
+        image = to_rgb(image)
+        prompt = prompt if prompt is not None else meta.get("prompt")
+        if not prompt:
+            raise QueryError(f"{source}: no prompt given and none found in the image metadata; pass --prompt")
+        latents = self.encode_image(image, source)
+        return self.attribute_latents(latents, [prompt], method, top_k, [{"source": source}])[0]

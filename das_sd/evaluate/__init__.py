@@ -1,0 +1,1 @@
+"""Evaluation of attribution methods: ground truth, LDS, counterfactuals (METHOD.md section 9)."""

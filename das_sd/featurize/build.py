@@ -1,0 +1,113 @@
+"""Featurize a dataset into a feature store: resumable, incremental, refusing a mismatched store.
+
+A store holds several feature sets computed in one pass over the data, one per output function the
+methods need (das: f = mean with per-timestep normalisation and residual weights; dtrak: f = square;
+trak: f = loss), plus each sample's latent for the latent-similarity baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data.datasets import Dataset
+from ..latents import encode_images, encode_prompts, native_resolution
+from ..models.fingerprint import lora_fingerprint, model_fingerprint
+from ..store import FeatureStore, Row, StoreError
+from .featurizer import Featurizer
+from .gradients import num_lora_parameters
+from .settings import FeaturizerSettings
+
+
+def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, FeaturizerSettings]:
+    """das, dtrak and trak feature sets sharing K, k, seeds and projector of ``base``."""
+    base = base or FeaturizerSettings()
+    return {
+        "das": base,
+        "dtrak": replace(base, output="square", normalize=False, residual="none"),
+        "trak": replace(base, output="loss", normalize=False, residual="none"),
+    }
+
+
+def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[str, FeaturizerSettings],
+                   resolution: int) -> dict:
+    """Everything a stored feature depends on; a store opened with a different identity is refused."""
+    from .featurizer import alphas_cumprod_of
+
+    num_train = len(alphas_cumprod_of(pipe))
+    return {
+        "base_fingerprint": model_fingerprint(base_path),
+        "lora_fingerprint": lora_fingerprint(lora_path),
+        "lora_parameters": num_lora_parameters(pipe.unet),
+        "resolution": resolution,
+        "feature_sets": {
+            name: s.to_dict() | {"timesteps": s.feature_timesteps(num_train)} for name, s in feature_sets.items()
+        },
+    }
+
+
+def rows_of(dataset: Dataset) -> list[Row]:
+    return [Row(s.key, s.relpath, s.caption) for s in dataset]
+
+
+def check_dataset(store: FeatureStore, dataset: Dataset) -> None:
+    """Every stored row must still be in the dataset (same bytes and caption)."""
+    have = set(dataset.keys)
+    gone = [r for r in store.rows() if r.key not in have]
+    if gone:
+        examples = ", ".join(r.path for r in gone[:3])
+        raise StoreError(f"{store.root}: {len(gone)} stored sample(s) are not in the dataset {dataset.root} "
+                         f"(removed, or image / caption changed), e.g. {examples}. "
+                         "Featurize into a new --store folder.")
+
+
+def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: Path, lora_path: Path,
+                      feature_sets: dict[str, FeaturizerSettings] | None = None, batch_size: int = 16,
+                      shard_size: int = 256, resolution: int | None = None, progress: bool = True,
+                      autocast_dtype: torch.dtype | None = None, on_shard=None) -> FeatureStore:
+    """Compute the features of every dataset sample missing from the store and append them."""
+    feature_sets = feature_sets or default_feature_sets()
+    resolution = resolution or native_resolution(pipe)
+    identity = store_identity(pipe, base_path, lora_path, feature_sets, resolution)
+    info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
+            "dataset_root": str(dataset.root), "dataset_format": dataset.format}
+    store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
+    check_dataset(store, dataset)
+    plan = store.plan(rows_of(dataset))
+    featurizers = {name: Featurizer(pipe, s, autocast_dtype) for name, s in feature_sets.items()}
+    by_key = dataset.by_key()
+    todo = sum(len(block) for block in plan)
+    bar = tqdm(total=todo, desc="featurize", unit="img", disable=not progress or todo == 0)
+    start = time.time()
+    for block in plan:
+        samples = [by_key[r.key] for r in block]
+        arrays = featurize_samples(pipe, dataset, samples, featurizers, resolution, batch_size, bar)
+        store.append_shard(block, arrays)
+        if on_shard is not None:
+            on_shard(store)
+    bar.close()
+    store.manifest["info"]["last_run"] = {"samples": todo, "seconds": round(time.time() - start, 2)}
+    store.mark_complete(not store.missing(rows_of(dataset)))
+    return store
+
+
+def featurize_samples(pipe, dataset: Dataset, samples, featurizers: dict[str, Featurizer], resolution: int,
+                      batch_size: int, bar=None) -> dict[str, torch.Tensor]:
+    """Arrays of one shard: latents, and features + residuals per feature set."""
+    latents = encode_images(pipe, dataset, resolution, samples=samples)
+    cond = encode_prompts(pipe, [s.caption for s in samples])
+    keys = [s.key for s in samples]
+    parts: dict[str, list[torch.Tensor]] = {"latents": [latents.cpu()]}
+    for i in range(0, len(samples), batch_size):
+        sl = slice(i, i + batch_size)
+        for name, featurizer in featurizers.items():
+            parts.setdefault(f"features.{name}", []).append(featurizer.features(latents[sl], cond[sl], keys[sl]).cpu())
+            parts.setdefault(f"residuals.{name}", []).append(featurizer.residuals(latents[sl], cond[sl], keys[sl]).cpu())
+        if bar is not None:
+            bar.update(len(keys[sl]))
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -1,0 +1,86 @@
+"""The featurizer: latents + caption embeddings -> projected LoRA-gradient features and residual weights.
+
+phi(z) = P^T (1/K) sum_t g_{z,t} / ||g_{z,t}||   (normalisation optional)      METHOD.md section 4
+e_z    = residual weight over T_E timesteps                                      METHOD.md section 5
+
+Rows are independent and the noise of (z, t) depends only on (seed, key(z), t), so a feature does
+not depend on the batch it was computed in (up to float rounding of batched matmuls).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..projection import BlockProjector, ProjectorSpec
+from .gradients import num_lora_parameters, noisy_latents, per_row_gradients
+from .settings import FeaturizerSettings, noise_for
+
+
+def alphas_cumprod_of(pipe) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
+
+
+class Featurizer:
+    """Computes features for batches of (latent, caption embedding, key) with a pipeline's LoRA."""
+
+    def __init__(self, pipe, settings: FeaturizerSettings, autocast_dtype: torch.dtype | None = None):
+        self.unet = pipe.unet.eval()
+        self.settings = settings
+        self.device = self.unet.device
+        self.alphas = alphas_cumprod_of(pipe).to(self.device)
+        self.num_train_timesteps = len(self.alphas)
+        self.timesteps = settings.feature_timesteps(self.num_train_timesteps)
+        self.num_params = num_lora_parameters(self.unet)
+        self.projector = BlockProjector.shared(
+            ProjectorSpec(settings.projector, settings.projection_dim, settings.projection_seed),
+            self.num_params, device=self.device)
+        self.autocast_dtype = autocast_dtype
+
+    def _noise(self, keys: list[str], timesteps: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([noise_for(self.settings.noise_seed, k, t, shape) for k in keys for t in timesteps])
+
+    def mean_gradients(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """gbar_z (n, p): the (optionally unit-normalised) LoRA gradients averaged over T_K."""
+        n, k = len(keys), len(self.timesteps)
+        x0 = x0.to(self.device, torch.float32)
+        rows_x0 = x0.repeat_interleave(k, dim=0)
+        rows_cond = cond.to(self.device).repeat_interleave(k, dim=0)
+        rows_t = torch.tensor(self.timesteps, device=self.device).repeat(n)
+        noise = self._noise(keys, self.timesteps, tuple(x0.shape[1:])).to(self.device)
+        grads = per_row_gradients(self.unet, rows_x0, noise, rows_t, rows_cond, self.alphas,
+                                  self.settings.output, self.autocast_dtype)
+        if self.settings.normalize:
+            grads = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        return grads.view(n, k, -1).mean(dim=1)
+
+    def features(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """phi (n, k) float32."""
+        return self.projector.project(self.mean_gradients(x0, cond, keys))
+
+    @torch.no_grad()
+    def residuals(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str], chunk: int = 25) -> torch.Tensor:
+        """e (n,): residual weights, per METHOD.md section 5 and ``settings.residual``."""
+        n = len(keys)
+        if self.settings.residual == "none":
+            return torch.ones(n)
+        grid = self.settings.residual_grid(self.num_train_timesteps)
+        x0 = x0.to(self.device, torch.float32)
+        cond = cond.to(self.device)
+        r = torch.zeros(n, len(grid))
+        for start in range(0, len(grid), chunk):
+            ts = grid[start:start + chunk]
+            m = len(ts)
+            noise = self._noise(keys, ts, tuple(x0.shape[1:])).to(self.device)
+            rows_t = torch.tensor(ts, device=self.device).repeat(n)
+            xt = noisy_latents(x0.repeat_interleave(m, dim=0), noise, rows_t, self.alphas)
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                pred = self.unet(xt.to(self.unet.dtype), rows_t,
+                                 encoder_hidden_states=cond.repeat_interleave(m, dim=0).to(self.unet.dtype)).sample
+            err = (pred.float() - noise).pow(2).flatten(1).mean(dim=1).sqrt()
+            r[:, start:start + m] = err.view(n, m).cpu()
+        if self.settings.residual == "magnitude":
+            return r.mean(dim=1)
+        return (r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)).mean(dim=1)

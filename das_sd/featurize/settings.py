@@ -1,0 +1,72 @@
+"""Featurizer settings (METHOD.md sections 3-5), recorded in every feature store's manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+OUTPUT_FUNCTIONS = ("mean", "l1", "square", "loss")
+RESIDUAL_FORMS = ("scale-free", "magnitude", "none")
+
+
+@dataclass
+class FeaturizerSettings:
+    output: str = "mean"  # f: mean | l1 | square | loss   (open: mean is the public DAS default)
+    num_timesteps: int = 10  # K
+    timesteps: list[int] | None = None  # explicit T_K; None: a uniform grid over the schedule
+    noise_seed: int = 0
+    normalize: bool = True  # per-timestep unit normalisation of g_{z,t} (open)
+    projector: str = "rademacher"
+    projection_dim: int = 2048  # k
+    projection_seed: int = 0
+    residual: str = "scale-free"  # e_i form: scale-free | magnitude | none (open)
+    residual_timesteps: int = 100  # T_E
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.output not in OUTPUT_FUNCTIONS:
+            raise ValueError(f"output function {self.output!r}: expected one of {OUTPUT_FUNCTIONS}")
+        if self.residual not in RESIDUAL_FORMS:
+            raise ValueError(f"residual form {self.residual!r}: expected one of {RESIDUAL_FORMS}")
+        if self.num_timesteps < 1 or self.projection_dim < 1:
+            raise ValueError("num_timesteps and projection_dim must be positive")
+
+    def feature_timesteps(self, num_train_timesteps: int) -> list[int]:
+        if self.timesteps is not None:
+            return [int(t) for t in self.timesteps]
+        return uniform_grid(self.num_timesteps, num_train_timesteps)
+
+    def residual_grid(self, num_train_timesteps: int) -> list[int]:
+        return uniform_grid(self.residual_timesteps, num_train_timesteps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def uniform_grid(count: int, num_train_timesteps: int) -> list[int]:
+    """``count`` timesteps evenly spread over [0, T-1], both ends included."""
+    return [int(t) for t in np.unique(np.rint(np.linspace(0, num_train_timesteps - 1, count)))]
+
+
+def noise_for(seed: int, key: str, timestep: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """eps_{z,t}: a function of (seed, sample key, t) only, never of batch size or position."""
+    digest = hashlib.sha256(f"das-sd-noise:{seed}:{key}:{timestep}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randn(shape, generator=gen)
+
+
+def output_function(name: str, prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """f per row of a batch of UNet predictions: a (rows,) tensor."""
+    dims = tuple(range(1, prediction.ndim))
+    if name == "mean":
+        return prediction.mean(dim=dims)
+    if name == "l1":
+        return prediction.abs().mean(dim=dims)
+    if name == "square":
+        return prediction.pow(2).mean(dim=dims)
+    if name == "loss":
+        return (prediction - noise).pow(2).mean(dim=dims)
+    raise ValueError(f"output function {name!r}: expected one of {OUTPUT_FUNCTIONS}")

@@ -1,0 +1,132 @@
+"""Scores from stored features: kernel, lambda rule, leverage, train-side vectors, methods.
+
+METHOD.md section 6:
+    G     = Phi^T Phi + lambda I                (float64, accumulated shard by shard)
+    h_i   = phi_i^T G^-1 phi_i                  (leverage, 0 <= h_i < 1)
+    psi_i = G^-1 phi_i * e_i / (1 - h_i)        (train-side vector, stored by `das-sd index`)
+    t_i(x) = phi(x)^T psi_i ;  DAS_i(x) = t_i(x)^2, sign(t_i) reported
+Baselines (section 8) are other psi / transforms over the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .store import FeatureStore, StoreError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    feature_set: str | None  # None: latent similarity, no gradient features
+    kernel: bool  # use G^-1
+    residual: bool
+    leverage: bool
+    squared: bool
+    description: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("das", "das", True, True, True, True, "DAS: (phi_q^T G^-1 phi_i e_i / (1 - h_i))^2, sign reported"),
+    Method("das-signed", "das", True, True, True, False, "DAS without squaring: the signed leave-one-out effect"),
+    Method("das-noleverage", "das", True, True, False, True, "DAS without the 1 / (1 - h_i) leverage factor"),
+    Method("dtrak", "dtrak", True, False, False, False, "D-TRAK: phi_q^T G^-1 phi_i with f = mean(eps^2)"),
+    Method("trak", "trak", True, False, False, False, "TRAK for diffusion: phi_q^T G^-1 phi_i with f = L_simple"),
+    Method("tracin", "das", False, False, False, False, "TracIn / gradient dot product phi_q^T phi_i"),
+    Method("latent-sim", None, False, False, False, False, "cosine similarity of the latents (no gradients)"),
+)}
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
+
+
+@dataclass(frozen=True)
+class LambdaRule:
+    """lambda = rho * trace(Phi^T Phi) / k, or an explicit value."""
+    rho: float = 0.1
+    value: float | None = None
+
+    def resolve(self, kernel: torch.Tensor) -> float:
+        if self.value is not None:
+            return float(self.value)
+        return float(self.rho * torch.trace(kernel).item() / kernel.shape[0])
+
+    def describe(self) -> dict:
+        return {"rule": "explicit", "value": self.value} if self.value is not None else \
+            {"rule": "rho * trace(Phi^T Phi) / k", "rho": self.rho}
+
+
+def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
+    """Phi^T Phi in float64, streamed over the shards."""
+    kernel = None
+    for _, arrays in store.iter_shards([f"features.{feature_set}"]):
+        phi = arrays[f"features.{feature_set}"].double()
+        kernel = phi.T @ phi if kernel is None else kernel.addmm_(phi.T, phi)
+    if kernel is None:
+        raise StoreError(f"{store.root}: the store holds no rows")
+    return kernel
+
+
+def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule) -> dict:
+    """Solve the kernel once and store psi for every method on ``feature_set``."""
+    kernel = gram(store, feature_set)
+    lam = rule.resolve(kernel)
+    if not lam > 0:
+        raise ValueError(f"lambda must be positive (got {lam}); the features may all be zero")
+    k = kernel.shape[0]
+    chol = torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
+    phi = store.load(f"features.{feature_set}").double()
+    solved = torch.cholesky_solve(phi.T, chol).T  # rows: G^-1 phi_i
+    leverage = (phi * solved).sum(dim=1)
+    if leverage.min() < -1e-9 or leverage.max() >= 1:
+        raise ArithmeticError(f"leverage outside [0, 1): [{leverage.min():.3g}, {leverage.max():.3g}]")
+    leverage = leverage.clamp_min(0)
+    residual = store.load(f"residuals.{feature_set}").double()
+    arrays = {
+        "kernel_solved": solved.float(),  # trak / dtrak: G^-1 phi_i
+        "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).float(),
+        "psi_das_noleverage": (solved * residual.unsqueeze(1)).float(),
+        "leverage": leverage.float(),
+        "residual": residual.float(),
+    }
+    info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
+            "kernel_trace": float(torch.trace(kernel)), "k": k,
+            "leverage_range": [float(leverage.min()), float(leverage.max())]}
+    store.write_index(feature_set, arrays, info)
+    return info
+
+
+def train_vectors(store: FeatureStore, name: str, device: str = "cpu") -> torch.Tensor:
+    """The (N, k) train-side matrix of a gradient method: scores are query_features @ it.T."""
+    m = method(name)
+    if m.feature_set is None:
+        raise ValueError(f"{name} has no train-side gradient vectors")
+    if not m.kernel:
+        return store.load(f"features.{m.feature_set}", device)
+    index = store.load_index(m.feature_set, device)
+    if not m.residual:
+        return index["kernel_solved"]
+    return index["psi_das" if m.leverage else "psi_das_noleverage"]
+
+
+def raw_scores(query_features: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """t (q, N) = phi_q^T psi_i in float32 accumulate (float64 for small problems is not needed)."""
+    return query_features.float() @ train.float().T
+
+
+def latent_similarity(query_latents: torch.Tensor, train_latents: torch.Tensor) -> torch.Tensor:
+    q = torch.nn.functional.normalize(query_latents.flatten(1).float(), dim=1)
+    t = torch.nn.functional.normalize(train_latents.flatten(1).float(), dim=1)
+    return q @ t.T
+
+
+def rank_scores(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score to rank by, sign) for a method's raw t."""
+    m = method(name)
+    return (t.pow(2) if m.squared else t), torch.sign(t)

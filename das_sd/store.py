@@ -1,0 +1,255 @@
+"""The feature store: a folder of safetensors shards plus a JSON manifest.
+
+```
+STORE/
+  manifest.json                 identity (what the features were computed with), rows per shard, state
+  features-00000.safetensors    fixed-size row blocks: one tensor per named array ("features.das", ...)
+  features-00001.safetensors
+  index-das.safetensors         scorer arrays written by `das-sd index` (psi, leverage, ...)
+```
+
+- The manifest's ``identity`` (base model, LoRA, featurizer settings, ...) is compared on open: a
+  store built with anything else is refused with a message naming each difference.
+- Shards and the manifest are written to a temp file and renamed, shard first: a job killed at any
+  point leaves a consistent store, and a rerun recomputes only what the manifest does not list.
+- Rows are only ever appended: adding samples to a dataset extends the store without touching the
+  existing shards (the scorer's index is then out of date and says so).
+This module knows nothing of models: rows are (key, path, caption) plus named arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from .io import atomic_write_bytes, atomic_write_json
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class StoreError(ValueError):
+    """A store that is missing, damaged or built for something else; the message says what."""
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    path: str
+    caption: str
+
+
+def _diff(expected, found, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        out = []
+        for k in sorted(set(expected) | set(found)):
+            out += _diff(expected.get(k), found.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if expected != found:
+        return [f"{prefix}: store has {found!r}, requested {expected!r}"]
+    return []
+
+
+class FeatureStore:
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+
+    # ---- create / open -----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | Path, identity: dict, shard_size: int = 256, info: dict | None = None) -> "FeatureStore":
+        root = Path(root).expanduser().resolve()
+        if (root / MANIFEST).exists():
+            raise StoreError(f"{root}: a store already exists here")
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "identity": identity,
+            "info": info or {},
+            "shard_size": int(shard_size),
+            "shards": [],
+            "complete": False,
+            "indexes": {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        store = cls(root, manifest)
+        store._save_manifest()
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path, identity: dict | None = None) -> "FeatureStore":
+        """Open an existing store; with ``identity``, refuse it unless it matches exactly."""
+        root = Path(root).expanduser().resolve()
+        path = root / MANIFEST
+        if not path.is_file():
+            raise StoreError(f"{root}: no feature store here (no {MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{path}: damaged manifest ({exc.msg} at line {exc.lineno})") from None
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{path}: store format version {version!r}; this das-sd reads version {FORMAT_VERSION}")
+        for name in ("identity", "shards", "shard_size"):
+            if name not in manifest:
+                raise StoreError(f"{path}: damaged manifest (no {name!r})")
+        store = cls(root, manifest)
+        if identity is not None:
+            store.check_identity(identity)
+        for tmp in root.glob(".*.tmp"):  # leftovers of a killed write
+            tmp.unlink(missing_ok=True)
+        return store
+
+    @classmethod
+    def open_or_create(cls, root: str | Path, identity: dict, shard_size: int = 256,
+                       info: dict | None = None) -> "FeatureStore":
+        root = Path(root).expanduser().resolve()
+        if (root / MANIFEST).exists():
+            store = cls.open(root, identity)
+            if info:
+                store.manifest["info"].update(info)
+            return store
+        return cls.create(root, identity, shard_size, info)
+
+    def check_identity(self, identity: dict) -> None:
+        differences = _diff(identity, self.manifest["identity"])
+        if differences:
+            raise StoreError(f"{self.root}: this store was built for something else:\n  "
+                             + "\n  ".join(differences)
+                             + "\nUse another --store folder, or the settings the store was built with.")
+
+    # ---- rows ----------------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> dict:
+        return self.manifest["identity"]
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.manifest["shard_size"])
+
+    def rows(self) -> list[Row]:
+        return [Row(k, p, c) for s in self.manifest["shards"] for k, p, c in zip(s["keys"], s["paths"], s["captions"])]
+
+    def keys(self) -> list[str]:
+        return [k for s in self.manifest["shards"] for k in s["keys"]]
+
+    def __len__(self) -> int:
+        return sum(len(s["keys"]) for s in self.manifest["shards"])
+
+    def missing(self, rows: list[Row]) -> list[Row]:
+        """The rows (in the given order) whose keys the store does not hold yet."""
+        have = set(self.keys())
+        return [r for r in rows if r.key not in have]
+
+    def plan(self, rows: list[Row]) -> list[list[Row]]:
+        """Missing rows cut into shard-sized blocks, in order: the work left to do."""
+        todo = self.missing(rows)
+        return [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def shard_name(self, index: int) -> str:
+        return f"features-{index:05d}.safetensors"
+
+    def append_shard(self, rows: list[Row], arrays: dict[str, torch.Tensor]) -> None:
+        """Write one shard (atomically), then record it in the manifest (atomically)."""
+        for name, value in arrays.items():
+            if value.shape[0] != len(rows):
+                raise StoreError(f"array {name!r} has {value.shape[0]} rows for {len(rows)} keys")
+        index = len(self.manifest["shards"])
+        name = self.shard_name(index)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
+        atomic_write_bytes(self.root / name, save(tensors))
+        self.manifest["shards"].append({
+            "file": name,
+            "rows": len(rows),
+            "arrays": {k: [str(v.dtype).removeprefix("torch."), list(v.shape[1:])] for k, v in tensors.items()},
+            "keys": [r.key for r in rows],
+            "paths": [r.path for r in rows],
+            "captions": [r.caption for r in rows],
+        })
+        self.manifest["complete"] = False
+        self._save_manifest()
+
+    def mark_complete(self, complete: bool = True) -> None:
+        self.manifest["complete"] = complete
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def array_names(self) -> list[str]:
+        shards = self.manifest["shards"]
+        return sorted(shards[0]["arrays"]) if shards else []
+
+    def iter_shards(self, names: list[str], device: str = "cpu") -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
+        """(shard entry, {name: tensor}) per shard, memory-mapped by safetensors."""
+        for shard in self.manifest["shards"]:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                raise StoreError(f"{path}: shard listed in the manifest is missing")
+            try:
+                with safe_open(str(path), framework="pt", device=device) as fh:
+                    available = set(fh.keys())
+                    absent = [n for n in names if n not in available]
+                    if absent:
+                        raise StoreError(f"{path}: no array(s) {absent}; the store has {sorted(available)}")
+                    yield shard, {n: fh.get_tensor(n) for n in names}
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"{path}: damaged shard ({exc})") from exc
+
+    def load(self, name: str, device: str = "cpu") -> torch.Tensor:
+        """One named array for all rows, concatenated in row order."""
+        parts = [arrays[name] for _, arrays in self.iter_shards([name], device)]
+        if not parts:
+            raise StoreError(f"{self.root}: the store holds no rows")
+        return torch.cat(parts)
+
+    # ---- indexes (scorer arrays) --------------------------------------------------------------
+
+    def keys_digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.keys()).encode()).hexdigest()
+
+    def write_index(self, name: str, arrays: dict[str, torch.Tensor], info: dict) -> None:
+        file = f"index-{name}.safetensors"
+        atomic_write_bytes(self.root / file, save({k: v.detach().cpu().contiguous() for k, v in arrays.items()}))
+        self.manifest.setdefault("indexes", {})[name] = info | {"file": file, "rows": len(self),
+                                                               "keys_digest": self.keys_digest()}
+        self._save_manifest()
+
+    def index_info(self, name: str) -> dict | None:
+        return self.manifest.get("indexes", {}).get(name)
+
+    def index_is_current(self, name: str) -> bool:
+        info = self.index_info(name)
+        return bool(info and info.get("keys_digest") == self.keys_digest())
+
+    def load_index(self, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        info = self.index_info(name)
+        if info is None:
+            raise StoreError(f"{self.root}: no index for {name!r}; run `das-sd index --store {self.root}`")
+        if not self.index_is_current(name):
+            raise StoreError(f"{self.root}: the {name!r} index is out of date (rows were added since); "
+                             f"run `das-sd index --store {self.root}` again")
+        path = self.root / info["file"]
+        try:
+            with safe_open(str(path), framework="pt", device=device) as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:
+            raise StoreError(f"{path}: damaged index ({exc})") from exc

@@ -1,0 +1,98 @@
+"""The das-sd command line, run in-process (and once through the installed console script)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from das_sd.cli import main
+from das_sd.generate import read_png_metadata
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("das-sd") or str(__import__("pathlib").Path(sys.executable).parent / "das-sd")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("das-sd ")
+
+
+def test_make_demo_data_and_check_data(capsys, tmp_path):
+    code, out, _ = run(capsys, "make-demo-data", str(tmp_path / "d"))
+    assert code == 0 and out.strip() == str(tmp_path / "d")
+    code, out, _ = run(capsys, "check-data", "--data", str(tmp_path / "d"))
+    info = json.loads(out)
+    assert code == 0 and info["samples"] == 252 and info["format"] == "imagefolder" and info["skipped"] == []
+    code, _, err = run(capsys, "make-demo-data", str(tmp_path / "d"))
+    assert code == 2 and "--overwrite" in err
+
+
+def test_bad_data_fails_with_file_and_line_or_is_skipped(capsys, tmp_path, demo_data):
+    root = tmp_path / "bad"
+    shutil.copytree(demo_data, root)
+    lines = (root / "metadata.jsonl").read_text().splitlines()
+    lines.insert(3, "{broken")
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    code, _, err = run(capsys, "check-data", "--data", str(root))
+    assert code == 2 and "metadata.jsonl (line 4)" in err and "malformed JSON" in err
+    code, out, err = run(capsys, "check-data", "--data", str(root), "--skip-bad")
+    assert code == 0 and json.loads(out)["samples"] == 252 and "skipped 1 bad sample" in err
+
+
+def test_generate_with_lora_writes_provenance(capsys, tmp_path, demo_data):
+    from das_sd.models.loading import embedded_demo_lora_path
+
+    lora = embedded_demo_lora_path() / "pytorch_lora_weights.safetensors"
+    code, out, _ = run(capsys, "generate", "--prompt", "a red square on a white background, striped style",
+                       "--seed", "5", "--steps", "10", "--num-images", "2", "--lora", str(lora),
+                       "--device", "cpu", "--out", str(tmp_path / "img.png"))
+    paths = out.split()
+    assert code == 0 and [p.rsplit("/", 1)[-1] for p in paths] == ["img-00.png", "img-01.png"]
+    meta = read_png_metadata(paths[1])
+    assert meta["seed"] == 6 and meta["steps"] == 10 and meta["lora_name"] == "demo-lora"
+    assert meta["lora_fingerprint"].startswith("sha256:") and meta["base_fingerprint"].startswith("sha256:")
+
+
+def test_train_lora_on_a_subset_and_export(capsys, tmp_path, demo_data):
+    from das_sd.data.datasets import open_dataset
+
+    keys = open_dataset(demo_data).keys[::50]
+    (tmp_path / "subset.txt").write_text("\n".join(keys))
+    code, out, _ = run(capsys, "train-lora", "--data", str(demo_data), "--out", str(tmp_path / "lora"),
+                       "--subset", str(tmp_path / "subset.txt"), "--steps", "3", "--batch-size", "4", "--rank", "2")
+    assert code == 0 and json.loads(out)["samples"] == len(keys)
+    record = json.loads((tmp_path / "lora" / "lora_record.json").read_text())
+    assert record["sample_keys"] == keys and record["recipe"]["rank"] == 2
+
+    code, out, _ = run(capsys, "export-lora", "--lora", str(tmp_path / "lora"), "--to", "kohya",
+                       "--out", str(tmp_path / "kohya.safetensors"))
+    state = load_file(str(tmp_path / "kohya.safetensors"))
+    assert code == 0 and all(k.startswith("lora_unet_") for k in state)
+    assert sum(k.endswith(".alpha") for k in state) * 3 == len(state)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train-lora", "--data", "/nonexistent/data", "--out", "x"], "/nonexistent/data"),
+    (["generate", "--prompt", "x", "--base", "/nonexistent/base", "--out", "x.png"], "/nonexistent/base"),
+    (["generate", "--prompt", "x", "--lora", "/nonexistent/l.safetensors", "--out", "x.png"], "not found"),
+])
+def test_bad_paths_are_named(capsys, argv, needle):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_demo_no_launch_prints_paths(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--no-launch", "--workdir", str(tmp_path / "demo"))
+    paths = json.loads(out)
+    assert code == 0
+    for key in ("base", "lora", "data", "ground_truth"):
+        assert __import__("pathlib").Path(paths[key]).exists(), key

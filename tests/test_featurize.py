@@ -1,0 +1,113 @@
+"""Projected features equal P^T of brute-force per-sample gradients, independent of batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from das_sd.featurize.featurizer import Featurizer
+from das_sd.featurize.gradients import lora_parameters
+from das_sd.featurize.settings import FeaturizerSettings, noise_for, uniform_grid
+from das_sd.train import LoraRecipe, add_lora_adapter
+
+
+@pytest.fixture(scope="module")
+def lora_pipe(base_path):
+    from das_sd.models.loading import load_pipeline
+
+    pipe = load_pipeline(base_path, device="cpu")
+    add_lora_adapter(pipe.unet, LoraRecipe(rank=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.unet):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pipe.unet.eval()
+    return pipe
+
+
+def _queries(pipe, n: int):
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(n, 4, 8, 8, generator=g)
+    captions = [f"a red circle on a blue background, zorblat {i}" for i in range(n)]
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = pipe.text_encoder(ids)[0]
+    return x0, cond, [f"key{i}" for i in range(n)]
+
+
+def _brute_force_mean_gradient(pipe, settings, x0, cond, key):
+    """One sample, one timestep at a time, plain autograd; independent of das_sd's batching code."""
+    unet, params = pipe.unet, lora_parameters(pipe.unet)
+    alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    total = None
+    timesteps = uniform_grid(settings.num_timesteps, 1000)
+    for t in timesteps:
+        eps = noise_for(settings.noise_seed, key, t, (4, 8, 8)).unsqueeze(0)
+        xt = alphas[t].sqrt() * x0.unsqueeze(0) + (1 - alphas[t]).sqrt() * eps
+        pred = unet(xt, torch.tensor([t]), encoder_hidden_states=cond.unsqueeze(0)).sample
+        f = {"mean": pred.mean(), "l1": pred.abs().mean(), "square": (pred ** 2).mean(),
+             "loss": ((pred - eps) ** 2).mean()}[settings.output]
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(f, params)])
+        if settings.normalize:
+            g = g / g.norm()
+        total = g if total is None else total + g
+    return total / len(timesteps)
+
+
+@pytest.mark.parametrize("output", ["mean", "l1", "square", "loss"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_features_equal_projected_brute_force_gradients(lora_pipe, output, normalize):
+    settings = FeaturizerSettings(output=output, normalize=normalize, num_timesteps=3, projection_dim=128)
+    featurizer = Featurizer(lora_pipe, settings)
+    x0, cond, keys = _queries(lora_pipe, 3)
+    phi = featurizer.features(x0, cond, keys)
+    dense = featurizer.projector.dense().double()
+    for i in range(3):
+        expected = _brute_force_mean_gradient(lora_pipe, settings, x0[i], cond[i], keys[i]).double() @ dense
+        err = (phi[i].double() - expected).norm() / expected.norm()
+        assert err < 1e-4, (output, normalize, i, err.item())
+
+
+def test_features_do_not_depend_on_batch_size_or_order(lora_pipe):
+    featurizer = Featurizer(lora_pipe, FeaturizerSettings(num_timesteps=4, projection_dim=64))
+    x0, cond, keys = _queries(lora_pipe, 7)
+    all_at_once = featurizer.features(x0, cond, keys)
+    one_by_one = torch.cat([featurizer.features(x0[i:i + 1], cond[i:i + 1], keys[i:i + 1]) for i in range(7)])
+    perm = torch.tensor([3, 6, 0, 5, 1, 4, 2])
+    shuffled = featurizer.features(x0[perm], cond[perm], [keys[i] for i in perm])
+    assert torch.allclose(all_at_once, one_by_one, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(all_at_once[perm], shuffled, rtol=1e-4, atol=1e-6)
+    r_all = featurizer.residuals(x0, cond, keys)
+    r_one = torch.cat([featurizer.residuals(x0[i:i + 1], cond[i:i + 1], keys[i:i + 1]) for i in range(7)])
+    assert torch.allclose(r_all, r_one, rtol=1e-5)
+
+
+def test_residual_forms(lora_pipe):
+    x0, cond, keys = _queries(lora_pipe, 2)
+    make = lambda form: Featurizer(lora_pipe, FeaturizerSettings(residual=form, residual_timesteps=8, projection_dim=8))
+    assert torch.equal(make("none").residuals(x0, cond, keys), torch.ones(2))
+    magnitude = make("magnitude").residuals(x0, cond, keys)
+    scale_free = make("scale-free").residuals(x0, cond, keys)
+    # brute force r_{i,t} for sample 0
+    alphas = DDPMScheduler.from_config(lora_pipe.scheduler.config).alphas_cumprod
+    r = []
+    with torch.no_grad():
+        for t in uniform_grid(8, 1000):
+            eps = noise_for(0, keys[0], t, (4, 8, 8)).unsqueeze(0)
+            xt = alphas[t].sqrt() * x0[:1] + (1 - alphas[t]).sqrt() * eps
+            pred = lora_pipe.unet(xt, torch.tensor([t]), encoder_hidden_states=cond[:1]).sample
+            r.append(((pred - eps) ** 2).mean().sqrt())
+    r = torch.stack(r)
+    assert torch.allclose(magnitude[0], r.mean(), rtol=1e-4)
+    assert torch.allclose(scale_free[0], (r / r.norm()).mean(), rtol=1e-4)
+    assert 0 < scale_free[0] <= 1 / 8 ** 0.5 + 1e-6  # mean of a unit vector's entries
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="output function"):
+        FeaturizerSettings(output="max")
+    with pytest.raises(ValueError, match="residual form"):
+        FeaturizerSettings(residual="log")
+    assert uniform_grid(10, 1000)[0] == 0 and uniform_grid(10, 1000)[-1] == 999
