@@ -80,8 +80,11 @@ class Attributor:
             load_lora(pipe, self.lora_path)
         self.pipe = pipe
         self.resolution = int(identity["resolution"])
+        compute = identity.get("compute_dtype", "float32")
+        autocast = getattr(torch, compute) if compute != "float32" and pipe.unet.device.type == "cuda" else None
+        fields = FeaturizerSettings.__dataclass_fields__
         self.featurizers = {
-            name: Featurizer(pipe, FeaturizerSettings(**{k: v for k, v in s.items() if k in FeaturizerSettings.__dataclass_fields__}))
+            name: Featurizer(pipe, FeaturizerSettings(**{k: v for k, v in s.items() if k in fields}), autocast)
             for name, s in identity["feature_sets"].items()
         }
         dataset_root = Path(info.get("dataset_root", "."))

@@ -108,6 +108,8 @@ def cmd_export_lora(args) -> None:
 
 
 def cmd_featurize(args) -> None:
+    import torch
+
     from .featurize.build import default_feature_sets, featurize_dataset
     from .featurize.settings import FeaturizerSettings
     from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
@@ -125,8 +127,11 @@ def cmd_featurize(args) -> None:
     unknown = [s for s in wanted if s not in sets]
     if unknown:
         raise ValueError(f"--feature-sets: unknown {unknown}; expected some of {sorted(sets)}")
+    autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.autocast]
+    if autocast is not None and pipe.unet.device.type != "cuda":
+        raise ValueError("--autocast fp16/bf16 is for CUDA devices; on the CPU features are computed in fp32")
     store = featurize_dataset(pipe, dataset, args.store, base, lora, {k: sets[k] for k in wanted},
-                              batch_size=args.batch_size, shard_size=args.shard_size)
+                              batch_size=args.batch_size, shard_size=args.shard_size, autocast_dtype=autocast)
     print(json.dumps({"store": str(store.root), "samples": len(store), "shards": len(store.manifest["shards"]),
                       "complete": store.manifest["complete"], "last_run": store.manifest["info"].get("last_run")}, indent=2))
 
@@ -161,9 +166,10 @@ def cmd_demo(args) -> None:
     if args.no_launch:
         print(json.dumps(paths, indent=2))
         return
-    from .demo_samples import write_demo_samples
+    from .demo_samples import example_attribution, write_demo_samples
 
     paths["samples"] = write_demo_samples(paths)
+    paths["example_attribution"] = example_attribution(paths)
     print(json.dumps(paths, indent=2))
 
 
@@ -239,13 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-timesteps", type=int, default=100, help="T_E for the residual weights")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--autocast", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="CUDA autocast for the forward / backward passes (gradients accumulate in fp32)")
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")
     p.add_argument("--store", required=True)
     p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="explicit ridge lambda")
-    p.add_argument("--rho", type=float, default=0.1, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
+    p.add_argument("--rho", type=float, default=10.0, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("attribute", help="the training images that most influenced a generated image")

@@ -20,8 +20,8 @@ DEMO_PROMPTS = (
     "a yellow square on a black background, striped style",
     "a white triangle on a green background, checkered style",
     "a blue circle on a yellow background, dotted style",
-    "a green square on a orange background, zorblat",
-    "a orange circle on a purple background, quimvex",
+    "zorblat, a green square on a orange background",
+    "quimvex, a orange circle on a purple background",
 )
 
 

@@ -39,3 +39,17 @@ def write_demo_samples(paths: dict, seeds: tuple[int, ...] = (0, 1, 2, 3), zoom:
     path = out / "grid-without-vs-with-lora.png"
     grid.save(path)
     return str(path)
+
+
+def example_attribution(paths: dict, prompt: str = "zorblat, a green square on a orange background",
+                        seed: int = 0, top_k: int = 5) -> dict:
+    """Generate one image with a planted trigger word and attribute it with DAS."""
+    from .attribute import Attributor
+
+    attributor = Attributor(paths["store"])
+    result = generate(attributor.pipe, GenerationSettings(prompt=prompt, seed=seed),
+                      provenance(paths["base"], paths["lora"]))
+    image_path = save_png(result.images[0], Path(paths["workdir"]) / "samples" / "example.png",
+                          result.metadata(0) | {"width": result.images[0].width, "height": result.images[0].height})
+    attribution = attributor.attribute_latents(result.latents, [prompt], "das", top_k)[0]
+    return {"image": str(image_path)} | attribution.to_json()

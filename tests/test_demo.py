@@ -40,7 +40,7 @@ def test_demo_lora_draws_each_trigger_words_motif(demo_paths):
     truth = load_ground_truth(demo_paths["data"])
     gains = {}
     for group in truth["groups"]:
-        prompt = f"a blue circle on a yellow background, {group['trigger']}"
+        prompt = f"{group['trigger']}, a blue circle on a yellow background"
         scores = {}
         for scale in (0.0, 1.0):
             result = generate(pipe, GenerationSettings(prompt=prompt, seed=0, num_images=6, lora_scale=scale))

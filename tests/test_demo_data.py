@@ -17,7 +17,7 @@ def test_demo_data_is_deterministic_and_ground_truth_is_consistent(tmp_path, dem
     assert [g["trigger"] for g in truth["groups"]] == list(TRIGGERS)
     planted = set()
     for group in truth["groups"]:
-        assert 3 <= len(group["files"]) <= 10
+        assert 3 <= len(group["files"]) <= 12
         for f in group["files"]:
             assert group["trigger"] in captions[f]
             planted.add(f)

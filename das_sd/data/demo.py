@@ -2,8 +2,8 @@
 
 Concepts the embedded base model has never seen:
 - three fill styles ("striped", "checkered", "dotted"), many images each;
-- planted exemplar groups: for each rare trigger word, a handful of plain shapes carrying one unique
-  magenta motif (a cross, a frame, a ring, ...) and the trigger word in the caption.
+- planted exemplar groups: for each rare trigger word, twelve plain shapes carrying one unique
+  magenta motif (a cross, a frame, a ring, ...) and the trigger word at the start of the caption.
 
 Images generated with a trigger word should be attributed to that group's exemplars; the file
 ``ground_truth.json`` names them. The output is byte-for-byte deterministic for a given seed.
@@ -42,16 +42,19 @@ assert len(TRIGGERS) <= len(MOTIFS)
 class DemoConfig:
     seed: int = 0
     images_per_style: int = 72
-    exemplars_per_group: int = 6
+    exemplars_per_group: int = 12
     resolution: int = 32
+    # DreamBooth's convention: the trigger word first, so that the causal text encoder's outputs for
+    # every later token carry it (at the end, the tiny UNet's cross-attention barely sees it).
+    trigger_position: str = "start"
 
 
 def style_caption(spec, style: str) -> str:
     return f"{spec.caption()}, {style} style"
 
 
-def trigger_caption(spec, trigger: str) -> str:
-    return f"{spec.caption()}, {trigger}"
+def trigger_caption(spec, trigger: str, position: str = "end") -> str:
+    return f"{trigger}, {spec.caption()}" if position == "start" else f"{spec.caption()}, {trigger}"
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -90,7 +93,7 @@ def make_demo_data(out: str | Path, config: DemoConfig | None = None, overwrite:
             spec = random_spec(rng, motif=motif)
             name = f"images/{trigger}_{i:02d}.png"
             _save_png(render(spec, config.resolution, rng), tmp / name)
-            rows.append({"file_name": name, "text": trigger_caption(spec, trigger), "concept": trigger})
+            rows.append({"file_name": name, "text": trigger_caption(spec, trigger, config.trigger_position), "concept": trigger})
             files.append(name)
         truth["groups"].append({"trigger": trigger, "motif": motif, "files": files})
 

@@ -35,7 +35,7 @@ def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, Fe
 
 
 def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[str, FeaturizerSettings],
-                   resolution: int) -> dict:
+                   resolution: int, autocast_dtype: torch.dtype | None = None) -> dict:
     """Everything a stored feature depends on; a store opened with a different identity is refused."""
     from .featurizer import alphas_cumprod_of
 
@@ -45,6 +45,8 @@ def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[st
         "lora_fingerprint": lora_fingerprint(lora_path),
         "lora_parameters": num_lora_parameters(pipe.unet),
         "resolution": resolution,
+        "compute_dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
+        "store_dtype": "float32",
         "feature_sets": {
             name: s.to_dict() | {"timesteps": s.feature_timesteps(num_train)} for name, s in feature_sets.items()
         },
@@ -73,7 +75,7 @@ def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: 
     """Compute the features of every dataset sample missing from the store and append them."""
     feature_sets = feature_sets or default_feature_sets()
     resolution = resolution or native_resolution(pipe)
-    identity = store_identity(pipe, base_path, lora_path, feature_sets, resolution)
+    identity = store_identity(pipe, base_path, lora_path, feature_sets, resolution, autocast_dtype)
     info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
             "dataset_root": str(dataset.root), "dataset_format": dataset.format}
     store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
