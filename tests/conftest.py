@@ -40,3 +40,20 @@ def pipe(base_path):
     from das_sd.models.loading import load_pipeline
 
     return load_pipeline(base_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def lora_pipe(base_path):
+    """The embedded pipeline with a random rank-2 LoRA (B != 0, so every LoRA gradient is non-zero)."""
+    from das_sd.featurize.gradients import lora_parameters
+    from das_sd.models.loading import load_pipeline
+    from das_sd.train import LoraRecipe, add_lora_adapter
+
+    pipe = load_pipeline(base_path, device="cpu")
+    add_lora_adapter(pipe.unet, LoraRecipe(rank=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.unet):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pipe.unet.eval()
+    return pipe

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("das-sd") or str(__import__("pathlib").Path(sys.executable).parent / "das-sd")
+    exe = shutil.which("das-sd") or str(Path(sys.executable).parent / "das-sd")
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("das-sd ")
 
@@ -90,9 +91,11 @@ def test_bad_paths_are_named(capsys, argv, needle):
     assert code == 2 and needle in err and "Traceback" not in err
 
 
-def test_demo_no_launch_prints_paths(capsys, tmp_path):
-    code, out, _ = run(capsys, "demo", "--no-launch", "--workdir", str(tmp_path / "demo"))
+def test_demo_no_launch_prints_paths(capsys):
+    # the default workdir ($DAS_SD_HOME/demo) is shared with the attribution tests' demo store
+    code, out, _ = run(capsys, "demo", "--no-launch")
     paths = json.loads(out)
     assert code == 0
-    for key in ("base", "lora", "data", "ground_truth"):
-        assert __import__("pathlib").Path(paths[key]).exists(), key
+    for key in ("base", "lora", "data", "ground_truth", "store"):
+        assert Path(paths[key]).exists(), key
+    assert (Path(paths["store"]) / "index-das.safetensors").is_file()

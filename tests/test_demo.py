@@ -14,7 +14,7 @@ from das_sd.models.loading import embedded_demo_lora_path, load_lora, load_pipel
 
 @pytest.fixture(scope="module")
 def demo_paths(tmp_path_factory):
-    return prepare_demo(tmp_path_factory.mktemp("demo-home"), progress=False)
+    return prepare_demo(tmp_path_factory.mktemp("demo-home"), progress=False, with_store=False)
 
 
 def test_prepare_demo_uses_the_shipped_lora(demo_paths):

@@ -9,21 +9,6 @@ from diffusers import DDPMScheduler
 from das_sd.featurize.featurizer import Featurizer
 from das_sd.featurize.gradients import lora_parameters
 from das_sd.featurize.settings import FeaturizerSettings, noise_for, uniform_grid
-from das_sd.train import LoraRecipe, add_lora_adapter
-
-
-@pytest.fixture(scope="module")
-def lora_pipe(base_path):
-    from das_sd.models.loading import load_pipeline
-
-    pipe = load_pipeline(base_path, device="cpu")
-    add_lora_adapter(pipe.unet, LoraRecipe(rank=2))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_parameters(pipe.unet):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    pipe.unet.eval()
-    return pipe
 
 
 def _queries(pipe, n: int):

@@ -7,21 +7,6 @@ import torch
 
 from das_sd.featurize.gradients import lora_parameters, per_row_gradients
 from das_sd.featurize.settings import OUTPUT_FUNCTIONS, noise_for, output_function
-from das_sd.train import LoraRecipe, add_lora_adapter
-
-
-@pytest.fixture(scope="module")
-def lora_pipe(base_path):
-    from das_sd.models.loading import load_pipeline
-
-    pipe = load_pipeline(base_path, device="cpu")
-    add_lora_adapter(pipe.unet, LoraRecipe(rank=2))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_parameters(pipe.unet):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)  # B = 0 at init would zero grad(A)
-    pipe.unet.eval()
-    return pipe
 
 
 def _inputs(pipe, rows: int):
