@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_flags(p)
     p.add_argument("--store", required=True, help="feature store folder (created, resumed or extended)")
     p.add_argument("--feature-sets", default="das,dtrak,trak", help="comma-separated: das, dtrak, trak")
-    p.add_argument("--output", default="mean", choices=["mean", "l1", "square", "loss"], help="f of the das set")
+    p.add_argument("--output", default="l1", choices=["mean", "l1", "square", "loss"], help="f of the das set")
     p.add_argument("--timesteps", type=int, default=10, help="K, timesteps per sample (uniform grid)")
     p.add_argument("--dim", type=int, default=2048, help="k, projected feature dimension")
     p.add_argument("--projector", default="rademacher", choices=["rademacher", "gaussian"])
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")
     p.add_argument("--store", required=True)
     p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="explicit ridge lambda")
-    p.add_argument("--rho", type=float, default=10.0, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
+    p.add_argument("--rho", type=float, default=100.0, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("attribute", help="the training images that most influenced a generated image")
