@@ -10,7 +10,7 @@ are kept in memory only while they fit in ``cache_bytes``.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -29,9 +29,6 @@ class ProjectorSpec:
             raise ValueError(f"projector kind {self.kind!r}: expected one of {KINDS}")
         if self.dim < 1 or self.block_rows < 1:
             raise ValueError("projector dim and block_rows must be positive")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _block_seed(seed: int, block: int) -> int:

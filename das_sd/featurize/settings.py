@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -24,7 +24,6 @@ class FeaturizerSettings:
     projection_seed: int = 0
     residual: str = "scale-free"  # e_i form: scale-free | magnitude | none (open)
     residual_timesteps: int = 100  # T_E
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.output not in OUTPUT_FUNCTIONS:
