@@ -20,7 +20,7 @@ IGNORED_NAMES = {"das_sd_build.json", "README.md"}
 
 
 def das_sd_home() -> Path:
-    return Path(os.environ.get("DAS_SD_HOME", Path.home() / ".cache" / "das-sd")).expanduser()
+    return Path(os.environ.get("DAS_SD_HOME") or Path.home() / ".cache" / "das-sd").expanduser()
 
 
 def _cache_path() -> Path:
