@@ -97,7 +97,7 @@ def cmd_export_lora(args) -> None:
     from .io import atomic_write_bytes
     from .models.loading import read_lora, to_kohya, to_peft
 
-    state, fmt, _ = read_lora(args.lora)
+    state, fmt = read_lora(args.lora)
     if fmt != "diffusers":
         raise ValueError(f"{args.lora}: export converts diffusers-format LoRAs (this one is {fmt})")
     converted = to_kohya(state) if args.to == "kohya" else to_peft(state)
@@ -166,11 +166,9 @@ def cmd_demo(args) -> None:
     if args.no_launch:
         print(json.dumps(paths, indent=2))
         return
-    from .demo_samples import example_attribution, write_demo_samples
+    from .demo_samples import show_demo
 
-    paths["samples"] = write_demo_samples(paths)
-    paths["example_attribution"] = example_attribution(paths)
-    print(json.dumps(paths, indent=2))
+    print(json.dumps(paths | show_demo(paths), indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-launch", action="store_true", help="only prepare; print the paths as JSON")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("build-base", help="train the embedded tiny SD from scratch (about 40 min on 2 CPU cores)")
+    p = sub.add_parser("build-base", help="train the embedded tiny SD from scratch (about an hour on 2 CPU cores)")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=3000)

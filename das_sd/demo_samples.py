@@ -8,16 +8,25 @@ from PIL import Image
 
 from .demo import DEMO_PROMPTS
 from .generate import GenerationSettings, generate, save_png
-from .models.fingerprint import provenance
-from .models.loading import load_lora, load_pipeline
 
 
-def write_demo_samples(paths: dict, seeds: tuple[int, ...] = (0, 1, 2, 3), zoom: int = 4) -> str:
-    """Write one PNG per (prompt, seed, with/without LoRA) and a comparison grid; returns the grid path."""
-    out = Path(paths["workdir"]) / "samples"
-    pipe = load_pipeline(paths["base"])
-    load_lora(pipe, paths["lora"])
+def show_demo(paths: dict) -> dict:
+    """The demo grid and an example attribution, sharing one pipeline (the Attributor's)."""
+    from .attribute import Attributor
+    from .models.fingerprint import provenance
+
+    attributor = Attributor(paths["store"])
     info = provenance(paths["base"], paths["lora"])
+    return {"samples": write_demo_samples(paths, attributor.pipe, info),
+            "example_attribution": example_attribution(paths, attributor, info)}
+
+
+def write_demo_samples(paths: dict, pipe, info: dict, seeds: tuple[int, ...] = (0, 1, 2, 3), zoom: int = 4) -> str:
+    """Write one PNG per (prompt, seed, with/without LoRA) and a comparison grid; returns the grid path.
+
+    ``pipe`` has the demo LoRA loaded; ``info`` is its provenance for the PNG metadata.
+    """
+    out = Path(paths["workdir"]) / "samples"
     rows = []
     for p, prompt in enumerate(DEMO_PROMPTS):
         row = []
@@ -41,14 +50,11 @@ def write_demo_samples(paths: dict, seeds: tuple[int, ...] = (0, 1, 2, 3), zoom:
     return str(path)
 
 
-def example_attribution(paths: dict, prompt: str = "zorblat, a green square on a orange background",
+def example_attribution(paths: dict, attributor, info: dict,
+                        prompt: str = "zorblat, a green square on a orange background",
                         seed: int = 0, top_k: int = 5) -> dict:
     """Generate one image with a planted trigger word and attribute it with DAS."""
-    from .attribute import Attributor
-
-    attributor = Attributor(paths["store"])
-    result = generate(attributor.pipe, GenerationSettings(prompt=prompt, seed=seed),
-                      provenance(paths["base"], paths["lora"]))
+    result = generate(attributor.pipe, GenerationSettings(prompt=prompt, seed=seed), info)
     image_path = save_png(result.images[0], Path(paths["workdir"]) / "samples" / "example.png",
                           result.metadata(0) | {"width": result.images[0].width, "height": result.images[0].height})
     attribution = attributor.attribute_latents(result.latents, [prompt], "das", top_k)[0]

@@ -46,8 +46,7 @@ class GenerationResult:
     provenance: dict = field(default_factory=dict)  # base / LoRA names and fingerprints
 
     def metadata(self, index: int) -> dict:
-        return {**asdict(self.settings), "seed": self.seeds[index], "num_images": 1,
-                "scheduler": self.provenance.get("scheduler"), **self.provenance}
+        return {**asdict(self.settings), "seed": self.seeds[index], "num_images": 1, **self.provenance}
 
 
 @torch.no_grad()
@@ -110,21 +109,19 @@ def infotext(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def png_bytes(image: Image.Image, meta: dict, extra_text: dict[str, str] | None = None) -> bytes:
+def png_bytes(image: Image.Image, meta: dict) -> bytes:
     info = PngInfo()
     info.add_text(PNG_PARAMETERS_KEY, infotext(meta))
     info.add_text(PNG_DAS_KEY, json.dumps(meta, sort_keys=True))
-    for key, value in (extra_text or {}).items():
-        info.add_text(key, value)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def save_png(image: Image.Image, path: str | Path, meta: dict, extra_text: dict[str, str] | None = None) -> Path:
+def save_png(image: Image.Image, path: str | Path, meta: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, png_bytes(image, meta, extra_text))
+    atomic_write_bytes(path, png_bytes(image, meta))
     return path
 
 

@@ -81,20 +81,24 @@ def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule) -> dict
         raise ValueError(f"lambda must be positive (got {lam}); the features may all be zero")
     k = kernel.shape[0]
     chol = torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
-    phi = store.load(f"features.{feature_set}").double()
-    solved = torch.cholesky_solve(phi.T, chol).T  # rows: G^-1 phi_i
-    leverage = (phi * solved).sum(dim=1)
-    if leverage.min() < -1e-9 or leverage.max() >= 1:
-        raise ArithmeticError(f"leverage outside [0, 1): [{leverage.min():.3g}, {leverage.max():.3g}]")
-    leverage = leverage.clamp_min(0)
-    residual = store.load(f"residuals.{feature_set}").double()
-    arrays = {
-        "kernel_solved": solved.float(),  # trak / dtrak: G^-1 phi_i
-        "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).float(),
-        "psi_das_noleverage": (solved * residual.unsqueeze(1)).float(),
-        "leverage": leverage.float(),
-        "residual": residual.float(),
-    }
+    # second pass, shard by shard: float64 only for one shard, the outputs are float32
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in
+                                            ("kernel_solved", "psi_das", "psi_das_noleverage", "leverage", "residual")}
+    for _, arrays in store.iter_shards([f"features.{feature_set}", f"residuals.{feature_set}"]):
+        phi = arrays[f"features.{feature_set}"].double()
+        residual = arrays[f"residuals.{feature_set}"].double()
+        solved = torch.cholesky_solve(phi.T, chol).T  # rows: G^-1 phi_i
+        leverage = (phi * solved).sum(dim=1)
+        if leverage.min() < -1e-9 or leverage.max() >= 1:
+            raise ArithmeticError(f"leverage outside [0, 1): [{leverage.min():.3g}, {leverage.max():.3g}]")
+        leverage = leverage.clamp_min(0)
+        parts["kernel_solved"].append(solved.float())  # trak / dtrak: G^-1 phi_i
+        parts["psi_das"].append((solved * (residual / (1 - leverage)).unsqueeze(1)).float())
+        parts["psi_das_noleverage"].append((solved * residual.unsqueeze(1)).float())
+        parts["leverage"].append(leverage.float())
+        parts["residual"].append(residual.float())
+    arrays = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    leverage = arrays["leverage"]
     info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
             "kernel_trace": float(torch.trace(kernel)), "k": k,
             "leverage_range": [float(leverage.min()), float(leverage.max())]}

@@ -19,6 +19,7 @@ This module knows nothing of models: rows are (key, path, caption) plus named ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -222,8 +223,6 @@ class FeatureStore:
     # ---- indexes (scorer arrays) --------------------------------------------------------------
 
     def keys_digest(self) -> str:
-        import hashlib
-
         return hashlib.sha256("\n".join(self.keys()).encode()).hexdigest()
 
     def write_index(self, name: str, arrays: dict[str, torch.Tensor], info: dict) -> None:

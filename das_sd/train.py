@@ -42,11 +42,6 @@ class LoraRecipe:
     max_grad_norm: float = 1.0
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "LoraRecipe":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
 
 def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Sample indices for every step: shuffled epochs over the samples, each repeated ``repeats`` times."""

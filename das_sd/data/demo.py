@@ -53,7 +53,7 @@ def style_caption(spec, style: str) -> str:
     return f"{spec.caption()}, {style} style"
 
 
-def trigger_caption(spec, trigger: str, position: str = "end") -> str:
+def trigger_caption(spec, trigger: str, position: str) -> str:
     return f"{trigger}, {spec.caption()}" if position == "start" else f"{spec.caption()}, {trigger}"
 
 

@@ -19,7 +19,7 @@ from ..data.datasets import Dataset
 from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..store import FeatureStore, Row, StoreError
-from .featurizer import Featurizer
+from .featurizer import Featurizer, alphas_cumprod_of
 from .gradients import num_lora_parameters
 from .settings import FeaturizerSettings
 
@@ -37,8 +37,6 @@ def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, Fe
 def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[str, FeaturizerSettings],
                    resolution: int, autocast_dtype: torch.dtype | None = None) -> dict:
     """Everything a stored feature depends on; a store opened with a different identity is refused."""
-    from .featurizer import alphas_cumprod_of
-
     num_train = len(alphas_cumprod_of(pipe))
     return {
         "base_fingerprint": model_fingerprint(base_path),

@@ -43,24 +43,32 @@ def _save_cache(cache: dict) -> None:
         pass  # the cache is an optimisation only
 
 
-def file_sha256(path: str | Path, cache: dict | None = None) -> str:
-    path = Path(path).resolve()
+def _cached_digest(path: Path, kind: str, compute, cache: dict | None = None) -> str:
+    """``compute(path)``, cached by (path, kind, size, mtime); ``cache`` lets callers batch saves."""
     st = path.stat()
-    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    stamp, entry = f"{st.st_size}:{st.st_mtime_ns}", f"{path}#{kind}"
     own_cache = cache is None
     cache = _load_cache() if own_cache else cache
-    hit = cache.get(str(path))
+    hit = cache.get(entry)
     if hit and hit[0] == stamp:
         return hit[1]
+    digest = compute(path)
+    cache[entry] = [stamp, digest]
+    if own_cache:
+        _save_cache(cache)
+    return digest
+
+
+def _file_bytes_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
-    digest = h.hexdigest()
-    cache[str(path)] = [stamp, digest]
-    if own_cache:
-        _save_cache(cache)
-    return digest
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path, cache: dict | None = None) -> str:
+    return _cached_digest(Path(path).resolve(), "bytes", _file_bytes_sha256, cache)
 
 
 def model_fingerprint(folder: str | Path) -> str:
@@ -97,19 +105,10 @@ def tensors_sha256(path: str | Path) -> str:
 
 def lora_fingerprint(path: str | Path) -> str:
     path = Path(path).resolve()
-    st = path.stat()
-    stamp = f"tensors:{st.st_size}:{st.st_mtime_ns}"
-    cache = _load_cache()
-    hit = cache.get(str(path) + "#tensors")
-    if hit and hit[0] == stamp:
-        return f"sha256:{hit[1]}"
     try:
-        digest = tensors_sha256(path)
-    except (ValueError, KeyError, OSError) as exc:
+        return f"sha256:{_cached_digest(path, 'tensors', tensors_sha256)}"
+    except (ValueError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-    cache[str(path) + "#tensors"] = [stamp, digest]
-    _save_cache(cache)
-    return f"sha256:{digest}"
 
 
 def short(fingerprint: str, n: int = 10) -> str:

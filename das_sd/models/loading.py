@@ -114,20 +114,23 @@ def lora_format(keys) -> str:
                      "'base_model.model.*' or kohya 'lora_unet_*' keys)")
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
-    """(state dict, format, safetensors header metadata) of a LoRA file or folder."""
-    file = resolve_lora_file(path)
+def _lora_file_format(file: Path) -> str:
     try:
-        state = load_file(str(file))
         with safe_open(str(file), framework="pt") as fh:
-            metadata = fh.metadata() or {}
+            keys = list(fh.keys())
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise ModelError(f"{file}: not a readable safetensors file ({exc})") from exc
     try:
-        fmt = lora_format(state)
+        return lora_format(keys)
     except ModelError as exc:
         raise ModelError(f"{file}: {exc}") from None
-    return state, fmt, metadata
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, format) of a LoRA file or folder."""
+    file = resolve_lora_file(path)
+    fmt = _lora_file_format(file)
+    return load_file(str(file)), fmt
 
 
 def peft_to_diffusers(state: dict[str, torch.Tensor], config: dict | None) -> dict[str, torch.Tensor]:
@@ -144,15 +147,13 @@ def peft_to_diffusers(state: dict[str, torch.Tensor], config: dict | None) -> di
 
 def load_lora(pipe, path: str | Path, adapter_name: str = "default") -> str:
     """Load a LoRA into ``pipe`` under ``adapter_name``; returns the detected format."""
-    state, fmt, _ = read_lora(path)
     file = resolve_lora_file(path)
+    fmt = _lora_file_format(file)
     if fmt == "peft":
         config_file = file.parent / "adapter_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else None
-        pipe.load_lora_weights(peft_to_diffusers(state, config), adapter_name=adapter_name)
-    elif fmt == "kohya":
-        pipe.load_lora_weights(state, adapter_name=adapter_name)
-    else:
+        pipe.load_lora_weights(peft_to_diffusers(load_file(str(file)), config), adapter_name=adapter_name)
+    else:  # diffusers reads kohya and its own files (with their adapter metadata) itself
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
     return fmt
 
