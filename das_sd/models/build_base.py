@@ -29,11 +29,11 @@ from .tokenizer import build_clip_tokenizer
 @dataclass
 class BaseRecipe:
     seed: int = 0
-    vae_steps: int = 3000
+    vae_steps: int = 2000
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     unet_images: int = 20000
-    unet_steps: int = 8000
+    unet_steps: int = 5500
     unet_batch_size: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 200
