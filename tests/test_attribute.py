@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from das_sd.attribute import Attributor, QueryError
 from das_sd.cli import main
-from das_sd.data.datasets import open_dataset
 from das_sd.data.demo import load_ground_truth
-from das_sd.evaluate.metrics import average_precision, recall_at_k
+from das_sd.evaluate.groundtruth import SPLITS, evaluate_ground_truth, queries_for
 from das_sd.generate import GenerationSettings, generate, save_png
 from das_sd.score import METHODS
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from das_sd.demo import prepare_demo
-
-    return prepare_demo(progress=False)  # default workdir under this session's DAS_SD_HOME
 
 
 @pytest.fixture(scope="module")
@@ -31,27 +22,21 @@ def attributor(demo):
 
 @pytest.fixture(scope="module")
 def ground_truth_summary(demo, attributor):
-    """Recall@10 and AP of each group's exemplars, per method, over 3 generations per trigger word."""
-    import torch
+    """Recall@10 and AP of each group's exemplars, per method, on the test split (3 generations per
+    trigger word; the defaults were chosen on the disjoint tune split)."""
+    report = evaluate_ground_truth(attributor, demo["data"], split="test")
+    print("planted ground truth, test split:", json.dumps(report["methods"]))
+    print("AP per group:", json.dumps(report["ap_per_group"]["das"]))
+    return report["methods"], report["chance_ap"]
 
+
+def test_tune_and_test_queries_are_disjoint(demo):
     truth = load_ground_truth(demo["data"])
-    key_of = {s.relpath: s.key for s in open_dataset(demo["data"])}
-    subjects = [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "white", "green")]
-    table = {m: {"recall@10": [], "ap": []} for m in attributor.methods}
-    for group in truth["groups"]:
-        relevant = {key_of[f] for f in group["files"]}
-        prompts = [f"{group['trigger']}, a {fg} {shape} on a {bg} background" for shape, fg, bg in subjects]
-        latents = torch.cat([generate(attributor.pipe, GenerationSettings(prompt=p, seed=100 + i)).latents
-                             for i, p in enumerate(prompts)])
-        for name in attributor.methods:
-            score, _ = attributor.scores(latents, prompts, name)
-            for q in range(len(prompts)):
-                ranked = [attributor.rows[i].key for i in torch.argsort(score[q], descending=True).tolist()]
-                table[name]["recall@10"].append(recall_at_k(ranked, relevant, 10))
-                table[name]["ap"].append(average_precision(ranked, relevant))
-    summary = {m: {k: round(float(np.mean(v)), 3) for k, v in d.items()} for m, d in table.items()}
-    print("planted ground truth (6 groups x 3 generations):", json.dumps(summary))
-    return summary, len(relevant) / len(attributor.rows)
+    tune, test = queries_for(truth, "tune"), queries_for(truth, "test")
+    assert len(test) == 3 * len(truth["groups"]) and {q.trigger for q in test} == {g["trigger"] for g in truth["groups"]}
+    assert not {q.prompt for q in tune} & {q.prompt for q in test}
+    assert not {q.seed for q in tune} & {q.seed for q in test}
+    assert set(SPLITS) == {"tune", "test"}
 
 
 def test_planted_exemplars_rank_far_above_chance(ground_truth_summary):
@@ -61,7 +46,7 @@ def test_planted_exemplars_rank_far_above_chance(ground_truth_summary):
     assert summary["das"]["recall@10"] > summary["latent-sim"]["recall@10"]
 
 
-@pytest.mark.xfail(strict=True, reason="open: DAS reaches Recall@10 of about 0.66 on the demo (ceiling 0.83 with 12 exemplars), not yet 0.8")
+@pytest.mark.xfail(strict=True, reason="open: DAS Recall@10 on the demo test split is below 0.8 (README, Measured on the demo)")
 def test_planted_exemplars_reach_the_recall_target(ground_truth_summary):
     summary, _ = ground_truth_summary
     assert summary["das"]["recall@10"] >= 0.8

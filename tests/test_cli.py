@@ -32,7 +32,7 @@ def test_make_demo_data_and_check_data(capsys, tmp_path):
     assert code == 0 and out.strip() == str(tmp_path / "d")
     code, out, _ = run(capsys, "check-data", "--data", str(tmp_path / "d"))
     info = json.loads(out)
-    assert code == 0 and info["samples"] == 288 and info["format"] == "imagefolder" and info["skipped"] == []
+    assert code == 0 and info["samples"] == 264 and info["format"] == "imagefolder" and info["skipped"] == []
     code, _, err = run(capsys, "make-demo-data", str(tmp_path / "d"))
     assert code == 2 and "--overwrite" in err
 
@@ -46,7 +46,7 @@ def test_bad_data_fails_with_file_and_line_or_is_skipped(capsys, tmp_path, demo_
     code, _, err = run(capsys, "check-data", "--data", str(root))
     assert code == 2 and "metadata.jsonl (line 4)" in err and "malformed JSON" in err
     code, out, err = run(capsys, "check-data", "--data", str(root), "--skip-bad")
-    assert code == 0 and json.loads(out)["samples"] == 288 and "skipped 1 bad sample" in err
+    assert code == 0 and json.loads(out)["samples"] == 264 and "skipped 1 bad sample" in err
 
 
 def test_generate_with_lora_writes_provenance(capsys, tmp_path, demo_data):

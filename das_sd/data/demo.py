@@ -2,7 +2,7 @@
 
 Concepts the embedded base model has never seen:
 - three fill styles ("striped", "checkered", "dotted"), many images each;
-- planted exemplar groups: for each rare trigger word, twelve plain shapes carrying one unique
+- planted exemplar groups: for each rare trigger word, eight plain shapes carrying one unique
   magenta motif (a cross, a frame, a ring, ...) and the trigger word at the start of the caption.
 
 Images generated with a trigger word should be attributed to that group's exemplars; the file
@@ -42,7 +42,7 @@ assert len(TRIGGERS) <= len(MOTIFS)
 class DemoConfig:
     seed: int = 0
     images_per_style: int = 72
-    exemplars_per_group: int = 12
+    exemplars_per_group: int = 8  # a handful: fewer than 10, so Recall@10 can reach 1
     resolution: int = 32
     # DreamBooth's convention: the trigger word first, so that the causal text encoder's outputs for
     # every later token carry it (at the end, the tiny UNet's cross-attention barely sees it).

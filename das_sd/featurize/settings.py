@@ -14,7 +14,7 @@ RESIDUAL_FORMS = ("scale-free", "magnitude", "none")
 
 @dataclass
 class FeaturizerSettings:
-    output: str = "l1"  # f: mean | l1 | square | loss (open; l1 beat mean on a demo tuning split)
+    output: str = "l1"  # f: mean | l1 | square | loss (open; l1 ties square and beats mean on the demo tune split)
     num_timesteps: int = 10  # K
     timesteps: list[int] | None = None  # explicit T_K; None: a uniform grid over the schedule
     noise_seed: int = 0

@@ -1,0 +1,89 @@
+"""Planted ground truth: images generated with a group's trigger word should be attributed to that
+group's exemplars (METHOD.md section 9). Reports Recall@K and mAP per method.
+
+Queries come in two disjoint splits, so that settings are chosen on one and reported on the other:
+``tune`` (subjects and seeds used to choose f, lambda, ...) and ``test`` (what the README reports).
+A group in ``ground_truth.json`` may list its own ``prompts`` (any dataset); otherwise the demo's
+vocabulary fills ``{trigger}, a {fg} {shape} on a {bg} background``; with given prompts the two
+splits differ by their seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.datasets import open_dataset
+from ..data.demo import load_ground_truth
+from ..generate import GenerationSettings, generate
+from .metrics import average_precision, recall_at_k
+
+SPLITS: dict[str, dict] = {
+    "test": {"subjects": [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "white", "green")],
+             "first_seed": 100},
+    "tune": {"subjects": [("square", "green", "purple"), ("circle", "white", "orange"),
+                          ("triangle", "blue", "yellow")],
+             "first_seed": 500},
+}
+
+
+@dataclass(frozen=True)
+class GroundTruthQuery:
+    trigger: str
+    prompt: str
+    seed: int
+
+
+def queries_for(truth: dict, split: str = "test") -> list[GroundTruthQuery]:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {sorted(SPLITS)}")
+    spec = SPLITS[split]
+    out = []
+    for group in truth["groups"]:
+        prompts = group.get("prompts") or [f"{group['trigger']}, a {fg} {shape} on a {bg} background"
+                                           for shape, fg, bg in spec["subjects"]]
+        out += [GroundTruthQuery(group["trigger"], p, spec["first_seed"] + i) for i, p in enumerate(prompts)]
+    return out
+
+
+def evaluate_ground_truth(attributor, data: str | Path, split: str = "test", methods: list[str] | None = None,
+                          ks: tuple[int, ...] = (5, 10), steps: int = 25, progress: bool = False) -> dict:
+    """Recall@k and AP of each group's exemplars, per method: ``{"methods": {name: {...}}, "groups": ...}``."""
+    truth = load_ground_truth(data)
+    key_of = {s.relpath: s.key for s in open_dataset(data)}
+    stored = set(attributor.store.keys())
+    methods = methods or attributor.methods
+    queries = queries_for(truth, split)
+    rows: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    per_group: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    relevant_of = {}
+    for group in truth["groups"]:
+        missing = [f for f in group["files"] if f not in key_of or key_of[f] not in stored]
+        if missing:
+            raise ValueError(f"{Path(data) / 'ground_truth.json'}: {len(missing)} exemplar(s) of "
+                             f"{group['trigger']!r} are not in the store, e.g. {missing[0]}")
+        relevant_of[group["trigger"]] = {key_of[f] for f in group["files"]}
+    for q in tqdm(queries, desc="ground truth", unit="query", disable=not progress):
+        latents = generate(attributor.pipe, GenerationSettings(prompt=q.prompt, seed=q.seed, steps=steps)).latents
+        features = attributor.query_features(latents, [q.prompt])
+        for name in methods:
+            score, _ = attributor.scores(latents, [q.prompt], name, features)
+            ranked = [attributor.rows[i].key for i in torch.argsort(score[0], descending=True).tolist()]
+            relevant = relevant_of[q.trigger]
+            metrics = {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in ks}
+            metrics["ap"] = average_precision(ranked, relevant)
+            for key, value in metrics.items():
+                rows[name].setdefault(key, []).append(value)
+            per_group[name].setdefault(q.trigger, []).append(metrics["ap"])
+    return {
+        "split": split,
+        "queries": len(queries),
+        "groups": {t: len(r) for t, r in relevant_of.items()},
+        "chance_ap": float(np.mean([len(r) for r in relevant_of.values()])) / len(attributor.rows),
+        "methods": {m: {k: round(float(np.mean(v)), 4) for k, v in rows[m].items()} for m in methods},
+        "ap_per_group": {m: {t: round(float(np.mean(v)), 4) for t, v in g.items()} for m, g in per_group.items()},
+    }
