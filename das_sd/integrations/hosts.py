@@ -1,0 +1,102 @@
+"""What every generation-host plugin (webui extension, ComfyUI and InvokeAI nodes) shares.
+
+Hosts hand over PIL images or tensors, prompts with ``<lora:name:weight>`` tags and model names; the
+plugins turn them into das_sd calls through these helpers and hold no attribution logic of their own.
+Host models are never touched: the store's manifest names the base and LoRA that das_sd loads.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..attribute import Attribution, Attributor
+from ..models.fingerprint import lora_fingerprint
+
+# The webui family's extra-network syntax: <lora:name:weight>, <lyco:...>, <hypernet:...>
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+@dataclass(frozen=True)
+class PromptLora:
+    name: str
+    weight: float
+
+
+def parse_prompt_loras(prompt: str) -> tuple[str, list[PromptLora]]:
+    """(prompt without extra-network tags, LoRAs named in it)."""
+    loras = []
+    for kind, args in EXTRA_NETWORK.findall(prompt):
+        if kind.lower() not in ("lora", "lyco"):
+            continue
+        items = args.split(":")
+        try:
+            weight = float(items[1]) if len(items) > 1 and "=" not in items[1] else 1.0
+        except ValueError:
+            weight = 1.0
+        loras.append(PromptLora(items[0].strip(), weight))
+    clean = re.sub(r"\s{2,}", " ", EXTRA_NETWORK.sub("", prompt)).strip(" ,")
+    return clean, loras
+
+
+class AttributorCache:
+    """One Attributor per store folder for the life of the host process (loading is the slow part)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str | None], Attributor] = {}
+
+    def get(self, store: str | Path, device: str | None = None) -> Attributor:
+        key = (str(Path(store).expanduser().resolve()), device)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = Attributor(key[0], device=device)
+            return self._cache[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+CACHE = AttributorCache()
+
+
+def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, method: str = "das",
+                  top_k: int = 8, info: dict | None = None) -> Attribution:
+    """Attribute a host's PIL image with its prompt (extra-network tags removed: the text encoder
+    of the store's pipeline never saw them)."""
+    clean, _ = parse_prompt_loras(prompt)
+    latents = attributor.encode_image(image.convert("RGB"), "image")
+    return attributor.attribute_latents(latents, [clean], method, top_k, [info or {}])[0]
+
+
+def lora_mismatch(attributor: Attributor, names: list[str], lora_files: dict[str, Path]) -> str | None:
+    """A message when the LoRAs named in a prompt are not the store's LoRA, else None.
+
+    ``lora_files`` maps the host's LoRA names to files; names the host cannot resolve are reported.
+    """
+    expected = attributor.store.identity["lora_fingerprint"]
+    if not names:
+        return "the prompt names no LoRA; the store attributes " + Path(attributor.lora_path).name
+    for name in names:
+        path = lora_files.get(name)
+        if path is None:
+            return f"LoRA {name!r} from the prompt was not found among the host's LoRA files"
+        if lora_fingerprint(path) == expected:
+            return None
+    return (f"none of the prompt's LoRAs ({', '.join(names)}) is the store's LoRA "
+            f"({Path(attributor.lora_path).name}); attributions refer to the store's LoRA")
+
+
+def infotext_value(result: Attribution, n: int = 3) -> str:
+    """Short infotext entry: the top-n training files with scores."""
+    return "; ".join(f"{Path(r.path).name} ({r.score:.3g})" for r in result.results[:n])
+
+
+def captioned(result: Attribution) -> list[tuple[str, str]]:
+    """(image path, caption) pairs for a host gallery."""
+    return [(r.path, r.label()) for r in result.results]
