@@ -33,7 +33,8 @@ def _open_dataset(args):
 def cmd_build_base(args) -> None:
     from .models.build_base import BaseRecipe, build_base
 
-    recipe = BaseRecipe(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
+    recipe = BaseRecipe(seed=args.seed, **overrides)
     log = build_base(Path(args.out), recipe)
     acc = log["held_out_accuracy"]
     print(json.dumps({"out": str(Path(args.out).resolve()), "total_train_seconds": round(log["total_train_seconds"], 1),
@@ -159,6 +160,24 @@ def cmd_attribute(args) -> None:
         print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {r.caption}  [{r.path}]")
 
 
+def cmd_eval_groundtruth(args) -> None:
+    from .attribute import Attributor
+    from .evaluate.groundtruth import evaluate_ground_truth
+
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    data = args.data or attributor.store.manifest.get("info", {}).get("dataset_root")
+    methods = args.methods.split(",") if args.methods else None
+    report = evaluate_ground_truth(attributor, data, split=args.split, methods=methods, progress=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"planted ground truth, {args.split} split: {report['queries']} generations, "
+          f"{len(report['groups'])} groups, chance AP {report['chance_ap']:.3f}")
+    print(f"{'method':16s} {'Recall@5':>9s} {'Recall@10':>10s} {'mAP':>7s}")
+    for name, m in report["methods"].items():
+        print(f"{name:16s} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['ap']:7.3f}")
+
+
 def cmd_demo(args) -> None:
     from .demo import prepare_demo
 
@@ -166,9 +185,21 @@ def cmd_demo(args) -> None:
     if args.no_launch:
         print(json.dumps(paths, indent=2))
         return
+    from .app import AppConfig, Workbench
+    from .app.ui import launch
     from .demo_samples import show_demo
 
     print(json.dumps(paths | show_demo(paths), indent=2))
+    config = AppConfig(store=Path(paths["store"]), base=Path(paths["base"]), lora=Path(paths["lora"]),
+                       data=Path(paths["data"]), device=args.device, demo=True)
+    launch(Workbench(config), host=args.host, port=args.port)
+
+
+def cmd_app(args) -> None:
+    from .app import Workbench, config_from_args
+    from .app.ui import launch
+
+    launch(Workbench(config_from_args(args)), host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,16 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"das-sd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="prepare the embedded demo (base model, demo data, demo LoRA) and show it")
+    p = sub.add_parser("demo", help="prepare the embedded demo (base model, demo data, demo LoRA, feature store) and open the app")
     p.add_argument("--workdir", default=None, help="demo folder (default $DAS_SD_HOME/demo, i.e. ~/.cache/das-sd/demo)")
     p.add_argument("--no-launch", action="store_true", help="only prepare; print the paths as JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--host", default="127.0.0.1", help="app address (default: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="app port (default: 7860 or the next free one)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("build-base", help="train the embedded tiny SD from scratch (about an hour on 2 CPU cores)")
+    from .app import add_app_flags
+
+    p = sub.add_parser("app", help="the Gradio app: generate and see the training images that shaped each image")
+    add_app_flags(p)
+    p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("build-base", help="train the embedded tiny SD from scratch (about 40 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default: the recipe's)")
+    p.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder steps (default: the recipe's)")
     p.set_defaults(func=cmd_build_base)
 
     p = sub.add_parser("make-demo-data", help="write the demo fine-tuning set with planted ground truth")
@@ -265,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, help="LoRA file, if it moved since featurizing")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("eval", help="evaluate attribution methods (planted ground truth, ...)")
+    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
+    p.add_argument("--store", required=True)
+    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
+    p.add_argument("--split", default="test", choices=["test", "tune"], help="query split (choose settings on tune)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: all the store supports)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--base", default=None)
+    p.add_argument("--lora", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval_groundtruth)
 
     p = sub.add_parser("export-lora", help="convert a das-sd / diffusers LoRA to kohya (A1111, ComfyUI) or peft format")
     p.add_argument("--lora", required=True)

@@ -62,7 +62,7 @@ def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_
     return paths
 
 
-def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True) -> Path:
+def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True, pipe=None) -> Path:
     """Featurize the demo set with the default settings (resuming a partial store) and index it.
 
     The demo store is a cache: one built for another LoRA (the demo LoRA was retrained) is rebuilt.
@@ -85,8 +85,9 @@ def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress:
             shutil.rmtree(store_dir)
             store = None
     if store is None or not store.manifest.get("complete"):
-        pipe = load_pipeline(base)
-        load_lora(pipe, lora)
+        if pipe is None:
+            pipe = load_pipeline(base)
+            load_lora(pipe, lora)
         store = featurize_dataset(pipe, dataset, store_dir, base, lora, progress=progress)
     for name in store.identity["feature_sets"]:
         if not store.index_is_current(name):

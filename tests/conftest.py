@@ -57,3 +57,11 @@ def lora_pipe(base_path):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     pipe.unet.eval()
     return pipe
+
+
+@pytest.fixture(scope="session")
+def demo(das_sd_home) -> dict:
+    """The prepared demo: data, LoRA, feature store and index under this session's DAS_SD_HOME."""
+    from das_sd.demo import prepare_demo
+
+    return prepare_demo(progress=False)

@@ -1,0 +1,54 @@
+"""The das-sd Gradio app (`gradio_app.py`, `das-sd app`): flags -> ``AppConfig`` -> ``Workbench`` -> UI."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "main"]
+
+
+def __getattr__(name: str):
+    # the session module loads torch and diffusers: only on first use, so `das-sd --help` stays fast
+    if name in ("AppConfig", "AppError", "Query", "Workbench"):
+        from . import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module 'das_sd.app' has no attribute {name!r}")
+
+
+def add_app_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help="feature store folder (default: the embedded demo's store)")
+    p.add_argument("--base", default=None, help="base model folder (default: the one the store names)")
+    p.add_argument("--lora", default=None, help="LoRA file or folder (default: the one the store names)")
+    p.add_argument("--data", default=None, help="dataset to build / extend the store from (default: the store's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--outdir", default=None, help="where generated PNGs are saved (default: ~/.cache/das-sd/outputs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
+
+
+def config_from_args(args: argparse.Namespace, progress: bool = True):
+    """Without --store, the embedded demo: its data and LoRA are prepared now, its store on first use."""
+    from .session import AppConfig
+
+    extra = {"outdir": Path(args.outdir).expanduser()} if args.outdir else {}
+    if args.store is None:
+        from ..demo import prepare_demo
+
+        paths = prepare_demo(progress=progress, with_store=False)
+        return AppConfig(store=Path(paths["workdir"]) / "store", base=Path(paths["base"]), lora=Path(paths["lora"]),
+                         data=Path(paths["data"]), device=args.device, demo=True, **extra)
+    as_path = lambda v: Path(v).expanduser().resolve() if v else None  # noqa: E731
+    return AppConfig(store=as_path(args.store), base=as_path(args.base), lora=as_path(args.lora),
+                     data=as_path(args.data), device=args.device, **extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gradio_app.py", description="das-sd: generate and see which training images made it")
+    add_app_flags(parser)
+    args = parser.parse_args(argv)
+    from .session import Workbench
+    from .ui import launch
+
+    launch(Workbench(config_from_args(args)), host=args.host, port=args.port)

@@ -1,0 +1,216 @@
+"""The app's engine, free of any UI: one model + store shared by every browser session.
+
+A ``Workbench`` owns the pipeline (base + LoRA), the feature store and its ``Attributor``. The UI
+calls it with plain values and gets plain results back, so the same code serves the Gradio app, its
+API and the tests. One lock serialises everything that runs the model: Gradio's queue already runs
+heavy events one at a time, the lock makes that true for any other caller too.
+
+Queries keep their latents and projected features (``Query``), so switching the method or top-k
+re-ranks from the cache without generating or featurizing again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..attribute import Attribution, Attributor
+from ..generate import GenerationSettings, generate, save_png
+from ..models.fingerprint import das_sd_home, provenance, short
+from ..store import FeatureStore, StoreError
+
+ProgressCallback = Callable[[float, str], None]
+
+
+class AppError(ValueError):
+    """A request the app cannot serve; the message is shown to the user as is."""
+
+
+@dataclass
+class AppConfig:
+    store: Path  # feature store folder (built from ``data`` when missing)
+    base: Path | None = None  # None: the base the store's manifest names
+    lora: Path | None = None  # None: the LoRA the store's manifest names
+    data: Path | None = None  # dataset to build or extend the store from; None: the manifest's
+    device: str | None = None
+    outdir: Path = field(default_factory=lambda: das_sd_home() / "outputs")
+    demo: bool = False  # the embedded demo: base, LoRA and data come from ``prepare_demo``
+
+
+@dataclass
+class Query:
+    """One attributed image: what is needed to re-rank it without running the model again."""
+    latents: torch.Tensor  # (1, 4, h, w)
+    prompt: str
+    features: dict[str, torch.Tensor]
+    image_path: str  # the saved PNG (generations) or the upload
+    info: dict = field(default_factory=dict)
+
+
+class Workbench:
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self.lock = threading.RLock()
+        self._pipe = None
+        self._attributor: Attributor | None = None
+        self._counter = 0
+        self._demo_checked = False
+
+    def ensure_demo_store(self) -> bool:
+        """Demo only: build (or refresh) the demo store once; True when it had to run."""
+        with self.lock:
+            if not self.config.demo or self._demo_checked:
+                return False
+            self.build_store()
+            return True
+
+    # ---- configuration -------------------------------------------------------------------------
+
+    def _manifest_info(self) -> dict:
+        try:
+            return FeatureStore.open(self.config.store).manifest.get("info", {})
+        except StoreError:
+            return {}
+
+    def _paths(self) -> tuple[Path, Path, Path | None]:
+        """(base, LoRA, dataset) from the flags, else from the store's manifest."""
+        info = self._manifest_info()
+        base = self.config.base or (Path(info["base_path"]) if info.get("base_path") else None)
+        lora = self.config.lora or (Path(info["lora_path"]) if info.get("lora_path") else None)
+        data = self.config.data or (Path(info["dataset_root"]) if info.get("dataset_root") else None)
+        if base is None or lora is None:
+            missing = " and ".join(f for f, v in (("--base", base), ("--lora", lora)) if v is None)
+            raise AppError(f"no feature store at {self.config.store} to take the model from: pass {missing}")
+        return Path(base), Path(lora), data
+
+    def dataset_root(self) -> Path | None:
+        """The only folder whose images the app serves."""
+        try:
+            data = self._paths()[2]
+        except AppError:
+            data = self.config.data
+        return Path(data).resolve() if data else None
+
+    # ---- model and store -----------------------------------------------------------------------
+
+    @property
+    def pipe(self):
+        with self.lock:
+            if self._pipe is None:
+                from ..models.loading import load_lora, load_pipeline
+
+                base, lora, _ = self._paths()
+                pipe = load_pipeline(base, device=self.config.device)
+                load_lora(pipe, lora)
+                self._pipe = pipe
+            return self._pipe
+
+    def store_status(self) -> dict:
+        """What the store holds, for the Index tab; ``ready`` says whether attribution can run."""
+        try:
+            store = FeatureStore.open(self.config.store)
+        except StoreError as exc:
+            return {"ready": False, "store": str(self.config.store), "problem": str(exc)}
+        info, identity = store.manifest.get("info", {}), store.identity
+        sets = {}
+        for name, s in identity["feature_sets"].items():
+            index = store.index_info(name) or {}
+            sets[name] = {"f": s["output"], "K": s["num_timesteps"], "k": s["projection_dim"],
+                          "normalize": s["normalize"], "residual": s["residual"],
+                          "lambda": index.get("lambda"), "index_current": store.index_is_current(name)}
+        complete = bool(store.manifest.get("complete"))
+        ready = complete and len(store) > 0 and all(v["index_current"] for v in sets.values())
+        problem = None if ready else ("the store is incomplete or its index is out of date: "
+                                      "build it in the Index tab (or run `das-sd featurize` and `das-sd index`)")
+        return {"ready": ready, "problem": problem, "store": str(store.root), "samples": len(store),
+                "complete": complete, "base": info.get("base_path"), "base_fingerprint": short(identity["base_fingerprint"]),
+                "lora": info.get("lora_path"), "lora_fingerprint": short(identity["lora_fingerprint"]),
+                "dataset": info.get("dataset_root"), "resolution": identity["resolution"], "feature_sets": sets}
+
+    def build_store(self, progress: bool = True) -> dict:
+        """Featurize what the store lacks (all of it for a new store) and refresh the index."""
+        from ..data.datasets import open_dataset
+        from ..demo import build_demo_store
+        from ..featurize.build import featurize_dataset
+        from ..score import LambdaRule, build_index
+
+        with self.lock:
+            base, lora, data = self._paths()
+            if data is None:
+                raise AppError(f"no dataset to build the store at {self.config.store} from: pass --data")
+            dataset = open_dataset(data)
+            if self.config.demo:  # a cache: rebuilt when the demo LoRA was retrained
+                build_demo_store(dataset, base, lora, self.config.store, progress, pipe=self.pipe)
+            else:
+                store = featurize_dataset(self.pipe, dataset, self.config.store, base, lora, progress=progress)
+                for name in store.identity["feature_sets"]:
+                    if not store.index_is_current(name):
+                        build_index(store, name, LambdaRule())
+            self._attributor = None
+            self._demo_checked = True
+            return self.store_status()
+
+    @property
+    def attributor(self) -> Attributor:
+        with self.lock:
+            if self._attributor is None:
+                status = self.store_status()
+                if not status["ready"]:
+                    raise AppError(f"{status['store']}: {status['problem']}")
+                base, lora, _ = self._paths()
+                self._attributor = Attributor(self.config.store, pipe=self.pipe, base=base, lora=lora)
+            return self._attributor
+
+    @property
+    def methods(self) -> list[str]:
+        return self.attributor.methods
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def generate(self, settings: GenerationSettings) -> list[Query]:
+        """Generate, save each image as a PNG with its parameters, and featurize it as a query."""
+        with self.lock:
+            attributor = self.attributor
+            base, lora, _ = self._paths()
+            result = generate(self.pipe, settings, provenance(base, lora))
+            features = attributor.query_features(result.latents, [settings.prompt] * len(result.images))
+            queries = []
+            for i, image in enumerate(result.images):
+                meta = result.metadata(i) | {"width": image.width, "height": image.height}
+                path = save_png(image, self._output_path(result.seeds[i]), meta)
+                queries.append(Query(latents=result.latents[i:i + 1], prompt=settings.prompt,
+                                     features={n: f[i:i + 1] for n, f in features.items()},
+                                     image_path=str(path), info={"seed": result.seeds[i], "source": str(path)}))
+            return queries
+
+    def image_query(self, path: str | Path, fallback_prompt: str | None = None) -> Query:
+        """A query from an image file: its metadata prompt if it has one, else ``fallback_prompt``."""
+        from ..generate import read_png_metadata
+
+        with self.lock:
+            attributor = self.attributor
+            try:
+                meta_prompt = read_png_metadata(path).get("prompt")
+            except Exception:  # unreadable files get their error from image_query below
+                meta_prompt = None
+            prompt = meta_prompt or (fallback_prompt.strip() if fallback_prompt else None) or None
+            latents, prompt, source = attributor.image_query(path, prompt)
+            features = attributor.query_features(latents, [prompt])
+            return Query(latents=latents.cpu(), prompt=prompt, features=features, image_path=str(path),
+                         info={"source": Path(source).name, "prompt_from": "metadata" if meta_prompt else "prompt box"})
+
+    def rank(self, query: Query, method: str, top_k: int) -> Attribution:
+        with self.lock:
+            return self.attributor.attribute_latents(query.latents, [query.prompt], method, int(top_k),
+                                                     [query.info], features=query.features)[0]
+
+    def _output_path(self, seed: int) -> Path:
+        # A1111's layout: one folder per day, a running number, the seed
+        day = self.config.outdir / time.strftime("%Y-%m-%d")
+        self._counter += 1
+        return day / f"{time.strftime('%H%M%S')}-{self._counter:05d}-{seed}.png"

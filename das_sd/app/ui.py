@@ -1,0 +1,285 @@
+"""The Gradio app: generate, and see beside each image the training images that shaped it.
+
+Layout only: every handler is a thin call into ``Workbench``. Heavy events (generate, attribute,
+build) share one queue slot (``concurrency_id="model"``), so any number of browsers can use the app
+while the model runs one job at a time; re-ranking from cached query features is cheap and
+runs beside them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from ..attribute import Attribution
+from ..generate import GenerationSettings
+from ..score import METHODS
+from .session import AppError, Query, Workbench
+
+MAX_IMAGES = 4  # generation slots shown side by side with their attributions
+MAX_TOP_K = 32
+MAX_UPLOAD = "10mb"
+HEAVY = dict(concurrency_id="model", concurrency_limit=1)
+EFFECT_COLOURS = {"t > 0": "#d9480f", "t < 0": "#1c7ed6"}  # sign of the signed leave-one-out effect t_i
+
+log = logging.getLogger("das_sd.app")
+
+CSS = """
+.das-thumbs img, .das-generated img, .das-detail img { image-rendering: pixelated; }
+.das-generated img, .das-detail img { width: 100%; height: 100%; object-fit: contain; }
+"""
+
+
+def guarded(fn):
+    """Show failures as readable messages in the UI, never as a stack trace."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, OSError, ArithmeticError) as exc:  # das-sd's own errors are ValueErrors
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(f"unexpected {type(exc).__name__}: {exc} (details in the server log)",
+                           print_exception=False) from None
+    return wrapper
+
+
+# ---- view helpers --------------------------------------------------------------------------------
+
+def gallery_items(result: Attribution) -> list[tuple[str, str]]:
+    return [(r.path, r.label()) for r in result.results]
+
+
+def api_json(record: dict) -> dict:
+    """An attribution for the JSON output: ``path`` is renamed ``file``, because Gradio takes any
+    dict with a ``path`` key for a file to transfer and would replace the whole row by it."""
+    return {**record, "results": [{("file" if k == "path" else k): v for k, v in r.items()} for r in record["results"]]}
+
+
+def score_plot(result: Attribution) -> pd.DataFrame:
+    return pd.DataFrame({"rank": [f"#{r.rank}" for r in result.results],
+                         "score": [r.score for r in result.results],
+                         "effect": ["t > 0" if r.sign >= 0 else "t < 0" for r in result.results]})
+
+
+def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
+    if not result or index is None or not 0 <= index < len(result["results"]):
+        return None, ""
+    r = result["results"][index]
+    text = (f"**#{r['rank']}** · {result['method']} score **{r['score']:.4g}** "
+            f"(signed effect t {'positive' if r['sign'] >= 0 else 'negative'})\n\n"
+            f"**Caption:** {r['caption']}\n\n**Key:** `{r['key']}`\n\n**File:** `{r['path']}`")
+    return r["path"], text
+
+
+def status_markdown(status: dict) -> str:
+    if "samples" not in status:
+        return f"**No feature store yet** at `{status['store']}`.\n\n{status['problem']}"
+    lines = [f"**Store** `{status['store']}` — {status['samples']} training images, "
+             f"{'complete' if status['complete'] else 'incomplete'}, {status['resolution']} px",
+             f"- **Base model:** `{status['base']}` ({status['base_fingerprint']})",
+             f"- **LoRA:** `{status['lora']}` ({status['lora_fingerprint']})",
+             f"- **Dataset:** `{status['dataset']}`", "",
+             "| feature set | f | K | k | normalise | residual | λ | index |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in status["feature_sets"].items():
+        lam = f"{s['lambda']:.4g}" if s["lambda"] is not None else "—"
+        lines.append(f"| {name} | {s['f']} | {s['K']} | {s['k']} | {s['normalize']} "
+                     f"| {s['residual']} | {lam} | {'current' if s['index_current'] else 'out of date'} |")
+    if status["problem"]:
+        lines += ["", f"⚠ {status['problem']}"]
+    return "\n".join(lines)
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+def build_app(bench: Workbench) -> gr.Blocks:
+    methods = list(METHODS)
+
+    def ensure_ready(progress: gr.Progress) -> None:
+        """The demo builds its store on first use; other stores are built from the Index tab."""
+        if bench.config.demo:
+            progress(0, desc="checking the demo feature store (built on first launch)")
+            bench.ensure_demo_store()
+
+    def slot_updates(queries: list[Query], results: list[Attribution]) -> list:
+        out = []
+        for slot in range(MAX_IMAGES):
+            if slot < len(queries):
+                image = Image.open(queries[slot].image_path)  # keeps the PNG text: downloads carry it
+                image.load()
+                out += [gr.update(value=image, visible=True), gr.update(value=gallery_items(results[slot]), visible=True),
+                        gr.update(value=score_plot(results[slot]), visible=True)]
+            else:
+                out += [gr.update(value=None, visible=False), gr.update(value=[], visible=False),
+                        gr.update(value=None, visible=False)]
+        return out
+
+    with gr.Blocks(title="das-sd: which training images made this?") as app:
+        session = gr.State({})
+        gr.Markdown("## das-sd — which training images made this?\n"
+                    "Generate with the LoRA; beside each image are the LoRA training images that most "
+                    "influenced it (Diffusion Attribution Score). Click a training image to see it large.")
+        with gr.Row():
+            method = gr.Dropdown(methods, value="das", label="Attribution method", scale=2)
+            top_k = gr.Slider(1, MAX_TOP_K, value=8, step=1, label="Top-k training images", scale=3)
+
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                        value="zorblat, a green square on a orange background" if bench.config.demo else "")
+                    negative = gr.Textbox(label="Negative prompt", lines=1)
+                    with gr.Row():
+                        seed = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
+                        dice = gr.Button("🎲", scale=1, min_width=40)
+                    steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                    guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance (CFG scale)")
+                    lora_scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="LoRA scale")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=3):
+                    slots = []
+                    for i in range(MAX_IMAGES):
+                        with gr.Row():  # a generation, its top-k training images, their scores
+                            image = gr.Image(label=f"Generation {i + 1}", type="pil", format="png", interactive=False,
+                                             height=256, scale=1, elem_classes="das-generated", visible=i == 0)
+                            gallery = gr.Gallery(label="Most influential training images", columns=4, height=256,
+                                                 scale=2, elem_id=f"attribution-{i}", elem_classes="das-thumbs",
+                                                 allow_preview=False, visible=i == 0)
+                            plot = gr.BarPlot(x="rank", y="score", color="effect", sort=None, height=220,
+                                              label="Top-k scores", scale=1, visible=i == 0,
+                                              color_map=EFFECT_COLOURS)
+                        slots.append((image, gallery, plot))
+
+        with gr.Tab("Attribute an image"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    upload = gr.File(label=f"Image (PNG with das-sd / A1111 metadata, or any image; ≤ {MAX_UPLOAD})",
+                                     file_types=["image"], type="filepath")
+                    upload_prompt = gr.Textbox(label="Prompt (used when the image carries none)", lines=2)
+                    attribute_button = gr.Button("Attribute", variant="primary")
+                    upload_info = gr.Markdown()
+                with gr.Column(scale=3):
+                    with gr.Row():
+                        upload_preview = gr.Image(label="Query", type="pil", interactive=False, height=256,
+                                                  elem_classes="das-generated")
+                        upload_gallery = gr.Gallery(label="Most influential training images", columns=4, height=256,
+                                                    scale=2, elem_classes="das-thumbs", allow_preview=False)
+                        upload_plot = gr.BarPlot(x="rank", y="score", color="effect", sort=None, height=220,
+                                                 label="Top-k scores", color_map=EFFECT_COLOURS)
+
+        with gr.Tab("Index"):
+            status_md = gr.Markdown()
+            build_button = gr.Button("Build / extend the store")
+            refresh_button = gr.Button("Refresh", size="sm")
+
+        with gr.Row():
+            detail_image = gr.Image(label="Training image", interactive=False, height=256, elem_classes="das-detail")
+            detail_md = gr.Markdown(elem_id="detail")
+        with gr.Accordion("Attribution as JSON", open=False):
+            results_json = gr.JSON(label="Attribution (JSON)")
+
+        slot_outputs = [c for s in slots for c in s]
+
+        # ---- handlers ----------------------------------------------------------------------------
+
+        @guarded
+        def on_generate(prompt_, negative_, seed_, steps_, guidance_, lora_scale_, n_, method_, k_, state,
+                        progress=gr.Progress(track_tqdm=True)):
+            if not prompt_ or not prompt_.strip():
+                raise AppError("type a prompt first")
+            ensure_ready(progress)
+            settings = GenerationSettings(prompt=prompt_.strip(), negative_prompt=negative_ or "", seed=int(seed_ or 0),
+                                          steps=int(steps_), guidance=float(guidance_), num_images=int(n_),
+                                          lora_scale=float(lora_scale_))
+            queries = bench.generate(settings)
+            results = [bench.rank(q, method_, k_) for q in queries]
+            state = {**state, "generated": queries, "generated_results": [r.to_json() for r in results]}
+            return [*slot_updates(queries, results), [api_json(r.to_json()) for r in results], state]
+
+        @guarded
+        def on_attribute(path, fallback, method_, k_, state, progress=gr.Progress(track_tqdm=True)):
+            if not path:
+                raise AppError("upload an image first")
+            ensure_ready(progress)
+            query = bench.image_query(path, fallback)
+            result = bench.rank(query, method_, k_)
+            image = Image.open(path)
+            image.load()
+            state = {**state, "upload": query, "upload_result": result.to_json()}
+            note = f"Prompt ({query.info['prompt_from']}): *{query.prompt}*"
+            return image, gallery_items(result), score_plot(result), note, api_json(result.to_json()), state
+
+        @guarded
+        def on_rerank(method_, k_, state):
+            queries = state.get("generated", [])
+            results = [bench.rank(q, method_, k_) for q in queries]
+            out = slot_updates(queries, results) if queries else [gr.update()] * len(slot_outputs)
+            state = {**state, "generated_results": [r.to_json() for r in results]}
+            if state.get("upload") is not None:
+                upload_result = bench.rank(state["upload"], method_, k_)
+                state["upload_result"] = upload_result.to_json()
+                out += [gallery_items(upload_result), score_plot(upload_result)]
+            else:
+                out += [gr.update(), gr.update()]
+            shown = [api_json(r) for r in state["generated_results"]] or \
+                (api_json(state["upload_result"]) if state.get("upload_result") else None)
+            return [*out, shown, state]
+
+        @guarded
+        def on_build(progress=gr.Progress(track_tqdm=True)):
+            progress(0, desc="featurizing the dataset")
+            return status_markdown(bench.build_store())
+
+        def on_status():
+            return status_markdown(bench.store_status())
+
+        def select_generated(slot):
+            def handler(state, evt: gr.SelectData):
+                results = state.get("generated_results", [])
+                return detail_of(results[slot] if slot < len(results) else None, evt.index)
+            return handler
+
+        def select_upload(state, evt: gr.SelectData):
+            return detail_of(state.get("upload_result"), evt.index)
+
+        # ---- wiring ------------------------------------------------------------------------------
+
+        dice.click(lambda: random.randrange(2**32), outputs=seed, queue=False, api_visibility="private")
+        generate_button.click(on_generate, [prompt, negative, seed, steps, guidance, lora_scale, num_images,
+                                            method, top_k, session],
+                              [*slot_outputs, results_json, session], api_name="generate", **HEAVY)
+        prompt.submit(on_generate, [prompt, negative, seed, steps, guidance, lora_scale, num_images, method, top_k,
+                                    session], [*slot_outputs, results_json, session], api_visibility="private", **HEAVY)
+        attribute_button.click(on_attribute, [upload, upload_prompt, method, top_k, session],
+                               [upload_preview, upload_gallery, upload_plot, upload_info, results_json, session],
+                               api_name="attribute", **HEAVY)
+        rerank_outputs = [*slot_outputs, upload_gallery, upload_plot, results_json, session]
+        method.change(on_rerank, [method, top_k, session], rerank_outputs, api_name="rerank")
+        top_k.release(on_rerank, [method, top_k, session], rerank_outputs, api_visibility="private")
+        for i, (_, gallery, _) in enumerate(slots):
+            gallery.select(select_generated(i), [session], [detail_image, detail_md], api_visibility="private")
+        upload_gallery.select(select_upload, [session], [detail_image, detail_md], api_visibility="private")
+        build_button.click(on_build, None, status_md, api_name="build_store", **HEAVY)
+        refresh_button.click(on_status, None, status_md, api_visibility="private")
+        app.load(on_status, None, status_md, api_visibility="private")
+    return app
+
+
+def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> gr.Blocks:
+    """Build the app and serve it; only the dataset's images are reachable by URL."""
+    root = bench.dataset_root()
+    app = build_app(bench)
+    app.queue(default_concurrency_limit=1, max_size=64)
+    app.launch(server_name=host, server_port=port, allowed_paths=[str(root)] if root else [],
+               max_file_size=MAX_UPLOAD, css=CSS, show_error=True, ssr_mode=False, **kwargs)
+    return app
+

@@ -1,0 +1,216 @@
+"""The Gradio app, served for real on localhost and driven through gradio_client and a real Chromium.
+
+Expectations come from outside the app: the `das-sd attribute --json` command and the das_sd API run
+in this process on the same image and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from das_sd.app import AppConfig, Workbench
+from das_sd.app.ui import build_app
+from das_sd.attribute import Attributor
+from das_sd.cli import main as cli_main
+from das_sd.generate import GenerationSettings, generate
+
+TOP_K = 5
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(demo, tmp_path_factory):
+    """The app on the demo, as `das-sd demo` serves it: (url, workbench)."""
+    from das_sd.app.ui import CSS, MAX_UPLOAD
+
+    config = AppConfig(store=Path(demo["store"]), base=Path(demo["base"]), lora=Path(demo["lora"]),
+                       data=Path(demo["data"]), device="cpu", demo=True,
+                       outdir=tmp_path_factory.mktemp("app-outputs"))
+    bench = Workbench(config)
+    app = build_app(bench)
+    app.queue(default_concurrency_limit=1)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               allowed_paths=[str(bench.dataset_root())], max_file_size=MAX_UPLOAD, css=CSS, show_error=True)
+    yield f"http://127.0.0.1:{port}/", bench
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def reference(demo):
+    """An Attributor of its own, outside the app, for independent expectations."""
+    return Attributor(demo["store"], device="cpu")
+
+
+def value(output):
+    """An output's value (outputs that also change visibility arrive as update dicts)."""
+    return output["value"] if isinstance(output, dict) and output.get("__type__") == "update" else output
+
+
+def generate_via_api(client: Client, prompt: str, seed: int, n: int = 1, method: str = "das"):
+    out = client.predict(prompt, "", seed, 25, 4.0, 1.0, n, method, TOP_K, api_name="/generate")
+    return [value(o) for o in out[:-1]], out[-1]  # slot outputs, attribution JSON (list, one per image)
+
+
+def expected_keys(reference: Attributor, prompt: str, seed: int, method: str = "das") -> list[str]:
+    result = generate(reference.pipe, GenerationSettings(prompt=prompt, seed=seed))
+    return [r.key for r in reference.attribute_latents(result.latents, [prompt], method, TOP_K)[0].results]
+
+
+def test_generate_and_attribute_match_the_cli(served, reference, demo, tmp_path, capsys):
+    url, _ = served
+    client = Client(url, verbose=False)
+    prompt = "zorblat, a green square on a orange background"
+    slots, results = generate_via_api(client, prompt, seed=3)
+    image_path, gallery = slots[0], slots[1]
+    assert len(results) == 1 and len(results[0]["results"]) == TOP_K
+    keys = [r["key"] for r in results[0]["results"]]
+    # the gallery shows k training images, captioned with rank, score and the training caption
+    assert len(gallery) == TOP_K
+    for row, item in zip(results[0]["results"], gallery):
+        assert item["caption"].startswith(f"#{row['rank']} ") and row["caption"] in item["caption"]
+        assert Path(item["image"]).read_bytes() == Path(row["file"]).read_bytes()
+    # generation attributes its final latents: same as the API on the same seed, outside the app
+    assert keys == expected_keys(reference, prompt, seed=3)
+
+    # the downloaded PNG carries its prompt; the CLI and the app's Attribute tab agree on it
+    png = tmp_path / "generated.png"
+    png.write_bytes(Path(image_path).read_bytes())
+    capsys.readouterr()
+    assert cli_main(["attribute", "--store", demo["store"], "--image", str(png), "--top-k", str(TOP_K),
+                     "--json", "--device", "cpu"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["query"]["prompt"] == prompt
+    out = client.predict(handle_file(str(png)), "", "das", TOP_K, api_name="/attribute")
+    upload_gallery, upload_json = value(out[1]), out[4]
+    assert [r["key"] for r in upload_json["results"]] == [r["key"] for r in cli["results"]]
+    assert [r["score"] for r in upload_json["results"]] == pytest.approx([r["score"] for r in cli["results"]], rel=1e-5)
+    assert len(upload_gallery) == TOP_K
+
+
+def test_rerank_switches_method_without_regenerating(served, reference):
+    url, _ = served
+    client = Client(url, verbose=False)
+    prompt = "quimvex, a orange circle on a purple background"
+    generate_via_api(client, prompt, seed=5)
+    out = client.predict("dtrak", TOP_K, api_name="/rerank")
+    results = out[-1]
+    assert results[0]["method"] == "dtrak"
+    assert [r["key"] for r in results[0]["results"]] == expected_keys(reference, prompt, 5, method="dtrak")
+
+
+def test_four_clients_at_once_get_their_own_results(served, reference):
+    url, _ = served
+    prompts = ["zorblat, a red circle on a blue background", "drelkin, a white square on a black background",
+               "glimber, a yellow triangle on a green background", "a blue circle on a yellow background, dotted style"]
+    got: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def session(i: int) -> None:
+        try:
+            _, results = generate_via_api(Client(url, verbose=False), prompts[i], seed=10 + i)
+            got[i] = [r["key"] for r in results[0]["results"]]
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    for i in range(4):
+        assert got[i] == expected_keys(reference, prompts[i], 10 + i), f"client {i}"
+
+
+def test_only_dataset_images_are_served(served, demo):
+    url, _ = served
+
+    def status(path: Path) -> int:
+        try:
+            with urllib.request.urlopen(f"{url}gradio_api/file={path}") as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    inside = next(Path(demo["data"]).glob("**/*.png"))
+    assert status(inside.resolve()) == 200
+    for outside in (Path("/etc/passwd"), Path(demo["store"]) / "manifest.json", Path(demo["lora"]),
+                    Path(demo["data"]) / ".." / "store" / "manifest.json"):
+        assert status(outside) in (403, 404), outside
+
+
+def test_bad_uploads_and_prompts_get_readable_errors(served, tmp_path):
+    url, _ = served
+    client = Client(url, verbose=False)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(Exception, match="not a readable image"):
+        client.predict(handle_file(str(corrupt)), "a prompt", "das", TOP_K, api_name="/attribute")
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 48), "red").save(big)
+    with pytest.raises(Exception, match="64x48"):
+        client.predict(handle_file(str(big)), "a prompt", "das", TOP_K, api_name="/attribute")
+    small = tmp_path / "plain.png"
+    Image.new("RGB", (32, 32), "red").save(small)  # no metadata and an empty prompt box
+    with pytest.raises(Exception, match="no prompt"):
+        client.predict(handle_file(str(small)), "", "das", TOP_K, api_name="/attribute")
+    with pytest.raises(Exception, match="type a prompt"):
+        client.predict("  ", "", 0, 25, 4.0, 1.0, 1, "das", TOP_K, api_name="/generate")
+
+
+def test_missing_store_is_a_message_not_a_traceback(tmp_path):
+    bench = Workbench(AppConfig(store=tmp_path / "nowhere"))
+    status = bench.store_status()
+    assert not status["ready"] and "no feature store" in status["problem"]
+    with pytest.raises(ValueError, match="no feature store here"):
+        bench.generate(GenerationSettings(prompt="a red circle on a blue background"))
+    with pytest.raises(ValueError, match="pass --base and --lora"):
+        bench.pipe  # nothing names the model to load
+    with pytest.raises(ValueError, match="pass --data"):
+        Workbench(AppConfig(store=tmp_path / "nowhere", base=tmp_path, lora=tmp_path)).build_store(progress=False)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("DAS_SD_REQUIRE_BROWSER"),
+                    reason="needs Debian's chromium (.ci/run installs it)")
+def test_browser_generate_shows_captioned_attributions(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.locator("#prompt textarea").fill("glimber, a red square on a blue background")
+        page.locator("#generate").click()
+        thumbs = page.locator("#attribution-0 img")
+        thumbs.first.wait_for(timeout=300_000)
+        page.wait_for_function("document.querySelectorAll('#attribution-0 img').length >= 8", timeout=60_000)
+        captions = page.locator("#attribution-0").inner_text()
+        thumbs.first.click()
+        page.locator("#detail").get_by_text("Key:").wait_for(timeout=60_000)
+        detail = page.locator("#detail").inner_text()
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        browser.close()
+    assert "#1 " in captions and "#8 " in captions and "glimber" in captions
+    assert "Caption:" in detail and "File:" in detail
+    assert (tmp_path / "app.png").stat().st_size > 10_000
