@@ -1,0 +1,124 @@
+"""ComfyUI v1 nodes over the das_sd API (thin adapters: tensors <-> PIL, graph -> LoRA names).
+
+The store's manifest names the base model and LoRA that das-sd loads itself; ComfyUI's MODEL object
+carries no LoRA names, so the LoRAs of the generation are read from the hidden PROMPT graph (or given
+as ``lora_name``) and checked against the store's LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+METHODS = ["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"]
+LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")
+
+
+def image_to_pil(images, index: int):
+    """One image of a ComfyUI IMAGE batch (B, H, W, C float in [0, 1]) as PIL."""
+    from PIL import Image
+
+    array = (images[index].detach().cpu().float().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array[..., :3])
+
+
+def pils_to_image(pils, size: int):
+    """PIL images -> one IMAGE batch; one batch has one size, so every image is resized to ``size``."""
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(p.convert("RGB").resize((size, size), Image.Resampling.NEAREST), dtype=np.float32) / 255.0
+              for p in pils]
+    return torch.from_numpy(np.stack(arrays))
+
+
+def loras_in_graph(prompt: dict | None) -> list[str]:
+    """LoRA file names of the LoRA loader nodes in an API-format graph (the hidden PROMPT)."""
+    names = []
+    for node in (prompt or {}).values():
+        if isinstance(node, dict) and node.get("class_type") in LORA_LOADERS:
+            name = node.get("inputs", {}).get("lora_name")
+            if isinstance(name, str):
+                names.append(name)
+    return names
+
+
+def lora_path(name: str):
+    try:
+        import folder_paths  # ComfyUI's; imported lazily so that the module loads without it
+
+        return folder_paths.get_full_path("loras", name)
+    except Exception:
+        return None
+
+
+class DASLoadStore:
+    """Open a das-sd feature store (loads the base model and LoRA its manifest names)."""
+
+    CATEGORY = "das-sd"
+    RETURN_TYPES = ("DAS_STORE",)
+    RETURN_NAMES = ("das_store",)
+    FUNCTION = "load"
+    DESCRIPTION = "Open a das-sd feature store for attribution."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"store_path": ("STRING", {"default": os.environ.get("DAS_SD_STORE", "")}),
+                             "device": (["auto", "cpu", "cuda"],)}}
+
+    @classmethod
+    def IS_CHANGED(cls, store_path, device):
+        manifest = os.path.join(store_path, "manifest.json")
+        return os.path.getmtime(manifest) if os.path.isfile(manifest) else float("nan")
+
+    def load(self, store_path, device):
+        from das_sd.integrations.hosts import CACHE
+
+        return (CACHE.get(store_path, None if device == "auto" else device),)
+
+
+class DASAttribute:
+    """Top-k LoRA training images of each input image, as an IMAGE batch plus a JSON string."""
+
+    CATEGORY = "das-sd"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("training_images", "scores_json")
+    FUNCTION = "attribute"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Which LoRA training images made this image? (Diffusion Attribution Score)"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"das_store": ("DAS_STORE",), "images": ("IMAGE",),
+                             "prompt": ("STRING", {"multiline": True, "default": ""}),
+                             "method": (METHODS,),
+                             "top_k": ("INT", {"default": 8, "min": 1, "max": 64})},
+                "optional": {"lora_name": ("STRING", {"default": ""})},
+                "hidden": {"graph": "PROMPT", "unique_id": "UNIQUE_ID"}}
+
+    def attribute(self, das_store, images, prompt, method, top_k, lora_name="", graph=None, unique_id=None):
+        from PIL import Image
+
+        from das_sd.integrations.hosts import attribute_pil, lora_mismatch
+
+        if not prompt.strip():
+            raise ValueError("DAS Attribute: connect or type the prompt the image was generated with")
+        names = [lora_name] if lora_name else loras_in_graph(graph)
+        files = {n: p for n in names if (p := lora_path(n))}
+        warning = lora_mismatch(das_store, names, files)
+        results, thumbs = [], []
+        for i in range(images.shape[0]):
+            result = attribute_pil(das_store, image_to_pil(images, i), prompt, method, int(top_k), {"index": i})
+            results.append(result.to_json())
+            for row in result.results:
+                with Image.open(row.path) as im:
+                    thumbs.append(im.convert("RGB"))
+        text = json.dumps({"store_id": das_store.store.store_id, "warning": warning, "attributions": results})
+        batch = pils_to_image(thumbs, int(images.shape[1]))
+        return {"ui": {"text": (text,)}, "result": (batch, text)}
+
+
+NODE_CLASS_MAPPINGS = {"DASLoadStore": DASLoadStore, "DASAttribute": DASAttribute}
+NODE_DISPLAY_NAME_MAPPINGS = {"DASLoadStore": "DAS Load Store", "DASAttribute": "DAS Attribute"}

@@ -1,0 +1,185 @@
+"""DAS attribution for AUTOMATIC1111 / Forge / SD.Next: which LoRA training images made each image?
+
+An always-visible script: when enabled, every generated image (never the grid) is attributed with
+das-sd right after it is made. Results go to the image's infotext ("DAS top-k"), to the "DAS
+attribution" tab (captioned gallery of the training images) and to the REST route /das/v1/last.
+The webui's own model object differs per host, so it is never touched: das-sd loads the base and
+LoRA that the store's manifest names. A failure here never breaks generation; it is reported in the
+console, in the infotext ("DAS error") and in the tab.
+
+Only gradio APIs present in 3.41 (A1111), 3.43 (SD.Next) and 4.40 (Forge) are used, and das_sd
+(torch) is imported only when attribution runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import traceback
+from pathlib import Path
+
+import gradio as gr
+from modules import script_callbacks, scripts, shared
+
+METHODS = ["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"]
+TITLE = "DAS attribution"
+
+_last = {"images": [], "errors": []}  # the last run, shown in the tab and served by the REST route
+_last_lock = threading.Lock()
+
+
+def _opt(name: str, default):
+    value = getattr(shared.opts, name, None) if hasattr(shared, "opts") else None
+    return default if value in (None, "") else value
+
+
+def _default_store() -> str:
+    return _opt("das_store", None) or getattr(getattr(shared, "cmd_opts", None), "das_store", None) or ""
+
+
+def _lora_files() -> dict:
+    """The host's LoRA names -> files, via its built-in LoRA extension when loaded, else the LoRA folder."""
+    files = {}
+    try:
+        import networks  # the built-in LoRA extension's module (A1111 / Forge)
+
+        for name, net in getattr(networks, "available_networks", {}).items():
+            files[name] = Path(net.filename)
+            if getattr(net, "alias", None):
+                files.setdefault(net.alias, Path(net.filename))
+    except Exception:  # not loaded on this host: scan the LoRA folder instead
+        folder = getattr(getattr(shared, "cmd_opts", None), "lora_dir", None)
+        if folder and Path(folder).is_dir():
+            files = {p.stem: p for p in Path(folder).rglob("*.safetensors")}
+    return files
+
+
+def _report(message: str) -> None:
+    print(f"[das-sd] {message}", flush=True)
+    with _last_lock:
+        _last["errors"].append(message)
+
+
+class DASAttributionScript(scripts.Script):
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        with gr.Accordion(TITLE, open=False, elem_id=self.elem_id("accordion")):
+            enabled = gr.Checkbox(value=False, label="Attribute each image to the LoRA's training images",
+                                  elem_id=self.elem_id("enabled"))
+            with gr.Row():
+                top_k = gr.Slider(minimum=1, maximum=32, step=1, value=int(_opt("das_top_k", 8)), label="Top-k",
+                                  elem_id=self.elem_id("top_k"))
+                method = gr.Dropdown(choices=METHODS, value=_opt("das_method", "das"), label="Method",
+                                     elem_id=self.elem_id("method"))
+            store = gr.Textbox(value=_default_store(), label="das-sd feature store folder",
+                               elem_id=self.elem_id("store"))
+        return [enabled, top_k, method, store]
+
+    def process(self, p, enabled, top_k, method, store):
+        if enabled:
+            self._done = 0
+            with _last_lock:
+                _last["images"], _last["errors"] = [], []
+
+    def postprocess_image(self, p, pp, enabled, top_k, method, store):
+        """Per image, before it is saved: attribute it and put the top-k into its infotext."""
+        if not enabled:
+            return
+        index = getattr(pp, "index", None)  # Forge passes it; A1111 / SD.Next: count images
+        if index is None:
+            index = getattr(self, "_done", 0)
+        self._done = index + 1
+        p.extra_generation_params.pop("DAS error", None)
+        try:
+            from das_sd.integrations.hosts import CACHE, attribute_pil, infotext_value, lora_mismatch, parse_prompt_loras
+
+            if not store:
+                raise ValueError("no feature store set (script field, Settings > DAS attribution, or --das-store)")
+            attributor = CACHE.get(store, _opt("das_device", None) or getattr(shared.cmd_opts, "das_device", None))
+            prompt = p.all_prompts[index] if index < len(getattr(p, "all_prompts", [])) else p.prompt
+            seed = p.all_seeds[index] if index < len(getattr(p, "all_seeds", [])) else getattr(p, "seed", None)
+            _, loras = parse_prompt_loras(prompt)
+            warning = lora_mismatch(attributor, [lora.name for lora in loras], _lora_files())
+            result = attribute_pil(attributor, pp.image, prompt, method, int(top_k),
+                                   {"index": index, "seed": seed})
+            p.extra_generation_params[f"DAS top-{min(3, int(top_k))}"] = infotext_value(result)
+            p.extra_generation_params["DAS method"] = method
+            p.extra_generation_params["DAS store"] = attributor.store.store_id
+            record = result.to_json() | {"index": index, "seed": seed, "warning": warning}
+            with _last_lock:
+                _last["images"].append(record)
+            if warning:
+                _report(f"image {index}: {warning}")
+        except Exception as exc:  # never break generation; say what went wrong
+            _report(f"image {index}: attribution failed: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            p.extra_generation_params["DAS error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+    def postprocess(self, p, processed, enabled, top_k, method, store):
+        if enabled and _last["errors"]:
+            p.comment("DAS attribution: " + " | ".join(_last["errors"][-3:]))
+
+
+def last_run() -> dict:
+    with _last_lock:
+        return json.loads(json.dumps(_last))
+
+
+def _open(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def gallery_of(image_number: int) -> tuple[list, str]:
+    run = last_run()
+    if not run["images"]:
+        return [], "No attributed images yet: enable DAS attribution in txt2img / img2img and generate."
+    record = run["images"][max(0, min(int(image_number), len(run["images"])) - 1)]
+    # PIL images, not paths: Gradio 4 refuses to serve files outside the webui's folders
+    items = [(_open(r["path"]), f"#{r['rank']} {r['score']:.3g} {'+' if r['sign'] >= 0 else '-'} {r['caption']}")
+             for r in record["results"]]
+    note = f"Image {record['index'] + 1} (seed {record['seed']}), method {record['method']}"
+    if record.get("warning"):
+        note += f" — {record['warning']}"
+    if run["errors"]:
+        note += "\n\nErrors: " + "; ".join(run["errors"])
+    return items, note
+
+
+def on_ui_tabs():
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            image_number = gr.Number(value=1, precision=0, label="Generated image number")
+            refresh = gr.Button("Show", variant="primary")
+        status = gr.Markdown(elem_id="das_attribution_status")
+        gallery = gr.Gallery(label="Most influential training images", columns=4, elem_id="das_attribution_gallery")
+        refresh.click(gallery_of, inputs=[image_number], outputs=[gallery, status])
+    return [(tab, TITLE, "das_attribution_tab")]
+
+
+def on_ui_settings():
+    section = ("das_sd", TITLE)
+    shared.opts.add_option("das_store", shared.OptionInfo("", "das-sd feature store folder", section=section))
+    shared.opts.add_option("das_top_k", shared.OptionInfo(8, "Top-k training images", gr.Slider,
+                                                          {"minimum": 1, "maximum": 32, "step": 1}, section=section))
+    shared.opts.add_option("das_method", shared.OptionInfo("das", "Attribution method", gr.Dropdown,
+                                                           {"choices": METHODS}, section=section))
+    shared.opts.add_option("das_device", shared.OptionInfo("", "Device (empty: cuda if available)", section=section))
+
+
+def on_app_started(demo, app):
+    @app.get("/das/v1/last")
+    def das_last():
+        return last_run()
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)
