@@ -5,13 +5,12 @@
     for r in result.results: print(r.rank, r.score, r.sign, r.caption, r.path)
 
 A query is a generated image (its prompt read from the PNG metadata, or given) or the pipeline's final
-latents plus prompt, with no VAE round trip. Its noise key is derived from the latent and the prompt,
-so attributing the same query twice gives the same scores.
+latents plus prompt, with no VAE round trip. Queries use fixed noise draws, so attributing the same
+query twice gives the same scores.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from .generate import image_metadata
 from .latents import encode_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import load_lora, load_pipeline
+from .models.probe import pipeline_probes, probe_differences
 from .score import METHODS, latent_similarity, method, rank_scores, raw_scores, train_vectors
 from .store import FeatureStore, StoreError
 
@@ -44,6 +44,10 @@ class AttributionRow:
     score: float  # the method's ranking score (t^2 for das)
     sign: int  # sign of the signed effect t (+1 / -1 / 0)
 
+    def label(self) -> str:
+        """Caption for galleries: rank, score, sign and the training caption."""
+        return f"#{self.rank}  {self.score:.3g} ({'+' if self.sign >= 0 else '−'})  {self.caption}"
+
 
 @dataclass
 class Attribution:
@@ -54,11 +58,18 @@ class Attribution:
     def to_json(self) -> dict:
         return {"method": self.method, "query": self.query, "results": [asdict(r) for r in self.results]}
 
+    def provenance(self, store_id: str) -> dict:
+        """The compact record written into an attributed image's metadata."""
+        return {"method": self.method, "store_id": store_id,
+                "top_k": [{"rank": r.rank, "key": r.key, "score": round(r.score, 6), "sign": r.sign}
+                          for r in self.results]}
 
-def query_key(latent: torch.Tensor, prompt: str) -> str:
-    h = hashlib.sha256(latent.detach().float().cpu().numpy().tobytes())
-    h.update(prompt.encode())
-    return "query:" + h.hexdigest()[:20]
+
+# Every query is featurized with the same noise draws (those of this key): its features then depend
+# only on its latent and conditioning, so the same generation reached by different routes (the
+# pipeline's own latents, a PNG, another host) ranks the same even when the latents differ by float
+# rounding. Training samples keep per-sample noise, which the kernel averages over.
+QUERY_NOISE_KEY = "das-sd-query"
 
 
 class Attributor:
@@ -78,6 +89,8 @@ class Attributor:
         if pipe is None:
             pipe = load_pipeline(self.base_path, device=device)
             load_lora(pipe, self.lora_path)
+        elif check_fingerprints:
+            self.check_pipeline(pipe)
         self.pipe = pipe
         self.resolution = int(identity["resolution"])
         compute = identity.get("compute_dtype", "float32")
@@ -99,6 +112,20 @@ class Attributor:
         if found != expected:
             raise StoreError(f"{self.store.root}: the store was built for {what} {expected}, but {path} is {found}")
 
+    def check_pipeline(self, pipe) -> None:
+        """Refuse a pipeline whose base or LoRA weights are not the ones the store was built with."""
+        expected = self.store.manifest.get("probes")
+        if not expected:
+            return  # a store from before probes: the file fingerprints above are all there is
+        found = pipeline_probes(pipe)
+        info = self.store.manifest.get("info", {})
+        for part, what, path in (("base", "base model", info.get("base_path")), ("lora", "LoRA", info.get("lora_path"))):
+            diffs = probe_differences(expected[part], found[part])
+            if diffs:
+                more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+                raise StoreError(f"{self.store.root}: the pipeline's {what} is not the one this store was built "
+                                 f"with ({path}): " + "; ".join(diffs[:3]) + more)
+
     @property
     def methods(self) -> list[str]:
         sets = set(self.featurizers)
@@ -116,13 +143,18 @@ class Attributor:
         vae = self.pipe.vae
         return (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float()
 
-    def query_features(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        cond = encode_prompts(self.pipe, prompts)
-        keys = [query_key(latents[i], prompts[i]) for i in range(len(prompts))]
+    def query_features(self, latents: torch.Tensor, prompts: list[str],
+                       cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Projected features of each query, per feature set. ``cond``: the prompt embeddings the
+        pipeline used (default: the prompts encoded by the pipeline's text encoder)."""
+        if cond is None:
+            cond = encode_prompts(self.pipe, prompts)
+        keys = [QUERY_NOISE_KEY] * len(prompts)
         return {name: f.features(latents, cond, keys).cpu() for name, f in self.featurizers.items()}
 
     def scores(self, latents: torch.Tensor, prompts: list[str], name: str,
-               features: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               features: dict[str, torch.Tensor] | None = None,
+               cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(ranking scores, signs), each (queries, N)."""
         m = method(name)
         if name not in self.methods:
@@ -130,7 +162,7 @@ class Attributor:
         if m.feature_set is None:
             t = latent_similarity(latents.cpu(), self._train_latents())
         else:
-            features = features or self.query_features(latents, prompts)
+            features = features or self.query_features(latents, prompts, cond)
             if name not in self._train:
                 self._train[name] = train_vectors(self.store, name)
             t = raw_scores(features[m.feature_set], self._train[name])
@@ -142,8 +174,15 @@ class Attributor:
         return self._train["latents"]
 
     def attribute_latents(self, latents: torch.Tensor, prompts: str | list[str], method: str = "das",
-                          top_k: int = 10, query_info: list[dict] | None = None) -> list[Attribution]:
-        """Attribute final latents (n, 4, h, w) generated from ``prompts`` (one per latent)."""
+                          top_k: int = 10, query_info: list[dict] | None = None,
+                          features: dict[str, torch.Tensor] | None = None,
+                          cond: torch.Tensor | None = None) -> list[Attribution]:
+        """Attribute final latents (n, 4, h, w) generated from ``prompts`` (one per latent).
+
+        ``features`` (from ``query_features`` of the same latents and prompts) lets a caller re-rank
+        with another method or top-k without featurizing the queries again; ``cond`` gives the
+        prompt embeddings the pipeline used instead of encoding ``prompts`` again.
+        """
         latents = latents.float()
         if latents.ndim == 3:
             latents = latents.unsqueeze(0)
@@ -154,7 +193,7 @@ class Attributor:
         if latents.shape[1] != expected[0] or latents.shape[2] != expected[1] or latents.shape[3] != expected[1]:
             raise QueryError(f"latents of shape {tuple(latents.shape[1:])}; the store's model uses "
                              f"({expected[0]}, {expected[1]}, {expected[1]})")
-        score, sign = self.scores(latents, prompts, method)
+        score, sign = self.scores(latents, prompts, method, features, cond)
         out = []
         for q in range(len(prompts)):
             top = torch.topk(score[q], min(top_k, score.shape[1]))
@@ -165,9 +204,9 @@ class Attributor:
             out.append(Attribution(method=method, query=info, results=rows))
         return out
 
-    def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = "das",
-                        top_k: int = 10) -> Attribution:
-        """Attribute one image; its prompt comes from ``prompt`` or else from its PNG metadata."""
+    def image_query(self, image: str | Path | Image.Image, prompt: str | None = None) -> tuple[torch.Tensor, str, str]:
+        """(latent, prompt, source) of an image query; the prompt comes from ``prompt`` or else from
+        the image's PNG metadata."""
         source = str(image) if not isinstance(image, Image.Image) else "image"
         if not isinstance(image, Image.Image):
             try:
@@ -184,5 +223,10 @@ class Attributor:
         prompt = prompt if prompt is not None else meta.get("prompt")
         if not prompt:
             raise QueryError(f"{source}: no prompt given and none found in the image metadata; pass --prompt")
-        latents = self.encode_image(image, source)
+        return self.encode_image(image, source), prompt, source
+
+    def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = "das",
+                        top_k: int = 10) -> Attribution:
+        """Attribute one image; its prompt comes from ``prompt`` or else from its PNG metadata."""
+        latents, prompt, source = self.image_query(image, prompt)
         return self.attribute_latents(latents, [prompt], method, top_k, [{"source": source}])[0]

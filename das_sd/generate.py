@@ -22,6 +22,7 @@ from .io import atomic_write_bytes
 
 PNG_PARAMETERS_KEY = "parameters"
 PNG_DAS_KEY = "das_sd"
+PNG_ATTRIBUTION_KEY = "das_sd_attribution"
 
 
 @dataclass
@@ -109,19 +110,22 @@ def infotext(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def png_bytes(image: Image.Image, meta: dict) -> bytes:
+def png_bytes(image: Image.Image, meta: dict, attribution: dict | None = None) -> bytes:
+    """PNG with the generation parameters and, when given, its attribution record."""
     info = PngInfo()
     info.add_text(PNG_PARAMETERS_KEY, infotext(meta))
     info.add_text(PNG_DAS_KEY, json.dumps(meta, sort_keys=True))
+    if attribution is not None:
+        info.add_text(PNG_ATTRIBUTION_KEY, json.dumps(attribution, sort_keys=True))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def save_png(image: Image.Image, path: str | Path, meta: dict) -> Path:
+def save_png(image: Image.Image, path: str | Path, meta: dict, attribution: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, png_bytes(image, meta))
+    atomic_write_bytes(path, png_bytes(image, meta, attribution))
     return path
 
 
@@ -129,6 +133,13 @@ def read_png_metadata(path: str | Path) -> dict:
     """Generation parameters from a PNG file (see ``image_metadata``)."""
     with Image.open(path) as image:
         return image_metadata(image)
+
+
+def read_png_attribution(path: str | Path) -> dict | None:
+    """The attribution record (method, store id, top-k keys and scores) saved with an image, if any."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", None) or {}
+        return json.loads(text[PNG_ATTRIBUTION_KEY]) if PNG_ATTRIBUTION_KEY in text else None
 
 
 def image_metadata(image: Image.Image) -> dict:

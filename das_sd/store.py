@@ -225,6 +225,13 @@ class FeatureStore:
     def keys_digest(self) -> str:
         return hashlib.sha256("\n".join(self.keys()).encode()).hexdigest()
 
+    @property
+    def store_id(self) -> str:
+        """Short id of what the store holds (identity + rows): provenance written next to results."""
+        h = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode())
+        h.update(self.keys_digest().encode())
+        return "das-" + h.hexdigest()[:12]
+
     def write_index(self, name: str, arrays: dict[str, torch.Tensor], info: dict) -> None:
         file = f"index-{name}.safetensors"
         atomic_write_bytes(self.root / file, save({k: v.detach().cpu().contiguous() for k, v in arrays.items()}))

@@ -18,6 +18,7 @@ from .. import __version__
 from ..data.datasets import Dataset
 from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
+from ..models.probe import pipeline_probes
 from ..store import FeatureStore, Row, StoreError
 from .featurizer import Featurizer, alphas_cumprod_of
 from .gradients import num_lora_parameters
@@ -77,6 +78,8 @@ def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: 
     info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
             "dataset_root": str(dataset.root), "dataset_format": dataset.format}
     store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
+    if "probes" not in store.manifest:  # lets a host's own pipeline be checked against the store
+        store.manifest["probes"] = pipeline_probes(pipe)
     check_dataset(store, dataset)
     plan = store.plan(rows_of(dataset))
     featurizers = {name: Featurizer(pipe, s, autocast_dtype) for name, s in feature_sets.items()}

@@ -1,0 +1,1 @@
+"""Adapters that put das-sd inside generation tools: diffusers pipelines and the host plugins."""

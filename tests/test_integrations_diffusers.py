@@ -1,0 +1,77 @@
+"""The diffusers integration on the embedded model and the demo store, through diffusers' own loaders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from das_sd.attribute import Attributor
+from das_sd.generate import GenerationSettings, generate, read_png_attribution, read_png_metadata
+from das_sd.integrations.diffusers import AttributingPipeline
+from das_sd.store import StoreError
+from helpers import random_lora
+
+PROMPT = "drelkin, a white circle on a purple background"
+
+
+def diffusers_pipe(base, lora=None):
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def attributing(demo):
+    return AttributingPipeline(diffusers_pipe(demo["base"], demo["lora"]), demo["store"], top_k=5)
+
+
+def test_each_generated_image_is_attributed_from_its_final_latents(attributing, demo, tmp_path):
+    generator = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    out = attributing(PROMPT, num_inference_steps=25, guidance_scale=4.0, num_images_per_prompt=2,
+                      generator=generator)
+    assert len(out.images) == len(out.attributions) == 2
+    # independent expectation: das-sd's own generate (same seeds) + the API, prompt encoded anew
+    reference = Attributor(demo["store"], device="cpu")
+    for i, seed in enumerate((7, 8)):
+        ours = generate(reference.pipe, GenerationSettings(prompt=PROMPT, seed=seed))
+        torch.testing.assert_close(out.latents[i:i + 1], ours.latents, atol=1e-4, rtol=1e-4)
+        expected = reference.attribute_latents(ours.latents, [PROMPT], "das", 5)[0]
+        assert [r.key for r in out.attributions[i].results] == [r.key for r in expected.results]
+        assert [r.score for r in out.attributions[i].results] == pytest.approx([r.score for r in expected.results],
+                                                                              rel=1e-3)
+    paths = attributing.save(out, tmp_path)
+    for path, attribution in zip(paths, out.attributions):
+        record = read_png_attribution(path)
+        assert record["store_id"] == attributing.store_id and record["method"] == "das"
+        assert [r["key"] for r in record["top_k"]] == [r.key for r in attribution.results]
+        assert read_png_metadata(path)["prompt"] == PROMPT
+
+
+def test_numpy_output_and_prompt_embeds_work(attributing):
+    pipe = attributing.pipe
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    out = attributing(None, prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=4,
+                      output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images[0].shape == (32, 32, 3) and len(out.attributions[0].results) == 5
+    by_text = attributing(PROMPT, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0))
+    # same conditioning, same latents: same ranking (the prompt text only names the query)
+    torch.testing.assert_close(out.latents, by_text.latents)
+    assert [r.key for r in out.attributions[0].results] == [r.key for r in by_text.attributions[0].results]
+
+
+def test_a_pipeline_the_store_was_not_built_for_is_refused(demo):
+    with pytest.raises(StoreError, match="LoRA is not the one"):
+        AttributingPipeline(diffusers_pipe(demo["base"]), demo["store"])  # no LoRA loaded
+    other = diffusers_pipe(demo["base"])
+    other.load_lora_weights(random_lora(other, rank=8, seed=3))
+    with pytest.raises(StoreError, match="LoRA is not the one"):
+        AttributingPipeline(other, demo["store"])
+    changed = diffusers_pipe(demo["base"], demo["lora"])
+    with torch.no_grad():
+        changed.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight.mul_(1.5)
+    with pytest.raises(StoreError, match="base model is not the one"):
+        AttributingPipeline(changed, demo["store"])
