@@ -214,3 +214,36 @@ def test_browser_generate_shows_captioned_attributions(served, tmp_path):
     assert "#1 " in captions and "#8 " in captions and "glimber" in captions
     assert "Caption:" in detail and "File:" in detail
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_index_tab_builds_then_extends_a_store(demo, tmp_path):
+    """The Index tab's button: a missing store is built, images added to the dataset are featurized
+    without touching what is stored, and the app then attributes with it."""
+    source = Path(demo["data"])
+    lines = (source / "metadata.jsonl").read_text().splitlines()
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+
+    def write(rows):
+        for row in rows:
+            name = json.loads(row)["file_name"]
+            (data / name).write_bytes((source / name).read_bytes())
+        (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+    picked = lines[::20]  # styles and trigger groups alike
+    write(picked[:10])
+    bench = Workbench(AppConfig(store=tmp_path / "store", base=Path(demo["base"]), lora=Path(demo["lora"]),
+                                data=data, device="cpu", outdir=tmp_path / "out"))
+    assert not bench.store_status()["ready"]
+    status = bench.build_store(progress=False)
+    assert status["ready"] and status["samples"] == 10 and set(status["feature_sets"]) == {"das", "dtrak", "trak"}
+    assert all(s["lambda"] > 0 for s in status["feature_sets"].values())
+    first_shard = (tmp_path / "store" / "features-00000.safetensors").read_bytes()
+
+    write(picked)
+    status = bench.build_store(progress=False)
+    assert status["ready"] and status["samples"] == len(picked)
+    assert (tmp_path / "store" / "features-00000.safetensors").read_bytes() == first_shard
+    query = bench.generate(GenerationSettings(prompt="zorblat, a red circle on a blue background", seed=1))[0]
+    result = bench.rank(query, "das", 3)
+    assert len(result.results) == 3 and all(Path(r.path).parent.parent == data for r in result.results)
