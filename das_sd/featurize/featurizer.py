@@ -56,8 +56,11 @@ class Featurizer:
         return grads.view(n, k, -1).mean(dim=1)
 
     def features(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """phi (n, k) float32."""
-        return self.projector.project(self.mean_gradients(x0, cond, keys))
+        """phi (n, k) float32. Works when called under no_grad or inference_mode, as hosts do
+        (ComfyUI runs nodes under inference_mode; diffusers pipelines under no_grad)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            # tensors made under inference_mode cannot enter autograd: take plain copies
+            return self.projector.project(self.mean_gradients(x0.clone(), cond.clone(), keys))
 
     @torch.no_grad()
     def residuals(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str], chunk: int = 25) -> torch.Tensor:

@@ -81,8 +81,11 @@ def test_lora_from_graph_is_checked_against_the_store(comfy, demo, tmp_path):
 
     from_graph = sys.modules["comfyui-das-sd.nodes"].loras_in_graph(GRAPH)
     assert from_graph == ["demo_style.safetensors"]
-    store = CACHE.get(demo["store"], "cpu")
-    images = comfy_images(store.pipe, (3,))
+    CACHE.clear()  # loaded by the node under inference_mode below, as in ComfyUI
+    graph = json.loads(json.dumps(GRAPH).replace("STORE", demo["store"]))
+    _, (store,) = comfy.execute("DASLoadStore", graph["11"]["inputs"], graph)
+    with torch.inference_mode():  # IMAGE tensors made by upstream nodes are inference tensors
+        images = comfy_images(store.pipe, (3,))
     other = json.loads(json.dumps(GRAPH).replace("demo_style.safetensors", "someone_else.safetensors"))
     _, (_, text) = comfy.execute("DASAttribute", {"das_store": store, "images": images, "prompt": PROMPT,
                                                   "method": "dtrak", "top_k": 2}, other)

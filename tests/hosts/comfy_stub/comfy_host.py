@@ -1,9 +1,12 @@
 """Stand-in for ComfyUI's custom-node loading (nodes.py load_custom_node) and v1 execution
-(execution.py get_input_data / get_output_data), as described in HOSTS.md 2.1-2.2."""
+(execution.py get_input_data / get_output_data), as described in HOSTS.md 2.1-2.2. Like the real
+executor (execution.py, a125cd84, l.662), nodes run under torch.inference_mode()."""
 
 import importlib.util
 import os
 import sys
+
+import torch
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
@@ -33,7 +36,8 @@ def execute(node_id: str, inputs: dict, prompt: dict, unique_id: str = "1"):
     kwargs = dict(inputs)
     for key, kind in cls.INPUT_TYPES().get("hidden", {}).items():
         kwargs[key] = {"PROMPT": prompt, "UNIQUE_ID": unique_id, "EXTRA_PNGINFO": {}}.get(kind)
-    output = getattr(cls(), cls.FUNCTION)(**kwargs)
+    with torch.inference_mode():
+        output = getattr(cls(), cls.FUNCTION)(**kwargs)
     if isinstance(output, dict):
         ui, result = output.get("ui"), output.get("result", ())
     else:
