@@ -47,6 +47,24 @@ def comfy_images(pipe, seeds) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images]))
 
 
+def test_stand_in_matches_the_recorded_host_contract(comfy):
+    """The stand-in against facts recorded from a real ComfyUI checkout (comfy_facts.json)."""
+    import inspect
+
+    import folder_paths
+
+    facts = json.loads((HERE / "comfy_facts.json").read_text())
+    for name, recorded in facts["folder_paths.py"].items():
+        assert list(inspect.signature(getattr(folder_paths, name)).parameters) == recorded, name
+    # the real loader is async with keyword extras; the stand-in keeps its first, positional parameter
+    assert list(inspect.signature(comfy.load_custom_node).parameters)[0] == facts["nodes.py"]["load_custom_node"][0]
+    executed = facts["execution.py"]
+    assert executed["runs_under_inference_mode"] and executed["splits_ui_and_result"]
+    assert "with torch.inference_mode():" in inspect.getsource(comfy.execute)
+    used = {kind for cls in comfy.NODE_CLASS_MAPPINGS.values() for kind in cls.INPUT_TYPES().get("hidden", {}).values()}
+    assert used <= set(executed["hidden_kinds"])
+
+
 def test_nodes_register_with_prefixed_ids(comfy):
     assert set(comfy.NODE_CLASS_MAPPINGS) == {"DASLoadStore", "DASAttribute"}
     for cls in comfy.NODE_CLASS_MAPPINGS.values():
