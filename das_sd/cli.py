@@ -185,21 +185,19 @@ def cmd_demo(args) -> None:
     if args.no_launch:
         print(json.dumps(paths, indent=2))
         return
-    from .app import AppConfig, Workbench
-    from .app.ui import launch
+    from .app import AppConfig, launch_app
     from .demo_samples import show_demo
 
     print(json.dumps(paths | show_demo(paths), indent=2))
     config = AppConfig(store=Path(paths["store"]), base=Path(paths["base"]), lora=Path(paths["lora"]),
                        data=Path(paths["data"]), device=args.device, demo=True)
-    launch(Workbench(config), host=args.host, port=args.port)
+    launch_app(config, args.host, args.port)
 
 
 def cmd_app(args) -> None:
-    from .app import Workbench, config_from_args
-    from .app.ui import launch
+    from .app import config_from_args, launch_app
 
-    launch(Workbench(config_from_args(args)), host=args.host, port=args.port)
+    launch_app(config_from_args(args), args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:

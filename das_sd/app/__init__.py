@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "main"]
+__all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "launch_app", "main"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,18 @@ def __getattr__(name: str):
 
         return getattr(session, name)
     raise AttributeError(f"module 'das_sd.app' has no attribute {name!r}")
+
+
+def launch_app(config, host: str, port: int | None) -> None:
+    """Serve the app; a clear error when the optional app dependencies are missing."""
+    try:
+        from .ui import launch
+    except ImportError as exc:
+        raise ValueError(f"the app needs gradio and pandas ({exc.name} is missing): "
+                         "pip install 'das-sd[app]'") from None
+    from .session import Workbench
+
+    launch(Workbench(config), host=host, port=port)
 
 
 def add_app_flags(p: argparse.ArgumentParser) -> None:
@@ -48,7 +60,4 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gradio_app.py", description="das-sd: generate and see which training images made it")
     add_app_flags(parser)
     args = parser.parse_args(argv)
-    from .session import Workbench
-    from .ui import launch
-
-    launch(Workbench(config_from_args(args)), host=args.host, port=args.port)
+    launch_app(config_from_args(args), args.host, args.port)
