@@ -87,8 +87,10 @@ class Attributor:
             self._check(self.base_path, model_fingerprint, identity["base_fingerprint"], "base model", "--base")
             self._check(self.lora_path, lora_fingerprint, identity["lora_fingerprint"], "LoRA", "--lora")
         if pipe is None:
-            pipe = load_pipeline(self.base_path, device=device)
-            load_lora(pipe, self.lora_path)
+            # weights loaded under a caller's inference_mode (ComfyUI runs nodes so) could not take gradients
+            with torch.inference_mode(False):
+                pipe = load_pipeline(self.base_path, device=device)
+                load_lora(pipe, self.lora_path)
         elif check_fingerprints:
             self.check_pipeline(pipe)
         self.pipe = pipe
@@ -204,9 +206,10 @@ class Attributor:
             out.append(Attribution(method=method, query=info, results=rows))
         return out
 
-    def image_query(self, image: str | Path | Image.Image, prompt: str | None = None) -> tuple[torch.Tensor, str, str]:
-        """(latent, prompt, source) of an image query; the prompt comes from ``prompt`` or else from
-        the image's PNG metadata."""
+    def image_query(self, image: str | Path | Image.Image, prompt: str | None = None,
+                    fallback_prompt: str | None = None) -> tuple[torch.Tensor, str, str]:
+        """(latent, prompt, source) of an image query; the prompt is ``prompt``, else the image's PNG
+        metadata prompt, else ``fallback_prompt``."""
         source = str(image) if not isinstance(image, Image.Image) else "image"
         if not isinstance(image, Image.Image):
             try:
@@ -220,7 +223,7 @@ class Attributor:
                 raise QueryError(f"{source}: not a readable image ({type(exc).__name__}: {exc})") from None
         meta = image_metadata(image)
         image = to_rgb(image)
-        prompt = prompt if prompt is not None else meta.get("prompt")
+        prompt = prompt if prompt is not None else (meta.get("prompt") or fallback_prompt)
         if not prompt:
             raise QueryError(f"{source}: no prompt given and none found in the image metadata; pass --prompt")
         return self.encode_image(image, source), prompt, source

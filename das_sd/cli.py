@@ -185,13 +185,11 @@ def cmd_demo(args) -> None:
     if args.no_launch:
         print(json.dumps(paths, indent=2))
         return
-    from .app import AppConfig, launch_app
+    from .app import demo_config, launch_app
     from .demo_samples import show_demo
 
     print(json.dumps(paths | show_demo(paths), indent=2))
-    config = AppConfig(store=Path(paths["store"]), base=Path(paths["base"]), lora=Path(paths["lora"]),
-                       data=Path(paths["data"]), device=args.device, demo=True)
-    launch_app(config, args.host, args.port)
+    launch_app(demo_config(paths, args.device), args.host, args.port)
 
 
 def cmd_app(args) -> None:

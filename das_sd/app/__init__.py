@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "launch_app", "main"]
+__all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "demo_config", "launch_app", "main"]
 
 
 def __getattr__(name: str):
@@ -29,6 +29,14 @@ def launch_app(config, host: str, port: int | None) -> None:
     launch(Workbench(config), host=host, port=port)
 
 
+def demo_config(paths: dict, device: str | None = None, **extra):
+    """The app's configuration for the demo paths ``prepare_demo`` returns (its store built on first use)."""
+    from .session import AppConfig
+
+    return AppConfig(store=Path(paths.get("store") or Path(paths["workdir"]) / "store"), base=Path(paths["base"]),
+                     lora=Path(paths["lora"]), data=Path(paths["data"]), device=device, demo=True, **extra)
+
+
 def add_app_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="feature store folder (default: the embedded demo's store)")
     p.add_argument("--base", default=None, help="base model folder (default: the one the store names)")
@@ -49,8 +57,7 @@ def config_from_args(args: argparse.Namespace, progress: bool = True):
         from ..demo import prepare_demo
 
         paths = prepare_demo(progress=progress, with_store=False)
-        return AppConfig(store=Path(paths["workdir"]) / "store", base=Path(paths["base"]), lora=Path(paths["lora"]),
-                         data=Path(paths["data"]), device=args.device, demo=True, **extra)
+        return demo_config(paths, args.device, **extra)
     as_path = lambda v: Path(v).expanduser().resolve() if v else None  # noqa: E731
     return AppConfig(store=as_path(args.store), base=as_path(args.base), lora=as_path(args.lora),
                      data=as_path(args.data), device=args.device, **extra)

@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -23,9 +22,6 @@ from ..attribute import Attribution, Attributor
 from ..generate import GenerationSettings, generate, save_png
 from ..models.fingerprint import das_sd_home, provenance, short
 from ..store import FeatureStore, StoreError
-
-ProgressCallback = Callable[[float, str], None]
-
 
 class AppError(ValueError):
     """A request the app cannot serve; the message is shown to the user as is."""
@@ -60,6 +56,7 @@ class Workbench:
         self._attributor: Attributor | None = None
         self._counter = 0
         self._demo_checked = False
+        self._provenance: dict = {}
 
     def ensure_demo_store(self) -> bool:
         """Demo only: build (or refresh) the demo store once; True when it had to run."""
@@ -164,11 +161,8 @@ class Workbench:
                     raise AppError(f"{status['store']}: {status['problem']}")
                 base, lora, _ = self._paths()
                 self._attributor = Attributor(self.config.store, pipe=self.pipe, base=base, lora=lora)
+                self._provenance = provenance(base, lora)  # PNG metadata of every generation
             return self._attributor
-
-    @property
-    def methods(self) -> list[str]:
-        return self.attributor.methods
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -176,8 +170,7 @@ class Workbench:
         """Generate, save each image as a PNG with its parameters, and featurize it as a query."""
         with self.lock:
             attributor = self.attributor
-            base, lora, _ = self._paths()
-            result = generate(self.pipe, settings, provenance(base, lora))
+            result = generate(self.pipe, settings, self._provenance)
             features = attributor.query_features(result.latents, [settings.prompt] * len(result.images))
             queries = []
             for i, image in enumerate(result.images):
@@ -190,19 +183,14 @@ class Workbench:
 
     def image_query(self, path: str | Path, fallback_prompt: str | None = None) -> Query:
         """A query from an image file: its metadata prompt if it has one, else ``fallback_prompt``."""
-        from ..generate import read_png_metadata
-
+        fallback = fallback_prompt.strip() if fallback_prompt else None
         with self.lock:
             attributor = self.attributor
-            try:
-                meta_prompt = read_png_metadata(path).get("prompt")
-            except Exception:  # unreadable files get their error from image_query below
-                meta_prompt = None
-            prompt = meta_prompt or (fallback_prompt.strip() if fallback_prompt else None) or None
-            latents, prompt, source = attributor.image_query(path, prompt)
+            latents, prompt, source = attributor.image_query(path, fallback_prompt=fallback or None)
             features = attributor.query_features(latents, [prompt])
+            from_box = fallback is not None and prompt == fallback
             return Query(latents=latents.cpu(), prompt=prompt, features=features, image_path=str(path),
-                         info={"source": Path(source).name, "prompt_from": "metadata" if meta_prompt else "prompt box"})
+                         info={"source": Path(source).name, "prompt_from": "prompt box" if from_box else "metadata"})
 
     def rank(self, query: Query, method: str, top_k: int) -> Attribution:
         with self.lock:

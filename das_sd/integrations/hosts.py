@@ -12,7 +12,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from ..attribute import Attribution, Attributor
@@ -55,9 +54,7 @@ class AttributorCache:
         key = (str(Path(store).expanduser().resolve()), device)
         with self._lock:
             if key not in self._cache:
-                # weights loaded under a host's inference_mode would be unusable for gradients
-                with torch.inference_mode(False):
-                    self._cache[key] = Attributor(key[0], device=device)
+                self._cache[key] = Attributor(key[0], device=device)
             return self._cache[key]
 
     def clear(self) -> None:
@@ -73,9 +70,8 @@ def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, metho
     """Attribute a host's PIL image with its prompt (extra-network tags removed: the text encoder
     of the store's pipeline never saw them)."""
     clean, _ = parse_prompt_loras(prompt)
-    with torch.inference_mode(False):
-        latents = attributor.encode_image(image.convert("RGB"), "image")
-        return attributor.attribute_latents(latents, [clean], method, top_k, [info or {}])[0]
+    latents = attributor.encode_image(image.convert("RGB"), "image")
+    return attributor.attribute_latents(latents, [clean], method, top_k, [info or {}])[0]
 
 
 def lora_mismatch(attributor: Attributor, names: list[str], lora_files: dict[str, Path]) -> str | None:

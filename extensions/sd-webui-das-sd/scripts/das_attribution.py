@@ -142,9 +142,10 @@ def gallery_of(image_number: int) -> tuple[list, str]:
     if not run["images"]:
         return [], "No attributed images yet: enable DAS attribution in txt2img / img2img and generate."
     record = run["images"][max(0, min(int(image_number), len(run["images"])) - 1)]
+    from das_sd.attribute import AttributionRow
+
     # PIL images, not paths: Gradio 4 refuses to serve files outside the webui's folders
-    items = [(_open(r["path"]), f"#{r['rank']} {r['score']:.3g} {'+' if r['sign'] >= 0 else '-'} {r['caption']}")
-             for r in record["results"]]
+    items = [(_open(r["path"]), AttributionRow(**r).label()) for r in record["results"]]
     note = f"Image {record['index'] + 1} (seed {record['seed']}), method {record['method']}"
     if record.get("warning"):
         note += f" — {record['warning']}"
