@@ -91,7 +91,8 @@ class Attributor:
             with torch.inference_mode(False):
                 pipe = load_pipeline(self.base_path, device=device)
                 load_lora(pipe, self.lora_path)
-        elif check_fingerprints:
+        if check_fingerprints:
+            # also for weights loaded here from the right files: another library release may read them differently
             self.check_pipeline(pipe)
         self.pipe = pipe
         self.resolution = int(identity["resolution"])

@@ -79,3 +79,23 @@ def test_bad_queries_get_clear_errors(attributor, tmp_path):
         attributor.attribute_image(tmp_path / "corrupt.png", prompt="x")
     with pytest.raises(ValueError, match="unknown method"):
         attributor.attribute_image(tmp_path / "no_meta.png", prompt="x", method="nope")
+
+
+def test_weights_that_load_differently_from_the_store_are_refused(demo, monkeypatch):
+    """Right files, wrong weights in memory (e.g. another library release reading them differently):
+    the store's weight probes catch it."""
+    import torch
+
+    import das_sd.attribute as attribute_module
+
+    original = attribute_module.load_pipeline
+
+    def misread(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        with torch.no_grad():
+            pipe.text_encoder.get_input_embeddings().weight.mul_(1.1)
+        return pipe
+
+    monkeypatch.setattr(attribute_module, "load_pipeline", misread)
+    with pytest.raises(attribute_module.StoreError, match="base model is not the one"):
+        Attributor(demo["store"], device="cpu")

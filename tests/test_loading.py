@@ -97,3 +97,24 @@ def test_pickled_and_foreign_lora_files_are_refused(tmp_path):
         read_lora(tmp_path / "broken.safetensors")
     with pytest.raises(ModelError, match="not found"):
         resolve_lora_file(tmp_path / "nope.safetensors")
+
+
+def test_shipped_text_encoder_uses_the_key_layout_every_transformers_reads(base_path):
+    """Classic ``text_model.*`` keys (as in real SD 1.x checkpoints), and load_pipeline reads them all."""
+    file = load_file(str(base_path / "text_encoder" / "model.safetensors"))
+    assert file and all(k.startswith("text_model.") for k in file)
+    loaded = {k.removeprefix("text_model."): v for k, v in load_pipeline(base_path, device="cpu").text_encoder.state_dict().items()}
+    for key, value in file.items():
+        assert torch.equal(loaded[key.removeprefix("text_model.")], value), key
+
+
+def test_text_encoder_keys_the_installed_transformers_cannot_read_are_refused(base_path, tmp_path):
+    """transformers itself only logs missing keys and would hand back a random text encoder."""
+    import shutil
+
+    copy = tmp_path / "base"
+    shutil.copytree(base_path, copy)
+    file = copy / "text_encoder" / "model.safetensors"
+    save_file({"renamed." + k: v for k, v in load_file(str(file)).items()}, str(file))
+    with pytest.raises(ModelError, match=r"text_encoder: transformers .* does not find \d+ of the text encoder's weights"):
+        load_pipeline(copy, device="cpu")

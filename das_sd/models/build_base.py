@@ -219,6 +219,7 @@ def build_base(out: Path, recipe: BaseRecipe | None = None) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    tiny_sd.write_portable_text_encoder(tmp / "text_encoder")
     (tmp / "das_sd_build.json").write_text(json.dumps(log, indent=2))
     if out.exists():
         shutil.rmtree(out)

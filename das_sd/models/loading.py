@@ -71,13 +71,33 @@ def load_pipeline(base: str | Path | None = None, device: str | torch.device | N
     path = resolve_base(base)
     quiet_libraries()
     try:
+        text_encoder = load_text_encoder(path / "text_encoder", dtype)
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True, dtype=dtype,
+            str(path), local_files_only=True, use_safetensors=True, dtype=dtype, text_encoder=text_encoder,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"{path}: cannot load the pipeline ({exc})") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
+
+
+def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32):
+    """The pipeline's CLIPTextModel, refused when any weight is missing from its file.
+
+    transformers only logs missing keys and initialises them at random; a key layout written by a
+    newer (or older) release than the one installed would give a random text encoder without error.
+    """
+    from transformers import CLIPTextModel
+
+    model, info = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        import transformers
+
+        raise ModelError(f"{folder}: transformers {transformers.__version__} does not find {len(missing)} of the "
+                         f"text encoder's weights in its file (e.g. {missing[0]!r}); the checkpoint's key layout "
+                         "comes from another transformers release")
+    return model.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def lora_probe(unet: nn.Module) -> dict[str, list[float]]:
 
 
 def base_probe(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, list[float]]:
-    """Probes of the UNet's attention projections (the layers a LoRA wraps) and the text encoder's linears."""
+    """Probes of the UNet's attention projections (the layers a LoRA wraps) and the text encoder's
+    linears and embeddings."""
     out = {}
     for name, module in unet.named_modules():
         clean = name.removesuffix(".base_layer")
@@ -72,8 +73,9 @@ def base_probe(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[s
             out[f"unet.{clean}"] = _probe(clean, module.weight)
     if text_encoder is not None:
         for name, module in text_encoder.named_modules():
-            if isinstance(module, nn.Linear) and ".lora_" not in name:
-                clean = name.removesuffix(".base_layer")
+            if isinstance(module, (nn.Linear, nn.Embedding)) and ".lora_" not in name:
+                # transformers releases differ on the "text_model." level; the weights are the same
+                clean = name.removesuffix(".base_layer").removeprefix("text_model.")
                 out[f"text_encoder.{clean}"] = _probe(clean, module.weight)
     return out
 

@@ -7,7 +7,11 @@ CLIPTokenizer, AutoencoderKL, DDIM scheduler), shrunk so that it trains from scr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 RESOLUTION = 32
@@ -83,3 +87,19 @@ def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=new_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def write_portable_text_encoder(folder: str | Path) -> None:
+    """Rewrite a saved CLIPTextModel's keys in the classic ``text_model.*`` layout.
+
+    Recent transformers save CLIPTextModel without the ``text_model.`` prefix; older releases
+    (5.5, which InvokeAI pins, and every 4.x) do not recognise those keys and silently initialise a
+    random text encoder. Every release loads the classic layout, which real SD 1.x checkpoints use.
+    """
+    file = Path(folder) / "model.safetensors"
+    with safe_open(str(file), framework="pt") as fh:
+        metadata = fh.metadata()
+        tensors = {("" if k.startswith("text_model.") else "text_model.") + k: fh.get_tensor(k) for k in fh.keys()}
+    tmp = file.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(file)
