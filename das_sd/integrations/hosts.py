@@ -7,6 +7,7 @@ Host models are never touched: the store's manifest names the base and LoRA that
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from dataclasses import dataclass
@@ -43,6 +44,25 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[PromptLora]]:
     return clean, loras
 
 
+# Prompt-weighting syntax of the hosts: A1111 "(word:1.2)", "[word]", "\(literal\)";
+# compel (InvokeAI) "(word)1.2", "word++", "word-". The store's text encoder saw plain captions.
+_A1111_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*\)")
+_COMPEL_WEIGHT = re.compile(r"\)-?\d+(?:\.\d+)?")
+_COMPEL_PLUS_MINUS = re.compile(r"(?<=[\w)])[+-]+(?=[\s,.]|$)")
+_BRACKETS = re.compile(r"(?<!\\)[()\[\]]")
+
+
+def plain_prompt(prompt: str) -> str:
+    """A host prompt as plain text: extra-network tags and attention-weight syntax removed."""
+    text, _ = parse_prompt_loras(prompt)
+    text = _A1111_WEIGHT.sub(")", text)
+    text = _COMPEL_WEIGHT.sub(")", text)
+    text = _COMPEL_PLUS_MINUS.sub("", text)
+    text = _BRACKETS.sub("", text).replace("\\(", "(").replace("\\)", ")")
+    text = text.replace("\\[", "[").replace("\\]", "]")
+    return re.sub(r"\s+,", ",", re.sub(r"\s{2,}", " ", text)).strip(" ,")
+
+
 class AttributorCache:
     """One Attributor per store folder for the life of the host process (loading is the slow part)."""
 
@@ -67,11 +87,10 @@ CACHE = AttributorCache()
 
 def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, method: str = "das",
                   top_k: int = 8, info: dict | None = None) -> Attribution:
-    """Attribute a host's PIL image with its prompt (extra-network tags removed: the text encoder
-    of the store's pipeline never saw them)."""
-    clean, _ = parse_prompt_loras(prompt)
+    """Attribute a host's PIL image with its prompt (as plain text: the text encoder of the store's
+    pipeline never saw extra-network tags or weighting syntax)."""
     latents = attributor.encode_image(image.convert("RGB"), "image")
-    return attributor.attribute_latents(latents, [clean], method, top_k, [info or {}])[0]
+    return attributor.attribute_latents(latents, [plain_prompt(prompt)], method, top_k, [info or {}])[0]
 
 
 def lora_mismatch(attributor: Attributor, names: list[str], lora_files: dict[str, Path]) -> str | None:
@@ -81,15 +100,21 @@ def lora_mismatch(attributor: Attributor, names: list[str], lora_files: dict[str
     """
     expected = attributor.store.identity["lora_fingerprint"]
     if not names:
-        return "the prompt names no LoRA; the store attributes " + Path(attributor.lora_path).name
+        return "the generation names no LoRA; the store attributes " + Path(attributor.lora_path).name
     for name in names:
         path = lora_files.get(name)
         if path is None:
-            return f"LoRA {name!r} from the prompt was not found among the host's LoRA files"
+            return f"LoRA {name!r} of the generation was not found among the host's LoRA files"
         if lora_fingerprint(path) == expected:
             return None
-    return (f"none of the prompt's LoRAs ({', '.join(names)}) is the store's LoRA "
+    return (f"none of the generation's LoRAs ({', '.join(names)}) is the store's LoRA "
             f"({Path(attributor.lora_path).name}); attributions refer to the store's LoRA")
+
+
+def attribution_json(attributor: Attributor, results: list[Attribution], warning: str | None) -> str:
+    """The JSON string the node hosts output: store id, LoRA warning and one attribution per image."""
+    return json.dumps({"store_id": attributor.store.store_id, "warning": warning,
+                       "attributions": [r.to_json() for r in results]})
 
 
 def infotext_value(result: Attribution, n: int = 3) -> str:

@@ -7,7 +7,6 @@ as ``lora_name``) and checked against the store's LoRA.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -101,7 +100,7 @@ class DASAttribute:
     def attribute(self, das_store, images, prompt, method, top_k, lora_name="", graph=None, unique_id=None):
         from PIL import Image
 
-        from das_sd.integrations.hosts import attribute_pil, lora_mismatch
+        from das_sd.integrations.hosts import attribute_pil, attribution_json, lora_mismatch
 
         if not prompt.strip():
             raise ValueError("DAS Attribute: connect or type the prompt the image was generated with")
@@ -111,11 +110,11 @@ class DASAttribute:
         results, thumbs = [], []
         for i in range(images.shape[0]):
             result = attribute_pil(das_store, image_to_pil(images, i), prompt, method, int(top_k), {"index": i})
-            results.append(result.to_json())
+            results.append(result)
             for row in result.results:
                 with Image.open(row.path) as im:
                     thumbs.append(im.convert("RGB"))
-        text = json.dumps({"store_id": das_store.store.store_id, "warning": warning, "attributions": results})
+        text = attribution_json(das_store, results, warning)
         batch = pils_to_image(thumbs, int(images.shape[1]))
         return {"ui": {"text": (text,)}, "result": (batch, text)}
 

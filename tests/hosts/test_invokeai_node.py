@@ -1,0 +1,197 @@
+"""The InvokeAI node in a real InvokeAI server (invokeai==6.14.2 in its own venv, HOSTS.md section 3.6).
+
+The server loads the node pack from its nodes/ folder; the test uploads a generated image with
+InvokeAI-style metadata, runs the node through the session queue and checks its outputs against
+das_sd's own API on the same image and prompt, in this process.
+Needs DAS_SD_INVOKEAI_PYTHON (the python of a venv with invokeai and das-sd; .ci/run makes one);
+skipped without it, failed without it when DAS_SD_REQUIRE_INVOKEAI=1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from das_sd.attribute import Attributor
+from das_sd.generate import GenerationSettings, generate
+from das_sd.integrations.hosts import attribute_pil
+
+NODES = Path(__file__).resolve().parents[2] / "extensions" / "invokeai-das-sd"
+PROMPT = "quimvex, a red circle on a blue background"
+TOP_K = 5
+
+httpx = pytest.importorskip("httpx")
+
+
+def invokeai_python() -> Path:
+    value = os.environ.get("DAS_SD_INVOKEAI_PYTHON")
+    if not value:
+        if os.environ.get("DAS_SD_REQUIRE_INVOKEAI") == "1":
+            pytest.fail("DAS_SD_REQUIRE_INVOKEAI=1 but DAS_SD_INVOKEAI_PYTHON is not set")
+        pytest.skip("set DAS_SD_INVOKEAI_PYTHON to a venv python with invokeai==6.14.2 and das-sd")
+    return Path(value)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def invokeai(tmp_path_factory):
+    python = invokeai_python()
+    root = tmp_path_factory.mktemp("invokeai-root")
+    shutil.copytree(NODES, root / "nodes" / NODES.name)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INVOKEAI_HOST": "127.0.0.1", "INVOKEAI_PORT": str(port)}
+    log = (root / "server.log").open("wb")
+    server = subprocess.Popen([str(python.parent / "invokeai-web"), "--root", str(root)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("invokeai-web did not start:\n" + (root / "server.log").read_text(errors="replace")[-3000:])
+            try:
+                if client.get("/api/v1/app/version").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        yield client, root
+    finally:
+        client.close()
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def upload(client, image: Image.Image, metadata: dict | None) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = {"metadata": json.dumps(metadata)} if metadata is not None else {}
+    response = client.post("/api/v1/images/upload", params={"image_category": "user", "is_intermediate": "false"},
+                           files={"file": ("query.png", buffer.getvalue(), "image/png")}, data=data)
+    response.raise_for_status()
+    return response.json()["image_name"]
+
+
+def run_node(client, image_name: str, store: str, **inputs) -> dict:
+    """Enqueue a one-node graph and wait for the queue item to finish."""
+    node = {"id": "das", "type": "das_attribution", "image": {"image_name": image_name}, "store_path": store,
+            "top_k": TOP_K, "method": "das", "device": "cpu", **inputs}
+    batch = {"batch": {"graph": {"id": str(uuid.uuid4()), "nodes": {"das": node}, "edges": []}, "runs": 1}}
+    response = client.post("/api/v1/queue/default/enqueue_batch", json=batch)
+    response.raise_for_status()
+    item_id = response.json()["item_ids"][0]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        item = client.get(f"/api/v1/queue/default/i/{item_id}").json()
+        if item["status"] in ("completed", "failed", "canceled"):
+            return item
+        time.sleep(0.5)
+    pytest.fail(f"queue item {item_id} did not finish in 300 s")
+
+
+def install_lora(client, path: Path) -> dict:
+    """Register a LoRA file with InvokeAI's model manager (in place), as a user would."""
+    response = client.post("/api/v2/models/install", params={"source": str(path), "inplace": "true"}, json={})
+    response.raise_for_status()
+    job = response.json()["id"]
+    for _ in range(120):
+        job_state = client.get(f"/api/v2/models/install/{job}").json()
+        if job_state["status"] in ("completed", "error"):
+            assert job_state["status"] == "completed", job_state
+            config = job_state["config_out"]
+            return {"key": config["key"], "hash": config["hash"], "name": config["name"],
+                    "base": config["base"], "type": config["type"]}
+        time.sleep(0.5)
+    pytest.fail("the LoRA install job did not finish")
+
+
+@pytest.fixture(scope="module")
+def query(demo):
+    attributor = Attributor(demo["store"], device="cpu")
+    image = generate(attributor.pipe, GenerationSettings(prompt=PROMPT, seed=11)).images[0]
+    return attributor, image
+
+
+def test_node_pack_loads_and_shows_in_the_schema(invokeai):
+    client, root = invokeai
+    assert f"Loaded 1 node pack from {root / 'nodes'}: {NODES.name}" in (root / "server.log").read_text(errors="replace")
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    node = schemas["DASAttributionInvocation"]["properties"]
+    assert {"image", "store_path", "prompt", "method", "top_k", "device", "board"} <= set(node)
+    assert set(schemas["DASAttributionOutput"]["properties"]) >= {"collection", "scores_json"}
+
+
+def test_node_attributes_an_uploaded_generation(invokeai, query, demo, tmp_path):
+    client, _ = invokeai
+    attributor, image = query
+    lora_copy = tmp_path / "demo_style.safetensors"
+    shutil.copy(demo["lora"], lora_copy)
+    lora = install_lora(client, lora_copy)
+    name = upload(client, image, {"positive_prompt": PROMPT, "seed": 11, "loras": [{"model": lora, "weight": 1.0}]})
+
+    item = run_node(client, name, demo["store"])
+    assert item["status"] == "completed", item.get("error_traceback") or item
+    (output,) = item["session"]["results"].values()
+    payload = json.loads(output["scores_json"])
+
+    expected = attribute_pil(attributor, image, PROMPT, "das", TOP_K)
+    got = payload["attributions"][0]["results"]
+    assert [r["key"] for r in got] == [r.key for r in expected.results]
+    np.testing.assert_allclose([r["score"] for r in got], [r.score for r in expected.results], rtol=1e-3)
+    assert payload["store_id"] == attributor.store.store_id
+    assert payload["warning"] is None  # the metadata's LoRA is the store's LoRA (same file contents)
+
+    # the top-k training images are in the gallery, pixel for pixel, with their rank in the metadata
+    assert len(output["collection"]) == TOP_K
+    for rank, (field, row) in enumerate(zip(output["collection"], expected.results), start=1):
+        full = client.get(f"/api/v1/images/i/{field['image_name']}/full")
+        full.raise_for_status()
+        saved = np.asarray(Image.open(io.BytesIO(full.content)).convert("RGB"))
+        with Image.open(row.path) as original:
+            assert np.array_equal(saved, np.asarray(original.convert("RGB")))
+        meta = client.get(f"/api/v1/images/i/{field['image_name']}/metadata").json()
+        assert meta["das_sd"]["rank"] == rank and meta["das_sd"]["key"] == row.key
+        assert meta["das_sd"]["query_image"] == name
+
+
+def test_node_warns_when_the_generation_used_another_lora(invokeai, query, demo):
+    client, _ = invokeai
+    _, image = query
+    other = {"key": "not-installed", "hash": "blake3:0", "name": "someone_else", "base": "sd-1", "type": "lora"}
+    name = upload(client, image, {"positive_prompt": PROMPT, "loras": [{"model": other, "weight": 0.7}]})
+    item = run_node(client, name, demo["store"], top_k=2)
+    assert item["status"] == "completed", item
+    (output,) = item["session"]["results"].values()
+    assert "'someone_else'" in json.loads(output["scores_json"])["warning"]
+
+
+def test_node_without_a_prompt_fails_with_a_clear_error(invokeai, query, demo):
+    client, _ = invokeai
+    _, image = query
+    name = upload(client, image, None)
+    item = run_node(client, name, demo["store"])
+    assert item["status"] == "failed"
+    assert "positive_prompt" in item["error_message"] + (item.get("error_traceback") or "")
+
+    typed = run_node(client, name, demo["store"], prompt=PROMPT, top_k=1)  # typing the prompt fixes it
+    assert typed["status"] == "completed", typed
