@@ -178,6 +178,47 @@ def cmd_eval_groundtruth(args) -> None:
         print(f"{name:16s} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['ap']:7.3f}")
 
 
+def cmd_inspect(args) -> None:
+    from tqdm import tqdm
+
+    from .attribute import Attributor
+    from .inspect import InspectSettings, generate_queries, image_queries, inspect_generations
+
+    if bool(args.prompts) == bool(args.images):
+        raise ValueError("give exactly one of --prompts FILE and --images DIR")
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    settings = InspectSettings(method=args.method, top_k=args.top_k, batch_size=args.batch_size,
+                               bootstrap=args.bootstrap, duplicate_threshold=args.duplicate_threshold)
+    out = Path(args.out)
+    if args.prompts:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines()]
+        except OSError as exc:
+            raise ValueError(f"--prompts {args.prompts}: cannot read it ({exc.strerror or exc})") from None
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts}: no prompts (one per line; # starts a comment)")
+        if args.seeds < 1:
+            raise ValueError("--seeds must be at least 1")
+        total, queries = len(prompts) * args.seeds, generate_queries(attributor, prompts, args.seeds,
+                                                                     out / "generations", settings)
+    else:
+        files = [f for f in Path(args.images).glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
+        total, queries = len(files), image_queries(attributor, args.images)
+    with tqdm(total=total, desc="inspect", unit="gen") as bar:
+        inspection = inspect_generations(attributor, queries, total, settings, args.group_by,
+                                         progress=lambda done, _total, _what: bar.update(done - bar.n))
+    files = inspection.save(out)
+    top = inspection.image_rows()[:5]
+    print(f"{len(inspection.generations)} generations x {len(inspection.keys)} training images ({args.method})")
+    for row in top:
+        print(f"  {100 * row['mean_share']:6.2f}%  top-{args.top_k} in {row['top_k_count']:3d}  {row['caption']}")
+    for g in inspection.group_credits[:10]:
+        print(f"  group {g.name}: {100 * g.mean_share:.1f}% [{100 * g.ci_low:.1f}, {100 * g.ci_high:.1f}] "
+              f"({g.size} images, {100 * g.size_share:.1f}% of the set)")
+    print("\n".join(f"{name}: {path}" for name, path in files.items()))
+
+
 def cmd_demo(args) -> None:
     from .demo import prepare_demo
 
@@ -199,6 +240,8 @@ def cmd_app(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .featurize.settings import FeaturizerSettings
+
     parser = argparse.ArgumentParser(prog="das-sd", description="Diffusion Attribution Score for Stable Diffusion LoRA fine-tunes")
     parser.add_argument("--version", action="version", version=f"das-sd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -268,15 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_flags(p)
     p.add_argument("--store", required=True, help="feature store folder (created, resumed or extended)")
     p.add_argument("--feature-sets", default="das,dtrak,trak", help="comma-separated: das, dtrak, trak")
-    p.add_argument("--output", default="l1", choices=["mean", "l1", "square", "loss"], help="f of the das set")
-    p.add_argument("--timesteps", type=int, default=10, help="K, timesteps per sample (uniform grid)")
-    p.add_argument("--dim", type=int, default=2048, help="k, projected feature dimension")
-    p.add_argument("--projector", default="rademacher", choices=["rademacher", "gaussian"])
-    p.add_argument("--projection-seed", type=int, default=0)
-    p.add_argument("--noise-seed", type=int, default=0)
+    defaults = FeaturizerSettings  # one place for the defaults: the settings dataclass
+    p.add_argument("--output", default=defaults.output, choices=["mean", "l1", "square", "loss"], help="f of the das set")
+    p.add_argument("--timesteps", type=int, default=defaults.num_timesteps, help="K, timesteps per sample (uniform grid)")
+    p.add_argument("--dim", type=int, default=defaults.projection_dim, help="k, projected feature dimension")
+    p.add_argument("--projector", default=defaults.projector, choices=["rademacher", "gaussian"])
+    p.add_argument("--projection-seed", type=int, default=defaults.projection_seed)
+    p.add_argument("--noise-seed", type=int, default=defaults.noise_seed)
     p.add_argument("--no-normalize", action="store_true", help="no per-timestep unit normalisation (das set)")
-    p.add_argument("--residual", default="scale-free", choices=["scale-free", "magnitude", "none"])
-    p.add_argument("--residual-timesteps", type=int, default=100, help="T_E for the residual weights")
+    p.add_argument("--residual", default=defaults.residual, choices=["scale-free", "magnitude", "none"])
+    p.add_argument("--residual-timesteps", type=int, default=defaults.residual_timesteps, help="T_E for the residual weights")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -314,6 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval_groundtruth)
+
+    p = sub.add_parser("inspect", help="credit per training image and group over many generations; duplicates and outliers")
+    p.add_argument("--store", required=True)
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line: generate prompts x seeds")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per prompt (with --prompts)")
+    p.add_argument("--images", default=None, help="folder of generated PNGs (prompts from their metadata)")
+    p.add_argument("--out", required=True, help="report folder: inspection.json, *.csv, report.html")
+    p.add_argument("--method", default="das", choices=["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin"])
+    p.add_argument("--top-k", type=int, default=10, help="k for the top-k counts")
+    p.add_argument("--group-by", default=None, help="folder, column:NAME (metadata column) or file:PATH (JSON/CSV mapping)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the group intervals")
+    p.add_argument("--duplicate-threshold", type=float, default=0.99, help="latent cosine that flags a near-duplicate")
+    p.add_argument("--base", default=None)
+    p.add_argument("--lora", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export-lora", help="convert a das-sd / diffusers LoRA to kohya (A1111, ComfyUI) or peft format")
     p.add_argument("--lora", required=True)

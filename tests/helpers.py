@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
 import torch
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads its own browser here
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+@contextmanager
+def chromium_page(width: int = 1400, height: int = 1000):
+    """A headless Chromium page; skipped without Chromium unless DAS_SD_REQUIRE_BROWSER=1 (CI)."""
+    if not CHROMIUM.exists():
+        if os.environ.get("DAS_SD_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"DAS_SD_REQUIRE_BROWSER=1 but {CHROMIUM} is missing")
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
 
 
 def unet_outputs(pipe, seed: int = 0, n: int = 4) -> torch.Tensor:

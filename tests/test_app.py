@@ -7,7 +7,6 @@ in this process on the same image and settings.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import urllib.error
@@ -22,9 +21,9 @@ from das_sd.app.ui import build_app
 from das_sd.attribute import Attributor
 from das_sd.cli import main as cli_main
 from das_sd.generate import GenerationSettings, generate
+from helpers import chromium_page
 
 TOP_K = 5
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def free_port() -> int:
@@ -36,7 +35,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served(demo, tmp_path_factory):
     """The app on the demo, as `das-sd demo` serves it: (url, workbench)."""
-    from das_sd.app.ui import CSS, MAX_UPLOAD
+    from das_sd.app.ui import launch_options
 
     config = AppConfig(store=Path(demo["store"]), base=Path(demo["base"]), lora=Path(demo["lora"]),
                        data=Path(demo["data"]), device="cpu", demo=True,
@@ -46,7 +45,7 @@ def served(demo, tmp_path_factory):
     app.queue(default_concurrency_limit=1)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(bench.dataset_root())], max_file_size=MAX_UPLOAD, css=CSS, show_error=True)
+               **launch_options(bench))
     yield f"http://127.0.0.1:{port}/", bench
     app.close()
 
@@ -188,17 +187,9 @@ def test_missing_store_is_a_message_not_a_traceback(tmp_path):
         Workbench(AppConfig(store=tmp_path / "nowhere", base=tmp_path, lora=tmp_path)).build_store(progress=False)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("DAS_SD_REQUIRE_BROWSER"),
-                    reason="needs Debian's chromium (.ci/run installs it)")
 def test_browser_generate_shows_captioned_attributions(served, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     url, _ = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    with chromium_page() as page:
         page.goto(url)
         page.locator("#prompt textarea").fill("glimber, a red square on a blue background")
         page.locator("#generate").click()
@@ -210,10 +201,44 @@ def test_browser_generate_shows_captioned_attributions(served, tmp_path):
         page.locator("#detail").get_by_text("Key:").wait_for(timeout=60_000)
         detail = page.locator("#detail").inner_text()
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-        browser.close()
     assert "#1 " in captions and "#8 " in captions and "glimber" in captions
     assert "Caption:" in detail and "File:" in detail
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+INSPECT_PROMPTS = "quimvex, a red circle on a blue background\npomfrit, a white square on a green background"
+
+
+def test_inspect_tab_ranks_like_the_python_api(served, reference, tmp_path):
+    from das_sd.inspect import InspectSettings, generate_queries, inspect_generations
+
+    url, _ = served
+    client = Client(url, verbose=False)
+    groups_md, gallery, table, influenced, files = client.predict(
+        INSPECT_PROMPTS, 2, "column:concept", "das", TOP_K, api_name="/inspect")
+    prompts = INSPECT_PROMPTS.splitlines()
+    queries = generate_queries(reference, prompts, 2, tmp_path / "generations", InspectSettings(top_k=TOP_K))
+    expected = inspect_generations(reference, queries, 4, InspectSettings(top_k=TOP_K), "column:concept").image_rows()
+    shown = [Path(item["image"]).read_bytes() for item in value(gallery)]
+    assert shown == [Path(r["path"]).read_bytes() for r in expected[:len(shown)]]
+    assert [row[1] for row in value(table)["data"]][:5] == [r["caption"] for r in expected[:5]]
+    assert "| group | images |" in groups_md and "quimvex" in groups_md
+    names = sorted(Path(f).name for f in files)
+    assert names == ["groups.csv", "images.csv", "inspection.json", "report.html"]
+
+
+def test_browser_inspect_leaderboard_lists_influenced_generations(served):
+    url, _ = served
+    with chromium_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Inspect").click()
+        page.locator("#inspect-prompts textarea").fill(INSPECT_PROMPTS)
+        page.locator("#inspect").click()
+        page.locator("#leaderboard img").first.wait_for(timeout=300_000)
+        page.locator("#leaderboard img").first.click()
+        page.locator("#influenced img").first.wait_for(timeout=60_000)
+        assert page.locator("#influenced img").count() >= 1
+        assert "%" in page.locator("#influenced").inner_text()
 
 
 def test_index_tab_builds_then_extends_a_store(demo, tmp_path):

@@ -197,6 +197,28 @@ class Workbench:
             return self.attributor.attribute_latents(query.latents, [query.prompt], method, int(top_k),
                                                      [query.info], features=query.features)[0]
 
+    @property
+    def inspect_root(self) -> Path:
+        return Path(self.config.outdir) / "inspect"
+
+    def inspect(self, prompts: list[str], seeds: int, method: str, top_k: int, group_by: str | None = None,
+                progress=None):
+        """Generate prompts x seeds, attribute them in batches and roll the credit up (das_sd.inspect);
+        the report files go to a new folder under the output folder. Returns (Inspection, files)."""
+        from ..inspect import InspectSettings, generate_queries, inspect_generations
+
+        prompts = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
+        if not prompts:
+            raise AppError("type one or more prompts, one per line")
+        with self.lock:
+            attributor = self.attributor
+            out = self.inspect_root / time.strftime("%Y-%m-%d-%H%M%S")
+            settings = InspectSettings(method=method, top_k=int(top_k))
+            queries = generate_queries(attributor, prompts, int(seeds), out / "generations", settings)
+            inspection = inspect_generations(attributor, queries, len(prompts) * int(seeds), settings,
+                                             group_by or None, progress)
+            return inspection, inspection.save(out)
+
     def _output_path(self, seed: int) -> Path:
         # A1111's layout: one folder per day, a running number, the seed
         day = self.config.outdir / time.strftime("%Y-%m-%d")

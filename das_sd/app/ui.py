@@ -24,6 +24,7 @@ from .session import AppError, Query, Workbench
 MAX_IMAGES = 4  # generation slots shown side by side with their attributions
 MAX_TOP_K = 32
 MAX_UPLOAD = "10mb"
+LEADERBOARD = 24  # training images shown in the Inspect tab
 HEAVY = dict(concurrency_id="model", concurrency_limit=1)
 EFFECT_COLOURS = {"t > 0": "#d9480f", "t < 0": "#1c7ed6"}  # sign of the signed leave-one-out effect t_i
 
@@ -78,6 +79,26 @@ def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
             f"(signed effect t {'positive' if r['sign'] >= 0 else 'negative'})\n\n"
             f"**Caption:** {r['caption']}\n\n**Key:** `{r['key']}`\n\n**File:** `{r['path']}`")
     return r["path"], text
+
+
+def leaderboard(rows: list[dict]) -> tuple[list[tuple[str, str]], pd.DataFrame]:
+    """Gallery items and table of an inspection's most credited training images."""
+    items = [(r["path"], f"#{n} {100 * r['mean_share']:.2f}% · top-k {r['top_k_count']}") for n, r in enumerate(rows, 1)]
+    table = pd.DataFrame([{"rank": n, "caption": r["caption"], "group": r.get("group") or "",
+                           "mean share %": round(100 * r["mean_share"], 3), "in top-k": r["top_k_count"],
+                           "flags": ", ".join(f for f in ("duplicate", "outlier") if r.get(f))}
+                          for n, r in enumerate(rows, 1)])
+    return items, table
+
+
+def groups_markdown(groups: list[dict], group_by: str | None) -> str:
+    if not groups:
+        return "No groups (set *Group by* to roll the credit up by folder, metadata column or mapping file)."
+    lines = [f"**Credit by group** ({group_by}; mean share over generations, bootstrap 95 % interval)", "",
+             "| group | images | of the set | mean share | 95 % interval |", "|---|---|---|---|---|"]
+    lines += [f"| {g['name']} | {g['size']} | {100 * g['size_share']:.1f}% | {100 * g['mean_share']:.1f}% | "
+              f"{100 * g['ci_low']:.1f}–{100 * g['ci_high']:.1f}% |" for g in groups]
+    return "\n".join(lines)
 
 
 def status_markdown(status: dict) -> str:
@@ -176,6 +197,26 @@ def build_app(bench: Workbench) -> gr.Blocks:
                         upload_plot = gr.BarPlot(x="rank", y="score", color="effect", sort=None, height=220,
                                                  label="Top-k scores", color_map=EFFECT_COLOURS)
 
+        with gr.Tab("Inspect"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    inspect_prompts = gr.Textbox(
+                        label="Prompts (one per line)", lines=6, elem_id="inspect-prompts",
+                        value="\n".join(f"{t}, a red circle on a blue background" for t in ("zorblat", "quimvex", "vashnu"))
+                        if bench.config.demo else "")
+                    inspect_seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
+                    inspect_group = gr.Textbox(label="Group by: folder, column:NAME or file:PATH (optional)",
+                                               value="column:concept" if bench.config.demo else "")
+                    inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
+                    inspect_files = gr.File(label="Reports (HTML, JSON, CSV)", file_count="multiple", interactive=False)
+                with gr.Column(scale=3):
+                    inspect_groups = gr.Markdown()
+                    leader_gallery = gr.Gallery(label="Most credited training images (click one)", columns=8, height=260,
+                                                elem_id="leaderboard", elem_classes="das-thumbs", allow_preview=False)
+                    leader_table = gr.Dataframe(label="Leaderboard", interactive=False, max_height=300)
+                    influenced = gr.Gallery(label="Generations the selected training image influenced most", columns=6,
+                                            height=200, elem_id="influenced", elem_classes="das-thumbs", allow_preview=False)
+
         with gr.Tab("Index"):
             status_md = gr.Markdown()
             build_button = gr.Button("Build / extend the store")
@@ -235,6 +276,29 @@ def build_app(bench: Workbench) -> gr.Blocks:
             return [*out, shown, state]
 
         @guarded
+        def on_inspect(prompts_, seeds_, group_, method_, k_, state, progress=gr.Progress()):
+            ensure_ready(progress)
+            inspection, files = bench.inspect(
+                (prompts_ or "").splitlines(), int(seeds_), method_, int(k_), (group_ or "").strip() or None,
+                progress=lambda done, total, what: progress((done, total), desc=f"generating and attributing {what}"))
+            data = inspection.to_json()
+            rows = data["images"][:LEADERBOARD]
+            generations = {g["id"]: g for g in data["generations"]}
+            state = {**state, "inspect_rows": rows, "inspect_generations": generations}
+            items, table = leaderboard(rows)
+            return (groups_markdown(data["groups"], data["group_by"]), items, table, [],
+                    [str(files[k]) for k in ("html", "json", "images_csv", "groups_csv")], state)
+
+        def select_leader(state, evt: gr.SelectData):
+            rows = state.get("inspect_rows", [])
+            if evt.index is None or evt.index >= len(rows):
+                return []
+            generations = state.get("inspect_generations", {})
+            return [(generations[t["generation"]]["image"],
+                     f"{100 * t['share']:.2f}% · {generations[t['generation']]['prompt']}")
+                    for t in rows[evt.index]["top_generations"] if t["generation"] in generations]
+
+        @guarded
         def on_build(progress=gr.Progress(track_tqdm=True)):
             progress(0, desc="featurizing the dataset")
             return status_markdown(bench.build_store())
@@ -268,18 +332,26 @@ def build_app(bench: Workbench) -> gr.Blocks:
         for i, (_, gallery, _) in enumerate(slots):
             gallery.select(select_generated(i), [session], [detail_image, detail_md], api_visibility="private")
         upload_gallery.select(select_upload, [session], [detail_image, detail_md], api_visibility="private")
+        inspect_button.click(on_inspect, [inspect_prompts, inspect_seeds, inspect_group, method, top_k, session],
+                             [inspect_groups, leader_gallery, leader_table, influenced, inspect_files, session],
+                             api_name="inspect", **HEAVY)
+        leader_gallery.select(select_leader, [session], influenced, api_visibility="private")
         build_button.click(on_build, None, status_md, api_name="build_store", **HEAVY)
         refresh_button.click(on_status, None, status_md, api_visibility="private")
         app.load(on_status, None, status_md, api_visibility="private")
     return app
 
 
-def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> gr.Blocks:
-    """Build the app and serve it; only the dataset's images are reachable by URL."""
+def launch_options(bench: Workbench) -> dict:
+    """Launch settings: only the dataset's images and the inspection reports are reachable by URL."""
     root = bench.dataset_root()
+    allowed = ([str(root)] if root else []) + [str(bench.inspect_root.expanduser().resolve())]
+    return dict(allowed_paths=allowed, max_file_size=MAX_UPLOAD, css=CSS, show_error=True, ssr_mode=False)
+
+
+def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> gr.Blocks:
+    """Build the app and serve it."""
     app = build_app(bench)
     app.queue(default_concurrency_limit=1, max_size=64)
-    app.launch(server_name=host, server_port=port, allowed_paths=[str(root)] if root else [],
-               max_file_size=MAX_UPLOAD, css=CSS, show_error=True, ssr_mode=False, **kwargs)
+    app.launch(server_name=host, server_port=port, **launch_options(bench), **kwargs)
     return app
-

@@ -1,0 +1,259 @@
+"""Inspect a LoRA's training data over many generations: which images drive it, which never matter,
+which are duplicates or outliers, and how much credit each group (contributor, source) gets.
+
+Generations come from prompts x seeds (generated here) or from a folder of generated PNGs with their
+prompts in the metadata; query features are computed in batches and scored as one matrix product.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..attribute import Attributor, QueryError
+from ..data.datasets import open_dataset
+from ..generate import GenerationSettings, generate, save_png
+from ..models.fingerprint import provenance
+from ..score import method as method_named
+from .rollup import (NORMALISATION, SIGNED_NORMALISATION, GroupCredit, ImageCredit, credit_shares,
+                     group_credits, image_credits, signed_shares)
+from .signals import DUPLICATE_SIMILARITY, OUTLIER_Z, ImageSignals, image_signals
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class InspectSettings:
+    method: str = "das"
+    top_k: int = 10  # for the top-k counts
+    batch_size: int = 8  # generations featurized together
+    bootstrap: int = 1000  # resamples of the generations for the group intervals
+    seed: int = 0  # bootstrap seed
+    per_image_generations: int = 5  # generations listed per training image
+    duplicate_threshold: float = DUPLICATE_SIMILARITY
+    outlier_threshold: float = OUTLIER_Z
+    steps: int = GenerationSettings.steps
+    guidance: float = GenerationSettings.guidance
+
+
+@dataclass
+class Generation:
+    id: str
+    prompt: str
+    seed: int | None
+    image: str  # PNG path
+
+
+@dataclass
+class Inspection:
+    settings: InspectSettings
+    store_id: str
+    group_by: str | None
+    generations: list[Generation]
+    keys: list[str]
+    paths: list[str]
+    captions: list[str]
+    groups: list[str] | None
+    scores: np.ndarray  # (Q, N) ranking scores
+    effects: np.ndarray  # (Q, N) signed effects t
+    shares: np.ndarray  # (Q, N)
+    signed: np.ndarray  # (Q, N)
+    credits: list[ImageCredit]
+    group_credits: list[GroupCredit] = field(default_factory=list)
+    signals: ImageSignals | None = None
+
+    def image_rows(self) -> list[dict]:
+        """One record per training image, most credited first."""
+        rows = []
+        for c in sorted(self.credits, key=lambda c: -c.total_share):
+            i = c.index
+            row = {"key": self.keys[i], "path": self.paths[i], "caption": self.captions[i],
+                   "group": self.groups[i] if self.groups else None,
+                   "total_share": c.total_share, "mean_share": c.mean_share, "mean_signed_share": c.mean_signed_share,
+                   "top_k_count": c.top_k_count,
+                   "top_generations": [{"generation": self.generations[g].id, "share": s} for g, s in c.top_generations]}
+            if self.signals is not None:
+                s = self.signals
+                row.update(leverage=float(s.leverage[i]), self_influence=float(s.self_influence[i]),
+                           outlier_z=float(s.outlier_z[i]), outlier=s.is_outlier(i),
+                           nearest_key=self.keys[int(s.nn_index[i])] if s.nn_index[i] >= 0 else None,
+                           nearest_similarity=float(s.nn_similarity[i]), duplicate=s.is_duplicate(i))
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict:
+        top = np.argsort(-self.shares, axis=1)[:, :self.settings.top_k]
+        return {
+            "store_id": self.store_id, "method": self.settings.method, "settings": asdict(self.settings),
+            "normalisation": NORMALISATION, "signed_normalisation": SIGNED_NORMALISATION,
+            "group_by": self.group_by, "num_generations": len(self.generations), "num_training_images": len(self.keys),
+            "generations": [{**asdict(g), "top": [{"key": self.keys[i], "share": float(self.shares[q, i])} for i in top[q]]}
+                            for q, g in enumerate(self.generations)],
+            "groups": [asdict(g) for g in self.group_credits],
+            "images": self.image_rows(),
+        }
+
+    def save(self, out: str | Path) -> dict[str, Path]:
+        """inspection.json, images.csv, groups.csv, generations.csv and report.html under ``out``."""
+        from ..io import atomic_write_text
+        from .report import html_report
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        data = self.to_json()
+        files = {"json": out / "inspection.json", "images_csv": out / "images.csv",
+                 "groups_csv": out / "groups.csv", "generations_csv": out / "generations.csv",
+                 "html": out / "report.html"}
+        atomic_write_text(files["json"], json.dumps(data, indent=1))
+        image_columns = ["key", "path", "caption", "group", "total_share", "mean_share", "mean_signed_share",
+                         "top_k_count", "leverage", "self_influence", "outlier_z", "outlier", "nearest_key",
+                         "nearest_similarity", "duplicate"]
+        atomic_write_text(files["images_csv"], _csv(image_columns, data["images"]))
+        atomic_write_text(files["groups_csv"], _csv(["name", "size", "size_share", "mean_share", "ci_low", "ci_high"],
+                                                    data["groups"]))
+        generation_rows = [{**g, "top_keys": " ".join(t["key"] for t in g["top"])} for g in data["generations"]]
+        atomic_write_text(files["generations_csv"], _csv(["id", "prompt", "seed", "image", "top_keys"], generation_rows))
+        atomic_write_text(files["html"], html_report(self, data))
+        return files
+
+
+def _csv(columns: list[str], rows: list[dict]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generations
+
+def generate_queries(attributor: Attributor, prompts: list[str], seeds: int, out: Path,
+                     settings: InspectSettings) -> Iterator[tuple[Generation, torch.Tensor]]:
+    """prompts x seeds 0..seeds-1, generated with the store's pipeline and saved as PNGs under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = provenance(attributor.base_path, attributor.lora_path)
+    for p, prompt in enumerate(prompts):
+        for seed in range(seeds):
+            result = generate(attributor.pipe, GenerationSettings(prompt=prompt, seed=seed, steps=settings.steps,
+                                                                  guidance=settings.guidance), info)
+            gid = f"p{p:03d}-s{seed}"
+            path = out / f"{gid}.png"
+            image = result.images[0]
+            save_png(image, path, result.metadata(0) | {"width": image.width, "height": image.height})
+            yield Generation(gid, prompt, seed, str(path)), result.latents
+
+
+def image_queries(attributor: Attributor, folder: str | Path) -> Iterator[tuple[Generation, torch.Tensor]]:
+    """Every image of ``folder`` (sorted), with the prompt from its PNG metadata."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise QueryError(f"{folder}: no generated images (.png, .jpg, .webp) to inspect")
+    for path in files:
+        latents, prompt, _ = attributor.image_query(path)
+        yield Generation(path.stem, prompt, None, str(path)), latents
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups
+
+def training_groups(attributor: Attributor, group_by: str) -> list[str]:
+    """A group name per training row: ``folder`` (kohya folder / parent folder), ``column:NAME``
+    (a metadata.jsonl / .csv column) or ``file:PATH`` (JSON object or two-column CSV mapping keys,
+    relative paths or file names to groups). Rows the mapping does not cover go to "(none)"."""
+    rows = attributor.store.rows()
+    if group_by == "folder":
+        return [str(Path(r.path).parent.as_posix()) if Path(r.path).parent.as_posix() != "." else "(root)" for r in rows]
+    if group_by.startswith("column:"):
+        column = group_by.split(":", 1)[1]
+        info = attributor.store.manifest.get("info", {})
+        dataset = open_dataset(info.get("dataset_root", "."), info.get("dataset_format", "auto"),
+                               caption_column=info.get("caption_column", "text"))
+        by_key = dataset.by_key()
+        if not any(column in s.metadata for s in dataset.samples):
+            raise ValueError(f"--group-by {group_by}: no metadata column {column!r} in {dataset.root}")
+        return [str(by_key[r.key].metadata.get(column, "(none)")) if r.key in by_key else "(none)" for r in rows]
+    if group_by.startswith("file:"):
+        mapping = read_group_mapping(Path(group_by.split(":", 1)[1]))
+        return [mapping.get(r.key) or mapping.get(r.path) or mapping.get(Path(r.path).name) or "(none)" for r in rows]
+    raise ValueError(f"--group-by {group_by!r}: expected folder, column:NAME or file:PATH")
+
+
+def read_group_mapping(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the group mapping ({exc.strerror or exc})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object mapping keys or file names to groups")
+        return {str(k): str(v) for k, v in data.items()}
+    rows = [r for r in csv.reader(text.splitlines()) if r]
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["key", "group"], ["file", "group"], ["path", "group"]):
+        rows = rows[1:]
+    bad = [n for n, r in enumerate(rows, 1) if len(r) < 2]
+    if bad:
+        raise ValueError(f"{path}: line {bad[0]}: expected two columns (key or file, group)")
+    return {r[0].strip(): r[1].strip() for r in rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+def inspect_generations(attributor: Attributor, queries: Iterator[tuple[Generation, torch.Tensor]], total: int,
+                        settings: InspectSettings | None = None, group_by: str | None = None,
+                        progress: Progress | None = None) -> Inspection:
+    """Attribute every generation (batched) and roll the credit up per training image and group."""
+    settings = settings or InspectSettings()
+    m = method_named(settings.method)
+    if settings.method not in attributor.methods:
+        raise ValueError(f"method {settings.method!r} needs feature set {m.feature_set!r}, which this store lacks")
+    groups = training_groups(attributor, group_by) if group_by else None
+    generations, score_rows, effect_rows = [], [], []
+    batch: list[tuple[Generation, torch.Tensor]] = []
+
+    def flush():
+        latents = torch.cat([lat for _, lat in batch])
+        prompts = [g.prompt for g, _ in batch]
+        score, sign = attributor.scores(latents, prompts, settings.method)
+        score_rows.append(score.double().cpu().numpy())
+        effect_rows.append((score.sqrt() * sign if m.squared else score).double().cpu().numpy())
+        generations.extend(g for g, _ in batch)
+        batch.clear()
+
+    for item in queries:
+        batch.append(item)
+        if progress:
+            progress(len(generations) + len(batch), total, item[0].id)
+        if len(batch) == settings.batch_size:
+            flush()
+    if batch:
+        flush()
+    if not generations:
+        raise QueryError("no generations to inspect")
+    scores, effects = np.concatenate(score_rows), np.concatenate(effect_rows)
+    shares, signed = credit_shares(scores), signed_shares(effects)
+    rows = attributor.store.rows()
+    signals = image_signals(attributor.store, m.feature_set, settings.duplicate_threshold,
+                            settings.outlier_threshold) if m.feature_set else None
+    return Inspection(
+        settings=settings, store_id=attributor.store.store_id, group_by=group_by, generations=generations,
+        keys=[r.key for r in rows], paths=list(attributor.paths), captions=[r.caption for r in rows], groups=groups,
+        scores=scores, effects=effects, shares=shares, signed=signed,
+        credits=image_credits(shares, signed, settings.top_k, settings.per_image_generations),
+        group_credits=group_credits(shares, groups, settings.bootstrap, settings.seed) if groups else [],
+        signals=signals)

@@ -1,0 +1,196 @@
+"""Dataset-level inspection (das_sd/inspect/) against planted truth and brute force."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from das_sd.attribute import Attributor
+from das_sd.cli import main
+from das_sd.data.demo import TRIGGERS
+from das_sd.inspect import (InspectSettings, credit_shares, generate_queries, group_credits, image_credits,
+                            inspect_generations, signed_shares)
+
+SUBJECTS = ("a red circle on a blue background", "a white triangle on a green background")
+
+
+@pytest.fixture(scope="module")
+def attributor(demo):
+    return Attributor(demo["store"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trigger_inspection(attributor, tmp_path_factory):
+    """Every trigger word with two subjects, one seed each, grouped by the demo's concept column."""
+    prompts = [f"{t}, {s}" for t in TRIGGERS for s in SUBJECTS]
+    out = tmp_path_factory.mktemp("inspect")
+    queries = generate_queries(attributor, prompts, 1, out / "generations", InspectSettings())
+    inspection = inspect_generations(attributor, queries, len(prompts), InspectSettings(batch_size=5),
+                                     group_by="column:concept")
+    return inspection, out
+
+
+def test_rollup_matches_brute_force():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(7, 11))
+    scores = t ** 2
+    shares = credit_shares(scores)
+    for q in range(7):
+        np.testing.assert_allclose(shares[q], scores[q] / scores[q].sum())
+        np.testing.assert_allclose(signed_shares(t)[q], t[q] / np.abs(t[q]).sum())
+    credits = image_credits(shares, signed_shares(t), top_k=3, per_image=2)
+    for i, c in enumerate(credits):
+        assert c.total_share == pytest.approx(shares[:, i].sum())
+        in_top = sum(i in np.argsort(-shares[q])[:3] for q in range(7))
+        assert c.top_k_count == in_top
+        assert c.top_generations[0][0] == int(np.argmax(shares[:, i]))
+    assert sum(c.top_k_count for c in credits) == 7 * 3
+    groups = ["a", "b", "a", "c", "b", "a", "c", "c", "a", "b", "a"]
+    rolled = {g.name: g for g in group_credits(shares, groups, bootstrap=500)}
+    for name in "abc":
+        members = [i for i, g in enumerate(groups) if g == name]
+        per_generation = shares[:, members].sum(axis=1)
+        assert rolled[name].mean_share == pytest.approx(per_generation.mean())
+        assert rolled[name].ci_low <= rolled[name].mean_share <= rolled[name].ci_high
+        assert rolled[name].size == len(members)
+    assert sum(g.mean_share for g in rolled.values()) == pytest.approx(1.0)
+
+
+def test_negative_scores_get_no_credit_but_keep_their_sign():
+    t = np.array([[1.0, -3.0, 0.5]])
+    np.testing.assert_allclose(credit_shares(t), [[1 / 1.5, 0, 0.5 / 1.5]])
+    np.testing.assert_allclose(signed_shares(t), [[1 / 4.5, -3 / 4.5, 0.5 / 4.5]])
+
+
+def test_trigger_generations_credit_their_own_group(trigger_inspection):
+    """Planted truth: generations with trigger X give group X (its 8 exemplars, 3 % of the set) more
+    credit than any other group, the 72-image style groups included."""
+    inspection, _ = trigger_inspection
+    names = sorted(set(inspection.groups))
+    member = np.array([[g == n for n in names] for g in inspection.groups], dtype=float)
+    wins, lifts = 0, []
+    for trigger in TRIGGERS:
+        rows = [q for q, g in enumerate(inspection.generations) if g.prompt.startswith(trigger + ",")]
+        per_group = (inspection.shares[rows] @ member).mean(axis=0)
+        wins += names[int(np.argmax(per_group))] == trigger
+        lifts.append(per_group[names.index(trigger)] / (member[:, names.index(trigger)].sum() / len(inspection.groups)))
+    print("own group first for", wins, "of", len(TRIGGERS), "triggers; share / size share:", np.round(lifts, 1))
+    assert wins >= len(TRIGGERS) - 1
+    assert min(lifts) > 2.0
+
+
+def test_batched_inspection_equals_one_by_one_attribution(attributor, tmp_path):
+    """Batches of query features scored as one matrix product give the scores of attributing each
+    generation on its own (same final latents, same prompt)."""
+    prompts = [f"{t}, {SUBJECTS[0]}" for t in TRIGGERS[:3]]
+    queries = list(generate_queries(attributor, prompts, 1, tmp_path, InspectSettings()))
+    inspection = inspect_generations(attributor, iter(queries), len(queries), InspectSettings(batch_size=2))
+    for q, (generation, latents) in enumerate(queries):
+        one = attributor.attribute_latents(latents, [generation.prompt], "das", top_k=len(inspection.keys))[0]
+        by_key = {r.key: r.score for r in one.results}
+        np.testing.assert_allclose(inspection.scores[q], [by_key[k] for k in inspection.keys], rtol=1e-4, atol=1e-14)
+
+
+def test_planted_duplicates_are_flagged(demo, tmp_path):
+    """A dataset with exact copies (other file names, same captions) of three images: exactly the
+    copies and their originals are flagged as near-duplicates, each pointing at its twin."""
+    from das_sd.data.datasets import open_dataset
+    from das_sd.featurize.build import featurize_dataset
+    from das_sd.featurize.settings import FeaturizerSettings
+    from das_sd.inspect import image_signals
+    from das_sd.models.loading import load_lora, load_pipeline
+    from das_sd.score import LambdaRule, build_index
+
+    source = open_dataset(demo["data"])
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    picked = source.samples[::6][:40]
+    rows = []
+    for s in picked:
+        shutil.copy(s.path, data / s.relpath)
+        rows.append({"file_name": s.relpath, "text": s.caption})
+    twins = {}
+    for s in picked[:3]:
+        copy = f"images/copy_of_{s.path.name}"
+        shutil.copy(s.path, data / copy)
+        rows.append({"file_name": copy, "text": s.caption})
+        twins[copy] = s.relpath
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pipe = load_pipeline(demo["base"], device="cpu")
+    load_lora(pipe, demo["lora"])
+    store = featurize_dataset(pipe, open_dataset(data), tmp_path / "store", Path(demo["base"]), Path(demo["lora"]),
+                              {"das": FeaturizerSettings()}, progress=False)
+    build_index(store, "das", LambdaRule())
+    attributor = Attributor(store.root, pipe=pipe)
+    signals = image_signals(attributor.store)
+    paths = [r.path for r in attributor.store.rows()]
+    flagged = {paths[i] for i in range(len(paths)) if signals.is_duplicate(i)}
+    print("twin similarity", [round(float(signals.nn_similarity[paths.index(c)]), 4) for c in twins],
+          "highest other", round(float(max(signals.nn_similarity[i] for i in range(len(paths)) if paths[i] not in twins and paths[i] not in twins.values())), 4))
+    assert flagged == set(twins) | set(twins.values())
+    for copy, original in twins.items():
+        assert paths[int(signals.nn_index[paths.index(copy)])] == original
+
+
+def test_cli_writes_reports_from_a_folder_of_generations(demo, trigger_inspection, tmp_path, capsys):
+    _, out = trigger_inspection
+    mapping = tmp_path / "groups.csv"
+    from das_sd.data.datasets import open_dataset
+
+    samples = open_dataset(demo["data"]).samples
+    mapping.write_text("file,group\n" + "".join(f"{s.path.name},{'exemplar' if s.metadata.get('concept') in TRIGGERS else 'style'}\n"
+                                             for s in samples))
+    report = tmp_path / "report"
+    code = main(["inspect", "--store", demo["store"], "--images", str(out / "generations"), "--out", str(report),
+                 "--group-by", f"file:{mapping}", "--device", "cpu", "--bootstrap", "200"])
+    assert code == 0
+    data = json.loads((report / "inspection.json").read_text())
+    assert data["num_generations"] == len(TRIGGERS) * len(SUBJECTS) and data["num_training_images"] == len(samples)
+    assert {g["name"] for g in data["groups"]} == {"exemplar", "style"}
+    exemplar = next(g for g in data["groups"] if g["name"] == "exemplar")
+    assert exemplar["mean_share"] > exemplar["size_share"]  # trigger prompts credit the exemplars
+    with (report / "images.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(samples) and float(rows[0]["total_share"]) >= float(rows[-1]["total_share"])
+    html = (report / "report.html").read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    assert html.count("data:image/png;base64,") >= 32
+
+
+def test_bad_inspect_inputs_get_clear_errors(demo, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["inspect", "--store", demo["store"], "--images", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no generated images" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# only a comment\n")
+    assert main(["inspect", "--store", demo["store"], "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    prompts.write_text("a red circle\n")
+    assert main(["inspect", "--store", demo["store"], "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 "--group-by", "column:contributor"]) == 2
+    assert "no metadata column 'contributor'" in capsys.readouterr().err
+    assert main(["inspect", "--store", demo["store"], "--prompts", str(prompts), "--images", str(empty),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "exactly one of --prompts" in capsys.readouterr().err
+
+
+def test_html_report_renders_in_chromium(trigger_inspection, tmp_path):
+    from helpers import chromium_page
+
+    inspection, _ = trigger_inspection
+    files = inspection.save(tmp_path / "report")
+    with chromium_page() as page:
+        page.goto(files["html"].as_uri())
+        assert page.locator("h1").inner_text().startswith("das-sd inspection: 264 training images")
+        assert page.locator("svg rect.bar").count() == len(set(inspection.groups))
+        assert page.locator("tr.image-row img").count() >= 32
+        widths = page.locator("tr.image-row img").evaluate_all("els => els.map(e => e.naturalWidth)")
+        assert min(widths) > 0  # every inlined thumbnail decodes
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
