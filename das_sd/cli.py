@@ -178,6 +178,33 @@ def cmd_eval_groundtruth(args) -> None:
         print(f"{name:16s} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['ap']:7.3f}")
 
 
+def cmd_eval_lds(args) -> None:
+    from .attribute import Attributor
+    from .evaluate.lds import LDSSettings, gen_queries, run_lds, val_queries
+
+    if not args.val and not args.prompts:
+        raise ValueError("give --val DIR (held-out real images) and/or --prompts FILE (generations)")
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    query_sets = []
+    if args.val:
+        query_sets.append(val_queries(attributor, args.val, args.val_limit))
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines()
+                   if line.strip() and not line.strip().startswith("#")]
+        query_sets.append(gen_queries(attributor, prompts, args.seeds))
+    settings = LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
+                           output_noise_draws=args.output_noise_draws)
+    methods = args.methods.split(",") if args.methods else None
+    results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers)
+    if args.json:
+        print(json.dumps({k: v for k, v in results.items()}, indent=2))
+        return
+    for name, block in results["query_sets"].items():
+        print(f"LDS ({name}, {block['queries']} queries, M = {args.subsets} subsets):")
+        for method_name, r in block["lds"].items():
+            print(f"  {method_name:32s} {r['lds']:+.3f}  [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]")
+
+
 def cmd_inspect(args) -> None:
     from tqdm import tqdm
 
@@ -358,6 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval_groundtruth)
+
+    p = evals.add_parser("lds", help="Linear Datamodeling Score: retrain on random half subsets, correlate")
+    p.add_argument("--store", required=True)
+    p.add_argument("--workdir", required=True, help="retrained LoRAs and outputs (cached: a rerun resumes)")
+    p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
+    p.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
+    p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--subsets", type=int, default=16, help="M (the papers use 64)")
+    p.add_argument("--repeats", type=int, default=1, help="LoRAs per subset (seeds), outputs averaged")
+    p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    p.add_argument("--output-timesteps", type=int, default=50)
+    p.add_argument("--output-noise-draws", type=int, default=4)
+    p.add_argument("--methods", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--base", default=None)
+    p.add_argument("--lora", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval_lds)
 
     p = sub.add_parser("inspect", help="credit per training image and group over many generations; duplicates and outliers")
     p.add_argument("--store", required=True)

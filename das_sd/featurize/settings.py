@@ -15,7 +15,7 @@ RESIDUAL_FORMS = ("scale-free", "magnitude", "none")
 @dataclass
 class FeaturizerSettings:
     output: str = "l1"  # f: mean | l1 | square | loss (open; l1 ties square and beats mean on the demo tune split)
-    num_timesteps: int = 10  # K
+    num_timesteps: int = 20  # K (chosen on the tune split: R@10 0.706 at K=10, 0.799 at 20, 0.806 at 40)
     timesteps: list[int] | None = None  # explicit T_K; None: a uniform grid over the schedule
     noise_seed: int = 0
     normalize: bool = True  # per-timestep unit normalisation of g_{z,t} (open)
