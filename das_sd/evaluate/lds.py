@@ -1,0 +1,302 @@
+"""Linear Datamodeling Score (METHOD.md section 9): do summed attributions predict retrained models?
+
+M random subsets S_j (half of the training set each) are drawn from a seed; the LoRA is retrained
+on each with the attributed LoRA's own recipe (its seed rule: subset j, repeat r trains with seed
+recipe.seed + 1000 j + r); for every query x the model output y_j(x) is L_simple averaged over a
+fixed timestep grid and fixed noise draws (the same for every subset, so subsets are compared on
+equal terms). A method's prediction is yhat_j(x) = -sum_{i in S_j} score_i(x); LDS is the mean over
+queries of the Spearman correlation between yhat_j(x) and y_j(x) over j, with a bootstrap 95 %
+interval over queries.
+
+Retrained LoRAs and outputs are cached under the run folder, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..featurize.settings import uniform_grid
+from ..io import atomic_write_json
+
+
+@dataclass
+class LDSSettings:
+    subsets: int = 16  # M (the papers use 64)
+    fraction: float = 0.5
+    repeats: int = 1  # LoRAs per subset (different seeds), outputs averaged
+    subset_seed: int = 0
+    output_timesteps: int = 50  # timesteps of the L_simple average
+    output_noise_draws: int = 4  # noise draws per timestep
+    output_seed: int = 0
+    bootstrap: int = 1000
+
+
+def draw_subsets(n: int, settings: LDSSettings) -> np.ndarray:
+    """(M, N) boolean masks, each selecting round(fraction N) training samples."""
+    rng = np.random.default_rng(settings.subset_seed)
+    size = max(1, round(settings.fraction * n))
+    masks = np.zeros((settings.subsets, n), dtype=bool)
+    for j in range(settings.subsets):
+        masks[j, rng.choice(n, size=size, replace=False)] = True
+    return masks
+
+
+def subset_seed(recipe_seed: int, subset: int, repeat: int) -> int:
+    return recipe_seed + 1000 * subset + repeat
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):  # ties share their mean rank
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray, bootstrap: int = 1000,
+        seed: int = 0) -> dict:
+    """LDS of one method. scores (Q, N) signed effects, masks (M, N), outputs (M, Q) -> summary."""
+    predictions = -(masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T)  # (M, Q)
+    per_query = np.array([spearman(predictions[:, q], outputs[:, q]) for q in range(outputs.shape[1])])
+    valid = per_query[~np.isnan(per_query)]
+    if valid.size == 0:
+        return {"lds": float("nan"), "ci": [float("nan")] * 2, "per_query": per_query.tolist(), "queries": 0}
+    rng = np.random.default_rng(seed)
+    means = valid[rng.integers(0, valid.size, size=(bootstrap, valid.size))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"lds": float(valid.mean()), "ci": [float(low), float(high)], "per_query": per_query.tolist(),
+            "queries": int(valid.size)}
+
+
+def oracle_scores(masks: np.ndarray, outputs: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """Attributions fitted to the retrained outputs themselves (a linear datamodel per query):
+    the best any method could do on these subsets. Returns (Q, N) scores in the method convention
+    (yhat = -mask @ score)."""
+    x = masks.astype(np.float64)
+    x = np.hstack([x, np.ones((x.shape[0], 1))])
+    gram = x.T @ x + ridge * np.eye(x.shape[1])
+    beta = np.linalg.solve(gram, x.T @ outputs)  # (N + 1, Q)
+    return -beta[:-1].T
+
+
+@torch.no_grad()
+def model_outputs(pipe, latents: torch.Tensor, cond: torch.Tensor, keys: list[str], settings: LDSSettings) -> np.ndarray:
+    """L_simple of each query, averaged over the timestep grid and noise draws (fixed per query key)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = scheduler.alphas_cumprod
+    timesteps = uniform_grid(settings.output_timesteps, scheduler.config.num_train_timesteps)
+    unet, device = pipe.unet, pipe.unet.device
+    out = np.zeros(len(keys))
+    for q, key in enumerate(keys):
+        x0, c = latents[q:q + 1].to(device), cond[q:q + 1].to(device)
+        losses = []
+        for t in timesteps:
+            digest = hashlib.sha256(f"das-sd-lds:{settings.output_seed}:{key}:{t}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            noise = torch.randn((settings.output_noise_draws, *x0.shape[1:]), generator=gen).to(device)
+            a = alphas[t].to(device)
+            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            tt = torch.full((noise.shape[0],), t, device=device)
+            pred = unet(noisy, tt, encoder_hidden_states=c.expand(noise.shape[0], -1, -1)).sample
+            losses.append(((pred.float() - noise) ** 2).mean().item())
+        out[q] = float(np.mean(losses))
+    return out
+
+
+def cached_outputs(path: Path, compute) -> np.ndarray:
+    """Outputs of one retrained LoRA, computed once and kept as JSON beside it (resumable runs)."""
+    if path.is_file():
+        return np.array(json.loads(path.read_text())["outputs"])
+    values = compute()
+    atomic_write_json(path, {"outputs": [float(v) for v in values]})
+    return values
+
+
+def settings_dict(settings: LDSSettings) -> dict:
+    return asdict(settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: retrain on every subset (cached, in worker processes), measure outputs, score methods
+
+@dataclass
+class LDSQueries:
+    name: str  # "val" (held-out real images) or "gen" (generations)
+    keys: list[str]  # stable ids: fix each query's noise draws
+    latents: torch.Tensor  # (Q, 4, h, w)
+    prompts: list[str]
+
+
+def _train_one(job: tuple) -> str:
+    """Worker: retrain the LoRA on one subset (skipped when its record is already there)."""
+    base, data_root, data_format, keys, out, recipe_dict, threads = job
+    from ..data.datasets import open_dataset
+    from ..train import LoraRecipe, read_record, train_lora
+
+    if read_record(out):
+        return out
+    torch.set_num_threads(threads)
+    dataset = open_dataset(data_root, data_format).subset(keys)
+    train_lora(base, dataset, out, LoraRecipe(**recipe_dict), progress=False)
+    return out
+
+
+def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Path, repeats: int = 1,
+                    workers: int = 1, progress: bool = True) -> list[list[Path]]:
+    """LoRA folders per subset and repeat, trained in ``workers`` processes; finished ones are kept."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    keys = dataset.keys
+    jobs, folders = [], []
+    for j, mask in enumerate(masks):
+        row = []
+        for r in range(repeats):
+            out = workdir / f"subset-{j:03d}" / f"seed-{r}"
+            recipe_dict = asdict(recipe) | {"seed": subset_seed(recipe.seed, j, r)}
+            jobs.append((str(base), str(dataset.root), dataset.format, [k for k, m in zip(keys, mask) if m],
+                         str(out), recipe_dict, max(1, torch.get_num_threads() // workers)))
+            row.append(out)
+        folders.append(row)
+    bar = tqdm(total=len(jobs), desc="retrain", unit="lora", disable=not progress)
+    if workers <= 1:
+        for job in jobs:
+            _train_one(job)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for _ in pool.map(_train_one, jobs):
+                bar.update(1)
+    bar.close()
+    return folders
+
+
+def retrained_outputs(base: Path, folders: list[list[Path]], queries: LDSQueries, settings: LDSSettings,
+                      progress: bool = True) -> np.ndarray:
+    """(M, Q) outputs: per subset, the mean over its repeats of each query's averaged L_simple."""
+    from tqdm.auto import tqdm
+
+    from ..latents import encode_prompts
+    from ..models.loading import load_lora, load_pipeline
+
+    pipe = None
+    rows = []
+    for row in tqdm(folders, desc=f"outputs ({queries.name})", unit="subset", disable=not progress):
+        values = []
+        for folder in row:
+            def compute(folder=folder):
+                nonlocal pipe
+                pipe = pipe or load_pipeline(base, device="cpu")
+                load_lora(pipe, folder, adapter_name="lds")
+                try:
+                    cond = encode_prompts(pipe, queries.prompts)
+                    return model_outputs(pipe, queries.latents, cond, queries.keys, settings)
+                finally:
+                    pipe.delete_adapters("lds")
+            values.append(cached_outputs(Path(folder) / f"outputs-{queries.name}-{_query_digest(queries, settings)}.json",
+                                         compute))
+        rows.append(np.mean(values, axis=0))
+    return np.stack(rows)
+
+
+def _query_digest(queries: LDSQueries, settings: LDSSettings) -> str:
+    text = json.dumps([queries.keys, queries.prompts, settings.output_timesteps, settings.output_noise_draws,
+                       settings.output_seed])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def evaluate_lds(attributor, queries: LDSQueries, masks: np.ndarray, outputs: np.ndarray, methods: list[str],
+                 settings: LDSSettings) -> dict:
+    """LDS of each method on one query set (scores from the attributor's store)."""
+    out = {}
+    for name in methods:
+        score, _ = attributor.scores(queries.latents, queries.prompts, name)
+        out[name] = lds(score.double().cpu().numpy(), masks, outputs, settings.bootstrap)
+    return out
+
+
+def val_queries(attributor, data: str | Path, limit: int | None = None) -> LDSQueries:
+    """Held-out real images (a dataset folder the LoRA was not trained on) as LDS queries."""
+    from ..data.datasets import open_dataset
+    from ..latents import encode_images
+
+    dataset = open_dataset(data)
+    overlap = set(dataset.keys) & set(attributor.store.keys)
+    if overlap:
+        raise ValueError(f"--val {data}: {len(overlap)} image(s) are training images of the store; "
+                         "val queries must be held out")
+    samples = dataset.samples[:limit] if limit else dataset.samples
+    latents = encode_images(attributor.pipe, dataset, attributor.resolution, samples=samples)
+    return LDSQueries("val", [s.key for s in samples], latents.cpu(), [s.caption for s in samples])
+
+
+def gen_queries(attributor, prompts: list[str], seeds: int) -> LDSQueries:
+    """Generations of the attributed LoRA (final latents, no VAE round trip) as LDS queries."""
+    from ..generate import GenerationSettings, generate
+
+    keys, latents, texts = [], [], []
+    for p, prompt in enumerate(prompts):
+        for seed in range(seeds):
+            latents.append(generate(attributor.pipe, GenerationSettings(prompt=prompt, seed=seed)).latents)
+            keys.append(f"gen-{p}-{seed}")
+            texts.append(prompt)
+    return LDSQueries("gen", keys, torch.cat(latents), texts)
+
+
+def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], settings: LDSSettings,
+            methods: list[str] | None = None, workers: int = 1, progress: bool = True) -> dict:
+    """Retrain on M subsets with the attributed LoRA's recipe, then score every method on every
+    query set from the same retrained models. Results are also written to workdir/lds.json."""
+    from ..data.datasets import open_dataset
+    from ..train import LoraRecipe, read_record
+
+    workdir = Path(workdir)
+    record = read_record(attributor.lora_path.parent)
+    if not record:
+        raise ValueError(f"{attributor.lora_path}: no lora_record.json beside it; LDS retrains with the "
+                         "attributed LoRA's recipe, so the LoRA must come from `das-sd train-lora`")
+    recipe = LoraRecipe(**{k: v for k, v in record["recipe"].items() if k in LoraRecipe.__dataclass_fields__})
+    info = attributor.store.manifest.get("info", {})
+    dataset = open_dataset(info["dataset_root"], info.get("dataset_format", "auto"))
+    if dataset.keys != attributor.store.keys:
+        raise ValueError(f"{dataset.root}: the dataset no longer matches the store's rows")
+    masks = draw_subsets(len(dataset), settings)
+    plan = {"settings": settings_dict(settings), "recipe": asdict(recipe), "store_id": attributor.store.store_id}
+    plan_file = workdir / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        raise ValueError(f"{workdir}: holds an LDS run with other settings, recipe or store; use another --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_file, plan)
+    folders = retrain_subsets(attributor.base_path, dataset, masks, recipe, workdir, settings.repeats, workers, progress)
+    methods = methods or [m for m in attributor.methods if m != "latent-sim"]
+    results = {"plan": plan, "methods": methods, "query_sets": {}}
+    for queries in query_sets:
+        outputs = retrained_outputs(attributor.base_path, folders, queries, settings, progress)
+        per_method = evaluate_lds(attributor, queries, masks, outputs, methods, settings)
+        per_method["oracle (fitted to these outputs)"] = lds(oracle_scores(masks, outputs), masks, outputs,
+                                                             settings.bootstrap)
+        results["query_sets"][queries.name] = {"queries": len(queries.keys), "lds": per_method}
+    atomic_write_json(workdir / "lds.json", results)
+    return results
