@@ -160,92 +160,6 @@ def cmd_attribute(args) -> None:
         print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {r.caption}  [{r.path}]")
 
 
-def cmd_eval_groundtruth(args) -> None:
-    from .attribute import Attributor
-    from .evaluate.groundtruth import evaluate_ground_truth
-
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
-    data = args.data or attributor.store.manifest.get("info", {}).get("dataset_root")
-    methods = args.methods.split(",") if args.methods else None
-    report = evaluate_ground_truth(attributor, data, split=args.split, methods=methods, progress=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
-    print(f"planted ground truth, {args.split} split: {report['queries']} generations, "
-          f"{len(report['groups'])} groups, chance AP {report['chance_ap']:.3f}")
-    print(f"{'method':16s} {'Recall@5':>9s} {'Recall@10':>10s} {'mAP':>7s}")
-    for name, m in report["methods"].items():
-        print(f"{name:16s} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['ap']:7.3f}")
-
-
-def cmd_eval_lds(args) -> None:
-    from .attribute import Attributor
-    from .evaluate.lds import LDSSettings, gen_queries, run_lds, val_queries
-
-    if not args.val and not args.prompts:
-        raise ValueError("give --val DIR (held-out real images) and/or --prompts FILE (generations)")
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
-    query_sets = []
-    if args.val:
-        query_sets.append(val_queries(attributor, args.val, args.val_limit))
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines()
-                   if line.strip() and not line.strip().startswith("#")]
-        query_sets.append(gen_queries(attributor, prompts, args.seeds))
-    settings = LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
-                           output_noise_draws=args.output_noise_draws)
-    methods = args.methods.split(",") if args.methods else None
-    results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers)
-    if args.json:
-        print(json.dumps({k: v for k, v in results.items()}, indent=2))
-        return
-    for name, block in results["query_sets"].items():
-        print(f"LDS ({name}, {block['queries']} queries, M = {args.subsets} subsets):")
-        for method_name, r in block["lds"].items():
-            print(f"  {method_name:32s} {r['lds']:+.3f}  [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]")
-
-
-def cmd_inspect(args) -> None:
-    from tqdm import tqdm
-
-    from .attribute import Attributor
-    from .inspect import InspectSettings, generate_queries, image_queries, inspect_generations
-
-    if bool(args.prompts) == bool(args.images):
-        raise ValueError("give exactly one of --prompts FILE and --images DIR")
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
-    settings = InspectSettings(method=args.method, top_k=args.top_k, batch_size=args.batch_size,
-                               bootstrap=args.bootstrap, duplicate_threshold=args.duplicate_threshold)
-    out = Path(args.out)
-    if args.prompts:
-        try:
-            prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines()]
-        except OSError as exc:
-            raise ValueError(f"--prompts {args.prompts}: cannot read it ({exc.strerror or exc})") from None
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise ValueError(f"--prompts {args.prompts}: no prompts (one per line; # starts a comment)")
-        if args.seeds < 1:
-            raise ValueError("--seeds must be at least 1")
-        total, queries = len(prompts) * args.seeds, generate_queries(attributor, prompts, args.seeds,
-                                                                     out / "generations", settings)
-    else:
-        files = [f for f in Path(args.images).glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
-        total, queries = len(files), image_queries(attributor, args.images)
-    with tqdm(total=total, desc="inspect", unit="gen") as bar:
-        inspection = inspect_generations(attributor, queries, total, settings, args.group_by,
-                                         progress=lambda done, _total, _what: bar.update(done - bar.n))
-    files = inspection.save(out)
-    top = inspection.image_rows()[:5]
-    print(f"{len(inspection.generations)} generations x {len(inspection.keys)} training images ({args.method})")
-    for row in top:
-        print(f"  {100 * row['mean_share']:6.2f}%  top-{args.top_k} in {row['top_k_count']:3d}  {row['caption']}")
-    for g in inspection.group_credits[:10]:
-        print(f"  group {g.name}: {100 * g.mean_share:.1f}% [{100 * g.ci_low:.1f}, {100 * g.ci_high:.1f}] "
-              f"({g.size} images, {100 * g.size_share:.1f}% of the set)")
-    print("\n".join(f"{name}: {path}" for name, path in files.items()))
-
-
 def cmd_demo(args) -> None:
     from .demo import prepare_demo
 
@@ -373,54 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_attribute)
 
-    p = sub.add_parser("eval", help="evaluate attribution methods (planted ground truth, ...)")
-    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
-    p.add_argument("--store", required=True)
-    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
-    p.add_argument("--split", default="test", choices=["test", "tune"], help="query split (choose settings on tune)")
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: all the store supports)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--base", default=None)
-    p.add_argument("--lora", default=None)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_eval_groundtruth)
+    from .evaluate.cli import add_eval_commands
+    from .inspect.cli import add_inspect_command
 
-    p = evals.add_parser("lds", help="Linear Datamodeling Score: retrain on random half subsets, correlate")
-    p.add_argument("--store", required=True)
-    p.add_argument("--workdir", required=True, help="retrained LoRAs and outputs (cached: a rerun resumes)")
-    p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
-    p.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
-    p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--subsets", type=int, default=16, help="M (the papers use 64)")
-    p.add_argument("--repeats", type=int, default=1, help="LoRAs per subset (seeds), outputs averaged")
-    p.add_argument("--workers", type=int, default=1, help="retraining processes")
-    p.add_argument("--output-timesteps", type=int, default=50)
-    p.add_argument("--output-noise-draws", type=int, default=4)
-    p.add_argument("--methods", default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--base", default=None)
-    p.add_argument("--lora", default=None)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_eval_lds)
-
-    p = sub.add_parser("inspect", help="credit per training image and group over many generations; duplicates and outliers")
-    p.add_argument("--store", required=True)
-    p.add_argument("--prompts", default=None, help="text file, one prompt per line: generate prompts x seeds")
-    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per prompt (with --prompts)")
-    p.add_argument("--images", default=None, help="folder of generated PNGs (prompts from their metadata)")
-    p.add_argument("--out", required=True, help="report folder: inspection.json, *.csv, report.html")
-    p.add_argument("--method", default="das", choices=["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin"])
-    p.add_argument("--top-k", type=int, default=10, help="k for the top-k counts")
-    p.add_argument("--group-by", default=None, help="folder, column:NAME (metadata column) or file:PATH (JSON/CSV mapping)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the group intervals")
-    p.add_argument("--duplicate-threshold", type=float, default=0.99, help="latent cosine that flags a near-duplicate")
-    p.add_argument("--base", default=None)
-    p.add_argument("--lora", default=None)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_inspect)
+    add_eval_commands(sub)
+    add_inspect_command(sub)
 
     p = sub.add_parser("export-lora", help="convert a das-sd / diffusers LoRA to kohya (A1111, ComfyUI) or peft format")
     p.add_argument("--lora", required=True)

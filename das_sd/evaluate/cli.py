@@ -1,0 +1,83 @@
+"""`das-sd eval ...`: the evaluation commands (planted ground truth, Linear Datamodeling Score)."""
+
+from __future__ import annotations
+
+import json
+
+
+def cmd_eval_groundtruth(args) -> None:
+    from ..attribute import Attributor
+    from .groundtruth import evaluate_ground_truth
+
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    data = args.data or attributor.store.manifest.get("info", {}).get("dataset_root")
+    methods = args.methods.split(",") if args.methods else None
+    report = evaluate_ground_truth(attributor, data, split=args.split, methods=methods, progress=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"planted ground truth, {args.split} split: {report['queries']} generations, "
+          f"{len(report['groups'])} groups, chance AP {report['chance_ap']:.3f}")
+    print(f"{'method':16s} {'Recall@5':>9s} {'Recall@10':>10s} {'mAP':>7s}")
+    for name, m in report["methods"].items():
+        print(f"{name:16s} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['ap']:7.3f}")
+
+
+def cmd_eval_lds(args) -> None:
+    from ..attribute import Attributor
+    from ..io import read_prompt_file
+    from .lds import LDSSettings, gen_queries, run_lds, val_queries
+
+    if not args.val and not args.prompts:
+        raise ValueError("give --val DIR (held-out real images) and/or --prompts FILE (generations)")
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    query_sets = []
+    if args.val:
+        query_sets.append(val_queries(attributor, args.val, args.val_limit))
+    if args.prompts:
+        query_sets.append(gen_queries(attributor, read_prompt_file(args.prompts), args.seeds))
+    settings = LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
+                           output_noise_draws=args.output_noise_draws)
+    methods = args.methods.split(",") if args.methods else None
+    results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for name, block in results["query_sets"].items():
+        print(f"LDS ({name}, {block['queries']} queries, M = {args.subsets} subsets):")
+        for method_name, r in block["lds"].items():
+            print(f"  {method_name:32s} {r['lds']:+.3f}  [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]")
+
+
+def add_eval_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate attribution methods (planted ground truth, ...)")
+    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
+    p.add_argument("--store", required=True)
+    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
+    p.add_argument("--split", default="test", choices=["test", "tune"], help="query split (choose settings on tune)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: all the store supports)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--base", default=None)
+    p.add_argument("--lora", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval_groundtruth)
+
+    p = evals.add_parser("lds", help="Linear Datamodeling Score: retrain on random half subsets, correlate")
+    p.add_argument("--store", required=True)
+    p.add_argument("--workdir", required=True, help="retrained LoRAs and outputs (cached: a rerun resumes)")
+    p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
+    p.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
+    p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--subsets", type=int, default=16, help="M (the papers use 64)")
+    p.add_argument("--repeats", type=int, default=1, help="LoRAs per subset (seeds), outputs averaged")
+    p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    p.add_argument("--output-timesteps", type=int, default=50)
+    p.add_argument("--output-noise-draws", type=int, default=4)
+    p.add_argument("--methods", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--base", default=None)
+    p.add_argument("--lora", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval_lds)
