@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -126,3 +127,52 @@ def test_retraining_harness_is_cached_resumable_and_parallel(demo, tmp_path):
     cached = list(tmp_path.glob("subset-*/seed-0/outputs-val-*.json"))
     assert len(cached) == 4
     assert np.array_equal(outputs, retrained_outputs(demo["base"], folders, queries, settings, progress=False))
+
+
+def test_eval_lds_command_end_to_end_on_a_tiny_store(demo, tmp_path, capsys):
+    """A 12-image LoRA and store, 3 subsets: the command runs, resumes from its cache, refuses a
+    changed plan and training images given as val queries."""
+    from pathlib import Path
+
+    from das_sd.cli import main
+    from das_sd.data.datasets import open_dataset
+    from das_sd.featurize.build import featurize_dataset
+    from das_sd.featurize.settings import FeaturizerSettings
+    from das_sd.models.loading import load_lora, load_pipeline
+    from das_sd.score import LambdaRule, build_index
+    from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, train_lora
+
+    full = open_dataset(demo["data"])
+    data, val = tmp_path / "data", tmp_path / "val"
+    for folder, samples in ((data, full.samples[::22][:12]), (val, full.samples[5::40][:2])):
+        (folder / "images").mkdir(parents=True)
+        for s in samples:
+            shutil.copy(s.path, folder / s.relpath)
+        (folder / "metadata.jsonl").write_text("".join(
+            json.dumps({"file_name": s.relpath, "text": s.caption}) + "\n" for s in samples))
+    dataset = open_dataset(data)
+    train_lora(demo["base"], dataset, tmp_path / "lora", LoraRecipe(steps=6, batch_size=4, rank=2, alpha=2.0),
+               progress=False)
+    pipe = load_pipeline(demo["base"], device="cpu")
+    load_lora(pipe, tmp_path / "lora")
+    store = featurize_dataset(pipe, dataset, tmp_path / "store", Path(demo["base"]),
+                              tmp_path / "lora" / LORA_WEIGHT_NAME,
+                              {"das": FeaturizerSettings(num_timesteps=2, residual_timesteps=4)}, progress=False)
+    build_index(store, "das", LambdaRule())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zorblat, a red circle on a blue background\n")
+    argv = ["eval", "lds", "--store", str(store.root), "--workdir", str(tmp_path / "run"), "--val", str(val),
+            "--prompts", str(prompts), "--subsets", "3", "--output-timesteps", "2", "--output-noise-draws", "1",
+            "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert set(first["query_sets"]) == {"val", "gen"}
+    assert first["query_sets"]["val"]["queries"] == 2 and first["query_sets"]["gen"]["queries"] == 1
+    assert {"das", "tracin"} <= set(first["query_sets"]["val"]["lds"])
+    assert first["plan"]["recipe"]["steps"] == 6  # the attributed LoRA's own recipe
+    assert main(argv) == 0  # everything cached: the same numbers again
+    assert json.loads(capsys.readouterr().out) == first
+    assert main([*argv[:-1], "--subsets", "4", "--json"]) == 2
+    assert "holds an LDS run with other settings" in capsys.readouterr().err
+    assert main([*argv[:7], str(data), *argv[8:]]) == 2  # training images as val queries
+    assert "training images of the store" in capsys.readouterr().err

@@ -243,7 +243,7 @@ def val_queries(attributor, data: str | Path, limit: int | None = None) -> LDSQu
     from ..latents import encode_images
 
     dataset = open_dataset(data)
-    overlap = set(dataset.keys) & set(attributor.store.keys)
+    overlap = set(dataset.keys) & set(attributor.store.keys())
     if overlap:
         raise ValueError(f"--val {data}: {len(overlap)} image(s) are training images of the store; "
                          "val queries must be held out")
@@ -280,7 +280,7 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
     recipe = LoraRecipe(**{k: v for k, v in record["recipe"].items() if k in LoraRecipe.__dataclass_fields__})
     info = attributor.store.manifest.get("info", {})
     dataset = open_dataset(info["dataset_root"], info.get("dataset_format", "auto"))
-    if dataset.keys != attributor.store.keys:
+    if dataset.keys != attributor.store.keys():
         raise ValueError(f"{dataset.root}: the dataset no longer matches the store's rows")
     masks = draw_subsets(len(dataset), settings)
     plan = {"settings": settings_dict(settings), "recipe": asdict(recipe), "store_id": attributor.store.store_id}
