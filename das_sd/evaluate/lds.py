@@ -132,9 +132,6 @@ def cached_outputs(path: Path, compute) -> np.ndarray:
     return values
 
 
-def settings_dict(settings: LDSSettings) -> dict:
-    return asdict(settings)
-
 
 # ---------------------------------------------------------------------------------------------
 # The run: retrain on every subset (cached, in worker processes), measure outputs, score methods
@@ -201,17 +198,18 @@ def retrained_outputs(base: Path, folders: list[list[Path]], queries: LDSQueries
     from ..latents import encode_prompts
     from ..models.loading import load_lora, load_pipeline
 
-    pipe = None
+    pipe, cond = None, None
     rows = []
     for row in tqdm(folders, desc=f"outputs ({queries.name})", unit="subset", disable=not progress):
         values = []
         for folder in row:
             def compute(folder=folder):
-                nonlocal pipe
-                pipe = pipe or load_pipeline(base, device="cpu")
+                nonlocal pipe, cond
+                if pipe is None:  # loaded only when some output is not cached yet
+                    pipe = load_pipeline(base, device="cpu")
+                    cond = encode_prompts(pipe, queries.prompts)  # the recipe's LoRA leaves the text encoder as is
                 load_lora(pipe, folder, adapter_name="lds")
                 try:
-                    cond = encode_prompts(pipe, queries.prompts)
                     return model_outputs(pipe, queries.latents, cond, queries.keys, settings)
                 finally:
                     pipe.delete_adapters("lds")
@@ -283,7 +281,7 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
     if dataset.keys != attributor.store.keys():
         raise ValueError(f"{dataset.root}: the dataset no longer matches the store's rows")
     masks = draw_subsets(len(dataset), settings)
-    plan = {"settings": settings_dict(settings), "recipe": asdict(recipe), "store_id": attributor.store.store_id}
+    plan = {"settings": asdict(settings), "recipe": asdict(recipe), "store_id": attributor.store.store_id}
     plan_file = workdir / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
         raise ValueError(f"{workdir}: holds an LDS run with other settings, recipe or store; use another --workdir")

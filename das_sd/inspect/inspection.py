@@ -171,7 +171,7 @@ def training_groups(attributor: Attributor, group_by: str) -> list[str]:
     """A group name per training row: ``folder`` (kohya folder / parent folder), ``column:NAME``
     (a metadata.jsonl / .csv column) or ``file:PATH`` (JSON object or two-column CSV mapping keys,
     relative paths or file names to groups). Rows the mapping does not cover go to "(none)"."""
-    rows = attributor.store.rows()
+    rows = attributor.rows
     if group_by == "folder":
         return [str(Path(r.path).parent.as_posix()) if Path(r.path).parent.as_posix() != "." else "(root)" for r in rows]
     if group_by.startswith("column:"):
@@ -247,7 +247,7 @@ def inspect_generations(attributor: Attributor, queries: Iterator[tuple[Generati
         raise QueryError("no generations to inspect")
     scores, effects = np.concatenate(score_rows), np.concatenate(effect_rows)
     shares, signed = credit_shares(scores), signed_shares(effects)
-    rows = attributor.store.rows()
+    rows = attributor.rows
     signals = image_signals(attributor.store, m.feature_set, settings.duplicate_threshold,
                             settings.outlier_threshold) if m.feature_set else None
     return Inspection(

@@ -4,6 +4,7 @@ SVG, no scripts or external files, so it opens offline and can be mailed or arch
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ img.t{width:72px;height:72px;image-rendering:pixelated;border-radius:4px;display
 """
 
 
+@functools.lru_cache(maxsize=256)  # an image can appear in several tables of one report
 def thumbnail(path: str) -> str:
     try:
         with Image.open(path) as image:
