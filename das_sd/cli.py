@@ -116,13 +116,17 @@ def cmd_featurize(args) -> None:
     from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
 
     dataset = _open_dataset(args)
+    if args.merge:  # the parts carry everything else
+        from .featurize.parallel import merge_parts
+
+        return _print_store(merge_parts(args.store, dataset))
     base, lora = resolve_base(args.base), resolve_lora_file(args.lora)
     pipe = load_pipeline(base, device=args.device)
     load_lora(pipe, lora)
     settings = FeaturizerSettings(output=args.output, num_timesteps=args.timesteps, noise_seed=args.noise_seed,
                                   normalize=not args.no_normalize, projector=args.projector,
                                   projection_dim=args.dim, projection_seed=args.projection_seed,
-                                  residual=args.residual, residual_timesteps=args.residual_timesteps)
+                                  projection_nonzeros=args.projection_nonzeros, residual=args.residual, residual_timesteps=args.residual_timesteps)
     sets = default_feature_sets(settings)
     wanted = [s.strip() for s in args.feature_sets.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in sets]
@@ -131,8 +135,28 @@ def cmd_featurize(args) -> None:
     autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.autocast]
     if autocast is not None and pipe.unet.device.type != "cuda":
         raise ValueError("--autocast fp16/bf16 is for CUDA devices; on the CPU features are computed in fp32")
-    store = featurize_dataset(pipe, dataset, args.store, base, lora, {k: sets[k] for k in wanted},
-                              batch_size=args.batch_size, shard_size=args.shard_size, autocast_dtype=autocast)
+    chosen = {k: sets[k] for k in wanted}
+    if args.ray is not None:
+        from .featurize.parallel import featurize_on_ray
+
+        job = {"base": str(base), "lora": str(lora), "data": args.data, "feature_sets": chosen,
+               "dataset_options": {"format": args.format, "caption_column": args.caption_column,
+                                   "caption_extension": args.caption_extension, "skip_bad": args.skip_bad},
+               "batch_size": args.batch_size, "shard_size": args.shard_size, "device": args.device,
+               "autocast": autocast}
+        store = featurize_on_ray(args.ray or None, args.ray_workers, args.store, job)
+    else:
+        part = None
+        if args.shard:
+            from .featurize.parallel import parse_part
+
+            part = parse_part(args.shard)
+        store = featurize_dataset(pipe, dataset, args.store, base, lora, chosen, batch_size=args.batch_size,
+                                  shard_size=args.shard_size, autocast_dtype=autocast, part=part)
+    _print_store(store)
+
+
+def _print_store(store) -> None:
     print(json.dumps({"store": str(store.root), "samples": len(store), "shards": len(store.manifest["shards"]),
                       "complete": store.manifest["complete"], "last_run": store.manifest["info"].get("last_run")}, indent=2))
 
@@ -256,13 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=defaults.output, choices=["mean", "l1", "square", "loss"], help="f of the das set")
     p.add_argument("--timesteps", type=int, default=defaults.num_timesteps, help="K, timesteps per sample (uniform grid)")
     p.add_argument("--dim", type=int, default=defaults.projection_dim, help="k, projected feature dimension")
-    p.add_argument("--projector", default=defaults.projector, choices=["rademacher", "gaussian"])
+    p.add_argument("--projector", default=defaults.projector, choices=["sparse", "rademacher", "gaussian"],
+                   help="random projection P (sparse: O(s p) per row, the dense kinds O(k p))")
+    p.add_argument("--projection-nonzeros", type=int, default=defaults.projection_nonzeros,
+                   help="s, nonzeros per coordinate of the sparse projector (k must be a multiple)")
     p.add_argument("--projection-seed", type=int, default=defaults.projection_seed)
     p.add_argument("--noise-seed", type=int, default=defaults.noise_seed)
     p.add_argument("--no-normalize", action="store_true", help="no per-timestep unit normalisation (das set)")
     p.add_argument("--residual", default=defaults.residual, choices=["scale-free", "magnitude", "none"])
     p.add_argument("--residual-timesteps", type=int, default=defaults.residual_timesteps, help="T_E for the residual weights")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="do part I of N of the work (for torchrun, Slurm arrays, ...); then run --merge once")
+    p.add_argument("--merge", action="store_true", help="merge the finished --shard parts into --store")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="spread the parts over a Ray cluster (no ADDRESS: a local one) and merge them")
+    p.add_argument("--ray-workers", type=int, default=None, help="parts for --ray (default: the cluster's CPUs/GPUs)")
     p.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--autocast", default="fp32", choices=["fp32", "fp16", "bf16"],

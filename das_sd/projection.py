@@ -1,34 +1,46 @@
 """Seeded random projections R^p -> R^k, generated block by block.
 
-P (p x k) has i.i.d. entries, Rademacher (+-1) or standard Gaussian, scaled by 1/sqrt(k) so that
-inner products are preserved in expectation. Rows are generated in fixed blocks, each from its own
-generator seeded by (seed, block index): any block can be regenerated alone, the result does not
-depend on how many rows are projected at once, and a dense p x k matrix never has to exist. Blocks
-are kept in memory only while they fit in ``cache_bytes``.
+Three kinds of P (p x k), each with E[P P^T] = I so that inner products are preserved in expectation:
+- ``rademacher``: i.i.d. +-1 / sqrt(k) entries;
+- ``gaussian``: i.i.d. N(0, 1/k) entries;
+- ``sparse``: a sparse Johnson-Lindenstrauss transform (Kane & Nelson's block construction): the k
+  outputs are cut into s equal blocks and every input coordinate goes to one random output of each
+  block with a random sign, scaled by 1 / sqrt(s). Projecting a row costs O(s p) instead of O(p k)
+  and P takes O(s p) memory instead of O(p k): for LoRA gradients of SD 1.x (p in the millions) the
+  dense product costs more than the forward and backward passes it projects.
+Rows of P are generated in fixed blocks, each from its own generator seeded by (seed, block index):
+any block can be regenerated alone, the result does not depend on how many rows or which coordinate
+range are projected at once, and a dense p x k matrix never has to exist. Blocks are kept in memory
+only while they fit in ``cache_bytes``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-KINDS = ("rademacher", "gaussian")
+KINDS = ("sparse", "rademacher", "gaussian")
 
 
 @dataclass(frozen=True)
 class ProjectorSpec:
-    kind: str = "rademacher"
+    kind: str = "sparse"
     dim: int = 2048
     seed: int = 0
+    nonzeros: int = 4  # s, sparse kind only
     block_rows: int = 4096
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"projector kind {self.kind!r}: expected one of {KINDS}")
-        if self.dim < 1 or self.block_rows < 1:
-            raise ValueError("projector dim and block_rows must be positive")
+        if self.dim < 1 or self.block_rows < 1 or self.nonzeros < 1:
+            raise ValueError("projector dim, nonzeros and block_rows must be positive")
+        if self.kind == "sparse" and self.dim % self.nonzeros:
+            raise ValueError(f"sparse projection: dim (k = {self.dim}) must be a multiple of nonzeros "
+                             f"(s = {self.nonzeros})")
 
 
 def _block_seed(seed: int, block: int) -> int:
@@ -45,8 +57,10 @@ class BlockProjector:
         self.num_params = int(num_params)
         self.device = torch.device(device)
         self.num_blocks = -(-self.num_params // spec.block_rows)
-        self._cache: dict[int, torch.Tensor] = {}
-        self._cache_blocks = cache_bytes // max(1, spec.block_rows * spec.dim * 4)
+        self._cache: dict[int, object] = {}
+        self._pieces: dict[tuple[int, int, int], torch.Tensor] = {}
+        per_block = spec.block_rows * (spec.nonzeros * 12 if spec.kind == "sparse" else spec.dim * 4)
+        self._cache_blocks = cache_bytes // max(1, per_block)
 
     _shared: dict[tuple, "BlockProjector"] = {}
 
@@ -61,33 +75,76 @@ class BlockProjector:
             cls._shared[key] = cls(spec, num_params, device)
         return cls._shared[key]
 
-    def block(self, index: int) -> torch.Tensor:
-        """Rows [index * block_rows, ...) of P, float32, on ``self.device``."""
+    def _rows_in_block(self, index: int) -> int:
+        return min(self.spec.block_rows, self.num_params - index * self.spec.block_rows)
+
+    def block(self, index: int):
+        """Rows [index * block_rows, ...) of P: dense (rows, k) float32 on ``self.device``, or for
+        the sparse kind (buckets, signs), each (rows, s)."""
         if index in self._cache:
             return self._cache[index]
-        start = index * self.spec.block_rows
-        rows = min(self.spec.block_rows, self.num_params - start)
+        rows, k = self._rows_in_block(index), self.spec.dim
         gen = torch.Generator().manual_seed(_block_seed(self.spec.seed, index))
-        if self.spec.kind == "gaussian":
-            block = torch.randn(rows, self.spec.dim, generator=gen)
+        if self.spec.kind == "sparse":
+            s = self.spec.nonzeros
+            buckets = torch.randint(0, k // s, (rows, s), generator=gen) + torch.arange(s) * (k // s)
+            signs = (torch.randint(0, 2, (rows, s), generator=gen, dtype=torch.int8).float() * 2 - 1) * s ** -0.5
+            block = (buckets, signs)
+        elif self.spec.kind == "gaussian":
+            block = torch.randn(rows, k, generator=gen).mul_(k ** -0.5).to(self.device)
         else:
-            block = torch.randint(0, 2, (rows, self.spec.dim), generator=gen, dtype=torch.int8).float() * 2 - 1
-        block = block.mul_(self.spec.dim ** -0.5).to(self.device)
+            block = (torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8).float() * 2 - 1)
+            block = block.mul_(k ** -0.5).to(self.device)
         if len(self._cache) < self._cache_blocks:
             self._cache[index] = block
         return block
+
+    def _sparse_piece(self, index: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of sparse block ``index`` as a transposed (k, hi - lo) CSR matrix. Callers
+        project the same coordinate ranges (one per layer) again and again: pieces are cached."""
+        key = (index, lo, hi)
+        if key not in self._pieces:
+            buckets, signs = self.block(index)
+            buckets, signs = buckets[lo:hi], signs[lo:hi]
+            s = self.spec.nonzeros
+            with warnings.catch_warnings():  # torch calls sparse CSR "beta" on every construction
+                warnings.simplefilter("ignore")
+                piece = torch.sparse_coo_tensor(
+                    torch.stack([buckets.reshape(-1), torch.arange(hi - lo).repeat_interleave(s)]),
+                    signs.reshape(-1), (self.spec.dim, hi - lo), check_invariants=True)
+                piece = piece.coalesce().to_sparse_csr().to(self.device)
+            if len(self._pieces) >= 4096:
+                self._pieces.clear()
+            self._pieces[key] = piece
+        return self._pieces[key]
+
+    def _project_block(self, chunk: torch.Tensor, index: int, lo: int, hi: int) -> torch.Tensor:
+        """chunk (n, hi - lo) @ rows [lo, hi) of block ``index``."""
+        if self.spec.kind == "sparse":
+            return (self._sparse_piece(index, lo, hi) @ chunk.T).T
+        return chunk @ self.block(index)[lo:hi]
+
+    def project_range(self, grads: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Add grads (n x m), the coordinates [start, start + m) of each row, projected, to ``out`` (n x k)."""
+        stop = start + grads.shape[-1]
+        if start < 0 or stop > self.num_params:
+            raise ValueError(f"coordinates [{start}, {stop}) outside the {self.num_params} projected ones")
+        if out is None:
+            out = torch.zeros(grads.shape[0], self.spec.dim, dtype=torch.float32, device=self.device)
+        rows = self.spec.block_rows
+        for index in range(start // rows, -(-stop // rows)):
+            lo, hi = max(start, index * rows), min(stop, (index + 1) * rows)
+            chunk = grads[:, lo - start:hi - start].to(self.device, torch.float32)
+            out += self._project_block(chunk, index, lo - index * rows, hi - index * rows)
+        return out
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         """(n x p) -> (n x k) = grads @ P, accumulated in float32."""
         if grads.shape[-1] != self.num_params:
             raise ValueError(f"expected {self.num_params} columns, got {grads.shape[-1]}")
-        out = torch.zeros(grads.shape[0], self.spec.dim, dtype=torch.float32, device=self.device)
-        rows = self.spec.block_rows
-        for b in range(self.num_blocks):
-            chunk = grads[:, b * rows:(b + 1) * rows].to(self.device, torch.float32)
-            out.addmm_(chunk, self.block(b))
-        return out
+        return self.project_range(grads, 0)
 
     def dense(self) -> torch.Tensor:
         """The whole P (p x k). For tests and small problems only."""
-        return torch.cat([self.block(b) for b in range(self.num_blocks)])
+        return self.project(torch.eye(self.num_params, device=self.device))
+

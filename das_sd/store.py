@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,7 @@ class FeatureStore:
     def shard_name(self, index: int) -> str:
         return f"features-{index:05d}.safetensors"
 
-    def append_shard(self, rows: list[Row], arrays: dict[str, torch.Tensor]) -> None:
+    def append_shard(self, rows: list[Row], arrays: dict[str, torch.Tensor], extra: dict | None = None) -> None:
         """Write one shard (atomically), then record it in the manifest (atomically)."""
         for name, value in arrays.items():
             if value.shape[0] != len(rows):
@@ -178,7 +179,20 @@ class FeatureStore:
             "keys": [r.key for r in rows],
             "paths": [r.path for r in rows],
             "captions": [r.caption for r in rows],
-        })
+        } | (extra or {}))
+        self.manifest["complete"] = False
+        self._save_manifest()
+
+    def adopt_shard(self, source: Path, entry: dict) -> None:
+        """Move a shard written by another store (a partial store of the same identity) in as the
+        next shard. Rename first, manifest second: rerun after a kill, it finds the file in place."""
+        name = self.shard_name(len(self.manifest["shards"]))
+        target = self.root / name
+        if Path(source).is_file():
+            os.replace(source, target)
+        elif not target.is_file():
+            raise StoreError(f"{source}: shard listed in its manifest is missing")
+        self.manifest["shards"].append({k: v for k, v in entry.items() if k != "block"} | {"file": name})
         self.manifest["complete"] = False
         self._save_manifest()
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads its own browser here
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -56,3 +61,32 @@ def random_lora(pipe, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
             state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
             state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.3
     return state
+
+
+TINY_FEATURIZE = ["--timesteps", "2", "--dim", "32", "--residual-timesteps", "4", "--batch-size", "4", "--shard-size", "2"]
+
+
+def subset_dataset(src: Path, dst: Path, n: int) -> Path:
+    dst.mkdir(parents=True)
+    lines = (src / "metadata.jsonl").read_text().splitlines()[::10][:n]
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / name, dst / name)
+    (dst / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def featurize_cli(store: Path, data: Path, lora: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "das_sd.cli", "featurize", "--data", str(data), "--lora", str(lora),
+           "--store", str(store), "--device", "cpu", *TINY_FEATURIZE, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def store_arrays(store: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(store.glob("features-*.safetensors")):
+        for k, v in load_file(str(shard)).items():
+            out[f"{shard.name}/{k}"] = v
+    return out

@@ -41,10 +41,12 @@ def _brute_force_mean_gradient(pipe, settings, x0, cond, key):
     return total / len(timesteps)
 
 
-@pytest.mark.parametrize("output", ["mean", "l1", "square", "loss"])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_features_equal_projected_brute_force_gradients(lora_pipe, output, normalize):
-    settings = FeaturizerSettings(output=output, normalize=normalize, num_timesteps=3, projection_dim=128)
+@pytest.mark.parametrize("output,normalize,projector", [
+    (output, normalize, "sparse") for output in ("mean", "l1", "square", "loss") for normalize in (True, False)
+] + [("l1", True, "rademacher"), ("loss", False, "gaussian")])
+def test_features_equal_projected_brute_force_gradients(lora_pipe, output, normalize, projector):
+    settings = FeaturizerSettings(output=output, normalize=normalize, num_timesteps=3, projection_dim=128,
+                                  projector=projector)
     featurizer = Featurizer(lora_pipe, settings)
     x0, cond, keys = _queries(lora_pipe, 3)
     phi = featurizer.features(x0, cond, keys)

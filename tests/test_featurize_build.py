@@ -6,30 +6,19 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import (
+    featurize_cli,
+    random_lora,
+    store_arrays,
+    subset_dataset,
+)
+from safetensors.torch import save_file
 
 from das_sd.store import FeatureStore, StoreError
-from helpers import random_lora
-
-TINY = ["--timesteps", "2", "--dim", "32", "--residual-timesteps", "4", "--batch-size", "4", "--shard-size", "2"]
-
-
-def _subset_dataset(src: Path, dst: Path, n: int) -> Path:
-    dst.mkdir(parents=True)
-    lines = (src / "metadata.jsonl").read_text().splitlines()[::10][:n]
-    for line in lines:
-        name = json.loads(line)["file_name"]
-        (dst / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / name, dst / name)
-    (dst / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +26,7 @@ def setup(tmp_path_factory, demo_data, base_path):
     from das_sd.models.loading import load_pipeline
 
     root = tmp_path_factory.mktemp("fb")
-    data = _subset_dataset(demo_data, root / "data", 16)
+    data = subset_dataset(demo_data, root / "data", 16)
     pipe = load_pipeline(base_path, device="cpu")
     lora = root / "lora.safetensors"
     save_file(random_lora(pipe, rank=2), str(lora))
@@ -46,30 +35,15 @@ def setup(tmp_path_factory, demo_data, base_path):
     return root, data, lora, other
 
 
-def _featurize(store: Path, data: Path, lora: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "das_sd.cli", "featurize", "--data", str(data), "--lora", str(lora),
-           "--store", str(store), "--device", "cpu", *TINY, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _arrays(store: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(store.glob("features-*.safetensors")):
-        for k, v in load_file(str(shard)).items():
-            out[f"{shard.name}/{k}"] = v
-    return out
-
-
 def test_killed_featurization_resumes_to_an_identical_store(setup):
     root, data, lora, _ = setup
     reference = root / "reference"
-    proc = _featurize(reference, data, lora)
+    proc = featurize_cli(reference, data, lora)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
 
     interrupted = root / "interrupted"
-    proc = _featurize(interrupted, data, lora)
+    proc = featurize_cli(interrupted, data, lora)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill as soon as the first shard is recorded
         manifest = interrupted / "manifest.json"
@@ -81,11 +55,11 @@ def test_killed_featurization_resumes_to_an_identical_store(setup):
     state = json.loads((interrupted / "manifest.json").read_text())
     assert 1 <= len(state["shards"]) < 8 and state["complete"] is False
 
-    proc = _featurize(interrupted, data, lora)
+    proc = featurize_cli(interrupted, data, lora)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert json.loads(out)["last_run"]["samples"] == 16 - 2 * len(state["shards"])
-    a, b = _arrays(reference), _arrays(interrupted)
+    a, b = store_arrays(reference), store_arrays(interrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = (json.loads((s / "manifest.json").read_text()) for s in (reference, interrupted))
     assert ma["shards"] == mb["shards"] and ma["identity"] == mb["identity"] and mb["complete"] is True
@@ -97,7 +71,7 @@ def test_added_images_are_featurized_without_recomputing_the_others(setup, demo_
     grown = root / "grown"
     shutil.copytree(data, grown)
     store = root / "incremental"
-    proc = _featurize(store, grown, lora)
+    proc = featurize_cli(store, grown, lora)
     assert proc.wait(timeout=600) == 0
     before = {p.name: p.read_bytes() for p in store.glob("features-*.safetensors")}
     extra = (demo_data / "metadata.jsonl").read_text().splitlines()[5:8]
@@ -106,7 +80,7 @@ def test_added_images_are_featurized_without_recomputing_the_others(setup, demo_
         shutil.copy(demo_data / name, grown / name)
     with (grown / "metadata.jsonl").open("a") as fh:
         fh.write("\n".join(extra) + "\n")
-    proc = _featurize(store, grown, lora)
+    proc = featurize_cli(store, grown, lora)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert json.loads(out)["last_run"]["samples"] == 3 and json.loads(out)["samples"] == 19
@@ -120,7 +94,7 @@ def test_store_for_another_lora_or_settings_is_refused(setup):
     store = root / "reference"
     for extra, lora_file, needle in (([], other, "lora_fingerprint"),
                                      (["--dim", "64"], lora, "feature_sets.das.projection_dim")):
-        proc = _featurize(store, data, lora_file, *extra)
+        proc = featurize_cli(store, data, lora_file, *extra)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 2 and needle in err and "Traceback" not in err
     with pytest.raises(StoreError, match="lora_fingerprint"):

@@ -70,32 +70,43 @@ def check_dataset(store: FeatureStore, dataset: Dataset) -> None:
 def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: Path, lora_path: Path,
                       feature_sets: dict[str, FeaturizerSettings] | None = None, batch_size: int = 16,
                       shard_size: int = 256, resolution: int | None = None, progress: bool = True,
-                      autocast_dtype: torch.dtype | None = None, on_shard=None) -> FeatureStore:
-    """Compute the features of every dataset sample missing from the store and append them."""
+                      autocast_dtype: torch.dtype | None = None, on_shard=None,
+                      part: tuple[int, int] | None = None) -> FeatureStore:
+    """Compute the features of every dataset sample missing from the store and append them.
+
+    With ``part = (i, n)`` only every n-th block of the work (blocks i, i + n, ...) is done, into the
+    partial store ``STORE/parts/part-i-of-n`` (see ``das_sd.featurize.parallel``); the parts are
+    merged afterwards into a store identical to one built in a single process.
+    """
     feature_sets = feature_sets or default_feature_sets()
     resolution = resolution or native_resolution(pipe)
     identity = store_identity(pipe, base_path, lora_path, feature_sets, resolution, autocast_dtype)
     info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
             "dataset_root": str(dataset.root), "dataset_format": dataset.format}
-    store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
+    if part is not None:
+        from .parallel import part_work
+
+        store, plan = part_work(store_dir, identity, info, dataset, shard_size, part)
+    else:
+        store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
+        check_dataset(store, dataset)
+        plan = list(enumerate(store.plan(rows_of(dataset))))
     if "probes" not in store.manifest:  # lets a host's own pipeline be checked against the store
         store.manifest["probes"] = pipeline_probes(pipe)
-    check_dataset(store, dataset)
-    plan = store.plan(rows_of(dataset))
     featurizers = {name: Featurizer(pipe, s, autocast_dtype) for name, s in feature_sets.items()}
     by_key = dataset.by_key()
-    todo = sum(len(block) for block in plan)
+    todo = sum(len(block) for _, block in plan)
     bar = tqdm(total=todo, desc="featurize", unit="img", disable=not progress or todo == 0)
     start = time.time()
-    for block in plan:
+    for number, block in plan:
         samples = [by_key[r.key] for r in block]
         arrays = featurize_samples(pipe, dataset, samples, featurizers, resolution, batch_size, bar)
-        store.append_shard(block, arrays)
+        store.append_shard(block, arrays, extra={"block": number} if part is not None else None)
         if on_shard is not None:
             on_shard(store)
     bar.close()
     store.manifest["info"]["last_run"] = {"samples": todo, "seconds": round(time.time() - start, 2)}
-    store.mark_complete(not store.missing(rows_of(dataset)))
+    store.mark_complete(not store.missing(rows_of(dataset)) if part is None else True)
     return store
 
 

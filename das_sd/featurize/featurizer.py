@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..projection import BlockProjector, ProjectorSpec
-from .gradients import num_lora_parameters, noisy_latents, per_row_gradients
+from .gradients import noisy_latents, num_lora_parameters, projected_row_gradients
 from .settings import FeaturizerSettings, noise_for
 
 
@@ -34,33 +34,33 @@ class Featurizer:
         self.timesteps = settings.feature_timesteps(self.num_train_timesteps)
         self.num_params = num_lora_parameters(self.unet)
         self.projector = BlockProjector.shared(
-            ProjectorSpec(settings.projector, settings.projection_dim, settings.projection_seed),
+            ProjectorSpec(settings.projector, settings.projection_dim, settings.projection_seed,
+                          settings.projection_nonzeros),
             self.num_params, device=self.device)
         self.autocast_dtype = autocast_dtype
 
     def _noise(self, keys: list[str], timesteps: list[int], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.stack([noise_for(self.settings.noise_seed, k, t, shape) for k in keys for t in timesteps])
 
-    def mean_gradients(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """gbar_z (n, p): the (optionally unit-normalised) LoRA gradients averaged over T_K."""
-        n, k = len(keys), len(self.timesteps)
-        x0 = x0.to(self.device, torch.float32)
-        rows_x0 = x0.repeat_interleave(k, dim=0)
-        rows_cond = cond.to(self.device).repeat_interleave(k, dim=0)
-        rows_t = torch.tensor(self.timesteps, device=self.device).repeat(n)
-        noise = self._noise(keys, self.timesteps, tuple(x0.shape[1:])).to(self.device)
-        grads = per_row_gradients(self.unet, rows_x0, noise, rows_t, rows_cond, self.alphas,
-                                  self.settings.output, self.autocast_dtype)
-        if self.settings.normalize:
-            grads = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        return grads.view(n, k, -1).mean(dim=1)
-
     def features(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """phi (n, k) float32. Works when called under no_grad or inference_mode, as hosts do
-        (ComfyUI runs nodes under inference_mode; diffusers pipelines under no_grad)."""
+        """phi (n, k) float32 = P^T gbar_z, gbar_z the (optionally unit-normalised) LoRA gradients
+        averaged over T_K. P is linear, so each row is projected first and normalised after, by the
+        norm of its unprojected gradient. Works when called under no_grad or inference_mode, as hosts
+        do (ComfyUI runs nodes under inference_mode; diffusers pipelines under no_grad)."""
+        n, k = len(keys), len(self.timesteps)
         with torch.inference_mode(False), torch.enable_grad():
             # tensors made under inference_mode cannot enter autograd: take plain copies
-            return self.projector.project(self.mean_gradients(x0.clone(), cond.clone(), keys))
+            x0 = x0.clone().to(self.device, torch.float32)
+            rows_x0 = x0.repeat_interleave(k, dim=0)
+            rows_cond = cond.clone().to(self.device).repeat_interleave(k, dim=0)
+            rows_t = torch.tensor(self.timesteps, device=self.device).repeat(n)
+            noise = self._noise(keys, self.timesteps, tuple(x0.shape[1:])).to(self.device)
+            projected, sq_norm = projected_row_gradients(self.unet, self.projector, rows_x0, noise, rows_t,
+                                                         rows_cond, self.alphas, self.settings.output,
+                                                         self.autocast_dtype)
+        if self.settings.normalize:
+            projected = projected / sq_norm.sqrt().clamp_min(1e-30).unsqueeze(1)
+        return projected.view(n, k, -1).mean(dim=1)
 
     @torch.no_grad()
     def residuals(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str], chunk: int = 25) -> torch.Tensor:

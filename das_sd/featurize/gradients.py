@@ -61,17 +61,32 @@ class LoraGradientCapture:
                 output.register_hook(lambda grad: self._grads.__setitem__(index, grad.detach()))
         return hook
 
-    def per_row_gradients(self) -> torch.Tensor:
-        """(rows, p) float32: each row's gradient, layers concatenated in parameter order."""
-        parts = []
+    def layer_gradients(self):
+        """(offset, (rows, p_layer) float32) per LoRA layer, in parameter order: each row's gradient
+        of one layer at a time, so that the whole (rows, p) matrix never has to exist."""
+        offset = 0
         for i, (name, _) in enumerate(self.modules):
             if i not in self._grads:
                 raise RuntimeError(f"no gradient reached LoRA layer {name}")
             x, g = self._inputs[i].float(), self._grads[i].float()
             x = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
             g = g.reshape(g.shape[0], -1, g.shape[-1])  # (rows, tokens, out)
-            parts.append(torch.einsum("bto,bti->boi", g, x).reshape(x.shape[0], -1))
-        return torch.cat(parts, dim=1)
+            layer = torch.bmm(g.transpose(1, 2), x).reshape(x.shape[0], -1)
+            yield offset, layer
+            offset += layer.shape[1]
+
+    def per_row_gradients(self) -> torch.Tensor:
+        """(rows, p) float32: each row's gradient, layers concatenated in parameter order."""
+        return torch.cat([layer for _, layer in self.layer_gradients()], dim=1)
+
+    def projected_gradients(self, projector) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, k) projected gradients and (rows,) squared gradient norms, layer by layer."""
+        out, sq_norm = None, None
+        for offset, layer in self.layer_gradients():
+            out = projector.project_range(layer, offset, out)
+            part = layer.pow(2).sum(dim=1)
+            sq_norm = part if sq_norm is None else sq_norm + part
+        return out, sq_norm.to(out.device)
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -81,19 +96,33 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def _backward_rows(unet: nn.Module, capture: LoraGradientCapture, x0: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor, output: str,
+                   autocast_dtype: torch.dtype | None) -> None:
+    """One batched forward and backward of sum_rows f(row), recorded by ``capture``."""
+    xt = noisy_latents(x0, noise, timesteps, alphas_cumprod)
+    with torch.enable_grad():
+        with torch.autocast(device_type=xt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pred = unet(xt.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
+        output_function(output, pred.float(), noise.float()).sum().backward()
+    for p in lora_parameters(unet):  # the batched backward also filled .grad: drop it
+        p.grad = None
+
+
 def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                       cond: torch.Tensor, alphas_cumprod: torch.Tensor, output: str,
                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row."""
-    xt = noisy_latents(x0, noise, timesteps, alphas_cumprod)
     with LoraGradientCapture(unet) as capture:
-        with torch.enable_grad():
-            with torch.autocast(device_type=xt.device.type, dtype=autocast_dtype,
-                                enabled=autocast_dtype is not None):
-                pred = unet(xt.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
-            values = output_function(output, pred.float(), noise.float())
-            values.sum().backward()
-        grads = capture.per_row_gradients()
-    for p in lora_parameters(unet):  # the batched backward also filled .grad: drop it
-        p.grad = None
-    return grads
+        _backward_rows(unet, capture, x0, noise, timesteps, cond, alphas_cumprod, output, autocast_dtype)
+        return capture.per_row_gradients()
+
+
+def projected_row_gradients(unet: nn.Module, projector, x0: torch.Tensor, noise: torch.Tensor,
+                            timesteps: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor,
+                            output: str, autocast_dtype: torch.dtype | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """P^T g per row and ||g||^2 per row, without ever holding all rows' full gradients."""
+    with LoraGradientCapture(unet) as capture:
+        _backward_rows(unet, capture, x0, noise, timesteps, cond, alphas_cumprod, output, autocast_dtype)
+        return capture.projected_gradients(projector)

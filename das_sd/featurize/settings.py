@@ -19,9 +19,10 @@ class FeaturizerSettings:
     timesteps: list[int] | None = None  # explicit T_K; None: a uniform grid over the schedule
     noise_seed: int = 0
     normalize: bool = True  # per-timestep unit normalisation of g_{z,t} (open)
-    projector: str = "rademacher"
+    projector: str = "sparse"  # sparse | rademacher | gaussian (das_sd.projection)
     projection_dim: int = 2048  # k
     projection_seed: int = 0
+    projection_nonzeros: int = 4  # s, nonzeros per input coordinate of the sparse projector
     residual: str = "scale-free"  # e_i form: scale-free | magnitude | none (open)
     residual_timesteps: int = 100  # T_E
 
@@ -32,6 +33,9 @@ class FeaturizerSettings:
             raise ValueError(f"residual form {self.residual!r}: expected one of {RESIDUAL_FORMS}")
         if self.num_timesteps < 1 or self.projection_dim < 1:
             raise ValueError("num_timesteps and projection_dim must be positive")
+        if self.projector == "sparse" and (self.projection_nonzeros < 1 or self.projection_dim % self.projection_nonzeros):
+            raise ValueError(f"sparse projector: projection_dim (--dim {self.projection_dim}) must be a multiple "
+                             f"of projection_nonzeros (--projection-nonzeros {self.projection_nonzeros})")
 
     def feature_timesteps(self, num_train_timesteps: int) -> list[int]:
         if self.timesteps is not None:
