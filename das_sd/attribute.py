@@ -28,6 +28,7 @@ from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import load_lora, load_pipeline
 from .models.probe import pipeline_probes, probe_differences
 from .score import METHODS, latent_similarity, method, rank_scores, raw_scores, train_vectors
+from .topk import TopK, stream_topk
 from .store import FeatureStore, StoreError
 
 
@@ -76,7 +77,11 @@ class Attributor:
     """Scores a feature store's training samples for query images or latents."""
 
     def __init__(self, store: str | Path | FeatureStore, pipe=None, device: str | torch.device | None = None,
-                 base: str | Path | None = None, lora: str | Path | None = None, check_fingerprints: bool = True):
+                 base: str | Path | None = None, lora: str | Path | None = None, check_fingerprints: bool = True,
+                 max_in_memory_bytes: int = 2 << 30):
+        """``max_in_memory_bytes``: train-side vectors larger than this are not loaded; attribution
+        then streams over the store's files (das_sd.topk) with memory bounded by one chunk."""
+        self.max_in_memory_bytes = max_in_memory_bytes
         self.store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         identity, info = self.store.identity, self.store.manifest.get("info", {})
         if len(self.store) == 0:
@@ -196,16 +201,29 @@ class Attributor:
         if latents.shape[1] != expected[0] or latents.shape[2] != expected[1] or latents.shape[3] != expected[1]:
             raise QueryError(f"latents of shape {tuple(latents.shape[1:])}; the store's model uses "
                              f"({expected[0]}, {expected[1]}, {expected[1]})")
-        score, sign = self.scores(latents, prompts, method, features, cond)
+        if self.streams(method):
+            features = features or self.query_features(latents, prompts, cond)
+            top = stream_topk(self.store, method, features[METHODS[method].feature_set], top_k)
+        else:
+            score, sign = self.scores(latents, prompts, method, features, cond)
+            best = torch.topk(score, min(top_k, score.shape[1]), dim=1)
+            top = TopK(best.values, sign.gather(1, best.indices), best.indices)
         out = []
         for q in range(len(prompts)):
-            top = torch.topk(score[q], min(top_k, score.shape[1]))
             info = {"prompt": prompts[q], **((query_info or [{}] * len(prompts))[q])}
             rows = [AttributionRow(rank=r + 1, key=self.rows[i].key, path=self.paths[i], caption=self.rows[i].caption,
-                                   score=float(score[q, i]), sign=int(sign[q, i]))
-                    for r, i in enumerate(top.indices.tolist())]
+                                   score=float(top.scores[q, r]), sign=int(top.signs[q, r]))
+                    for r, i in enumerate(top.indices[q].tolist())]
             out.append(Attribution(method=method, query=info, results=rows))
         return out
+
+    def streams(self, name: str) -> bool:
+        """Whether ``name`` is scored by streaming over the files (its vectors exceed the memory cap)."""
+        m = method(name)
+        if m.feature_set is None or name in self._train:
+            return False
+        k = int(self.store.identity["feature_sets"][m.feature_set]["projection_dim"])
+        return len(self.store) * k * 4 > self.max_in_memory_bytes
 
     def image_query(self, image: str | Path | Image.Image, prompt: str | None = None,
                     fallback_prompt: str | None = None) -> tuple[torch.Tensor, str, str]:

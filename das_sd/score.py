@@ -73,50 +73,63 @@ def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
     return kernel
 
 
-def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule) -> dict:
-    """Solve the kernel once and store psi for every method on ``feature_set``."""
+TRAIN_ARRAYS = ("kernel_solved", "psi_das", "psi_das_noleverage")
+
+
+def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32) -> dict:
+    """Solve the kernel once and store psi for every method on ``feature_set``, one index file per
+    feature shard. ``dtype``: storage of the train-side vectors (float16 halves what scoring reads)."""
     kernel = gram(store, feature_set)
     lam = rule.resolve(kernel)
     if not lam > 0:
         raise ValueError(f"lambda must be positive (got {lam}); the features may all be zero")
     k = kernel.shape[0]
     chol = torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
-    # second pass, shard by shard: float64 only for one shard, the outputs are float32
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in
-                                            ("kernel_solved", "psi_das", "psi_das_noleverage", "leverage", "residual")}
-    for _, arrays in store.iter_shards([f"features.{feature_set}", f"residuals.{feature_set}"]):
-        phi = arrays[f"features.{feature_set}"].double()
-        residual = arrays[f"residuals.{feature_set}"].double()
-        solved = torch.cholesky_solve(phi.T, chol).T  # rows: G^-1 phi_i
-        leverage = (phi * solved).sum(dim=1)
-        if leverage.min() < -1e-9 or leverage.max() >= 1:
-            raise ArithmeticError(f"leverage outside [0, 1): [{leverage.min():.3g}, {leverage.max():.3g}]")
-        leverage = leverage.clamp_min(0)
-        parts["kernel_solved"].append(solved.float())  # trak / dtrak: G^-1 phi_i
-        parts["psi_das"].append((solved * (residual / (1 - leverage)).unsqueeze(1)).float())
-        parts["psi_das_noleverage"].append((solved * residual.unsqueeze(1)).float())
-        parts["leverage"].append(leverage.float())
-        parts["residual"].append(residual.float())
-    arrays = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    leverage = arrays["leverage"]
+    # second pass, shard by shard: float64 only for one shard, the outputs are float32 (or ``dtype``)
+    leverage_range = [float("inf"), float("-inf")]
+
+    def index_shards():
+        for _, arrays in store.iter_shards([f"features.{feature_set}", f"residuals.{feature_set}"]):
+            phi = arrays[f"features.{feature_set}"].double()
+            residual = arrays[f"residuals.{feature_set}"].double()
+            solved = torch.cholesky_solve(phi.T, chol).T  # rows: G^-1 phi_i
+            leverage = (phi * solved).sum(dim=1)
+            if leverage.min() < -1e-9 or leverage.max() >= 1:
+                raise ArithmeticError(f"leverage outside [0, 1): [{leverage.min():.3g}, {leverage.max():.3g}]")
+            leverage = leverage.clamp_min(0)
+            leverage_range[:] = [min(leverage_range[0], float(leverage.min())),
+                                 max(leverage_range[1], float(leverage.max()))]
+            yield {
+                "kernel_solved": solved.to(dtype),  # trak / dtrak: G^-1 phi_i
+                "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(dtype),
+                "psi_das_noleverage": (solved * residual.unsqueeze(1)).to(dtype),
+                "leverage": leverage.float(),
+                "residual": residual.float(),
+            }
+    files = store.write_index_files(feature_set, index_shards())
     info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
-            "kernel_trace": float(torch.trace(kernel)), "k": k,
-            "leverage_range": [float(leverage.min()), float(leverage.max())]}
-    store.write_index(feature_set, arrays, info)
+            "kernel_trace": float(torch.trace(kernel)), "k": k, "dtype": str(dtype).removeprefix("torch."),
+            "leverage_range": leverage_range}
+    store.record_index(feature_set, files, info)
     return info
 
 
-def train_vectors(store: FeatureStore, name: str, device: str = "cpu") -> torch.Tensor:
-    """The (N, k) train-side matrix of a gradient method: scores are query_features @ it.T."""
+def train_array(name: str) -> tuple[str, str]:
+    """Where a gradient method's train-side vectors live: ("features" | "index", array name)."""
     m = method(name)
     if m.feature_set is None:
         raise ValueError(f"{name} has no train-side gradient vectors")
     if not m.kernel:
-        return store.load(f"features.{m.feature_set}", device)
-    index = store.load_index(m.feature_set, device)
-    if not m.residual:
-        return index["kernel_solved"]
-    return index["psi_das" if m.leverage else "psi_das_noleverage"]
+        return "features", f"features.{m.feature_set}"
+    return "index", "kernel_solved" if not m.residual else ("psi_das" if m.leverage else "psi_das_noleverage")
+
+
+def train_vectors(store: FeatureStore, name: str, device: str = "cpu") -> torch.Tensor:
+    """The (N, k) train-side matrix of a gradient method: scores are query_features @ it.T."""
+    where, array = train_array(name)
+    if where == "features":
+        return store.load(array, device)
+    return store.load_index(method(name).feature_set, device)[array]
 
 
 def raw_scores(query_features: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

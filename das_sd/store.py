@@ -5,7 +5,8 @@ STORE/
   manifest.json                 identity (what the features were computed with), rows per shard, state
   features-00000.safetensors    fixed-size row blocks: one tensor per named array ("features.das", ...)
   features-00001.safetensors
-  index-das.safetensors         scorer arrays written by `das-sd index` (psi, leverage, ...)
+  index-das-<gen>-00000.safetensors  scorer arrays written by `das-sd index` (psi, leverage, ...),
+  index-das-<gen>-00001.safetensors  one file per feature shard, same rows
 ```
 
 - The manifest's ``identity`` (base model, LoRA, featurizer settings, ...) is compared on open: a
@@ -25,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -246,12 +247,29 @@ class FeatureStore:
         h.update(self.keys_digest().encode())
         return "das-" + h.hexdigest()[:12]
 
-    def write_index(self, name: str, arrays: dict[str, torch.Tensor], info: dict) -> None:
-        file = f"index-{name}.safetensors"
-        atomic_write_bytes(self.root / file, save({k: v.detach().cpu().contiguous() for k, v in arrays.items()}))
-        self.manifest.setdefault("indexes", {})[name] = info | {"file": file, "rows": len(self),
+    def write_index_files(self, name: str, shards: Iterable[dict[str, torch.Tensor]]) -> list[str]:
+        """Write an index as one file per feature shard (same rows), consuming ``shards`` lazily so
+        that one shard is in memory at a time. Names carry a new generation: a killed rebuild never
+        mixes into the index in use, which ``record_index`` replaces."""
+        generation = hashlib.sha256(f"{time.time_ns()}:{name}".encode()).hexdigest()[:8]
+        files = []
+        for i, arrays in enumerate(shards):
+            file = f"index-{name}-{generation}-{i:05d}.safetensors"
+            atomic_write_bytes(self.root / file, save({k: v.detach().cpu().contiguous() for k, v in arrays.items()}))
+            files.append(file)
+        return files
+
+    def record_index(self, name: str, files: list[str], info: dict) -> None:
+        old = [f for f in self.index_files(name) if f not in files]
+        self.manifest.setdefault("indexes", {})[name] = info | {"files": files, "rows": len(self),
                                                                "keys_digest": self.keys_digest()}
         self._save_manifest()
+        for file in old:
+            (self.root / file).unlink(missing_ok=True)
+
+    def index_files(self, name: str) -> list[str]:
+        info = self.index_info(name) or {}
+        return info.get("files") or ([info["file"]] if "file" in info else [])
 
     def index_info(self, name: str) -> dict | None:
         return self.manifest.get("indexes", {}).get(name)
@@ -260,16 +278,25 @@ class FeatureStore:
         info = self.index_info(name)
         return bool(info and info.get("keys_digest") == self.keys_digest())
 
-    def load_index(self, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
-        info = self.index_info(name)
-        if info is None:
+    def _current_index(self, name: str) -> list[Path]:
+        if self.index_info(name) is None:
             raise StoreError(f"{self.root}: no index for {name!r}; run `das-sd index --store {self.root}`")
         if not self.index_is_current(name):
             raise StoreError(f"{self.root}: the {name!r} index is out of date (rows were added since); "
                              f"run `das-sd index --store {self.root}` again")
-        path = self.root / info["file"]
-        try:
-            with safe_open(str(path), framework="pt", device=device) as fh:
-                return {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise StoreError(f"{path}: damaged index ({exc})") from exc
+        return [self.root / f for f in self.index_files(name)]
+
+    def iter_index(self, name: str) -> Iterator[Path]:
+        """The index files of ``name`` in row order (for streaming over them)."""
+        yield from self._current_index(name)
+
+    def load_index(self, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for path in self._current_index(name):
+            try:
+                with safe_open(str(path), framework="pt", device=device) as fh:
+                    for k in fh.keys():
+                        parts.setdefault(k, []).append(fh.get_tensor(k))
+            except Exception as exc:
+                raise StoreError(f"{path}: damaged index ({exc})") from exc
+        return {k: torch.cat(v) for k, v in parts.items()}

@@ -98,4 +98,4 @@ def test_demo_no_launch_prints_paths(capsys):
     assert code == 0
     for key in ("base", "lora", "data", "ground_truth", "store"):
         assert Path(paths[key]).exists(), key
-    assert (Path(paths["store"]) / "index-das.safetensors").is_file()
+    assert list(Path(paths["store"]).glob("index-das-*-00000.safetensors"))
