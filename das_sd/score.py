@@ -99,13 +99,14 @@ def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: 
             leverage = leverage.clamp_min(0)
             leverage_range[:] = [min(leverage_range[0], float(leverage.min())),
                                  max(leverage_range[1], float(leverage.max()))]
-            yield {
+            vectors = {
                 "kernel_solved": solved.to(dtype),  # trak / dtrak: G^-1 phi_i
                 "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(dtype),
                 "psi_das_noleverage": (solved * residual.unsqueeze(1)).to(dtype),
-                "leverage": leverage.float(),
-                "residual": residual.float(),
             }
+            # row norms of the stored vectors bound the error of low-precision scoring (das_sd.topk)
+            norms = {f"norm.{k}": v.float().norm(dim=1) for k, v in vectors.items()}
+            yield vectors | norms | {"leverage": leverage.float(), "residual": residual.float()}
     files = store.write_index_files(feature_set, index_shards())
     info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
             "kernel_trace": float(torch.trace(kernel)), "k": k, "dtype": str(dtype).removeprefix("torch."),

@@ -1,0 +1,138 @@
+"""Shared pieces of the benchmarks: model configurations, isolated worker processes, peak memory.
+
+Each measurement runs in its own Python process, so that one method's allocations (and the allocator's
+cache) never count against another's peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+# SD 1.x topology (4 levels, 2 ResNet + transformer layers per level, 768-wide text states, 77
+# tokens) at a width and resolution this CPU can time in seconds. Random weights: speed only.
+SD_PROPORTIONS = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(64, 128, 256, 256),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux; else a no-op). A child's
+    ru_maxrss starts at its parent's, so getrusage cannot measure a worker's own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5\n")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_model(config: str, rank: int, device: str):
+    """(pipe-like object with .unet/.scheduler, latents (n, 4, h, w) maker, cond (n, T, d) maker)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from das_sd.train import LoraRecipe, add_lora_adapter
+
+    if config == "demo":
+        from das_sd.models.loading import embedded_demo_lora_path, load_lora, load_pipeline
+
+        pipe = load_pipeline(device=device)
+        load_lora(pipe, embedded_demo_lora_path())
+        for name, p in pipe.unet.named_parameters():
+            p.requires_grad_("lora_" in name)
+        size = pipe.unet.config.sample_size
+        cond_shape = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+        return pipe, (4, size, size), cond_shape
+    if config != "sd-proportions":
+        raise ValueError(f"unknown config {config!r}")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD_PROPORTIONS)
+    add_lora_adapter(unet, LoraRecipe(rank=rank))
+    with torch.no_grad():  # a trained LoRA has B != 0; peft initialises B = 0
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    unet.to(device).eval()
+    pipe = SimpleNamespace(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    size = SD_PROPORTIONS["sample_size"]
+    return pipe, (4, size, size), (77, SD_PROPORTIONS["cross_attention_dim"])
+
+
+class Meter:
+    """Throughput and peak extra memory of a callable, after one warm-up call."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def measure(self, fn, rows: int, repeats: int) -> dict:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            reset_peak_rss()
+            base = rss_bytes()
+        fn()  # warm-up (allocator, one-time caches); its peak counts: the same work
+        self._sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            self._sync()
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else peak_rss_bytes()) - base
+        best = min(times)
+        return {"rows": rows, "seconds": best, "rows_per_s": rows / best, "peak_extra_mb": peak / 2**20,
+                "all_seconds": times}
+
+
+def run_worker(script: Path, spec: dict, timeout: float = 1800) -> dict:
+    """Run ``script --worker SPEC`` in a fresh process; it prints one JSON line last."""
+    env = os.environ | {"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def save_results(name: str, payload: dict) -> Path:
+    from das_sd.io import atomic_write_json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()} | payload
+    atomic_write_json(path, payload)
+    return path

@@ -1,0 +1,178 @@
+"""Featurization cost against a training step and against a published-style reference featurizer.
+
+    python benchmarks/featurize.py [--configs demo,sd-proportions] [--ranks 4,16] [--device cpu]
+
+Per configuration, three ways to process the same rows (a row = one sample at one timestep):
+  train      a plain batched training step: forward + backward of the diffusion loss, same LoRA
+  das-sd     das_sd's Featurizer: per-timestep-normalised, projected LoRA gradients (k = --dim)
+  reference  as the published DAS / D-TRAK code: torch.func vmap(grad(functional_call)) per-sample
+             LoRA gradients, then a dense Gaussian projection generated block by block from a seed
+Each runs in its own process (peak memory is the growth over the loaded model). Prints rows/s, peak
+memory and the ratios the performance targets are about; writes benchmarks/results/featurize.json.
+Residual weights (forward passes only) are timed separately: they are not gradient work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Meter, load_model, run_worker, save_results  # noqa: E402
+
+
+def _inputs(pipe, latent_shape, cond_shape, samples: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(samples, *latent_shape, generator=g).to(device)
+    cond = (torch.randn(samples, *cond_shape, generator=g) * 0.5).to(device)
+    return x0, cond, [f"sample-{i}" for i in range(samples)]
+
+
+def train_step_fn(pipe, x0, cond, timesteps: int):
+    """One optimisation step's gradient work over samples x timesteps rows."""
+    from das_sd.featurize.featurizer import alphas_cumprod_of
+    from das_sd.featurize.gradients import noisy_latents
+
+    unet = pipe.unet
+    alphas = alphas_cumprod_of(pipe).to(x0.device)
+    rows_x0 = x0.repeat_interleave(timesteps, 0)
+    rows_c = cond.repeat_interleave(timesteps, 0)
+    t = torch.randint(0, len(alphas), (len(rows_x0),), generator=torch.Generator().manual_seed(1)).to(x0.device)
+    noise = torch.randn_like(rows_x0)
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def step():
+        pred = unet(noisy_latents(rows_x0, noise, t, alphas), t, encoder_hidden_states=rows_c).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        for p in params:
+            p.grad = None
+    return step
+
+
+def das_sd_fn(pipe, x0, cond, keys, timesteps: int, dim: int):
+    from das_sd.featurize.featurizer import Featurizer
+    from das_sd.featurize.settings import FeaturizerSettings
+
+    featurizer = Featurizer(pipe, FeaturizerSettings(num_timesteps=timesteps, projection_dim=dim))
+    return lambda: featurizer.features(x0, cond, keys), featurizer
+
+
+def residual_fn(featurizer, x0, cond, keys):
+    return lambda: featurizer.residuals(x0, cond, keys)
+
+
+def reference_fn(pipe, x0, cond, timesteps: int, dim: int, block_rows: int = 16384):
+    """The published recipe: vmap over per-sample grads, flatten, dense Gaussian projection in blocks."""
+    from torch.func import functional_call, grad, vmap
+
+    from das_sd.featurize.featurizer import alphas_cumprod_of
+    from das_sd.featurize.gradients import noisy_latents
+    from das_sd.featurize.settings import uniform_grid
+
+    unet = pipe.unet
+    alphas = alphas_cumprod_of(pipe).to(x0.device)
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+    num_params = sum(p.numel() for p in params.values())
+    grid = torch.tensor(uniform_grid(timesteps, len(alphas)), device=x0.device)
+    rows_x0 = x0.repeat_interleave(timesteps, 0)
+    rows_c = cond.repeat_interleave(timesteps, 0)
+    rows_t = grid.repeat(len(x0))
+    noise = torch.randn_like(rows_x0)
+    xt = noisy_latents(rows_x0, noise, rows_t, alphas)
+
+    def f(p, x, t, c):
+        pred = functional_call(unet, p, (x[None], t[None]), {"encoder_hidden_states": c[None]}).sample
+        return pred.abs().mean()
+
+    per_sample = vmap(grad(f), in_dims=(None, 0, 0, 0))
+
+    def run():
+        g = per_sample(params, xt, rows_t, rows_c)
+        flat = torch.cat([g[n].reshape(len(xt), -1) for n in names], dim=1)
+        flat = flat / flat.norm(dim=1, keepdim=True)
+        out = torch.zeros(len(xt), dim, device=x0.device)
+        for b, start in enumerate(range(0, num_params, block_rows)):
+            gen = torch.Generator(device=x0.device).manual_seed(b)
+            block = torch.randn(min(block_rows, num_params - start), dim, generator=gen, device=x0.device)
+            out += flat[:, start:start + block_rows] @ block / dim ** 0.5
+        return out.view(len(x0), timesteps, dim).mean(1)
+    return run
+
+
+def worker(spec: dict) -> dict:
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    device = spec["device"]
+    pipe, latent_shape, cond_shape = load_model(spec["config"], spec["rank"], device)
+    x0, cond, keys = _inputs(pipe, latent_shape, cond_shape, spec["samples"], device)
+    rows = spec["samples"] * spec["timesteps"]
+    meter = Meter(device)
+    if spec["method"] == "train":
+        fn = train_step_fn(pipe, x0, cond, spec["timesteps"])
+    elif spec["method"] == "das-sd":
+        fn, _ = das_sd_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"])
+    elif spec["method"] == "residuals":
+        _, featurizer = das_sd_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"])
+        fn = residual_fn(featurizer, x0, cond, keys)
+        result = meter.measure(fn, spec["samples"], spec["repeats"])
+        return result | {"unit": "samples (T_E = 100 forward passes each)"}
+    elif spec["method"] == "reference":
+        fn = reference_fn(pipe, x0, cond, spec["timesteps"], spec["dim"])
+    else:
+        raise ValueError(spec["method"])
+    from das_sd.featurize.gradients import num_lora_parameters
+    return meter.measure(fn, rows, spec["repeats"]) | {"lora_parameters": num_lora_parameters(pipe.unet)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--configs", default="demo,sd-proportions")
+    parser.add_argument("--ranks", default="4,16", help="LoRA ranks of the sd-proportions config")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dim", type=int, default=2048, help="k")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="train,das-sd,reference,residuals")
+    parser.add_argument("--out", default="featurize")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    script = Path(__file__).resolve()
+    runs = []
+    for config in args.configs.split(","):
+        # rows per call: demo 8 samples x 8 timesteps; the wider model 2 x 4 (seconds per call here)
+        samples, timesteps = (8, 8) if config == "demo" else (2, 4)
+        if args.device.startswith("cuda"):
+            samples *= 4
+        for rank in ([8] if config == "demo" else [int(r) for r in args.ranks.split(",")]):
+            entry = {"config": config, "rank": rank, "samples": samples, "timesteps": timesteps, "methods": {}}
+            for method in args.methods.split(","):
+                spec = {"config": config, "rank": rank, "method": method, "samples": samples,
+                        "timesteps": timesteps, "dim": args.dim, "repeats": args.repeats, "device": args.device}
+                entry["methods"][method] = run_worker(script, spec)
+                r = entry["methods"][method]
+                shown = r.get("error") or f"{r['rows_per_s']:9.1f} rows/s  peak +{r['peak_extra_mb']:7.1f} MB"
+                print(f"{config:15s} r={rank:<3d} {method:10s} {shown}", flush=True)
+            m = entry["methods"]
+            ok = lambda name: name in m and "error" not in m[name]  # noqa: E731
+            if ok("das-sd") and ok("train"):
+                entry["throughput_vs_train"] = m["das-sd"]["rows_per_s"] / m["train"]["rows_per_s"]
+                entry["memory_vs_train"] = m["das-sd"]["peak_extra_mb"] / max(m["train"]["peak_extra_mb"], 1e-9)
+            if ok("das-sd") and ok("reference"):
+                entry["throughput_vs_reference"] = m["das-sd"]["rows_per_s"] / m["reference"]["rows_per_s"]
+            ratios = {k: round(v, 3) for k, v in entry.items() if k.endswith(("_train", "_reference"))}
+            print(f"{config:15s} r={rank:<3d} ratios {ratios}", flush=True)
+            runs.append(entry)
+    path = save_results(args.out, {"device": args.device, "dim": args.dim, "command": " ".join(sys.argv),
+                                   "targets": {"throughput_vs_train": ">= 0.67", "throughput_vs_reference": ">= 10",
+                                               "memory_vs_train": "<= 2"}, "runs": runs})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
