@@ -151,14 +151,23 @@ class Attributor:
         vae = self.pipe.vae
         return (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float()
 
-    def query_features(self, latents: torch.Tensor, prompts: list[str],
-                       cond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Projected features of each query, per feature set. ``cond``: the prompt embeddings the
-        pipeline used (default: the prompts encoded by the pipeline's text encoder)."""
+    def query_features(self, latents: torch.Tensor, prompts: list[str], cond: torch.Tensor | None = None,
+                       feature_sets: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Projected features of each query, per feature set (default: all of the store's, so that a
+        caller can rank with every method). ``cond``: the prompt embeddings the pipeline used
+        (default: the prompts encoded by the pipeline's text encoder)."""
         if cond is None:
             cond = encode_prompts(self.pipe, prompts)
         keys = [QUERY_NOISE_KEY] * len(prompts)
-        return {name: f.features(latents, cond, keys).cpu() for name, f in self.featurizers.items()}
+        names = feature_sets or list(self.featurizers)
+        return {name: self.featurizers[name].features(latents, cond, keys).cpu() for name in names}
+
+    def _features_for(self, name: str, latents, prompts, features, cond) -> dict[str, torch.Tensor]:
+        """``features`` completed with the feature set method ``name`` needs (only that one is computed)."""
+        needed = method(name).feature_set
+        if features is not None and needed in features:
+            return features
+        return {**(features or {}), **self.query_features(latents, prompts, cond, [needed])}
 
     def scores(self, latents: torch.Tensor, prompts: list[str], name: str,
                features: dict[str, torch.Tensor] | None = None,
@@ -170,7 +179,7 @@ class Attributor:
         if m.feature_set is None:
             t = latent_similarity(latents.cpu(), self._train_latents())
         else:
-            features = features or self.query_features(latents, prompts, cond)
+            features = self._features_for(name, latents, prompts, features, cond)
             if name not in self._train:
                 self._train[name] = train_vectors(self.store, name)
             t = raw_scores(features[m.feature_set], self._train[name])
@@ -202,7 +211,7 @@ class Attributor:
             raise QueryError(f"latents of shape {tuple(latents.shape[1:])}; the store's model uses "
                              f"({expected[0]}, {expected[1]}, {expected[1]})")
         if self.streams(method):
-            features = features or self.query_features(latents, prompts, cond)
+            features = self._features_for(method, latents, prompts, features, cond)
             top = stream_topk(self.store, method, features[METHODS[method].feature_set], top_k)
         else:
             score, sign = self.scores(latents, prompts, method, features, cond)

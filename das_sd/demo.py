@@ -62,6 +62,19 @@ def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_
     return paths
 
 
+def _default_settings() -> dict:
+    from .featurize.build import default_feature_sets
+
+    return {name: {k: v for k, v in s.to_dict().items() if k != "timesteps"}
+            for name, s in default_feature_sets().items()}
+
+
+def _stored_settings(store) -> dict:
+    """The stored settings without the resolved timestep list (the defaults leave it to K)."""
+    return {name: {k: v for k, v in s.items() if k != "timesteps"}
+            for name, s in store.identity.get("feature_sets", {}).items()}
+
+
 def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True, pipe=None) -> Path:
     """Featurize the demo set with the default settings (resuming a partial store) and index it.
 
@@ -81,8 +94,9 @@ def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress:
             store = FeatureStore.open(store_dir)
         except StoreError:
             store = None
-        if store is None or store.identity.get("lora_fingerprint") != lora_fingerprint(lora):
-            shutil.rmtree(store_dir)
+        if store is None or store.identity.get("lora_fingerprint") != lora_fingerprint(lora) \
+                or _stored_settings(store) != _default_settings():
+            shutil.rmtree(store_dir)  # another LoRA, or the defaults changed since (a new das-sd)
             store = None
     if store is None or not store.manifest.get("complete"):
         if pipe is None:
