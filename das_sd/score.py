@@ -11,6 +11,7 @@ Baselines (section 8) are other psi / transforms over the same code path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -76,19 +77,21 @@ def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
 TRAIN_ARRAYS = ("kernel_solved", "psi_das", "psi_das_noleverage")
 
 
-def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32) -> dict:
-    """Solve the kernel once and store psi for every method on ``feature_set``, one index file per
-    feature shard. ``dtype``: storage of the train-side vectors (float16 halves what scoring reads)."""
+def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule,
+                 dtype: torch.dtype = torch.float32) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
+    """Solve the kernel once; returns the index info and a generator of its arrays, shard by shard
+    (float64 only for one shard; the leverage range in the info is complete once it is exhausted)."""
     kernel = gram(store, feature_set)
     lam = rule.resolve(kernel)
     if not lam > 0:
         raise ValueError(f"lambda must be positive (got {lam}); the features may all be zero")
     k = kernel.shape[0]
     chol = torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
-    # second pass, shard by shard: float64 only for one shard, the outputs are float32 (or ``dtype``)
-    leverage_range = [float("inf"), float("-inf")]
+    info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
+            "kernel_trace": float(torch.trace(kernel)), "k": k, "dtype": str(dtype).removeprefix("torch."),
+            "leverage_range": [float("inf"), float("-inf")]}
 
-    def index_shards():
+    def shards():
         for _, arrays in store.iter_shards([f"features.{feature_set}", f"residuals.{feature_set}"]):
             phi = arrays[f"features.{feature_set}"].double()
             residual = arrays[f"residuals.{feature_set}"].double()
@@ -97,8 +100,8 @@ def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: 
             if leverage.min() < -1e-9 or leverage.max() >= 1:
                 raise ArithmeticError(f"leverage outside [0, 1): [{leverage.min():.3g}, {leverage.max():.3g}]")
             leverage = leverage.clamp_min(0)
-            leverage_range[:] = [min(leverage_range[0], float(leverage.min())),
-                                 max(leverage_range[1], float(leverage.max()))]
+            low, high = info["leverage_range"]
+            info["leverage_range"] = [min(low, float(leverage.min())), max(high, float(leverage.max()))]
             vectors = {
                 "kernel_solved": solved.to(dtype),  # trak / dtrak: G^-1 phi_i
                 "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(dtype),
@@ -107,12 +110,26 @@ def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: 
             # row norms of the stored vectors bound the error of low-precision scoring (das_sd.topk)
             norms = {f"norm.{k}": v.float().norm(dim=1) for k, v in vectors.items()}
             yield vectors | norms | {"leverage": leverage.float(), "residual": residual.float()}
-    files = store.write_index_files(feature_set, index_shards())
-    info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
-            "kernel_trace": float(torch.trace(kernel)), "k": k, "dtype": str(dtype).removeprefix("torch."),
-            "leverage_range": leverage_range}
+    return info, shards()
+
+
+def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32) -> dict:
+    """Solve the kernel once and store psi for every method on ``feature_set``, one index file per
+    feature shard. ``dtype``: storage of the train-side vectors (float16 halves what scoring reads)."""
+    info, shards = index_arrays(store, feature_set, rule, dtype)
+    files = store.write_index_files(feature_set, shards)
     store.record_index(feature_set, files, info)
     return info
+
+
+def index_in_memory(store: FeatureStore, feature_set: str, rule: LambdaRule) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The index arrays for another lambda without writing them (e.g. to sweep lambda)."""
+    info, shards = index_arrays(store, feature_set, rule)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for arrays in shards:
+        for name, value in arrays.items():
+            parts.setdefault(name, []).append(value)
+    return info, {name: torch.cat(values) for name, values in parts.items()}
 
 
 def train_array(name: str) -> tuple[str, str]:

@@ -167,12 +167,24 @@ def test_eval_lds_command_end_to_end_on_a_tiny_store(demo, tmp_path, capsys):
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert set(first["query_sets"]) == {"val", "gen"}
-    assert first["query_sets"]["val"]["queries"] == 2 and first["query_sets"]["gen"]["queries"] == 1
-    assert {"das", "tracin"} <= set(first["query_sets"]["val"]["lds"])
+    val, gen = first["query_sets"]["val"], first["query_sets"]["gen"]
+    # val: one query held out to choose lambda, the other reported; gen (one query) is not split
+    assert (val["queries"], val["tune_queries"], gen["queries"], gen["tune_queries"]) == (1, 1, 1, 0)
+    assert not set(val["query_keys"]) & set(val["tune_keys"])
+    assert {"das", "tracin"} <= set(val["lds"])
+    curve = first["lambda"]["das"]["curve"]
+    assert [p["rho"] for p in curve] == [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
+    best = max((p for p in curve if p["tune"] == p["tune"]), key=lambda p: p["tune"])  # skip nan
+    assert first["lambda"]["das"]["chosen_rho"] == best["rho"]
+    assert val["lds"]["das"]["lds"] == next(p for p in curve if p["rho"] == best["rho"])["report"]["val"]
+    assert val["lds"]["tracin"] == val["lds_store_lambda"]["tracin"]  # no kernel, no lambda
+    assert "tracin" not in first["lambda"]
     assert first["plan"]["recipe"]["steps"] == 6  # the attributed LoRA's own recipe
     assert main(argv) == 0  # everything cached: the same numbers again
     assert json.loads(capsys.readouterr().out) == first
     assert main([*argv[:-1], "--subsets", "4", "--json"]) == 2
     assert "holds an LDS run with other settings" in capsys.readouterr().err
+    assert main([*argv[:-1], "--rho-grid", "1,x", "--json"]) == 2
+    assert "--rho-grid '1,x'" in capsys.readouterr().err
     assert main([*argv[:7], str(data), *argv[8:]]) == 2  # training images as val queries
     assert "training images of the store" in capsys.readouterr().err

@@ -36,7 +36,14 @@ def cmd_eval_lds(args) -> None:
         query_sets.append(val_queries(attributor, args.val, args.val_limit))
     if args.prompts:
         query_sets.append(gen_queries(attributor, read_prompt_file(args.prompts), args.seeds))
+    try:
+        grid = tuple(float(x) for x in args.rho_grid.split(",")) if args.rho_grid else LDSSettings.rho_grid
+    except ValueError:
+        raise ValueError(f"--rho-grid {args.rho_grid!r}: expected comma-separated numbers, e.g. 1,10,100") from None
+    if not grid or min(grid) <= 0:
+        raise ValueError(f"--rho-grid {args.rho_grid!r}: rho values must be positive")
     settings = LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
+                           tune_fraction=args.tune_fraction, rho_grid=grid,
                            output_noise_draws=args.output_noise_draws)
     methods = args.methods.split(",") if args.methods else None
     results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers)
@@ -44,9 +51,12 @@ def cmd_eval_lds(args) -> None:
         print(json.dumps(results, indent=2))
         return
     for name, block in results["query_sets"].items():
-        print(f"LDS ({name}, {block['queries']} queries, M = {args.subsets} subsets):")
+        print(f"LDS ({name}, {block['queries']} reported queries, {block['tune_queries']} more held out for "
+              f"lambda, M = {args.subsets} subsets):")
         for method_name, r in block["lds"].items():
-            print(f"  {method_name:32s} {r['lds']:+.3f}  [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]")
+            rho = results["lambda"].get(method_name, {}).get("chosen_rho")
+            note = f"  (rho {rho:g})" if rho is not None else ""
+            print(f"  {method_name:32s} {r['lds']:+.3f}  [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]{note}")
 
 
 def add_eval_commands(sub) -> None:
@@ -73,6 +83,10 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--subsets", type=int, default=16, help="M (the papers use 64)")
     p.add_argument("--repeats", type=int, default=1, help="LoRAs per subset (seeds), outputs averaged")
     p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    p.add_argument("--tune-fraction", type=float, default=0.5,
+                   help="share of each query set held out to choose lambda (never reported)")
+    p.add_argument("--rho-grid", default=None, help="comma-separated rho values for lambda = rho trace / k "
+                   "(default 0.1,1,10,100,1000,10000)")
     p.add_argument("--output-timesteps", type=int, default=50)
     p.add_argument("--output-noise-draws", type=int, default=4)
     p.add_argument("--methods", default=None)

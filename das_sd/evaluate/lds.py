@@ -35,6 +35,9 @@ class LDSSettings:
     output_noise_draws: int = 4  # noise draws per timestep
     output_seed: int = 0
     bootstrap: int = 1000
+    tune_fraction: float = 0.5  # of each query set, held out to choose lambda (never reported)
+    split_seed: int = 0
+    rho_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # lambda = rho trace / k
 
 
 def draw_subsets(n: int, settings: LDSSettings) -> np.ndarray:
@@ -225,6 +228,55 @@ def _query_digest(queries: LDSQueries, settings: LDSSettings) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def split_queries(queries: LDSQueries, settings: LDSSettings) -> tuple[LDSQueries | None, LDSQueries]:
+    """(tune, report): a seeded ``tune_fraction`` of the queries chooses lambda, the rest is reported.
+    A set of one query is not split (no tune part)."""
+    n = len(queries.keys)
+    n_tune = min(n - 1, max(1, int(n * settings.tune_fraction))) if n > 1 and settings.tune_fraction > 0 else 0
+    if n_tune == 0:
+        return None, queries
+    order = np.random.default_rng(settings.split_seed).permutation(n)
+
+    def take(name: str, idx: np.ndarray) -> LDSQueries:
+        idx = sorted(idx.tolist())
+        return LDSQueries(name, [queries.keys[i] for i in idx], queries.latents[idx], [queries.prompts[i] for i in idx])
+    return take(f"{queries.name}-tune", order[:n_tune]), take(queries.name, order[n_tune:])
+
+
+def lambda_curves(attributor, parts: list[tuple[LDSQueries, np.ndarray, LDSQueries, np.ndarray]],
+                  masks: np.ndarray, methods: list[str], settings: LDSSettings) -> dict:
+    """For every kernel method: LDS over the rho grid on the tune queries (pooled over the query
+    sets) and on the reported ones, and the rho with the best tune LDS. ``parts``: per query set
+    (tune queries or None, their outputs, reported queries, their outputs)."""
+    from ..score import LambdaRule, index_in_memory, method, rank_scores, raw_scores, train_array
+
+    kernel_methods = [m for m in methods if method(m).kernel]
+    sets = {method(m).feature_set for m in kernel_methods}
+    features = [(t and attributor.query_features(t.latents, t.prompts, feature_sets=sorted(sets)), t_out,
+                 attributor.query_features(r.latents, r.prompts, feature_sets=sorted(sets)), r_out, r.name)
+                for t, t_out, r, r_out in parts]
+    curves: dict[str, dict] = {m: {"points": []} for m in kernel_methods}
+    for rho in settings.rho_grid:
+        solved = {fs: index_in_memory(attributor.store, fs, LambdaRule(rho=rho)) for fs in sets}
+        for name in kernel_methods:
+            fs = method(name).feature_set
+            info, arrays = solved[fs]
+            psi = arrays[train_array(name)[1]]
+            tune_values, point = [], {"rho": rho, "lambda": info["lambda"], "report": {}}
+            for t_feat, t_out, r_feat, r_out, set_name in features:
+                if t_feat is not None:
+                    tune = lds(rank_scores(name, raw_scores(t_feat[fs], psi))[0].double().numpy(), masks, t_out, 10)
+                    tune_values += [v for v in tune["per_query"] if not np.isnan(v)]
+                point["report"][set_name] = lds(rank_scores(name, raw_scores(r_feat[fs], psi))[0].double().numpy(),
+                                                masks, r_out, settings.bootstrap)
+            point["tune"] = float(np.mean(tune_values)) if tune_values else float("nan")
+            curves[name]["points"].append(point)
+    for name, curve in curves.items():
+        tuned = [p for p in curve["points"] if not np.isnan(p["tune"])]
+        curve["chosen_rho"] = max(tuned, key=lambda p: p["tune"])["rho"] if tuned else None
+    return curves
+
+
 def evaluate_lds(attributor, queries: LDSQueries, masks: np.ndarray, outputs: np.ndarray, methods: list[str],
                  settings: LDSSettings) -> dict:
     """LDS of each method on one query set (scores from the attributor's store)."""
@@ -281,7 +333,8 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
     if dataset.keys != attributor.store.keys():
         raise ValueError(f"{dataset.root}: the dataset no longer matches the store's rows")
     masks = draw_subsets(len(dataset), settings)
-    plan = {"settings": asdict(settings), "recipe": asdict(recipe), "store_id": attributor.store.store_id}
+    plan = json.loads(json.dumps({"settings": asdict(settings), "recipe": asdict(recipe),
+                                  "store_id": attributor.store.store_id}))  # as it reads back from plan.json
     plan_file = workdir / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
         raise ValueError(f"{workdir}: holds an LDS run with other settings, recipe or store; use another --workdir")
@@ -290,11 +343,29 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
     folders = retrain_subsets(attributor.base_path, dataset, masks, recipe, workdir, settings.repeats, workers, progress)
     methods = methods or [m for m in attributor.methods if m != "latent-sim"]
     results = {"plan": plan, "methods": methods, "query_sets": {}}
+    parts = []
     for queries in query_sets:
-        outputs = retrained_outputs(attributor.base_path, folders, queries, settings, progress)
-        per_method = evaluate_lds(attributor, queries, masks, outputs, methods, settings)
-        per_method["oracle (fitted to these outputs)"] = lds(oracle_scores(masks, outputs), masks, outputs,
-                                                             settings.bootstrap)
-        results["query_sets"][queries.name] = {"queries": len(queries.keys), "lds": per_method}
+        tune, report = split_queries(queries, settings)
+        tune_out = retrained_outputs(attributor.base_path, folders, tune, settings, progress) if tune else None
+        parts.append((tune, tune_out, report, retrained_outputs(attributor.base_path, folders, report, settings,
+                                                                progress)))
+    curves = lambda_curves(attributor, parts, masks, methods, settings)
+    for tune, _, report, outputs in parts:
+        per_method = evaluate_lds(attributor, report, masks, outputs, methods, settings)  # the store's lambda
+        block = {"queries": len(report.keys), "tune_queries": len(tune.keys) if tune else 0,
+                 "query_keys": report.keys, "tune_keys": tune.keys if tune else [],
+                 "lds_store_lambda": per_method, "lds": {}}
+        for name in methods:  # kernel methods at the lambda chosen on the tune queries
+            chosen = curves.get(name, {}).get("chosen_rho")
+            block["lds"][name] = per_method[name] if chosen is None else next(
+                p["report"][report.name] for p in curves[name]["points"] if p["rho"] == chosen)
+        block["lds"]["oracle (fitted to these outputs)"] = lds(oracle_scores(masks, outputs), masks, outputs,
+                                                               settings.bootstrap)
+        results["query_sets"][report.name] = block
+    results["lambda"] = {name: {"chosen_rho": c["chosen_rho"],
+                                "curve": [{"rho": p["rho"], "lambda": p["lambda"], "tune": p["tune"],
+                                           "report": {k: v["lds"] for k, v in p["report"].items()}}
+                                          for p in c["points"]]}
+                         for name, c in curves.items()}
     atomic_write_json(workdir / "lds.json", results)
     return results
