@@ -188,3 +188,29 @@ def test_eval_lds_command_end_to_end_on_a_tiny_store(demo, tmp_path, capsys):
     assert "--rho-grid '1,x'" in capsys.readouterr().err
     assert main([*argv[:7], str(data), *argv[8:]]) == 2  # training images as val queries
     assert "training images of the store" in capsys.readouterr().err
+
+
+def test_retraining_on_a_local_ray_cluster_gives_the_same_loras(demo, tmp_path):
+    ray = pytest.importorskip("ray")
+    import torch
+    from safetensors.torch import load_file
+
+    from das_sd.data.datasets import open_dataset
+    from das_sd.evaluate.lds import retrain_subsets
+    from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe
+
+    full = open_dataset(demo["data"])
+    dataset = full.subset(full.keys[::22][:12])
+    recipe = LoraRecipe(steps=6, batch_size=4, rank=2, alpha=2.0, seed=5)
+    masks = draw_subsets(len(dataset), LDSSettings(subsets=3))
+    local = retrain_subsets(demo["base"], dataset, masks, recipe, tmp_path / "local", progress=False)
+    try:
+        on_ray = retrain_subsets(demo["base"], dataset, masks, recipe, tmp_path / "ray", workers=2, progress=False,
+                                 ray_address="")
+    finally:
+        ray.shutdown()
+    for a, b in zip(local, on_ray):
+        x, y = load_file(str(a[0] / LORA_WEIGHT_NAME)), load_file(str(b[0] / LORA_WEIGHT_NAME))
+        assert x.keys() == y.keys()
+        for key in x:  # same seed rule; one thread per Ray task, so equal up to float reassociation
+            torch.testing.assert_close(y[key], x[key], rtol=1e-3, atol=1e-5)

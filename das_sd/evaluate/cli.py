@@ -46,7 +46,8 @@ def cmd_eval_lds(args) -> None:
                            tune_fraction=args.tune_fraction, rho_grid=grid,
                            output_noise_draws=args.output_noise_draws)
     methods = args.methods.split(",") if args.methods else None
-    results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers)
+    results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers,
+                      ray_address=args.ray)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -83,6 +84,8 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--subsets", type=int, default=16, help="M (the papers use 64)")
     p.add_argument("--repeats", type=int, default=1, help="LoRAs per subset (seeds), outputs averaged")
     p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="retrain as tasks on a Ray cluster (no ADDRESS: a local one with --workers CPUs)")
     p.add_argument("--tune-fraction", type=float, default=0.5,
                    help="share of each query set held out to choose lambda (never reported)")
     p.add_argument("--rho-grid", default=None, help="comma-separated rho values for lambda = rho trace / k "

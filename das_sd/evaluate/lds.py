@@ -162,8 +162,10 @@ def _train_one(job: tuple) -> str:
 
 
 def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Path, repeats: int = 1,
-                    workers: int = 1, progress: bool = True) -> list[list[Path]]:
-    """LoRA folders per subset and repeat, trained in ``workers`` processes; finished ones are kept."""
+                    workers: int = 1, progress: bool = True, ray_address: str | None = None) -> list[list[Path]]:
+    """LoRA folders per subset and repeat, trained in ``workers`` processes (or as tasks on a Ray
+    cluster when ``ray_address`` is given: "" for a local one; workers must see ``workdir``);
+    finished ones are kept."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
@@ -181,7 +183,19 @@ def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Pat
             row.append(out)
         folders.append(row)
     bar = tqdm(total=len(jobs), desc="retrain", unit="lora", disable=not progress)
-    if workers <= 1:
+    if ray_address is not None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False,
+                     **({"num_cpus": workers} if not ray_address and workers > 1 else {}))
+        task = ray.remote(num_cpus=1)(_train_one)
+        pending = [task.remote(job[:-1] + (1,)) for job in jobs]  # one thread per task
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+            bar.update(len(done))
+    elif workers <= 1:
         for job in jobs:
             _train_one(job)
             bar.update(1)
@@ -316,7 +330,8 @@ def gen_queries(attributor, prompts: list[str], seeds: int) -> LDSQueries:
 
 
 def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], settings: LDSSettings,
-            methods: list[str] | None = None, workers: int = 1, progress: bool = True) -> dict:
+            methods: list[str] | None = None, workers: int = 1, progress: bool = True,
+            ray_address: str | None = None) -> dict:
     """Retrain on M subsets with the attributed LoRA's recipe, then score every method on every
     query set from the same retrained models. Results are also written to workdir/lds.json."""
     from ..data.datasets import open_dataset
@@ -340,7 +355,8 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
         raise ValueError(f"{workdir}: holds an LDS run with other settings, recipe or store; use another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan_file, plan)
-    folders = retrain_subsets(attributor.base_path, dataset, masks, recipe, workdir, settings.repeats, workers, progress)
+    folders = retrain_subsets(attributor.base_path, dataset, masks, recipe, workdir, settings.repeats, workers, progress,
+                              ray_address)
     methods = methods or [m for m in attributor.methods if m != "latent-sim"]
     results = {"plan": plan, "methods": methods, "query_sets": {}}
     parts = []
