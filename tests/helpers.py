@@ -90,3 +90,33 @@ def store_arrays(store: Path) -> dict[str, torch.Tensor]:
         for k, v in load_file(str(shard)).items():
             out[f"{shard.name}/{k}"] = v
     return out
+
+
+def write_imagefolder(folder: Path, samples) -> Path:
+    """Copy dataset ``samples`` into an imagefolder dataset at ``folder``."""
+    (folder / "images").mkdir(parents=True)
+    for s in samples:
+        shutil.copy(s.path, folder / s.relpath)
+    (folder / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": s.relpath, "text": s.caption}) + "\n" for s in samples))
+    return folder
+
+
+def tiny_attributed_store(base: str, root: Path, samples):
+    """A LoRA trained 6 steps on ``samples`` (root/data, root/lora, its recipe recorded) and its
+    das-only store (root/store, K = 2), indexed: a whole attribution setup in about a minute."""
+    from das_sd.data.datasets import open_dataset
+    from das_sd.featurize.build import featurize_dataset
+    from das_sd.featurize.settings import FeaturizerSettings
+    from das_sd.models.loading import load_lora, load_pipeline
+    from das_sd.score import LambdaRule, build_index
+    from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, train_lora
+
+    dataset = open_dataset(write_imagefolder(root / "data", samples))
+    train_lora(base, dataset, root / "lora", LoraRecipe(steps=6, batch_size=4, rank=2, alpha=2.0), progress=False)
+    pipe = load_pipeline(base, device="cpu")
+    load_lora(pipe, root / "lora")
+    store = featurize_dataset(pipe, dataset, root / "store", Path(base), root / "lora" / LORA_WEIGHT_NAME,
+                              {"das": FeaturizerSettings(num_timesteps=2, residual_timesteps=4)}, progress=False)
+    build_index(store, "das", LambdaRule())
+    return dataset, store

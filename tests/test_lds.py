@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from das_sd.evaluate.lds import LDSSettings, draw_subsets, lds, model_outputs, oracle_scores, spearman
+from helpers import tiny_attributed_store, write_imagefolder
 
 
 def test_spearman_known_values():
@@ -132,33 +133,12 @@ def test_retraining_harness_is_cached_resumable_and_parallel(demo, tmp_path):
 def test_eval_lds_command_end_to_end_on_a_tiny_store(demo, tmp_path, capsys):
     """A 12-image LoRA and store, 3 subsets: the command runs, resumes from its cache, refuses a
     changed plan and training images given as val queries."""
-    from pathlib import Path
-
     from das_sd.cli import main
     from das_sd.data.datasets import open_dataset
-    from das_sd.featurize.build import featurize_dataset
-    from das_sd.featurize.settings import FeaturizerSettings
-    from das_sd.models.loading import load_lora, load_pipeline
-    from das_sd.score import LambdaRule, build_index
-    from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, train_lora
 
     full = open_dataset(demo["data"])
-    data, val = tmp_path / "data", tmp_path / "val"
-    for folder, samples in ((data, full.samples[::22][:12]), (val, full.samples[5::40][:2])):
-        (folder / "images").mkdir(parents=True)
-        for s in samples:
-            shutil.copy(s.path, folder / s.relpath)
-        (folder / "metadata.jsonl").write_text("".join(
-            json.dumps({"file_name": s.relpath, "text": s.caption}) + "\n" for s in samples))
-    dataset = open_dataset(data)
-    train_lora(demo["base"], dataset, tmp_path / "lora", LoraRecipe(steps=6, batch_size=4, rank=2, alpha=2.0),
-               progress=False)
-    pipe = load_pipeline(demo["base"], device="cpu")
-    load_lora(pipe, tmp_path / "lora")
-    store = featurize_dataset(pipe, dataset, tmp_path / "store", Path(demo["base"]),
-                              tmp_path / "lora" / LORA_WEIGHT_NAME,
-                              {"das": FeaturizerSettings(num_timesteps=2, residual_timesteps=4)}, progress=False)
-    build_index(store, "das", LambdaRule())
+    data, val = tmp_path / "data", write_imagefolder(tmp_path / "val", full.samples[5::40][:2])
+    _, store = tiny_attributed_store(demo["base"], tmp_path, full.samples[::22][:12])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("zorblat, a red circle on a blue background\n")
     argv = ["eval", "lds", "--store", str(store.root), "--workdir", str(tmp_path / "run"), "--val", str(val),

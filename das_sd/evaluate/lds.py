@@ -161,28 +161,25 @@ def _train_one(job: tuple) -> str:
     return out
 
 
-def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Path, repeats: int = 1,
-                    workers: int = 1, progress: bool = True, ray_address: str | None = None) -> list[list[Path]]:
-    """LoRA folders per subset and repeat, trained in ``workers`` processes (or as tasks on a Ray
-    cluster when ``ray_address`` is given: "" for a local one; workers must see ``workdir``);
-    finished ones are kept."""
+def training_job(base: Path, dataset, keys: list[str], out: Path, recipe, seed: int, threads: int = 1) -> tuple:
+    """One retraining: the LoRA recipe with ``seed`` on the samples ``keys`` of ``dataset``, into ``out``."""
+    return (str(base), str(dataset.root), dataset.format, list(keys), str(out), asdict(recipe) | {"seed": seed},
+            threads)
+
+
+def run_training_jobs(jobs: list[tuple], workers: int = 1, progress: bool = True, ray_address: str | None = None,
+                      desc: str = "retrain") -> None:
+    """Train every job (already finished ones are skipped): in this process, in ``workers`` spawned
+    processes, or as tasks on a Ray cluster when ``ray_address`` is given ("" for a local one of
+    ``workers`` CPUs; the cluster's workers must see the output folders)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
     from tqdm.auto import tqdm
 
-    keys = dataset.keys
-    jobs, folders = [], []
-    for j, mask in enumerate(masks):
-        row = []
-        for r in range(repeats):
-            out = workdir / f"subset-{j:03d}" / f"seed-{r}"
-            recipe_dict = asdict(recipe) | {"seed": subset_seed(recipe.seed, j, r)}
-            jobs.append((str(base), str(dataset.root), dataset.format, [k for k, m in zip(keys, mask) if m],
-                         str(out), recipe_dict, max(1, torch.get_num_threads() // workers)))
-            row.append(out)
-        folders.append(row)
-    bar = tqdm(total=len(jobs), desc="retrain", unit="lora", disable=not progress)
+    threads = max(1, torch.get_num_threads() // max(1, workers))
+    jobs = [job[:-1] + (threads if ray_address is None else 1,) for job in jobs]
+    bar = tqdm(total=len(jobs), desc=desc, unit="lora", disable=not progress)
     if ray_address is not None:
         import ray
 
@@ -190,10 +187,10 @@ def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Pat
             ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False,
                      **({"num_cpus": workers} if not ray_address and workers > 1 else {}))
         task = ray.remote(num_cpus=1)(_train_one)
-        pending = [task.remote(job[:-1] + (1,)) for job in jobs]  # one thread per task
+        pending = [task.remote(job) for job in jobs]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
+            ray.get(done)  # re-raises a task's error here
             bar.update(len(done))
     elif workers <= 1:
         for job in jobs:
@@ -204,6 +201,22 @@ def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Pat
             for _ in pool.map(_train_one, jobs):
                 bar.update(1)
     bar.close()
+
+
+def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Path, repeats: int = 1,
+                    workers: int = 1, progress: bool = True, ray_address: str | None = None) -> list[list[Path]]:
+    """LoRA folders per subset and repeat (see ``run_training_jobs``); finished ones are kept."""
+    keys = dataset.keys
+    jobs, folders = [], []
+    for j, mask in enumerate(masks):
+        row = []
+        for r in range(repeats):
+            out = workdir / f"subset-{j:03d}" / f"seed-{r}"
+            jobs.append(training_job(base, dataset, [k for k, m in zip(keys, mask) if m], out, recipe,
+                                     subset_seed(recipe.seed, j, r)))
+            row.append(out)
+        folders.append(row)
+    run_training_jobs(jobs, workers, progress, ray_address)
     return folders
 
 
@@ -329,24 +342,31 @@ def gen_queries(attributor, prompts: list[str], seeds: int) -> LDSQueries:
     return LDSQueries("gen", keys, torch.cat(latents), texts)
 
 
-def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], settings: LDSSettings,
-            methods: list[str] | None = None, workers: int = 1, progress: bool = True,
-            ray_address: str | None = None) -> dict:
-    """Retrain on M subsets with the attributed LoRA's recipe, then score every method on every
-    query set from the same retrained models. Results are also written to workdir/lds.json."""
+def attributed_recipe_and_data(attributor):
+    """The recipe the attributed LoRA was trained with (its lora_record.json) and the store's dataset:
+    what every retraining of an evaluation repeats."""
     from ..data.datasets import open_dataset
     from ..train import LoraRecipe, read_record
 
-    workdir = Path(workdir)
     record = read_record(attributor.lora_path.parent)
     if not record:
-        raise ValueError(f"{attributor.lora_path}: no lora_record.json beside it; LDS retrains with the "
+        raise ValueError(f"{attributor.lora_path}: no lora_record.json beside it; evaluations retrain with the "
                          "attributed LoRA's recipe, so the LoRA must come from `das-sd train-lora`")
     recipe = LoraRecipe(**{k: v for k, v in record["recipe"].items() if k in LoraRecipe.__dataclass_fields__})
     info = attributor.store.manifest.get("info", {})
     dataset = open_dataset(info["dataset_root"], info.get("dataset_format", "auto"))
     if dataset.keys != attributor.store.keys():
         raise ValueError(f"{dataset.root}: the dataset no longer matches the store's rows")
+    return recipe, dataset
+
+
+def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], settings: LDSSettings,
+            methods: list[str] | None = None, workers: int = 1, progress: bool = True,
+            ray_address: str | None = None) -> dict:
+    """Retrain on M subsets with the attributed LoRA's recipe, then score every method on every
+    query set from the same retrained models. Results are also written to workdir/lds.json."""
+    workdir = Path(workdir)
+    recipe, dataset = attributed_recipe_and_data(attributor)
     masks = draw_subsets(len(dataset), settings)
     plan = json.loads(json.dumps({"settings": asdict(settings), "recipe": asdict(recipe),
                                   "store_id": attributor.store.store_id}))  # as it reads back from plan.json
