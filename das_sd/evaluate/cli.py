@@ -80,58 +80,54 @@ def cmd_eval_counterfactual(args) -> None:
         print(f"  {name:32s} {r['pixel']:10.4f} {r['latent']:10.4f}")
 
 
-def add_eval_commands(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate attribution methods (planted ground truth, ...)")
-    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
+def _store_flags(p) -> None:
+    """Flags every evaluation shares: the store, its model overrides, the methods, JSON output."""
     p.add_argument("--store", required=True)
-    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
-    p.add_argument("--split", default="test", choices=["test", "tune"], help="query split (choose settings on tune)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all the store supports)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--base", default=None)
     p.add_argument("--lora", default=None)
     p.add_argument("--device", default=None)
+
+
+def _retraining_flags(p, results: str) -> None:
+    p.add_argument("--workdir", required=True, help=f"retrained LoRAs and {results} (cached: a rerun resumes)")
+    p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="retrain as tasks on a Ray cluster (no ADDRESS: a local one with --workers CPUs)")
+
+
+def add_eval_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate attribution methods (ground truth, LDS, counterfactuals)")
+    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
+    _store_flags(p)
+    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
+    p.add_argument("--split", default="test", choices=["test", "tune"], help="query split (choose settings on tune)")
     p.set_defaults(func=cmd_eval_groundtruth)
 
     p = evals.add_parser("lds", help="Linear Datamodeling Score: retrain on random half subsets, correlate")
-    p.add_argument("--store", required=True)
-    p.add_argument("--workdir", required=True, help="retrained LoRAs and outputs (cached: a rerun resumes)")
+    _store_flags(p)
+    _retraining_flags(p, "outputs")
     p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
     p.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
     p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--subsets", type=int, default=16, help="M (the papers use 64)")
     p.add_argument("--repeats", type=int, default=1, help="LoRAs per subset (seeds), outputs averaged")
-    p.add_argument("--workers", type=int, default=1, help="retraining processes")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="retrain as tasks on a Ray cluster (no ADDRESS: a local one with --workers CPUs)")
     p.add_argument("--tune-fraction", type=float, default=0.5,
                    help="share of each query set held out to choose lambda (never reported)")
     p.add_argument("--rho-grid", default=None, help="comma-separated rho values for lambda = rho trace / k "
                    "(default 0.1,1,10,100,1000,10000)")
     p.add_argument("--output-timesteps", type=int, default=50)
     p.add_argument("--output-noise-draws", type=int, default=4)
-    p.add_argument("--methods", default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--base", default=None)
-    p.add_argument("--lora", default=None)
-    p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval_lds)
 
     p = evals.add_parser("counterfactual", help="remove each method's top-k, retrain, regenerate, measure the change")
-    p.add_argument("--store", required=True)
-    p.add_argument("--workdir", required=True, help="retrained LoRAs and results (cached: a rerun resumes)")
+    _store_flags(p)
+    _retraining_flags(p, "results")
     p.add_argument("--prompts", required=True, help="text file of prompts (generations with seeds 0..N-1)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--top-k", type=int, default=10, help="training images removed per method and generation")
     p.add_argument("--random-draws", type=int, default=1, help="random-removal controls per generation")
-    p.add_argument("--methods", default=None)
-    p.add_argument("--workers", type=int, default=1, help="retraining processes")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="retrain as tasks on a Ray cluster (no ADDRESS: a local one with --workers CPUs)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--base", default=None)
-    p.add_argument("--lora", default=None)
-    p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval_counterfactual)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write_json
-from .lds import attributed_recipe_and_data, run_training_jobs, training_job
+from .retrain import attributed_recipe_and_data, run_training_jobs, training_job
 
 RANDOM = "random"
 FULL = "full set (retraining noise)"
