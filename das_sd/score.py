@@ -74,14 +74,12 @@ def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
     return kernel
 
 
-TRAIN_ARRAYS = ("kernel_solved", "psi_das", "psi_das_noleverage")
-
-
-def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule,
-                 dtype: torch.dtype = torch.float32) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
+def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32,
+                 kernel: torch.Tensor | None = None) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
     """Solve the kernel once; returns the index info and a generator of its arrays, shard by shard
-    (float64 only for one shard; the leverage range in the info is complete once it is exhausted)."""
-    kernel = gram(store, feature_set)
+    (float64 only for one shard; the leverage range in the info is complete once it is exhausted).
+    ``kernel``: Phi^T Phi when the caller has it already (a lambda sweep)."""
+    kernel = gram(store, feature_set) if kernel is None else kernel
     lam = rule.resolve(kernel)
     if not lam > 0:
         raise ValueError(f"lambda must be positive (got {lam}); the features may all be zero")
@@ -122,9 +120,10 @@ def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: 
     return info
 
 
-def index_in_memory(store: FeatureStore, feature_set: str, rule: LambdaRule) -> tuple[dict, dict[str, torch.Tensor]]:
+def index_in_memory(store: FeatureStore, feature_set: str, rule: LambdaRule,
+                    kernel: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The index arrays for another lambda without writing them (e.g. to sweep lambda)."""
-    info, shards = index_arrays(store, feature_set, rule)
+    info, shards = index_arrays(store, feature_set, rule, kernel=kernel)
     parts: dict[str, list[torch.Tensor]] = {}
     for arrays in shards:
         for name, value in arrays.items():

@@ -61,6 +61,11 @@ def _diff(expected, found, prefix: str = "") -> list[str]:
     return []
 
 
+def blocks_of(rows: list[Row], shard_size: int) -> list[list[Row]]:
+    """``rows`` cut into shard-sized blocks, in order."""
+    return [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)]
+
+
 class FeatureStore:
     def __init__(self, root: Path, manifest: dict):
         self.root = root
@@ -156,8 +161,7 @@ class FeatureStore:
 
     def plan(self, rows: list[Row]) -> list[list[Row]]:
         """Missing rows cut into shard-sized blocks, in order: the work left to do."""
-        todo = self.missing(rows)
-        return [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+        return blocks_of(self.missing(rows), self.shard_size)
 
     # ---- writing ------------------------------------------------------------------------------
 

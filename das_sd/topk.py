@@ -17,6 +17,7 @@ gives the exact top-k: results equal in-memory float32 scoring (``Attributor.sco
 from __future__ import annotations
 
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class _ChunkReader:
 
     def __init__(self, path: Path, name: str, chunk_rows: int | None, buffers: list[torch.Tensor]):
         self.dtype, self.shape, self.offset = _locate(path, name)
-        self.row_bytes = int(torch.tensor([], dtype=self.dtype).element_size() * max(1, _prod(self.shape[1:])))
+        self.row_bytes = int(torch.tensor([], dtype=self.dtype).element_size() * max(1, math.prod(self.shape[1:])))
         self.chunk_rows = chunk_rows or max(1, CHUNK_BYTES // self.row_bytes)
         chunk_rows = self.chunk_rows
         self.path = path
@@ -95,13 +96,6 @@ class _ChunkReader:
                 block = pending.result()
                 pending = pool.submit(read, i + 1) if i + 1 < len(starts) else None
                 yield start, block  # valid until the next-but-one chunk is read into its buffer
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 CHUNK_BYTES = 8 << 20  # a chunk that stays in the CPU's caches while it is scored (measured best here)

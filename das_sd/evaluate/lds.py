@@ -215,27 +215,26 @@ def split_queries(queries: LDSQueries, settings: LDSSettings) -> tuple[LDSQuerie
     return take(f"{queries.name}-tune", order[:n_tune]), take(queries.name, order[n_tune:])
 
 
-def lambda_curves(attributor, parts: list[tuple[LDSQueries, np.ndarray, LDSQueries, np.ndarray]],
-                  masks: np.ndarray, methods: list[str], settings: LDSSettings) -> dict:
+def lambda_curves(attributor, parts: list[tuple], masks: np.ndarray, methods: list[str],
+                  settings: LDSSettings) -> dict:
     """For every kernel method: LDS over the rho grid on the tune queries (pooled over the query
     sets) and on the reported ones, and the rho with the best tune LDS. ``parts``: per query set
-    (tune queries or None, their outputs, reported queries, their outputs)."""
-    from ..score import LambdaRule, index_in_memory, method, rank_scores, raw_scores, train_array
+    (tune features or None, their outputs, reported features, their outputs, set name), features
+    as from ``Attributor.query_features``."""
+    from ..score import LambdaRule, gram, index_in_memory, method, rank_scores, raw_scores, train_array
 
     kernel_methods = [m for m in methods if method(m).kernel]
-    sets = {method(m).feature_set for m in kernel_methods}
-    features = [(t and attributor.query_features(t.latents, t.prompts, feature_sets=sorted(sets)), t_out,
-                 attributor.query_features(r.latents, r.prompts, feature_sets=sorted(sets)), r_out, r.name)
-                for t, t_out, r, r_out in parts]
+    kernels = {fs: gram(attributor.store, fs) for fs in {method(m).feature_set for m in kernel_methods}}
     curves: dict[str, dict] = {m: {"points": []} for m in kernel_methods}
     for rho in settings.rho_grid:
-        solved = {fs: index_in_memory(attributor.store, fs, LambdaRule(rho=rho)) for fs in sets}
+        solved = {fs: index_in_memory(attributor.store, fs, LambdaRule(rho=rho), kernel)
+                  for fs, kernel in kernels.items()}
         for name in kernel_methods:
             fs = method(name).feature_set
             info, arrays = solved[fs]
             psi = arrays[train_array(name)[1]]
             tune_values, point = [], {"rho": rho, "lambda": info["lambda"], "report": {}}
-            for t_feat, t_out, r_feat, r_out, set_name in features:
+            for t_feat, t_out, r_feat, r_out, set_name in parts:
                 if t_feat is not None:
                     tune = lds(rank_scores(name, raw_scores(t_feat[fs], psi))[0].double().numpy(), masks, t_out, 10)
                     tune_values += [v for v in tune["per_query"] if not np.isnan(v)]
@@ -250,11 +249,12 @@ def lambda_curves(attributor, parts: list[tuple[LDSQueries, np.ndarray, LDSQueri
 
 
 def evaluate_lds(attributor, queries: LDSQueries, masks: np.ndarray, outputs: np.ndarray, methods: list[str],
-                 settings: LDSSettings) -> dict:
-    """LDS of each method on one query set (scores from the attributor's store)."""
+                 settings: LDSSettings, features: dict[str, torch.Tensor] | None = None) -> dict:
+    """LDS of each method on one query set (scores from the attributor's store; ``features``: the
+    queries' features when the caller has them)."""
     out = {}
     for name in methods:
-        score, _ = attributor.scores(queries.latents, queries.prompts, name)
+        score, _ = attributor.scores(queries.latents, queries.prompts, name, features)
         out[name] = lds(score.double().cpu().numpy(), masks, outputs, settings.bootstrap)
     return out
 
@@ -306,15 +306,18 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
                               ray_address)
     methods = methods or [m for m in attributor.methods if m != "latent-sim"]
     results = {"plan": plan, "methods": methods, "query_sets": {}}
-    parts = []
+    parts, reported = [], []
     for queries in query_sets:
         tune, report = split_queries(queries, settings)
         tune_out = retrained_outputs(attributor.base_path, folders, tune, settings, progress) if tune else None
-        parts.append((tune, tune_out, report, retrained_outputs(attributor.base_path, folders, report, settings,
-                                                                progress)))
+        report_out = retrained_outputs(attributor.base_path, folders, report, settings, progress)
+        report_features = attributor.query_features(report.latents, report.prompts)  # once, for every method
+        tune_features = attributor.query_features(tune.latents, tune.prompts) if tune else None
+        parts.append((tune_features, tune_out, report_features, report_out, report.name))
+        reported.append((tune, report, report_features, report_out))
     curves = lambda_curves(attributor, parts, masks, methods, settings)
-    for tune, _, report, outputs in parts:
-        per_method = evaluate_lds(attributor, report, masks, outputs, methods, settings)  # the store's lambda
+    for tune, report, features, outputs in reported:
+        per_method = evaluate_lds(attributor, report, masks, outputs, methods, settings, features)  # store's lambda
         block = {"queries": len(report.keys), "tune_queries": len(tune.keys) if tune else 0,
                  "query_keys": report.keys, "tune_keys": tune.keys if tune else [],
                  "lds_store_lambda": per_method, "lds": {}}

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..data.datasets import Dataset
-from ..store import MANIFEST, FeatureStore, Row, StoreError
+from ..store import MANIFEST, FeatureStore, Row, StoreError, blocks_of
 
 PARTS = "parts"
 
@@ -47,8 +47,7 @@ def part_work(store_dir: str | Path, identity: dict, info: dict, dataset: Datase
     store_dir = Path(store_dir).expanduser().resolve()
     have, base_rows = _main_store_rows(store_dir, identity)
     rows = [r for r in rows_of(dataset) if r.key not in have]
-    blocks = [rows[j:j + shard_size] for j in range(0, len(rows), shard_size)]
-    mine = [(j, block) for j, block in enumerate(blocks) if j % part[1] == part[0]]
+    mine = [(j, block) for j, block in enumerate(blocks_of(rows, shard_size)) if j % part[1] == part[0]]
     store = FeatureStore.open_or_create(part_dir(store_dir, part), identity, shard_size=shard_size,
                                         info=info | {"part": list(part), "base_rows": base_rows})
     if store.manifest["info"].get("base_rows") != base_rows:
@@ -67,7 +66,7 @@ def merge_parts(store_dir: str | Path, dataset: Dataset | None = None) -> Featur
     if not found:
         raise StoreError(f"{store_dir}: no parts to merge (no {PARTS}/part-I-of-N folders)")
     parts = [FeatureStore.open(p) for p in found]
-    counts = {tuple(p.manifest["info"].get("part", [None, None]))[1] for p in parts}
+    counts = {p.manifest["info"].get("part", [None, None])[1] for p in parts}
     if len(counts) != 1:
         raise StoreError(f"{store_dir / PARTS}: parts of different splits {sorted(map(str, counts))}; keep one I/N set")
     n = counts.pop()
