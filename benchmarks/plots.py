@@ -1,9 +1,9 @@
 """PNG plots of the evaluation results in benchmarks/results/ (needs matplotlib: pip install -e ".[bench]").
 
-    python benchmarks/plots.py [--lds benchmarks/results/lds-demo-m16.json]
+    python benchmarks/plots.py [--lds benchmarks/results/eval-demo-lds.json]
 
-Writes, next to the JSON: <name>-lds.png (LDS per method with its bootstrap 95 % interval, one panel
-per query set) and <name>-lambda.png (LDS over rho per kernel method: held-out queries that choose
+Writes, next to the JSON (NAME-lds.json): NAME-lds.png (LDS per method with its bootstrap 95 % interval, one panel
+per query set) and NAME-lambda.png (LDS over rho per kernel method: held-out queries that choose
 rho, and the reported queries).
 """
 
@@ -57,15 +57,22 @@ def plot_lambda(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def draw(path: Path) -> list[Path]:
+    """Both plots of an LDS results JSON, next to it: NAME-lds.json -> NAME-lds.png, NAME-lambda.png."""
+    results = json.loads(path.read_text())
+    stem = path.stem.removesuffix("-lds")
+    outs = []
+    for suffix, plot in (("lds", plot_lds), ("lambda", plot_lambda)):
+        outs.append(path.with_name(f"{stem}-{suffix}.png"))
+        plot(results, outs[-1])
+    return outs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lds", default=str(Path(__file__).parent / "results" / "lds-demo-m16.json"))
+    parser.add_argument("--lds", default=str(Path(__file__).parent / "results" / "eval-demo-lds.json"))
     args = parser.parse_args()
-    path = Path(args.lds)
-    results = json.loads(path.read_text())
-    for suffix, plot in (("lds", plot_lds), ("lambda", plot_lambda)):
-        out = path.with_name(f"{path.stem}-{suffix}.png")
-        plot(results, out)
+    for out in draw(Path(args.lds)):
         print(out)
 
 

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from das_sd.evaluate.lds import LDSSettings, draw_subsets, lds, model_outputs, oracle_scores, spearman
+from das_sd.attribute import Attributor
+from das_sd.evaluate.lds import LDSSettings, draw_subsets, lds, model_outputs, oracle_scores, run_lds, spearman
 from helpers import tiny_attributed_store, write_imagefolder
 
 
@@ -31,6 +32,8 @@ def test_subsets_are_half_size_and_reproducible():
     assert masks.shape == (12, 40) and (masks.sum(axis=1) == 20).all()
     assert np.array_equal(masks, draw_subsets(40, settings))
     assert not np.array_equal(masks, draw_subsets(40, LDSSettings(subsets=12, subset_seed=4)))
+    # a run grows M without retraining: subset j is the same draw for any M > j
+    assert np.array_equal(draw_subsets(40, LDSSettings(subsets=30, subset_seed=3))[:12], masks)
 
 
 def test_lds_of_true_oracle_and_random_scores():
@@ -162,8 +165,17 @@ def test_eval_lds_command_end_to_end_on_a_tiny_store(demo, tmp_path, capsys):
     assert first["plan"]["recipe"]["steps"] == 6  # the attributed LoRA's own recipe
     assert main(argv) == 0  # everything cached: the same numbers again
     assert json.loads(capsys.readouterr().out) == first
-    assert main([*argv[:-1], "--subsets", "4", "--json"]) == 2
-    assert "holds an LDS run with other settings" in capsys.readouterr().err
+    assert (tmp_path / "run" / f"lds-{store.store_id}.json").is_file()
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("subset-*/seed-0/*.safetensors")}
+    assert len(trained) == 3
+    assert main([*argv[:-1], "--subsets", "4", "--json"]) == 0  # M grows: only subset 3 is trained
+    grown = json.loads(capsys.readouterr().out)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("subset-*/seed-0/*.safetensors")}
+    assert len(after) == 4 and all(after[p] == t for p, t in trained.items())
+    assert grown["plan"]["settings"]["subsets"] == 4
+    attributor = Attributor(store.root, device="cpu")
+    with pytest.raises(ValueError, match=r"other retraining settings \(subsets differ\)"):
+        run_lds(attributor, tmp_path / "run", [], LDSSettings(subsets=3, fraction=0.25), progress=False)
     assert main([*argv[:-1], "--rho-grid", "1,x", "--json"]) == 2
     assert "--rho-grid '1,x'" in capsys.readouterr().err
     assert main([*argv[:7], str(data), *argv[8:]]) == 2  # training images as val queries

@@ -1,4 +1,4 @@
-"""`das-sd eval ...`: the evaluation commands (planted ground truth, Linear Datamodeling Score)."""
+"""`das-sd eval ...`: the evaluation commands (planted ground truth, LDS, counterfactuals, ablations)."""
 
 from __future__ import annotations
 
@@ -23,28 +23,40 @@ def cmd_eval_groundtruth(args) -> None:
         print(f"{name:16s} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['ap']:7.3f}")
 
 
-def cmd_eval_lds(args) -> None:
-    from ..attribute import Attributor
+def _lds_query_sets(args, attributor) -> list:
     from ..io import read_prompt_file
-    from .lds import LDSSettings, gen_queries, run_lds, val_queries
+    from .lds import gen_queries, val_queries
 
     if not args.val and not args.prompts:
         raise ValueError("give --val DIR (held-out real images) and/or --prompts FILE (generations)")
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
     query_sets = []
     if args.val:
         query_sets.append(val_queries(attributor, args.val, args.val_limit))
     if args.prompts:
         query_sets.append(gen_queries(attributor, read_prompt_file(args.prompts), args.seeds))
+    return query_sets
+
+
+def _lds_settings(args):
+    from .lds import LDSSettings
+
     try:
         grid = tuple(float(x) for x in args.rho_grid.split(",")) if args.rho_grid else LDSSettings.rho_grid
     except ValueError:
         raise ValueError(f"--rho-grid {args.rho_grid!r}: expected comma-separated numbers, e.g. 1,10,100") from None
     if not grid or min(grid) <= 0:
         raise ValueError(f"--rho-grid {args.rho_grid!r}: rho values must be positive")
-    settings = LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
-                           tune_fraction=args.tune_fraction, rho_grid=grid,
-                           output_noise_draws=args.output_noise_draws)
+    return LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
+                       tune_fraction=args.tune_fraction, rho_grid=grid, output_noise_draws=args.output_noise_draws)
+
+
+def cmd_eval_lds(args) -> None:
+    from ..attribute import Attributor
+    from .lds import run_lds
+
+    settings = _lds_settings(args)
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    query_sets = _lds_query_sets(args, attributor)
     methods = args.methods.split(",") if args.methods else None
     results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers,
                       ray_address=args.ray)
@@ -58,6 +70,43 @@ def cmd_eval_lds(args) -> None:
             rho = results["lambda"].get(method_name, {}).get("chosen_rho")
             note = f"  (rho {rho:g})" if rho is not None else ""
             print(f"  {method_name:32s} {r['lds']:+.3f}  [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]{note}")
+
+
+def cmd_eval_ablations(args) -> None:
+    from ..attribute import Attributor
+    from .ablations import run_ablations
+
+    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    lds_run = None
+    if args.lds_workdir:
+        lds_run = {"workdir": args.lds_workdir, "queries": _lds_query_sets(args, attributor),
+                   "settings": _lds_settings(args), "workers": args.workers}
+    data = None if args.no_groundtruth else (args.data or attributor.store.manifest["info"].get("dataset_root"))
+    results = run_ablations(attributor, args.workdir, variants, data, lds_run,
+                            method_variants=not args.no_method_variants)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(ablation_table(results))
+
+
+def ablation_table(results: dict) -> str:
+    """A markdown table of an ablation run: one row per variant, ground truth and LDS columns."""
+    rows = results["rows"]
+    sets = sorted({s for r in rows.values() for s in r.get("lds", {})}, key=["val", "gen"].index)
+    head = ["variant", "R@10 tune", "mAP tune", "R@10 test", "mAP test"] + [f"LDS {s} [95% CI]" for s in sets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [name]
+        for split in ("tune", "test"):
+            gt = r.get(f"groundtruth_{split}")
+            cells += [f"{gt['recall@10']:.3f}", f"{gt['ap']:.3f}"] if gt else ["", ""]
+        for s in sets:
+            v = r.get("lds", {}).get(s)
+            cells.append(f"{v['lds']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def cmd_eval_counterfactual(args) -> None:
@@ -97,18 +146,7 @@ def _retraining_flags(p, results: str) -> None:
                    help="retrain as tasks on a Ray cluster (no ADDRESS: a local one with --workers CPUs)")
 
 
-def add_eval_commands(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate attribution methods (ground truth, LDS, counterfactuals)")
-    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
-    _store_flags(p)
-    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
-    p.add_argument("--split", default="test", choices=["test", "tune"], help="query split (choose settings on tune)")
-    p.set_defaults(func=cmd_eval_groundtruth)
-
-    p = evals.add_parser("lds", help="Linear Datamodeling Score: retrain on random half subsets, correlate")
-    _store_flags(p)
-    _retraining_flags(p, "outputs")
+def _lds_flags(p) -> None:
     p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
     p.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
     p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
@@ -121,7 +159,36 @@ def add_eval_commands(sub) -> None:
                    "(default 0.1,1,10,100,1000,10000)")
     p.add_argument("--output-timesteps", type=int, default=50)
     p.add_argument("--output-noise-draws", type=int, default=4)
+
+
+def add_eval_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate attribution methods (ground truth, LDS, counterfactuals)")
+    evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
+    _store_flags(p)
+    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
+    p.add_argument("--split", default="test", choices=["test", "tune"], help="query split (choose settings on tune)")
+    p.set_defaults(func=cmd_eval_groundtruth)
+
+    p = evals.add_parser("lds", help="Linear Datamodeling Score: retrain on random half subsets, correlate")
+    _store_flags(p)
+    _retraining_flags(p, "outputs")
+    _lds_flags(p)
     p.set_defaults(func=cmd_eval_lds)
+
+    p = evals.add_parser("ablations", help="one option of das changed at a time: ground truth and LDS per variant")
+    _store_flags(p)
+    p.add_argument("--workdir", required=True, help="variant stores and ablations.json (cached: a rerun resumes)")
+    p.add_argument("--variants", default=None, help="comma-separated, e.g. 'f=mean,K=50' (default: all of "
+                   "f, normalisation, residual form, K, k that differ from the store's settings)")
+    p.add_argument("--no-method-variants", action="store_true", help="skip leverage off and signed scores")
+    p.add_argument("--data", default=None, help="dataset with ground_truth.json (default: the store's dataset)")
+    p.add_argument("--no-groundtruth", action="store_true", help="skip the planted ground-truth evaluation")
+    p.add_argument("--lds-workdir", default=None, help="LDS run folder (retrained LoRAs shared by all variants); "
+                   "without it, no LDS")
+    p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    _lds_flags(p)
+    p.set_defaults(func=cmd_eval_ablations)
 
     p = evals.add_parser("counterfactual", help="remove each method's top-k, retrain, regenerate, measure the change")
     _store_flags(p)

@@ -84,10 +84,12 @@ def run_counterfactual(attributor, workdir: str | Path, prompts: list[str], seed
             removed = removal_sets(attributor, prompt, seed, original.latents, methods, settings, index)
             folders = {}
             for name, keys in removed.items():
-                out = workdir / f"gen-{index:03d}" / _folder(name)
+                # the full set is the same job for every generation: trained once
+                out = workdir / "full" if name == FULL else workdir / f"gen-{index:03d}" / _folder(name)
                 gone = set(keys)
-                jobs.append(training_job(attributor.base_path, dataset, [k for k in dataset.keys if k not in gone],
-                                         out, recipe, recipe.seed))
+                if name != FULL or index == 0:
+                    jobs.append(training_job(attributor.base_path, dataset,
+                                             [k for k in dataset.keys if k not in gone], out, recipe, recipe.seed))
                 folders[name] = out
             generations.append({"prompt": prompt, "seed": seed, "settings": gen, "original": original,
                                 "removed": removed, "folders": folders})
@@ -117,7 +119,7 @@ def run_counterfactual(attributor, workdir: str | Path, prompts: list[str], seed
 
 
 def _folder(name: str) -> str:
-    return "full" if name == FULL else name.replace(" ", "_")
+    return name.replace(" ", "_")
 
 
 def summarize(rows: list[dict], methods: list[str], settings: CounterfactualSettings, plan: dict,

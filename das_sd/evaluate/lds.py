@@ -8,7 +8,9 @@ equal terms). A method's prediction is yhat_j(x) = -sum_{i in S_j} score_i(x); L
 queries of the Spearman correlation between yhat_j(x) and y_j(x) over j, with a bootstrap 95 %
 interval over queries.
 
-Retrained LoRAs and outputs are cached under the run folder, so an interrupted run resumes.
+Retrained LoRAs and outputs are cached under the run folder, so an interrupted run resumes, a run
+can grow M, and every store of the same fine-tune (ablations) is scored from the same retrained
+models; results go to lds-<store id>.json.
 """
 
 from __future__ import annotations
@@ -291,20 +293,16 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
             methods: list[str] | None = None, workers: int = 1, progress: bool = True,
             ray_address: str | None = None) -> dict:
     """Retrain on M subsets with the attributed LoRA's recipe, then score every method on every
-    query set from the same retrained models. Results are also written to workdir/lds.json."""
+    query set from the same retrained models. Results are also written to workdir/lds-<store id>.json."""
     workdir = Path(workdir)
     recipe, dataset = attributed_recipe_and_data(attributor)
     masks = draw_subsets(len(dataset), settings)
-    plan = json.loads(json.dumps({"settings": asdict(settings), "recipe": asdict(recipe),
-                                  "store_id": attributor.store.store_id}))  # as it reads back from plan.json
-    plan_file = workdir / "plan.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
-        raise ValueError(f"{workdir}: holds an LDS run with other settings, recipe or store; use another --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan_file, plan)
+    check_retraining_plan(workdir, retraining_plan(attributor, recipe, settings))
     folders = retrain_subsets(attributor.base_path, dataset, masks, recipe, workdir, settings.repeats, workers, progress,
                               ray_address)
     methods = methods or [m for m in attributor.methods if m != "latent-sim"]
+    plan = json.loads(json.dumps({"settings": asdict(settings), "recipe": asdict(recipe),
+                                  "store_id": attributor.store.store_id}))
     results = {"plan": plan, "methods": methods, "query_sets": {}}
     parts, reported = [], []
     for queries in query_sets:
@@ -333,5 +331,29 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
                                            "report": {k: v["lds"] for k, v in p["report"].items()}}
                                           for p in c["points"]]}
                          for name, c in curves.items()}
-    atomic_write_json(workdir / "lds.json", results)
+    atomic_write_json(workdir / f"lds-{attributor.store.store_id}.json", results)
     return results
+
+
+def retraining_plan(attributor, recipe, settings: LDSSettings) -> dict:
+    """What the retrained LoRAs of a run folder depend on: the subset rule, the recipe, the base model
+    and the training rows. Not the store's featurizer settings, so that every store of the same
+    fine-tune (ablations) is scored from the same retrained models; not M, so that a run can grow
+    (subset j is the same draw for any M >= j + 1)."""
+    identity = attributor.store.identity
+    return json.loads(json.dumps({
+        "subsets": {"fraction": settings.fraction, "repeats": settings.repeats, "subset_seed": settings.subset_seed},
+        "recipe": asdict(recipe), "base_fingerprint": identity["base_fingerprint"],
+        "rows": attributor.store.keys_digest()}))  # as it reads back from plan.json
+
+
+def check_retraining_plan(workdir: Path, plan: dict) -> None:
+    plan_file = workdir / "plan.json"
+    if plan_file.is_file():
+        held = json.loads(plan_file.read_text())
+        if held != plan:
+            differs = sorted(k for k in set(held) | set(plan) if held.get(k) != plan.get(k))
+            raise ValueError(f"{workdir}: holds an LDS run with other retraining settings ({', '.join(differs)} "
+                             "differ); use another --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_file, plan)

@@ -1,0 +1,144 @@
+"""Ablations of DAS's options (METHOD.md, the points marked open) through the same instruments.
+
+Each featurizer variant changes one setting of the store's das feature set and gets its own
+das-only store (featurized once, cached under the run folder, indexed with the store's lambda rule);
+the variants of the scorer (leverage, squared vs signed) are methods of the original store. Every
+row is measured the same way: planted ground truth on both query splits and, when LDS queries are
+given, LDS from one shared set of retrained LoRAs (see das_sd.evaluate.lds: retrained models do not
+depend on the featurizer settings, so the ablation adds no retraining).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+from ..featurize.settings import FeaturizerSettings, uniform_grid
+from ..io import atomic_write_json
+
+# one changed setting per variant; the base store's das settings give the rest
+FEATURIZER_VARIANTS: dict[str, dict] = {
+    "f=mean": {"output": "mean"},
+    "f=l1": {"output": "l1"},
+    "f=square": {"output": "square"},
+    "f=loss": {"output": "loss"},
+    "normalisation off": {"normalize": False},
+    "normalisation on": {"normalize": True},
+    "residual=scale-free": {"residual": "scale-free"},
+    "residual=magnitude": {"residual": "magnitude"},
+    "residual=none": {"residual": "none"},
+    "K=10": {"num_timesteps": 10},
+    "K=20": {"num_timesteps": 20},
+    "K=50": {"num_timesteps": 50},
+    "k=512": {"projection_dim": 512},
+    "k=2048": {"projection_dim": 2048},
+    "k=8192": {"projection_dim": 8192},
+}
+# scorer variants: another method of the same store
+METHOD_VARIANTS: dict[str, str] = {"leverage off": "das-noleverage", "signed (t_i, not t_i^2)": "das-signed"}
+
+
+def base_das_settings(attributor) -> FeaturizerSettings:
+    """The das feature set's settings as recorded in the store (an explicit timestep list is kept only
+    when it is not the uniform grid that num_timesteps gives)."""
+    from ..featurize.featurizer import alphas_cumprod_of
+
+    recorded = attributor.store.identity["feature_sets"]["das"]
+    names = {f.name for f in fields(FeaturizerSettings)}
+    settings = FeaturizerSettings(**{k: v for k, v in recorded.items() if k in names and k != "timesteps"})
+    grid = uniform_grid(settings.num_timesteps, len(alphas_cumprod_of(attributor.pipe)))
+    if recorded.get("timesteps") not in (None, grid):
+        settings = replace(settings, timesteps=list(recorded["timesteps"]))
+    return settings
+
+
+def variant_rows(attributor, names: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(name, overrides) of the featurizer variants that change something in this store's settings."""
+    base = base_das_settings(attributor)
+    unknown = [n for n in names or [] if n not in FEATURIZER_VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; expected some of {list(FEATURIZER_VARIANTS)}")
+    rows = []
+    for name in names or list(FEATURIZER_VARIANTS):
+        overrides = FEATURIZER_VARIANTS[name]
+        if all(getattr(base, k) == v for k, v in overrides.items()):
+            continue  # the base store itself
+        if "num_timesteps" in overrides and base.timesteps is not None:
+            raise ValueError(f"{attributor.store.root}: the das set has an explicit timestep list; variant {name!r} would "
+                             "replace it with a uniform grid")
+        rows.append((name, overrides))
+    return rows
+
+
+def variant_store(attributor, folder: Path, overrides: dict, progress: bool = True):
+    """An Attributor on a das-only store of the same model, LoRA and dataset with ``overrides``
+    applied (featurized and indexed once; a rerun resumes or reuses it)."""
+    from ..attribute import Attributor
+    from ..data.datasets import open_dataset
+    from ..featurize.build import featurize_dataset
+    from ..score import LambdaRule, build_index
+
+    store = attributor.store
+    settings = replace(base_das_settings(attributor), **overrides)
+    info = store.manifest["info"]
+    dataset = open_dataset(info["dataset_root"], info.get("dataset_format", "auto"))
+    built = featurize_dataset(attributor.pipe, dataset, folder, attributor.base_path, attributor.lora_path,
+                              {"das": settings}, resolution=attributor.resolution, progress=progress,
+                              shard_size=store.manifest["shard_size"])
+    if "das" not in built.manifest.get("indexes", {}):
+        rule = store.manifest.get("indexes", {}).get("das", {}).get("lambda_rule", {})
+        build_index(built, "das", LambdaRule(rho=rule.get("rho", LambdaRule.rho), value=rule.get("value")))
+    return Attributor(built, pipe=attributor.pipe)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "=-" else "-" for c in name)
+
+
+def measure(attributor, method: str, data, lds_run: dict | None, progress: bool) -> dict:
+    """Ground truth on both splits and (optionally) LDS of one method of one store."""
+    from .groundtruth import evaluate_ground_truth
+    from .lds import run_lds
+
+    row: dict = {"method": method, "store_id": attributor.store.store_id}
+    if data is not None:
+        for split in ("tune", "test"):
+            report = evaluate_ground_truth(attributor, data, split=split, methods=[method], progress=progress)
+            row[f"groundtruth_{split}"] = report["methods"][method]
+    if lds_run is not None:
+        results = run_lds(attributor, lds_run["workdir"], lds_run["queries"], lds_run["settings"], [method],
+                          workers=lds_run.get("workers", 1), progress=progress)
+        row["lds"] = {name: {"lds": block["lds"][method]["lds"], "ci": block["lds"][method]["ci"],
+                             "queries": block["queries"]} for name, block in results["query_sets"].items()}
+        row["chosen_rho"] = results["lambda"].get(method, {}).get("chosen_rho")
+    return row
+
+
+def run_ablations(attributor, workdir: str | Path, variants: list[str] | None = None, data=None,
+                  lds_run: dict | None = None, method_variants: bool = True, progress: bool = True) -> dict:
+    """Measure the base store's das, its scorer variants and each featurizer variant. ``data``: a
+    dataset with ground_truth.json (None skips ground truth); ``lds_run``: {"workdir", "queries"
+    (LDSQueries), "settings" (LDSSettings), "workers"} (None skips LDS). Results also go to
+    workdir/ablations.json."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows_to_build = variant_rows(attributor, variants)
+    started = time.time()
+    out = {"base_store": str(attributor.store.root), "base_settings": asdict(base_das_settings(attributor)),
+           "rows": {}}
+    out["rows"]["das (base store)"] = measure(attributor, "das", data, lds_run, progress)
+    if method_variants:
+        for name, method in METHOD_VARIANTS.items():
+            if method in attributor.methods:
+                out["rows"][name] = measure(attributor, method, data, lds_run, progress)
+    for name, overrides in rows_to_build:
+        variant = variant_store(attributor, workdir / "stores" / _slug(name), overrides, progress)
+        out["rows"][name] = measure(variant, "das", data, lds_run, progress) | {"changed": overrides}
+        last_run = variant.store.manifest["info"].get("last_run", {})
+        if last_run.get("samples") == len(variant.store):  # featurized in one go (not reused from a cache)
+            out["rows"][name]["featurize_seconds"] = last_run["seconds"]
+    out["seconds"] = round(time.time() - started, 1)
+    atomic_write_json(workdir / "ablations.json", json.loads(json.dumps(out)))
+    return out
