@@ -104,29 +104,39 @@ def oracle_scores(masks: np.ndarray, outputs: np.ndarray, ridge: float = 1e-3) -
 
 
 @torch.no_grad()
-def model_outputs(pipe, latents: torch.Tensor, cond: torch.Tensor, keys: list[str], settings: LDSSettings) -> np.ndarray:
-    """L_simple of each query, averaged over the timestep grid and noise draws (fixed per query key)."""
+def model_outputs(pipe, latents: torch.Tensor, cond: torch.Tensor, keys: list[str], settings: LDSSettings,
+                  batch_size: int = 64) -> np.ndarray:
+    """L_simple of each query, averaged over the timestep grid and noise draws (fixed per query key).
+    All (query, timestep, draw) rows go through the UNet in batches: one row's noise depends only on
+    its key and timestep, so batching changes nothing but float rounding."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = scheduler.alphas_cumprod
     timesteps = uniform_grid(settings.output_timesteps, scheduler.config.num_train_timesteps)
     unet, device = pipe.unet, pipe.unet.device
-    out = np.zeros(len(keys))
-    for q, key in enumerate(keys):
-        x0, c = latents[q:q + 1].to(device), cond[q:q + 1].to(device)
-        losses = []
-        for t in timesteps:
-            digest = hashlib.sha256(f"das-sd-lds:{settings.output_seed}:{key}:{t}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            noise = torch.randn((settings.output_noise_draws, *x0.shape[1:]), generator=gen).to(device)
-            a = alphas[t].to(device)
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            tt = torch.full((noise.shape[0],), t, device=device)
-            pred = unet(noisy, tt, encoder_hidden_states=c.expand(noise.shape[0], -1, -1)).sample
-            losses.append(((pred.float() - noise) ** 2).mean().item())
-        out[q] = float(np.mean(losses))
-    return out
+    draws = settings.output_noise_draws
+    rows = [(q, t) for q in range(len(keys)) for t in timesteps]  # each with `draws` noise draws
+    losses = np.zeros((len(keys), len(timesteps)))
+    per_batch = max(1, batch_size // draws)
+    for start in range(0, len(rows), per_batch):
+        chunk = rows[start:start + per_batch]
+        noise = torch.cat([_output_noise(settings.output_seed, keys[q], t, draws, latents.shape[1:]) for q, t in chunk])
+        q_idx = torch.tensor([q for q, _ in chunk]).repeat_interleave(draws)
+        t_idx = torch.tensor([t for _, t in chunk]).repeat_interleave(draws)
+        a = alphas[t_idx].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents[q_idx] + (1 - a).sqrt() * noise
+        pred = unet(noisy.to(device), t_idx.to(device), encoder_hidden_states=cond[q_idx].to(device)).sample
+        per_row = ((pred.float().cpu() - noise) ** 2).mean(dim=(1, 2, 3)).view(len(chunk), draws).mean(1)
+        for (q, t), value in zip(chunk, per_row.tolist()):
+            losses[q, timesteps.index(t)] = value
+    return losses.mean(axis=1)
+
+
+def _output_noise(seed: int, key: str, t: int, draws: int, shape) -> torch.Tensor:
+    digest = hashlib.sha256(f"das-sd-lds:{seed}:{key}:{t}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randn((draws, *shape), generator=gen)
 
 
 def cached_outputs(path: Path, compute) -> np.ndarray:
