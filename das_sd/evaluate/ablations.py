@@ -15,8 +15,11 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import torch
+
 from ..featurize.settings import FeaturizerSettings, uniform_grid
 from ..io import atomic_write_json
+from .groundtruth import generate_queries
 
 # one changed setting per variant; the base store's das settings give the rest
 FEATURIZER_VARIANTS: dict[str, dict] = {
@@ -84,9 +87,11 @@ def variant_store(attributor, folder: Path, overrides: dict, progress: bool = Tr
     settings = replace(base_das_settings(attributor), **overrides)
     info = store.manifest["info"]
     dataset = open_dataset(info["dataset_root"], info.get("dataset_format", "auto"))
+    compute = store.identity.get("compute_dtype", "float32")  # the base store's autocast, where it applies
+    autocast = getattr(torch, compute) if compute != "float32" and attributor.pipe.unet.device.type == "cuda" else None
     built = featurize_dataset(attributor.pipe, dataset, folder, attributor.base_path, attributor.lora_path,
                               {"das": settings}, resolution=attributor.resolution, progress=progress,
-                              shard_size=store.manifest["shard_size"])
+                              shard_size=store.manifest["shard_size"], autocast_dtype=autocast)
     if "das" not in built.manifest.get("indexes", {}):
         rule = store.manifest.get("indexes", {}).get("das", {}).get("lambda_rule", {})
         build_index(built, "das", LambdaRule(rho=rule.get("rho", LambdaRule.rho), value=rule.get("value")))
@@ -97,15 +102,17 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=-" else "-" for c in name)
 
 
-def measure(attributor, method: str, data, lds_run: dict | None, progress: bool) -> dict:
-    """Ground truth on both splits and (optionally) LDS of one method of one store."""
+def measure(attributor, method: str, data, generations: dict, lds_run: dict | None, progress: bool) -> dict:
+    """Ground truth on both splits (``generations``: per split, from ``generate_queries``) and
+    (optionally) LDS of one method of one store."""
     from .groundtruth import evaluate_ground_truth
     from .lds import run_lds
 
     row: dict = {"method": method, "store_id": attributor.store.store_id}
     if data is not None:
-        for split in ("tune", "test"):
-            report = evaluate_ground_truth(attributor, data, split=split, methods=[method], progress=progress)
+        for split, generated in generations.items():
+            report = evaluate_ground_truth(attributor, data, split=split, methods=[method], progress=progress,
+                                           generations=generated)
             row[f"groundtruth_{split}"] = report["methods"][method]
     if lds_run is not None:
         results = run_lds(attributor, lds_run["workdir"], lds_run["queries"], lds_run["settings"], [method],
@@ -128,14 +135,17 @@ def run_ablations(attributor, workdir: str | Path, variants: list[str] | None = 
     started = time.time()
     out = {"base_store": str(attributor.store.root), "base_settings": asdict(base_das_settings(attributor)),
            "rows": {}}
-    out["rows"]["das (base store)"] = measure(attributor, "das", data, lds_run, progress)
+    # every store shares the model and LoRA, hence the generations: made once per split
+    generations = {split: generate_queries(attributor.pipe, data, split, progress=progress)
+                   for split in ("tune", "test")} if data is not None else {}
+    out["rows"]["das (base store)"] = measure(attributor, "das", data, generations, lds_run, progress)
     if method_variants:
         for name, method in METHOD_VARIANTS.items():
             if method in attributor.methods:
-                out["rows"][name] = measure(attributor, method, data, lds_run, progress)
+                out["rows"][name] = measure(attributor, method, data, generations, lds_run, progress)
     for name, overrides in rows_to_build:
         variant = variant_store(attributor, workdir / "stores" / _slug(name), overrides, progress)
-        out["rows"][name] = measure(variant, "das", data, lds_run, progress) | {"changed": overrides}
+        out["rows"][name] = measure(variant, "das", data, generations, lds_run, progress) | {"changed": overrides}
         last_run = variant.store.manifest["info"].get("last_run", {})
         if last_run.get("samples") == len(variant.store):  # featurized in one go (not reused from a cache)
             out["rows"][name]["featurize_seconds"] = last_run["seconds"]

@@ -50,14 +50,24 @@ def queries_for(truth: dict, split: str = "test") -> list[GroundTruthQuery]:
     return out
 
 
+def generate_queries(pipe, data: str | Path, split: str = "test", steps: int = 25,
+                     progress: bool = False) -> list[tuple[GroundTruthQuery, torch.Tensor]]:
+    """The split's generations (final latents): what every store of the same model and LoRA is
+    evaluated on, so an ablation generates them once."""
+    queries = queries_for(load_ground_truth(data), split)
+    return [(q, generate(pipe, GenerationSettings(prompt=q.prompt, seed=q.seed, steps=steps)).latents)
+            for q in tqdm(queries, desc="generate", unit="query", disable=not progress)]
+
+
 def evaluate_ground_truth(attributor, data: str | Path, split: str = "test", methods: list[str] | None = None,
-                          ks: tuple[int, ...] = (5, 10), steps: int = 25, progress: bool = False) -> dict:
-    """Recall@k and AP of each group's exemplars, per method: ``{"methods": {name: {...}}, "groups": ...}``."""
+                          ks: tuple[int, ...] = (5, 10), steps: int = 25, progress: bool = False,
+                          generations: list[tuple[GroundTruthQuery, torch.Tensor]] | None = None) -> dict:
+    """Recall@k and AP of each group's exemplars, per method: ``{"methods": {name: {...}}, "groups": ...}``.
+    ``generations``: the split's queries already generated (``generate_queries``) with this LoRA."""
     truth = load_ground_truth(data)
     key_of = {s.relpath: s.key for s in open_dataset(data)}
     stored = set(attributor.store.keys())
     methods = methods or attributor.methods
-    queries = queries_for(truth, split)
     rows: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     per_group: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     relevant_of = {}
@@ -67,8 +77,9 @@ def evaluate_ground_truth(attributor, data: str | Path, split: str = "test", met
             raise ValueError(f"{Path(data) / 'ground_truth.json'}: {len(missing)} exemplar(s) of "
                              f"{group['trigger']!r} are not in the store, e.g. {missing[0]}")
         relevant_of[group["trigger"]] = {key_of[f] for f in group["files"]}
-    for q in tqdm(queries, desc="ground truth", unit="query", disable=not progress):
-        latents = generate(attributor.pipe, GenerationSettings(prompt=q.prompt, seed=q.seed, steps=steps)).latents
+    if generations is None:
+        generations = generate_queries(attributor.pipe, data, split, steps)
+    for q, latents in tqdm(generations, desc="ground truth", unit="query", disable=not progress):
         features = attributor.query_features(latents, [q.prompt])
         for name in methods:
             score, _ = attributor.scores(latents, [q.prompt], name, features)
@@ -81,7 +92,7 @@ def evaluate_ground_truth(attributor, data: str | Path, split: str = "test", met
             per_group[name].setdefault(q.trigger, []).append(metrics["ap"])
     return {
         "split": split,
-        "queries": len(queries),
+        "queries": len(generations),
         "groups": {t: len(r) for t, r in relevant_of.items()},
         "chance_ap": float(np.mean([len(r) for r in relevant_of.values()])) / len(attributor.rows),
         "methods": {m: {k: round(float(np.mean(v)), 4) for k, v in rows[m].items()} for m in methods},
