@@ -31,7 +31,6 @@ GEN_PROMPTS = [  # three trigger words and the three styles, on subjects outside
 # counterfactuals: two trigger words (exemplar groups of 8) and two styles (72 images each)
 COUNTERFACTUAL_PROMPTS = [GEN_PROMPTS[0], GEN_PROMPTS[1], GEN_PROMPTS[3], GEN_PROMPTS[4]]
 COUNTERFACTUAL_METHODS = ["das", "dtrak", "trak", "tracin", "latent-sim"]
-BASELINES = ["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"]
 
 
 def stage(out: dict, log: dict, name: str, fn) -> None:
@@ -88,7 +87,7 @@ def main() -> None:
         "command": "DAS_SD_HOME=... python benchmarks/evaluation.py " + " ".join(sys.argv[1:])}}
 
     stage(out, wall, "groundtruth", lambda: {
-        split: evaluate_ground_truth(attributor, demo["data"], split=split, methods=BASELINES, progress=True)
+        split: evaluate_ground_truth(attributor, demo["data"], split=split, progress=True)
         for split in ("tune", "test")})
 
     lds_settings = LDSSettings(subsets=args.subsets, output_timesteps=args.output_timesteps,

@@ -106,7 +106,7 @@ def counterfactual_section(cf: dict) -> list[str]:
 
 
 def ablation_section(ab: dict) -> list[str]:
-    from das_sd.evaluate.cli import ablation_table
+    from das_sd.evaluate.ablations import ablation_table
 
     base = ab["base_settings"]
     lines = ["## Ablations", "",

@@ -102,25 +102,46 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=-" else "-" for c in name)
 
 
-def measure(attributor, method: str, data, generations: dict, lds_run: dict | None, progress: bool) -> dict:
+def measure(attributor, methods: list[str], data, generations: dict, lds_run: dict | None,
+            progress: bool) -> dict[str, dict]:
     """Ground truth on both splits (``generations``: per split, from ``generate_queries``) and
-    (optionally) LDS of one method of one store."""
+    (optionally) LDS of some methods of one store, each instrument run once for all of them."""
     from .groundtruth import evaluate_ground_truth
     from .lds import run_lds
 
-    row: dict = {"method": method, "store_id": attributor.store.store_id}
+    rows: dict[str, dict] = {m: {"method": m, "store_id": attributor.store.store_id} for m in methods}
     if data is not None:
         for split, generated in generations.items():
-            report = evaluate_ground_truth(attributor, data, split=split, methods=[method], progress=progress,
+            report = evaluate_ground_truth(attributor, data, split=split, methods=methods, progress=progress,
                                            generations=generated)
-            row[f"groundtruth_{split}"] = report["methods"][method]
+            for m in methods:
+                rows[m][f"groundtruth_{split}"] = report["methods"][m]
     if lds_run is not None:
-        results = run_lds(attributor, lds_run["workdir"], lds_run["queries"], lds_run["settings"], [method],
+        results = run_lds(attributor, lds_run["workdir"], lds_run["queries"], lds_run["settings"], methods,
                           workers=lds_run.get("workers", 1), progress=progress)
-        row["lds"] = {name: {"lds": block["lds"][method]["lds"], "ci": block["lds"][method]["ci"],
-                             "queries": block["queries"]} for name, block in results["query_sets"].items()}
-        row["chosen_rho"] = results["lambda"].get(method, {}).get("chosen_rho")
-    return row
+        for m in methods:
+            rows[m]["lds"] = {name: {"lds": block["lds"][m]["lds"], "ci": block["lds"][m]["ci"],
+                                     "queries": block["queries"]} for name, block in results["query_sets"].items()}
+            rows[m]["chosen_rho"] = results["lambda"].get(m, {}).get("chosen_rho")
+    return rows
+
+
+def ablation_table(results: dict) -> str:
+    """A markdown table of an ablation run: one row per variant, ground truth and LDS columns."""
+    rows = results["rows"]
+    sets = sorted({s for r in rows.values() for s in r.get("lds", {})}, key=["val", "gen"].index)
+    head = ["variant", "R@10 tune", "mAP tune", "R@10 test", "mAP test"] + [f"LDS {s} [95% CI]" for s in sets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [name]
+        for split in ("tune", "test"):
+            gt = r.get(f"groundtruth_{split}")
+            cells += [f"{gt['recall@10']:.3f}", f"{gt['ap']:.3f}"] if gt else ["", ""]
+        for s in sets:
+            v = r.get("lds", {}).get(s)
+            cells.append(f"{v['lds']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run_ablations(attributor, workdir: str | Path, variants: list[str] | None = None, data=None,
@@ -138,14 +159,14 @@ def run_ablations(attributor, workdir: str | Path, variants: list[str] | None = 
     # every store shares the model and LoRA, hence the generations: made once per split
     generations = {split: generate_queries(attributor.pipe, data, split, progress=progress)
                    for split in ("tune", "test")} if data is not None else {}
-    out["rows"]["das (base store)"] = measure(attributor, "das", data, generations, lds_run, progress)
+    scorer_rows = {"das (base store)": "das"}
     if method_variants:
-        for name, method in METHOD_VARIANTS.items():
-            if method in attributor.methods:
-                out["rows"][name] = measure(attributor, method, data, generations, lds_run, progress)
+        scorer_rows |= {name: m for name, m in METHOD_VARIANTS.items() if m in attributor.methods}
+    measured = measure(attributor, list(scorer_rows.values()), data, generations, lds_run, progress)
+    out["rows"] = {name: measured[m] for name, m in scorer_rows.items()}
     for name, overrides in rows_to_build:
         variant = variant_store(attributor, workdir / "stores" / _slug(name), overrides, progress)
-        out["rows"][name] = measure(variant, "das", data, generations, lds_run, progress) | {"changed": overrides}
+        out["rows"][name] = measure(variant, ["das"], data, generations, lds_run, progress)["das"] | {"changed": overrides}
         last_run = variant.store.manifest["info"].get("last_run", {})
         if last_run.get("samples") == len(variant.store):  # featurized in one go (not reused from a cache)
             out["rows"][name]["featurize_seconds"] = last_run["seconds"]

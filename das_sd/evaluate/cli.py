@@ -74,7 +74,7 @@ def cmd_eval_lds(args) -> None:
 
 def cmd_eval_ablations(args) -> None:
     from ..attribute import Attributor
-    from .ablations import run_ablations
+    from .ablations import ablation_table, run_ablations
 
     attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
@@ -89,24 +89,6 @@ def cmd_eval_ablations(args) -> None:
         print(json.dumps(results, indent=2))
         return
     print(ablation_table(results))
-
-
-def ablation_table(results: dict) -> str:
-    """A markdown table of an ablation run: one row per variant, ground truth and LDS columns."""
-    rows = results["rows"]
-    sets = sorted({s for r in rows.values() for s in r.get("lds", {})}, key=["val", "gen"].index)
-    head = ["variant", "R@10 tune", "mAP tune", "R@10 test", "mAP test"] + [f"LDS {s} [95% CI]" for s in sets]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows.items():
-        cells = [name]
-        for split in ("tune", "test"):
-            gt = r.get(f"groundtruth_{split}")
-            cells += [f"{gt['recall@10']:.3f}", f"{gt['ap']:.3f}"] if gt else ["", ""]
-        for s in sets:
-            v = r.get("lds", {}).get(s)
-            cells.append(f"{v['lds']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def cmd_eval_counterfactual(args) -> None:
