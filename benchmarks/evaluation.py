@@ -74,8 +74,6 @@ def main() -> None:
     val_dir = work / "val"
     if not (val_dir / "metadata.jsonl").is_file():
         make_demo_data(val_dir, DemoConfig(seed=args.val_seed), overwrite=True)
-    prompts_file = work / "prompts.txt"
-    prompts_file.write_text("\n".join(GEN_PROMPTS) + "\n")
 
     out: dict = {"config": {
         "store": demo["store"], "store_settings": attributor.store.identity["feature_sets"]["das"],
