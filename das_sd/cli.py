@@ -62,7 +62,9 @@ def cmd_train_lora(args) -> None:
         dataset = dataset.subset(read_subset_file(args.subset))
     recipe = LoraRecipe(rank=args.rank, alpha=args.alpha if args.alpha is not None else float(args.rank),
                         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
-                        resolution=args.resolution, seed=args.seed)
+                        resolution=args.resolution, seed=args.seed,
+                        text_encoder_rank=LoraRecipe.text_encoder_rank if args.text_encoder_rank is None
+                        else args.text_encoder_rank)
     record = train_lora(args.base, dataset, args.out, recipe)
     print(json.dumps({"out": str(Path(args.out).resolve()), "samples": len(record["sample_keys"]),
                       "train_seconds": record["train_seconds"], "final_loss_ema": record["loss_ema"][-1][1],
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder-rank", type=int, default=None,
+                   help="rank of the text-encoder LoRA trained alongside the UNet's (default 8; 0: UNet only)")
     p.set_defaults(func=cmd_train_lora)
 
     p = sub.add_parser("generate", help="generate images; parameters and hashes go into the PNG metadata")

@@ -32,12 +32,15 @@ def encode_images(pipe, dataset: Dataset, resolution: int, batch_size: int = 64,
     return torch.cat(out).float()
 
 
+def tokenize_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length,
+               truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    tok = pipe.tokenizer
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = tok(prompts[i:i + batch_size], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-        out.append(pipe.text_encoder(ids)[0])
+        out.append(pipe.text_encoder(tokenize_prompts(pipe, prompts[i:i + batch_size]))[0])
     return torch.cat(out).float()

@@ -8,6 +8,7 @@ caption embeddings are computed once; the text encoder and VAE stay frozen.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,13 +21,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data.datasets import Dataset
 from .io import atomic_write_json
-from .latents import encode_images, encode_prompts, native_resolution
+from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RECORD_NAME = "lora_record.json"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass
@@ -41,6 +43,12 @@ class LoraRecipe:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    # > 0: also train a LoRA of this rank on the text encoder's attention, as kohya's SD 1.x LoRAs do
+    # by default (without it a new trigger word is just the base encoder's reading of unseen
+    # sub-word pieces). Attribution still differentiates the UNet LoRA only: the text-encoder LoRA
+    # is part of the frozen model that conditions it. 0: UNet only (records written before this
+    # field existed).
+    text_encoder_rank: int = 8
 
 
 def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -61,6 +69,22 @@ def add_lora_adapter(unet, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
     unet.add_adapter(LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, init_lora_weights="gaussian",
                                 target_modules=list(recipe.target_modules)))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def add_text_encoder_adapter(text_encoder, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
+    """Inject a trainable LoRA into ``text_encoder`` (a copy: the pipeline's own stays untouched)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    text_encoder.requires_grad_(False)
+    # peft directly: transformers' add_adapter wants a newer peft than diffusers needs
+    inject_adapter_in_model(LoraConfig(r=recipe.text_encoder_rank, lora_alpha=float(recipe.text_encoder_rank),
+                                       init_lora_weights="gaussian",
+                                       target_modules=list(TEXT_ENCODER_TARGET_MODULES)),
+                            text_encoder, adapter_name="default")
+    params = [p for n, p in text_encoder.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -87,15 +111,24 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     start = time.time()
 
     latents = encode_images(pipe, dataset, resolution)
-    embeddings = encode_prompts(pipe, [s.caption for s in dataset])
+    captions = [s.caption for s in dataset]
+    train_text_encoder = recipe.text_encoder_rank > 0
+    if train_text_encoder:  # the conditioning changes every step: encode the tokens in the loop
+        tokens = tokenize_prompts(pipe, captions)
+    else:
+        embeddings = encode_prompts(pipe, captions)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = noise_scheduler.alphas_cumprod.to(latents.device)
 
-    unet = pipe.unet
-    if getattr(unet, "peft_config", None):
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    if getattr(unet, "peft_config", None) or _has_lora(text_encoder):
         raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
     torch.manual_seed(recipe.seed)  # the LoRA A init draws from the global generator
     params = add_lora_adapter(unet, recipe)
+    if train_text_encoder:
+        text_encoder = copy.deepcopy(text_encoder)
+        params += add_text_encoder_adapter(text_encoder, recipe)
+        text_encoder.train()
     unet.train()
     generator = torch.Generator().manual_seed(recipe.seed)
     schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, generator)
@@ -109,7 +142,8 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
             eps = torch.randn(x0.shape, generator=generator)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=embeddings[idx].to(unet.dtype)).sample
+            cond = text_encoder(tokens[idx])[0] if train_text_encoder else embeddings[idx]
+            pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample
             loss = F.mse_loss(pred.float(), eps.to(pred.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,12 +154,23 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
                 losses.append([step, round(ema, 6)])
             bar.set_postfix(loss=f"{ema:.4f}")
         unet.eval()
+        text_encoder.eval()
         out = Path(out).expanduser().resolve()
         out.mkdir(parents=True, exist_ok=True)
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        text_encoder_state = text_encoder_config = None
+        if train_text_encoder:
+            # "text_model." as every SD 1.x LoRA file spells it (transformers 5 dropped the
+            # submodule; diffusers strips the prefix again when loading)
+            text_encoder_state = {k if k.startswith("text_model.") else f"text_model.{k}": v
+                                  for k, v in convert_state_dict_to_diffusers(
+                                      get_peft_model_state_dict(text_encoder, adapter_name="default")).items()}
+            text_encoder_config = text_encoder.peft_config["default"].to_dict()
         StableDiffusionPipeline.save_lora_weights(
-            str(out), unet_lora_layers=lora_state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+            str(out), unet_lora_layers=lora_state, text_encoder_lora_layers=text_encoder_state,
+            weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=text_encoder_config)
     except BaseException:
         keep_adapter = False
         raise
@@ -133,6 +178,8 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
         if not keep_adapter and getattr(unet, "peft_config", None):
             unet.delete_adapters("default")
         unet.eval().requires_grad_(False)
+        if keep_adapter and train_text_encoder:
+            pipe.text_encoder = text_encoder.eval().requires_grad_(False)
 
     record = {
         "das_sd_version": __version__,
@@ -148,6 +195,17 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     }
     atomic_write_json(out / RECORD_NAME, record)
     return record
+
+
+def recipe_from_record(record: dict) -> LoraRecipe:
+    """The recipe a LoRA record was trained with. Records written before ``text_encoder_rank``
+    existed come from the UNet-only recipe."""
+    recorded = {"text_encoder_rank": 0} | record["recipe"]
+    return LoraRecipe(**{k: v for k, v in recorded.items() if k in LoraRecipe.__dataclass_fields__})
+
+
+def _has_lora(model) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
 
 
 def read_record(lora: str | Path) -> dict | None:

@@ -46,7 +46,6 @@ def test_planted_exemplars_rank_far_above_chance(ground_truth_summary):
     assert summary["das"]["recall@10"] > summary["latent-sim"]["recall@10"]
 
 
-@pytest.mark.xfail(strict=True, reason="open: DAS Recall@10 on the demo test split is below 0.8 (README, Measured on the demo)")
 def test_planted_exemplars_reach_the_recall_target(ground_truth_summary):
     summary, _ = ground_truth_summary
     assert summary["das"]["recall@10"] >= 0.8

@@ -118,3 +118,33 @@ def test_text_encoder_keys_the_installed_transformers_cannot_read_are_refused(ba
     save_file({"renamed." + k: v for k, v in load_file(str(file)).items()}, str(file))
     with pytest.raises(ModelError, match=r"text_encoder: transformers .* does not find \d+ of the text encoder's weights"):
         load_pipeline(copy, device="cpu")
+
+
+def test_text_encoder_layers_convert_to_kohya_and_load_like_merged_weights(base_path, tmp_path):
+    from das_sd.models.loading import embedded_demo_lora_path
+
+    state, fmt = read_lora(embedded_demo_lora_path())  # UNet and text-encoder LoRA (the default recipe)
+    assert fmt == "diffusers" and any(k.startswith("text_encoder.text_model.") for k in state)
+    # independent expectation: W + B @ A written by hand into the UNet and the text encoder
+    expected_pipe = load_pipeline(base_path, device="cpu")
+    models = {"unet": dict(expected_pipe.unet.named_modules()),
+              "text_encoder": dict(expected_pipe.text_encoder.named_modules())}
+    with torch.no_grad():
+        for key, down in state.items():
+            if not key.endswith(".down.weight"):
+                continue
+            model, name = key.split(".", 1)
+            name = name[:-len(".lora_linear_layer.down.weight") if "lora_linear_layer" in name else -len(".lora.down.weight")]
+            up = state[key.replace(".down.weight", ".up.weight")]
+            target = name.removeprefix("text_model.") if model == "text_encoder" else name
+            models[model][target].weight += up @ down
+    expected = unet_outputs(expected_pipe)
+
+    converted = to_kohya(state)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in converted)
+    save_file(converted, str(tmp_path / "kohya.safetensors"))
+    pipe = load_pipeline(base_path, device="cpu")
+    assert load_lora(pipe, tmp_path / "kohya.safetensors") == "kohya"
+    assert torch.allclose(unet_outputs(pipe), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ModelError, match="text-encoder layers.*kohya"):
+        to_peft(state)

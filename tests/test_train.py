@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from das_sd.data.datasets import open_dataset
 from das_sd.models.loading import load_lora, load_pipeline
-from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, batch_schedule, read_record, read_subset_file, train_lora
+from das_sd.train import (LORA_WEIGHT_NAME, LoraRecipe, batch_schedule, read_record, read_subset_file,
+                          recipe_from_record, train_lora)
 from helpers import unet_outputs
 
 FAST = dict(steps=12, batch_size=8, rank=4, alpha=4.0, learning_rate=3e-3)
@@ -31,6 +32,7 @@ def test_training_is_deterministic_for_a_seed(base_path, small_set, tmp_path):
     assert a["lora_fingerprint"] == b["lora_fingerprint"] != c["lora_fingerprint"]
     # the base pipeline is left without adapters
     assert not getattr(pipe.unet, "peft_config", None)
+    assert not any("lora_" in n for n, _ in pipe.text_encoder.named_parameters())
 
 
 def test_saved_lora_reproduces_the_trained_model(base_path, small_set, tmp_path):
@@ -51,6 +53,34 @@ def test_saved_lora_reproduces_the_trained_model(base_path, small_set, tmp_path)
     assert on_disk["dataset_fingerprint"] == small_set.fingerprint()
     assert on_disk["recipe"]["seed"] == 0 and on_disk["recipe"]["resolution"] == 32
     assert on_disk["base_fingerprint"].startswith("sha256:")
+
+
+def text_embeddings(pipe) -> torch.Tensor:
+    ids = pipe.tokenizer(["zorblat, a red circle on a blue background"], padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_text_encoder_lora_is_trained_saved_and_reloaded(base_path, small_set, tmp_path):
+    pipe = load_pipeline(base_path, device="cpu")
+    before = text_embeddings(pipe)
+    train_lora(base_path, small_set, tmp_path / "lora", LoraRecipe(seed=0, **FAST), pipe=pipe, progress=False,
+               keep_adapter=True)
+    trained = text_embeddings(pipe)
+    assert not torch.allclose(trained, before, atol=1e-4)
+    keys = load_file(str(tmp_path / "lora" / LORA_WEIGHT_NAME)).keys()
+    te_keys = [k for k in keys if k.startswith("text_encoder.")]
+    # q, k, v, out of every text-encoder layer, down and up, spelled as SD 1.x LoRA files spell them
+    assert len(te_keys) == 8 * pipe.text_encoder.config.num_hidden_layers
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
+    fresh = load_pipeline(base_path, device="cpu")
+    load_lora(fresh, tmp_path / "lora")
+    assert torch.allclose(text_embeddings(fresh), trained, atol=1e-5, rtol=1e-4)
+
+    train_lora(base_path, small_set, tmp_path / "unet-only", LoraRecipe(seed=0, text_encoder_rank=0, **FAST),
+               pipe=load_pipeline(base_path, device="cpu"), progress=False)
+    assert all(k.startswith("unet.") for k in load_file(str(tmp_path / "unet-only" / LORA_WEIGHT_NAME)))
 
 
 def test_alpha_different_from_rank_survives_save_and_load(base_path, small_set, tmp_path):
@@ -81,3 +111,10 @@ def test_subset_file_formats(tmp_path):
     (tmp_path / "c.json").write_text('{"k": 1}')
     with pytest.raises(ValueError, match="c.json"):
         read_subset_file(tmp_path / "c.json")
+
+
+def test_recipe_from_record_reads_old_records_as_unet_only(base_path, small_set, tmp_path):
+    record = train_lora(base_path, small_set, tmp_path / "l", LoraRecipe(seed=2, **FAST), progress=False)
+    assert recipe_from_record(record) == LoraRecipe(seed=2, resolution=32, **FAST)
+    old = {"recipe": {k: v for k, v in record["recipe"].items() if k != "text_encoder_rank"}}
+    assert recipe_from_record(old).text_encoder_rank == 0

@@ -18,13 +18,13 @@ def attributed_recipe_and_data(attributor):
     """The recipe the attributed LoRA was trained with (its lora_record.json) and the store's dataset:
     what every retraining of an evaluation repeats."""
     from ..data.datasets import open_dataset
-    from ..train import LoraRecipe, read_record
+    from ..train import read_record, recipe_from_record
 
     record = read_record(attributor.lora_path.parent)
     if not record:
         raise ValueError(f"{attributor.lora_path}: no lora_record.json beside it; evaluations retrain with the "
                          "attributed LoRA's recipe, so the LoRA must come from `das-sd train-lora`")
-    recipe = LoraRecipe(**{k: v for k, v in record["recipe"].items() if k in LoraRecipe.__dataclass_fields__})
+    recipe = recipe_from_record(record)
     info = attributor.store.manifest.get("info", {})
     dataset = open_dataset(info["dataset_root"], info.get("dataset_format", "auto"))
     if dataset.keys != attributor.store.keys():

@@ -178,27 +178,32 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "default") -> str:
     return fmt
 
 
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
-_UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight")
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
+_UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight", ".lora_linear_layer.up.weight")
 
 
-def _split_lora_key(key: str) -> tuple[str, str]:
-    """('down_blocks.0....to_q', 'down' | 'up') for a diffusers UNet LoRA key."""
-    if not key.startswith("unet."):
-        raise ModelError(f"LoRA key {key!r} is not a UNet key (text-encoder LoRAs are not supported)")
+def _split_lora_key(key: str) -> tuple[str, str, str]:
+    """('unet' | 'text_encoder', module path, 'down' | 'up') for a diffusers LoRA key."""
+    model = next((m for m in ("unet", "text_encoder") if key.startswith(m + ".")), None)
+    if model is None:
+        raise ModelError(f"LoRA key {key!r} is neither a UNet ('unet.') nor a text-encoder ('text_encoder.') key")
     for kind, suffixes in (("down", _DOWN_SUFFIXES), ("up", _UP_SUFFIXES)):
         for suffix in suffixes:
             if key.endswith(suffix):
-                return key[len("unet."):-len(suffix)], kind
+                module = key[len(model) + 1:-len(suffix)]
+                if model == "text_encoder" and not module.startswith("text_model."):
+                    module = "text_model." + module  # transformers 5 layout -> the usual one
+                return model, module, kind
     raise ModelError(f"unrecognised LoRA key {key!r}")
 
 
 def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers UNet LoRA state dict to kohya / A1111 naming (alpha = rank, scale 1)."""
+    """Convert a diffusers LoRA state dict (UNet and text encoder) to kohya / A1111 naming
+    (alpha = rank, scale 1)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        module, kind = _split_lora_key(key)
-        name = "lora_unet_" + module.replace(".", "_")
+        model, module, kind = _split_lora_key(key)
+        name = ("lora_unet_" if model == "unet" else "lora_te_") + module.replace(".", "_")
         out[f"{name}.lora_{kind}.weight"] = value.contiguous()
         if kind == "down":
             out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
@@ -209,6 +214,9 @@ def to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a diffusers UNet LoRA state dict to peft ``adapter_model.safetensors`` naming."""
     out = {}
     for key, value in state.items():
-        module, kind = _split_lora_key(key)
+        model, module, kind = _split_lora_key(key)
+        if model != "unet":
+            raise ModelError("a peft adapter file holds one model, and this LoRA also has text-encoder layers "
+                             f"(e.g. {key!r}); convert it to kohya instead")
         out[f"base_model.model.{module}.lora_{'A' if kind == 'down' else 'B'}.weight"] = value.contiguous()
     return out
