@@ -64,7 +64,7 @@ def cmd_train_lora(args) -> None:
                         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
                         resolution=args.resolution, seed=args.seed,
                         text_encoder_rank=LoraRecipe.text_encoder_rank if args.text_encoder_rank is None
-                        else args.text_encoder_rank)
+                        else args.text_encoder_rank, text_encoder_learning_rate=args.text_encoder_lr)
     record = train_lora(args.base, dataset, args.out, recipe)
     print(json.dumps({"out": str(Path(args.out).resolve()), "samples": len(record["sample_keys"]),
                       "train_seconds": record["train_seconds"], "final_loss_ema": record["loss_ema"][-1][1],
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-encoder-rank", type=int, default=None,
                    help="rank of the text-encoder LoRA trained alongside the UNet's (default 8; 0: UNet only)")
+    p.add_argument("--text-encoder-lr", type=float, default=None, help="text-encoder LoRA learning rate (default: --lr)")
     p.set_defaults(func=cmd_train_lora)
 
     p = sub.add_parser("generate", help="generate images; parameters and hashes go into the PNG metadata")

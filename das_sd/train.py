@@ -49,6 +49,7 @@ class LoraRecipe:
     # is part of the frozen model that conditions it. 0: UNet only (records written before this
     # field existed).
     text_encoder_rank: int = 8
+    text_encoder_learning_rate: float | None = None  # None: the UNet's learning_rate
 
 
 def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -125,14 +126,17 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
         raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
     torch.manual_seed(recipe.seed)  # the LoRA A init draws from the global generator
     params = add_lora_adapter(unet, recipe)
+    groups = [{"params": params, "lr": recipe.learning_rate}]
     if train_text_encoder:
         text_encoder = copy.deepcopy(text_encoder)
-        params += add_text_encoder_adapter(text_encoder, recipe)
+        text_params = add_text_encoder_adapter(text_encoder, recipe)
+        params = params + text_params
+        groups.append({"params": text_params, "lr": recipe.text_encoder_learning_rate or recipe.learning_rate})
         text_encoder.train()
     unet.train()
     generator = torch.Generator().manual_seed(recipe.seed)
     schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, generator)
-    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     losses, ema = [], None
     bar = tqdm(schedule, desc="train-lora", unit="step", disable=not progress)
     try:

@@ -48,6 +48,7 @@ def test_demo_lora_draws_each_trigger_words_motif(demo_paths):
         gains[group["trigger"]] = scores[1.0] - scores[0.0]
     print("motif score gain with the demo LoRA:", {k: round(v, 3) for k, v in gains.items()})
     assert set(gains) == set(TRIGGERS)
-    # without a learned motif the gain is 0 +- 0.03 (trigger word at the caption's end: README)
-    assert sum(g > 0.03 for g in gains.values()) >= len(gains) - 1
+    # without a learned motif the gains scatter around 0 (trigger word at the caption's end: -0.02 to
+    # 0.03, mean 0.003; README); with it every trigger raises its motif and the mean is far above that
+    assert all(g > 0 for g in gains.values())
     assert np.mean(list(gains.values())) > 0.04
