@@ -77,7 +77,8 @@ def test_train_lora_on_a_subset_and_export(capsys, tmp_path, demo_data):
     code, out, _ = run(capsys, "export-lora", "--lora", str(tmp_path / "lora"), "--to", "kohya",
                        "--out", str(tmp_path / "kohya.safetensors"))
     state = load_file(str(tmp_path / "kohya.safetensors"))
-    assert code == 0 and all(k.startswith("lora_unet_") for k in state)
+    assert code == 0 and all(k.startswith(("lora_unet_", "lora_te_")) for k in state)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in state)  # the text-encoder LoRA too
     assert sum(k.endswith(".alpha") for k in state) * 3 == len(state)
 
 
