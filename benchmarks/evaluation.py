@@ -33,13 +33,13 @@ COUNTERFACTUAL_PROMPTS = [GEN_PROMPTS[0], GEN_PROMPTS[1], GEN_PROMPTS[3], GEN_PR
 COUNTERFACTUAL_METHODS = ["das", "dtrak", "trak", "tracin", "latent-sim"]
 
 
-def stage(out: dict, log: dict, name: str, fn) -> None:
+def stage(out: dict, log: dict, name: str, fn, results_name: str) -> None:
     """Run one stage, time it, and save what the run has so far (a later crash loses nothing)."""
     start = time.time()
     out[name] = fn()
     log[name] = round(time.time() - start, 1)
     print(f"[{name}] {log[name]:.0f} s", flush=True)
-    save_results("eval-demo", json.loads(json.dumps(out | {"wall_seconds": log}, default=str)))
+    save_results(results_name, json.loads(json.dumps(out | {"wall_seconds": log}, default=str)))
 
 
 def main() -> None:
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--counterfactual-seeds", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--name", default="eval-demo", help="results name (benchmarks/results/NAME.json); "
+                        "BENCHMARKS.md is written from eval-demo only")
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: counterfactual,ablations")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -86,30 +88,30 @@ def main() -> None:
 
     stage(out, wall, "groundtruth", lambda: {
         split: evaluate_ground_truth(attributor, demo["data"], split=split, progress=True)
-        for split in ("tune", "test")})
+        for split in ("tune", "test")}, args.name)
 
     lds_settings = LDSSettings(subsets=args.subsets, output_timesteps=args.output_timesteps,
                                output_noise_draws=args.output_noise_draws)
     queries = [val_queries(attributor, val_dir, args.val_limit), gen_queries(attributor, GEN_PROMPTS, args.gen_seeds)]
     stage(out, wall, "lds", lambda: run_lds(attributor, work / "lds", queries, lds_settings,
-                                                     workers=args.workers))
+                                                     workers=args.workers), args.name)
 
     if "ablations" not in skip:
         lds_run = {"workdir": work / "lds", "queries": queries, "settings": lds_settings, "workers": args.workers}
         stage(out, wall, "ablations", lambda: run_ablations(
-            attributor, work / "ablations", None, demo["data"], lds_run))
+            attributor, work / "ablations", None, demo["data"], lds_run), args.name)
 
     if "counterfactual" not in skip:
         settings = CounterfactualSettings(top_k=args.top_k)
         stage(out, wall, "counterfactual", lambda: run_counterfactual(
             attributor, work / "counterfactual", COUNTERFACTUAL_PROMPTS, args.counterfactual_seeds, settings,
-            COUNTERFACTUAL_METHODS, workers=args.workers))
+            COUNTERFACTUAL_METHODS, workers=args.workers), args.name)
 
     wall["total"] = round(time.time() - started, 1)
     out["wall_seconds"] = wall
-    path = save_results("eval-demo", json.loads(json.dumps(out, default=str)))
+    path = save_results(args.name, json.loads(json.dumps(out, default=str)))
     print(path)
-    lds_path = RESULTS / "eval-demo-lds.json"
+    lds_path = RESULTS / f"{args.name}-lds.json"
     lds_path.write_text(json.dumps(out["lds"], indent=2) + "\n")
     try:
         from plots import draw
@@ -117,9 +119,10 @@ def main() -> None:
         draw(lds_path)
     except ImportError:
         print("matplotlib missing (pip install -e '.[bench]'): no plots")
-    from report import write_report
+    if args.name == "eval-demo":
+        from report import write_report
 
-    print(write_report())
+        print(write_report())
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""Scoring at scale: streamed top-k over 1,000,000 x 2048 float16 train-side vectors, against the
-sequential read speed of the same files.
+"""Scoring at scale: streamed top-k over 1,000,000 x 2048 float16 (or int8) train-side vectors, against
+the sequential read speed of the same files.
 
-    python benchmarks/topk.py [--rows 1000000] [--dim 2048] [--workdir /tmp/das-sd-topk] [--no-verify]
+    python benchmarks/topk.py [--rows 1000000] [--dim 2048] [--dtype float16|int8] [--workdir /tmp/das-sd-topk]
+                              [--no-verify]
 
-Builds (once) a synthetic store: random psi rows (float16) in index files of 65,536 rows, with a
+Builds (once) a synthetic store: random psi rows (float16, or int8 with a float32 scale per row) in
+index files of 65,536 rows, with a
 manifest of 1M keys (no feature shards: the das method reads only the index). Then, each in a fresh
 process so that peak memory is its own:
   read    plain sequential reads of the index files into one 64 MiB buffer (GB/s)
   query   das_sd.topk.stream_topk for 1 query and for a batch of 16 (GB/s of files scanned)
 both with a warm page cache, and both again after dropping the page cache where the OS allows it.
 Checks that the streamed top-10 equals in-memory scoring of the whole matrix (--no-verify skips it;
-it needs about 2 x the matrix in RAM). Writes benchmarks/results/topk.json.
+it needs about 2 x the float16 matrix in RAM). Writes benchmarks/results/topk.json (topk-int8.json).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_worker, save_r
 SHARD_ROWS = 65536
 
 
-def build_store(root: Path, rows: int, dim: int):
-    from das_sd.score import LambdaRule
+def build_store(root: Path, rows: int, dim: int, dtype: str = "float16"):
+    from das_sd.score import LambdaRule, quantize_rows
     from das_sd.store import FeatureStore
 
     if (root / "manifest.json").is_file():
@@ -51,10 +53,15 @@ def build_store(root: Path, rows: int, dim: int):
         for start in range(0, rows, SHARD_ROWS):
             g = torch.Generator().manual_seed(start)
             n = min(SHARD_ROWS, rows - start)
-            psi = (torch.randn(n, dim, generator=g) * dim ** -0.5).half()
-            yield {"psi_das": psi, "norm.psi_das": psi.float().norm(dim=1)}
+            psi = torch.randn(n, dim, generator=g) * dim ** -0.5
+            if dtype == "int8":
+                vectors, scales = quantize_rows({"psi_das": psi})
+                yield vectors | scales | {"norm.psi_das": psi.norm(dim=1)}
+            else:
+                psi = psi.half()
+                yield {"psi_das": psi, "norm.psi_das": psi.float().norm(dim=1)}
     files = store.write_index_files("das", shards())
-    store.record_index("das", files, {"feature_set": "das", "k": dim, "dtype": "float16", "synthetic": True,
+    store.record_index("das", files, {"feature_set": "das", "k": dim, "dtype": dtype, "synthetic": True,
                                       "lambda_rule": LambdaRule().describe()})
     return store
 
@@ -99,12 +106,17 @@ def worker(spec: dict) -> dict:
 
 def verify(root: Path, streamed: dict, dim: int, queries: int) -> bool:
     """In-memory scoring of the whole matrix (float32 products, chunked only to bound the float32 copy)."""
-    from das_sd.score import rank_scores, train_vectors
+    from das_sd.score import dequantize, rank_scores
     from das_sd.store import FeatureStore
 
-    psi = train_vectors(FeatureStore.open(root), "das")
+    index = FeatureStore.open(root).load_index("das")
+    n = len(index["psi_das"])
     q = torch.randn(queries, dim, generator=torch.Generator().manual_seed(7))
-    score = torch.cat([rank_scores("das", q @ psi[i:i + 65536].float().T)[0] for i in range(0, len(psi), 65536)], 1)
+
+    def rows(i: int) -> torch.Tensor:  # float32 rows i .. i + 65536 (int8: times their scale)
+        part = {k: index[k][i:i + 65536] for k in ("psi_das", "scale.psi_das") if k in index}
+        return dequantize(part, "psi_das").float()
+    score = torch.cat([rank_scores("das", q @ rows(i).T)[0] for i in range(0, n, 65536)], 1)
     top = torch.topk(score, 10, dim=1)
     return top.indices.tolist() == streamed["indices"] and torch.allclose(
         top.values, torch.tensor(streamed["scores"]), rtol=1e-5)
@@ -116,15 +128,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--workdir", default="/tmp/das-sd-topk")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "int8"])
     parser.add_argument("--no-verify", action="store_true")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    root = Path(args.workdir) / f"store-{args.rows}x{args.dim}"
+    suffix = "" if args.dtype == "float16" else f"-{args.dtype}"
+    root = Path(args.workdir) / f"store-{args.rows}x{args.dim}{suffix}"
     start = time.time()
-    build_store(root, args.rows, args.dim)
-    print(f"synthetic store {root}: {args.rows} x {args.dim} float16 ({time.time() - start:.0f} s to build or open)")
+    build_store(root, args.rows, args.dim, args.dtype)
+    print(f"synthetic store {root}: {args.rows} x {args.dim} {args.dtype} ({time.time() - start:.0f} s to build or open)")
     script = Path(__file__).resolve()
     results = {}
     for cache in ("warm", "cold"):
@@ -145,12 +159,13 @@ def main() -> None:
             if key in results and f"{cache}/read" in results:
                 ratios[f"{cache} query({q}) / read"] = results[key]["gb_per_s"] / results[f"{cache}/read"]["gb_per_s"]
     print("ratios:", {k: round(v, 3) for k, v in ratios.items()})
-    shard_mb = SHARD_ROWS * args.dim * 2 / 2**20
+    shard_mb = SHARD_ROWS * args.dim * (1 if args.dtype == "int8" else 2) / 2**20
     identical = None if args.no_verify else verify(root, results["warm/query-16"], args.dim, 16)
     print(f"one index file: {shard_mb:.0f} MB; streamed top-10 identical to in-memory scoring: {identical}")
     for r in results.values():
         r.pop("indices", None), r.pop("scores", None)
-    path = save_results("topk", {"rows": args.rows, "dim": args.dim, "shard_rows": SHARD_ROWS, "shard_mb": shard_mb,
+    path = save_results(f"topk{suffix}", {"rows": args.rows, "dim": args.dim, "dtype": args.dtype,
+                                 "shard_rows": SHARD_ROWS, "shard_mb": shard_mb,
                                  "command": " ".join(sys.argv), "results": results, "ratios": ratios,
                                  "identical_to_in_memory": identical, "target": "query >= 0.5 x read speed"})
     print(f"wrote {path}")

@@ -100,20 +100,46 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
             leverage = leverage.clamp_min(0)
             low, high = info["leverage_range"]
             info["leverage_range"] = [min(low, float(leverage.min())), max(high, float(leverage.max()))]
+            store_as = torch.float64 if dtype == torch.int8 else dtype  # int8: quantized below
             vectors = {
-                "kernel_solved": solved.to(dtype),  # trak / dtrak: G^-1 phi_i
-                "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(dtype),
-                "psi_das_noleverage": (solved * residual.unsqueeze(1)).to(dtype),
+                "kernel_solved": solved.to(store_as),  # trak / dtrak: G^-1 phi_i
+                "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(store_as),
+                "psi_das_noleverage": (solved * residual.unsqueeze(1)).to(store_as),
             }
             # row norms of the stored vectors bound the error of low-precision scoring (das_sd.topk)
             norms = {f"norm.{k}": v.float().norm(dim=1) for k, v in vectors.items()}
+            if dtype == torch.int8:
+                vectors, scales = quantize_rows(vectors)
+                norms |= scales
             yield vectors | norms | {"leverage": leverage.float(), "residual": residual.float()}
     return info, shards()
 
 
+def quantize_rows(vectors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Symmetric int8 per row: v_i ~ scale_i * q_i with scale_i = max |v_i| / 127, so every row keeps
+    its own range (the rows of psi differ in norm by orders of magnitude through e_i / (1 - h_i))."""
+    quantized, scales = {}, {}
+    for name, v in vectors.items():
+        scale = v.abs().amax(dim=1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        quantized[name] = torch.round(v / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        scales[f"scale.{name}"] = scale.float()
+    return quantized, scales
+
+
+def dequantize(index: dict[str, torch.Tensor], array: str) -> torch.Tensor:
+    """A train-side array ready for ``raw_scores``: int8 rows times their scale (float32); float
+    arrays as stored (widened per product, so a float16 index stays half the memory)."""
+    values = index[array]
+    if values.dtype == torch.int8:
+        return values.float() * index[f"scale.{array}"].unsqueeze(1)
+    return values
+
+
 def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32) -> dict:
     """Solve the kernel once and store psi for every method on ``feature_set``, one index file per
-    feature shard. ``dtype``: storage of the train-side vectors (float16 halves what scoring reads)."""
+    feature shard. ``dtype``: storage of the train-side vectors (float16 halves what scoring reads and
+    stays exact through das_sd.topk's rescoring; int8 quarters it, per-row scaled and approximate)."""
     info, shards = index_arrays(store, feature_set, rule, dtype)
     files = store.write_index_files(feature_set, shards)
     store.record_index(feature_set, files, info)
@@ -146,7 +172,7 @@ def train_vectors(store: FeatureStore, name: str, device: str = "cpu") -> torch.
     where, array = train_array(name)
     if where == "features":
         return store.load(array, device)
-    return store.load_index(method(name).feature_set, device)[array]
+    return dequantize(store.load_index(method(name).feature_set, device), array)
 
 
 def raw_scores(query_features: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

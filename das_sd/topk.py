@@ -12,6 +12,10 @@ the product) and float32 accumulation over k terms, |t_fp16 - t| <= delta_i = (2
 |t_fp16| >= (k-th best fp16 score) - 2 max(delta), so keeping those rows and rescoring them exactly
 gives the exact top-k: results equal in-memory float32 scoring (``Attributor.scores`` +
 ``torch.topk``) up to the order of exact ties.
+
+int8 files (per-row scales): each chunk is widened and scored against the dequantized rows; results
+equal in-memory scoring of the same int8 index, which approximates the float32 one (README,
+Performance).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def train_files(store: FeatureStore, name: str) -> tuple[list[Path], str]:
     return list(store.iter_index(method(name).feature_set)), array
 
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_DTYPES = {"I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def _locate(path: Path, name: str) -> tuple[torch.dtype, list[int], int]:
@@ -115,10 +119,11 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
     for path in files:
         try:
             reader = _ChunkReader(path, array, chunk_rows, buffers)
-            norms = None
-            if reader.dtype == torch.float16 and torch.device(device).type == "cpu":
-                with safe_open(str(path), framework="pt", device="cpu") as fh:
-                    norms = fh.get_tensor(f"norm.{array}") if f"norm.{array}" in fh.keys() else None
+            norms = scales = None
+            if reader.dtype == torch.int8:
+                scales = _side_array(path, f"scale.{array}").to(device)
+            elif reader.dtype == torch.float16 and torch.device(device).type == "cpu":
+                norms = _side_array(path, f"norm.{array}", required=False)
             for start, block in reader:
                 block = block.to(device)
                 index = torch.arange(offset + start, offset + start + block.shape[0], device=device)
@@ -126,6 +131,8 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
                     score, t, index = _exact_candidates(name, q, block, norms[start:start + len(block)], index, top_k)
                 else:
                     t = q @ block.float().T
+                    if scales is not None:  # int8 rows: q . (scale_i * row_i)
+                        t *= scales[start:start + len(block)]
                     score, _ = rank_scores(name, t)
                 best, best_t, best_i = _merge(best, best_t, best_i, score, t, index, top_k)
         except StoreError:
@@ -136,6 +143,16 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
     if offset != len(store):
         raise StoreError(f"{store.root}: {array} holds {offset} rows for {len(store)} samples")
     return TopK(best, torch.sign(best_t), best_i)
+
+
+def _side_array(path: Path, key: str, required: bool = True) -> torch.Tensor | None:
+    """A per-row array stored beside the train-side vectors (row norms, int8 scales)."""
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        if key in fh.keys():
+            return fh.get_tensor(key)
+    if required:
+        raise StoreError(f"{path}: {key!r} is missing (an int8 index stores one scale per row)")
+    return None
 
 
 def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: torch.Tensor, index: torch.Tensor,

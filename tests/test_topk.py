@@ -1,4 +1,4 @@
-"""Streamed top-k over the store's files equals in-memory scoring; float16 indexes; the Attributor
+"""Streamed top-k over the store's files equals in-memory scoring; float16 and int8 indexes; the Attributor
 switches to streaming past its memory cap and returns the same attributions."""
 
 from __future__ import annotations
@@ -63,6 +63,33 @@ def test_float16_index_halves_the_bytes_and_keeps_the_ranking(store):
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(full.indices.tolist(), half.indices.tolist())])
     assert overlap >= 0.9
     assert torch.allclose(half.scores, full.scores, rtol=2e-2)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_int8_index_quarters_the_vectors_and_stays_within_its_error_bound(store, chunk_rows):
+    q = torch.randn(20, 24, generator=torch.Generator().manual_seed(4))
+    exact = {name: raw_scores(q, train_vectors(store, name)).double() for name in ("das", "das-signed", "das-noleverage")}
+    size32 = sum(p.stat().st_size for p in store.root.glob("index-das-*.safetensors"))
+    info = build_index(store, "das", LambdaRule(rho=0.1), dtype=torch.int8)
+    index = store.load_index("das")
+    assert info["dtype"] == "int8" and index["psi_das"].dtype == torch.int8
+    size8 = sum(p.stat().st_size for p in store.root.glob("index-das-*.safetensors"))
+    assert size8 < 0.45 * size32  # psi quarters; scales, norms, leverage and residuals stay float32
+    for name, t32 in exact.items():
+        # rounding moves each coordinate by at most scale_i / 2: |t8 - t| <= ||q|| scale_i sqrt(k) / 2
+        array = "psi_das_noleverage" if name == "das-noleverage" else "psi_das"
+        scale = index[f"scale.{array}"].double()
+        t8 = q.double() @ (index[array].double() * scale.unsqueeze(1)).T
+        bound = q.double().norm(dim=1, keepdim=True) * scale * 24 ** 0.5 / 2
+        assert ((t8 - t32).abs() <= bound * (1 + 1e-6) + 1e-9).all()
+        assert ((t8 - t32).abs() > 0).any()  # it is approximate
+        # streamed scoring over the int8 files equals in-memory scoring of the same int8 index
+        score, sign = rank_scores(name, raw_scores(q, train_vectors(store, name)))
+        expected = torch.topk(score, 10, dim=1)
+        got = stream_topk(store, name, q, top_k=10, chunk_rows=chunk_rows)
+        assert torch.equal(got.indices, expected.indices)
+        assert torch.allclose(got.scores, expected.values, rtol=1e-5)
+        assert torch.equal(got.signs, sign.gather(1, expected.indices))
 
 
 def test_attributor_streams_past_its_memory_cap_with_the_same_results(demo):
