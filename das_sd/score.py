@@ -106,12 +106,12 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
                 "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(store_as),
                 "psi_das_noleverage": (solved * residual.unsqueeze(1)).to(store_as),
             }
-            # row norms of the stored vectors bound the error of low-precision scoring (das_sd.topk)
-            norms = {f"norm.{k}": v.float().norm(dim=1) for k, v in vectors.items()}
+            scales = {}
             if dtype == torch.int8:
                 vectors, scales = quantize_rows(vectors)
-                norms |= scales
-            yield vectors | norms | {"leverage": leverage.float(), "residual": residual.float()}
+            # row norms of the stored vectors bound the error of low-precision scoring (das_sd.topk)
+            norms = {f"norm.{k}": dequantize(vectors | scales, k).float().norm(dim=1) for k in vectors}
+            yield vectors | scales | norms | {"leverage": leverage.float(), "residual": residual.float()}
     return info, shards()
 
 

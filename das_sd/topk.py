@@ -13,9 +13,9 @@ the product) and float32 accumulation over k terms, |t_fp16 - t| <= delta_i = (2
 gives the exact top-k: results equal in-memory float32 scoring (``Attributor.scores`` +
 ``torch.topk``) up to the order of exact ties.
 
-int8 files (per-row scales): each chunk is widened and scored against the dequantized rows; results
-equal in-memory scoring of the same int8 index, which approximates the float32 one (README,
-Performance).
+int8 files (a float32 scale per row) go the same way in bfloat16, which holds every int8 value
+exactly (u = 2^-8 for the query and the product, norms of the dequantized rows): results equal
+in-memory scoring of the same int8 index, which approximates the float32 one (README, Performance).
 """
 
 from __future__ import annotations
@@ -122,17 +122,19 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
             norms = scales = None
             if reader.dtype == torch.int8:
                 scales = _side_array(path, f"scale.{array}").to(device)
-            elif reader.dtype == torch.float16 and torch.device(device).type == "cpu":
+            if reader.dtype in (torch.float16, torch.int8) and torch.device(device).type == "cpu":
                 norms = _side_array(path, f"norm.{array}", required=False)
             for start, block in reader:
                 block = block.to(device)
+                rows = slice(start, start + block.shape[0])
                 index = torch.arange(offset + start, offset + start + block.shape[0], device=device)
                 if norms is not None:
-                    score, t, index = _exact_candidates(name, q, block, norms[start:start + len(block)], index, top_k)
+                    score, t, index = _exact_candidates(name, q, block, norms[rows], index, top_k,
+                                                        None if scales is None else scales[rows])
                 else:
                     t = q @ block.float().T
                     if scales is not None:  # int8 rows: q . (scale_i * row_i)
-                        t *= scales[start:start + len(block)]
+                        t *= scales[rows]
                     score, _ = rank_scores(name, t)
                 best, best_t, best_i = _merge(best, best_t, best_i, score, t, index, top_k)
         except StoreError:
@@ -156,18 +158,27 @@ def _side_array(path: Path, key: str, required: bool = True) -> torch.Tensor | N
 
 
 def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: torch.Tensor, index: torch.Tensor,
-                      top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(exact scores, exact t, row numbers) of the rows of a float16 block that can be in its top-k,
-    each (queries, candidates); queries short of candidates are padded with -inf scores."""
-    approx_t = (q.half() @ block.T).float()
+                      top_k: int, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exact scores, exact t, row numbers) of the rows of a low-precision block that can be in its
+    top-k, each (queries, candidates); queries short of candidates are padded with -inf scores.
+
+    float16 rows are scored in float16; int8 rows (exact in bfloat16, which keeps float32's range) in
+    bfloat16, times their scales. Either way the query and the product are rounded once each (unit
+    roundoff u) over a float32 accumulation, so |t_approx - t| <= (2u + k 2^-24) ||q|| ||row||."""
+    if scales is None:
+        approx_t, u = (q.half() @ block.T).float(), 2.0 ** -11
+    else:
+        approx_t, u = (q.bfloat16() @ block.bfloat16().T).float() * scales, 2.0 ** -8
     approx, _ = rank_scores(name, approx_t)
     squared = method(name).squared
     key = approx_t.abs() if squared else approx  # |t| orders like t^2
-    delta = (2 * 2.0 ** -11 + q.shape[1] * 2.0 ** -24) * q.norm(dim=1, keepdim=True) * norms.float().max()
+    delta = (2 * u + q.shape[1] * 2.0 ** -24) * q.norm(dim=1, keepdim=True) * norms.float().max()
     kth = torch.topk(key, min(top_k, key.shape[1]), dim=1).values[:, -1:]
     keep = key >= kth - 2 * delta
     columns = keep.any(dim=0).nonzero().squeeze(1)  # rows some query needs
     t = q @ block[columns].float().T
+    if scales is not None:
+        t *= scales[columns]
     score, _ = rank_scores(name, t)
     score = score.masked_fill(~keep[:, columns], float("-inf"))
     return score, t, index[columns]
