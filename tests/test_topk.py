@@ -26,16 +26,21 @@ def store(tmp_path):
     return s
 
 
-@pytest.mark.parametrize("name", ["das", "das-signed", "das-noleverage", "tracin"])
-@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
-def test_streamed_topk_equals_in_memory_topk(store, name, chunk_rows):
-    q = torch.randn(5, 24, generator=torch.Generator().manual_seed(1))
+def assert_streamed_equals_in_memory(store, name: str, q: torch.Tensor, chunk_rows: int):
     score, sign = rank_scores(name, raw_scores(q, train_vectors(store, name)))
     expected = torch.topk(score, 10, dim=1)
     got = stream_topk(store, name, q, top_k=10, chunk_rows=chunk_rows)
     assert torch.equal(got.indices, expected.indices)
     assert torch.allclose(got.scores, expected.values, rtol=1e-5)
     assert torch.equal(got.signs, sign.gather(1, expected.indices))
+    return got
+
+
+@pytest.mark.parametrize("name", ["das", "das-signed", "das-noleverage", "tracin"])
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+def test_streamed_topk_equals_in_memory_topk(store, name, chunk_rows):
+    q = torch.randn(5, 24, generator=torch.Generator().manual_seed(1))
+    got = assert_streamed_equals_in_memory(store, name, q, chunk_rows)
     # brute force, one row at a time in float64
     psi = train_vectors(store, name).double()
     t = torch.stack([q.double() @ psi[i] for i in range(len(psi))], dim=1)
@@ -84,12 +89,7 @@ def test_int8_index_quarters_the_vectors_and_stays_within_its_error_bound(store,
         assert ((t8 - t32).abs() <= bound * (1 + 1e-6) + 1e-9).all()
         assert ((t8 - t32).abs() > 0).any()  # it is approximate
         # streamed scoring over the int8 files equals in-memory scoring of the same int8 index
-        score, sign = rank_scores(name, raw_scores(q, train_vectors(store, name)))
-        expected = torch.topk(score, 10, dim=1)
-        got = stream_topk(store, name, q, top_k=10, chunk_rows=chunk_rows)
-        assert torch.equal(got.indices, expected.indices)
-        assert torch.allclose(got.scores, expected.values, rtol=1e-5)
-        assert torch.equal(got.signs, sign.gather(1, expected.indices))
+        assert_streamed_equals_in_memory(store, name, q, chunk_rows)
 
 
 def test_attributor_streams_past_its_memory_cap_with_the_same_results(demo):
