@@ -2,8 +2,10 @@
 
 Attribution benchmarks retrain the LoRA on many subsets of the data, so the recipe is a dataclass
 recorded next to the weights, and every random draw (batch order, timesteps, noise) comes from one
-generator seeded by ``recipe.seed``. Latents (VAE mode x scaling factor, as the featurizer uses) and
-caption embeddings are computed once; the text encoder and VAE stay frozen.
+generator seeded by ``recipe.seed``. Latents (VAE mode x scaling factor, as the featurizer uses) are
+computed once and the VAE stays frozen. The text encoder gets its own LoRA (``text_encoder_rank``,
+on a copy, so the pipeline passed in stays the base); with ``text_encoder_rank=0`` it stays frozen
+and the caption embeddings are computed once too.
 """
 
 from __future__ import annotations
