@@ -54,8 +54,8 @@ def main() -> None:
     parser.add_argument("--counterfactual-seeds", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--name", default="eval-demo", help="results name (benchmarks/results/NAME.json); "
-                        "BENCHMARKS.md is written from eval-demo only")
+    parser.add_argument("--name", default="eval-demo", help="results name (benchmarks/results/NAME.json; "
+                        "report benchmarks/BENCHMARKS.md, or BENCHMARKS-NAME.md for another name)")
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: counterfactual,ablations")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -119,10 +119,9 @@ def main() -> None:
         draw(lds_path)
     except ImportError:
         print("matplotlib missing (pip install -e '.[bench]'): no plots")
-    if args.name == "eval-demo":
-        from report import write_report
+    from report import write_report
 
-        print(write_report())
+    print(write_report(args.name))
 
 
 if __name__ == "__main__":
