@@ -13,9 +13,10 @@ the product) and float32 accumulation over k terms, |t_fp16 - t| <= delta_i = (2
 gives the exact top-k: results equal in-memory float32 scoring (``Attributor.scores`` +
 ``torch.topk``) up to the order of exact ties.
 
-int8 files (a float32 scale per row) go the same way in bfloat16, which holds every int8 value
-exactly (u = 2^-8 for the query and the product, norms of the dequantized rows): results equal
-in-memory scoring of the same int8 index, which approximates the float32 one (README, Performance).
+int8 files (a float32 scale per row) go the same way, with the query quantized to int8 as well and
+exact int32 dot products (the bound is then the query's rounding; norms are those of the dequantized
+rows): results equal in-memory scoring of the same int8 index, which approximates the float32 one
+(README, Performance).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
                 index = torch.arange(offset + start, offset + start + block.shape[0], device=device)
                 if norms is not None:
                     score, t, index = _exact_candidates(name, q, block, norms[rows], index, top_k,
+                                                        _floor(name, best, top_k),
                                                         None if scales is None else scales[rows])
                 else:
                     t = q @ block.float().T
@@ -157,24 +159,32 @@ def _side_array(path: Path, key: str, required: bool = True) -> torch.Tensor | N
     return None
 
 
-def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: torch.Tensor, index: torch.Tensor,
-                      top_k: int, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(exact scores, exact t, row numbers) of the rows of a low-precision block that can be in its
-    top-k, each (queries, candidates); queries short of candidates are padded with -inf scores.
+def _floor(name: str, best: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """The k-th best exact key so far (|t| for squared methods), per query: no row below it can
+    enter the final top-k. None until k rows have been seen."""
+    if best.shape[1] < top_k:
+        return None
+    kth = best[:, top_k - 1:top_k]
+    return kth.clamp_min(0).sqrt() if method(name).squared else kth
 
-    float16 rows are scored in float16; int8 rows (exact in bfloat16, which keeps float32's range) in
-    bfloat16, times their scales. Either way the query and the product are rounded once each (unit
-    roundoff u) over a float32 accumulation, so |t_approx - t| <= (2u + k 2^-24) ||q|| ||row||."""
-    if scales is None:
-        approx_t, u = (q.half() @ block.T).float(), 2.0 ** -11
-    else:
-        approx_t, u = (q.bfloat16() @ block.bfloat16().T).float() * scales, 2.0 ** -8
+
+def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: torch.Tensor, index: torch.Tensor,
+                      top_k: int, floor: torch.Tensor | None = None,
+                      scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exact scores, exact t, row numbers) of the rows of a low-precision block that can be in the
+    top-k, each (queries, candidates); queries short of candidates are padded with -inf scores.
+    Approximate scores come with a bound |t_approx - t| <= error * ||row|| = delta per query. A row of
+    the block's exact top-k has key_approx >= (the block's k-th best approximate key) - 2 delta, and a
+    row of the final top-k has key_approx >= ``floor`` (the running k-th best exact key) - delta."""
+    approx_t, error = _approximate_int8(q, block, scales) if scales is not None else _approximate_float16(q, block)
     approx, _ = rank_scores(name, approx_t)
     squared = method(name).squared
     key = approx_t.abs() if squared else approx  # |t| orders like t^2
-    delta = (2 * u + q.shape[1] * 2.0 ** -24) * q.norm(dim=1, keepdim=True) * norms.float().max()
-    kth = torch.topk(key, min(top_k, key.shape[1]), dim=1).values[:, -1:]
-    keep = key >= kth - 2 * delta
+    delta = error * norms.float().max()
+    threshold = torch.topk(key, min(top_k, key.shape[1]), dim=1).values[:, -1:] - 2 * delta
+    if floor is not None:
+        threshold = torch.maximum(threshold, floor - delta)
+    keep = key >= threshold
     columns = keep.any(dim=0).nonzero().squeeze(1)  # rows some query needs
     t = q @ block[columns].float().T
     if scales is not None:
@@ -182,6 +192,29 @@ def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: to
     score, _ = rank_scores(name, t)
     score = score.masked_fill(~keep[:, columns], float("-inf"))
     return score, t, index[columns]
+
+
+def _approximate_float16(q: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 GEMV: the query and the product rounded once each (u = 2^-11) over a float32
+    accumulation of k terms: error (2u + k 2^-24) ||q||."""
+    u = 2.0 ** -11
+    return (q.half() @ block.T).float(), (2 * u + q.shape[1] * 2.0 ** -24) * q.norm(dim=1, keepdim=True)
+
+
+def _approximate_int8(q: torch.Tensor, block: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows against the query quantized to int8 too (its own scale s_q): the int32 dot products
+    are exact, so the error is the query's rounding, s_q sqrt(k) / 2, plus three float32 roundings.
+    Falls back to bfloat16 (which holds int8 values exactly; u = 2^-8) where int8 GEMM is missing."""
+    k = q.shape[1]
+    q_scale = (q.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    try:
+        dots = torch._int_mm(torch.round(q / q_scale).to(torch.int8), block.T)
+    except (RuntimeError, AttributeError):
+        u = 2.0 ** -8
+        approx = (q.bfloat16() @ block.bfloat16().T).float() * scales
+        return approx, (2 * u + k * 2.0 ** -24) * q.norm(dim=1, keepdim=True)
+    rounding = q_scale * k ** 0.5 / 2
+    return dots.float() * q_scale * scales, rounding + 2.0 ** -20 * (q.norm(dim=1, keepdim=True) + rounding)
 
 
 def _merge(best, best_t, best_i, score, t, index, top_k: int):
