@@ -70,8 +70,12 @@ def test_float16_index_halves_the_bytes_and_keeps_the_ranking(store):
     assert torch.allclose(half.scores, full.scores, rtol=2e-2)
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 1000])
-def test_int8_index_quarters_the_vectors_and_stays_within_its_error_bound(store, chunk_rows):
+@pytest.mark.parametrize("chunk_rows,int8_gemm", [(7, True), (1000, True), (7, False)])
+def test_int8_index_quarters_the_vectors_and_stays_within_its_error_bound(store, chunk_rows, int8_gemm, monkeypatch):
+    if not int8_gemm:  # the bfloat16 path taken where torch has no int8 matrix product
+        def missing(*args):
+            raise RuntimeError("no int8 GEMM here")
+        monkeypatch.setattr(torch, "_int_mm", missing)
     q = torch.randn(20, 24, generator=torch.Generator().manual_seed(4))
     exact = {name: raw_scores(q, train_vectors(store, name)).double() for name in ("das", "das-signed", "das-noleverage")}
     size32 = sum(p.stat().st_size for p in store.root.glob("index-das-*.safetensors"))
