@@ -48,8 +48,7 @@ def main() -> None:
     for label, dtype in DTYPES.items():
         store = FeatureStore.open(copy)
         for name in store.identity["feature_sets"]:
-            rule = store.index_info(name)["lambda_rule"]
-            build_index(store, name, LambdaRule(rho=rule.get("rho", 100.0), value=rule.get("value")), dtype)
+            build_index(store, name, LambdaRule.from_description(store.index_info(name)["lambda_rule"]), dtype)
         index_bytes = sum(p.stat().st_size for p in copy.glob("index-*.safetensors"))
         attributor = Attributor(copy, pipe=base.pipe)
         row = {"index_bytes": index_bytes, "groundtruth": {}, "vs_float32": {}}

@@ -62,6 +62,11 @@ class LambdaRule:
         return {"rule": "explicit", "value": self.value} if self.value is not None else \
             {"rule": "rho * trace(Phi^T Phi) / k", "rho": self.rho}
 
+    @classmethod
+    def from_description(cls, description: dict) -> "LambdaRule":
+        """The rule an index recorded (``describe``), to index another store the same way."""
+        return cls(rho=description.get("rho", cls.rho), value=description.get("value"))
+
 
 def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
     """Phi^T Phi in float64, streamed over the shards."""

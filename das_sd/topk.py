@@ -120,11 +120,9 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
     for path in files:
         try:
             reader = _ChunkReader(path, array, chunk_rows, buffers)
-            norms = scales = None
-            if reader.dtype == torch.int8:
-                scales = _side_array(path, f"scale.{array}").to(device)
-            if reader.dtype in (torch.float16, torch.int8) and torch.device(device).type == "cpu":
-                norms = _side_array(path, f"norm.{array}", required=False)
+            side = _side_arrays(path, array, reader.dtype) if reader.dtype in (torch.float16, torch.int8) else {}
+            scales = side["scale"].to(device) if reader.dtype == torch.int8 else None
+            norms = side.get("norm") if torch.device(device).type == "cpu" else None
             for start, block in reader:
                 block = block.to(device)
                 rows = slice(start, start + block.shape[0])
@@ -149,14 +147,14 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
     return TopK(best, torch.sign(best_t), best_i)
 
 
-def _side_array(path: Path, key: str, required: bool = True) -> torch.Tensor | None:
-    """A per-row array stored beside the train-side vectors (row norms, int8 scales)."""
+def _side_arrays(path: Path, array: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The per-row arrays stored beside low-precision train-side vectors: {"norm", "scale"}, as present
+    (row norms bound the rounding error; int8 rows need their scales)."""
     with safe_open(str(path), framework="pt", device="cpu") as fh:
-        if key in fh.keys():
-            return fh.get_tensor(key)
-    if required:
-        raise StoreError(f"{path}: {key!r} is missing (an int8 index stores one scale per row)")
-    return None
+        side = {kind: fh.get_tensor(f"{kind}.{array}") for kind in ("norm", "scale") if f"{kind}.{array}" in fh.keys()}
+    if "scale" not in side and dtype == torch.int8:
+        raise StoreError(f"{path}: 'scale.{array}' is missing (an int8 index stores one scale per row)")
+    return side
 
 
 def _floor(name: str, best: torch.Tensor, top_k: int) -> torch.Tensor | None:

@@ -71,10 +71,7 @@ def add_lora_adapter(unet, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, init_lora_weights="gaussian",
                                 target_modules=list(recipe.target_modules)))
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    return _trainable_lora_parameters(unet)
 
 
 def add_text_encoder_adapter(text_encoder, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
@@ -87,7 +84,15 @@ def add_text_encoder_adapter(text_encoder, recipe: LoraRecipe) -> list[torch.nn.
                                        init_lora_weights="gaussian",
                                        target_modules=list(TEXT_ENCODER_TARGET_MODULES)),
                             text_encoder, adapter_name="default")
-    params = [p for n, p in text_encoder.named_parameters() if "lora_" in n]
+    return _trainable_lora_parameters(text_encoder)
+
+
+def _lora_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def _trainable_lora_parameters(model) -> list[torch.nn.Parameter]:
+    params = _lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     return params
@@ -124,7 +129,7 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     alphas = noise_scheduler.alphas_cumprod.to(latents.device)
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    if getattr(unet, "peft_config", None) or _has_lora(text_encoder):
+    if getattr(unet, "peft_config", None) or _lora_parameters(text_encoder):
         raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
     torch.manual_seed(recipe.seed)  # the LoRA A init draws from the global generator
     params = add_lora_adapter(unet, recipe)
@@ -208,10 +213,6 @@ def recipe_from_record(record: dict) -> LoraRecipe:
     existed come from the UNet-only recipe."""
     recorded = {"text_encoder_rank": 0} | record["recipe"]
     return LoraRecipe(**{k: v for k, v in recorded.items() if k in LoraRecipe.__dataclass_fields__})
-
-
-def _has_lora(model) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
 
 
 def read_record(lora: str | Path) -> dict | None:

@@ -94,7 +94,7 @@ def variant_store(attributor, folder: Path, overrides: dict, progress: bool = Tr
                               shard_size=store.manifest["shard_size"], autocast_dtype=autocast)
     if "das" not in built.manifest.get("indexes", {}):
         rule = store.manifest.get("indexes", {}).get("das", {}).get("lambda_rule", {})
-        build_index(built, "das", LambdaRule(rho=rule.get("rho", LambdaRule.rho), value=rule.get("value")))
+        build_index(built, "das", LambdaRule.from_description(rule))
     return Attributor(built, pipe=attributor.pipe)
 
 
