@@ -136,3 +136,28 @@ def save_results(name: str, payload: dict) -> Path:
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()} | payload
     atomic_write_json(path, payload)
     return path
+
+
+def ranking_effect(attributor, data: str, generations: dict, methods: list[str], reference: dict) -> dict:
+    """Ground truth per split and method, and each method's top-10 against ``reference`` (filled with
+    this attributor's own scores when empty): the yardstick of the low-precision benchmarks."""
+    from das_sd.evaluate.groundtruth import evaluate_ground_truth
+
+    row = {"groundtruth": {}, "vs_reference": {}}
+    for split, gens in generations.items():
+        summary = evaluate_ground_truth(attributor, data, split, methods, generations=gens)
+        row["groundtruth"][split] = {m: {k: round(v, 4) for k, v in r.items() if isinstance(v, float)}
+                                     for m, r in summary["methods"].items()}
+    latents = torch.cat([lat for split in generations.values() for _, lat in split])
+    prompts = [q.prompt for split in generations.values() for q, _ in split]
+    features = attributor.query_features(latents, prompts, None, sorted(attributor.store.identity["feature_sets"]))
+    for m in methods:
+        score, _ = attributor.scores(latents, prompts, m, features)
+        top = torch.topk(score, 10, dim=1).indices
+        reference.setdefault(m, (score, top))
+        ref_score, ref_top = reference[m]
+        overlap = [len(set(a) & set(b)) / 10 for a, b in zip(top.tolist(), ref_top.tolist())]
+        rel = ((score - ref_score).abs().amax(dim=1) / ref_score.abs().amax(dim=1)).max()
+        row["vs_reference"][m] = {"top10_overlap_mean": round(sum(overlap) / len(overlap), 4),
+                                  "top10_overlap_min": min(overlap), "max_relative_score_change": float(rel)}
+    return row

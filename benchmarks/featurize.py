@@ -5,8 +5,10 @@
 Per configuration, three ways to process the same rows (a row = one sample at one timestep):
   train      a plain batched training step: forward + backward of the diffusion loss, same LoRA
   das-sd     das_sd's Featurizer: per-timestep-normalised, projected LoRA gradients (k = --dim)
-  reference  as the published DAS / D-TRAK code: torch.func vmap(grad(functional_call)) per-sample
-             LoRA gradients, then a dense Gaussian projection generated block by block from a seed
+  reference  as the published DAS / D-TRAK code: per timestep, torch.func vmap(grad(functional_call))
+             per-sample LoRA gradients, normalised and summed over timesteps in gradient space, then
+             one dense Gaussian projection per batch generated block by block from a seed (checked
+             against das-sd's exact gradients before it is timed)
 Each runs in its own process (peak memory is the growth over the loaded model). Prints rows/s, peak
 memory and the ratios the performance targets are about; writes benchmarks/results/featurize.json.
 Residual weights (forward passes only) are timed separately: they are not gradient work.
@@ -32,7 +34,11 @@ def _inputs(pipe, latent_shape, cond_shape, samples: int, device: str):
     return x0, cond, [f"sample-{i}" for i in range(samples)]
 
 
-def train_step_fn(pipe, x0, cond, timesteps: int):
+def _autocast(x0, dtype):
+    return torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step_fn(pipe, x0, cond, timesteps: int, autocast=None):
     """One optimisation step's gradient work over samples x timesteps rows."""
     from das_sd.featurize.featurizer import alphas_cumprod_of
     from das_sd.featurize.gradients import noisy_latents
@@ -46,18 +52,19 @@ def train_step_fn(pipe, x0, cond, timesteps: int):
     params = [p for p in unet.parameters() if p.requires_grad]
 
     def step():
-        pred = unet(noisy_latents(rows_x0, noise, t, alphas), t, encoder_hidden_states=rows_c).sample
-        torch.nn.functional.mse_loss(pred, noise).backward()
+        with _autocast(x0, autocast):
+            pred = unet(noisy_latents(rows_x0, noise, t, alphas), t, encoder_hidden_states=rows_c).sample
+        torch.nn.functional.mse_loss(pred.float(), noise).backward()
         for p in params:
             p.grad = None
     return step
 
 
-def das_sd_fn(pipe, x0, cond, keys, timesteps: int, dim: int):
+def das_sd_fn(pipe, x0, cond, keys, timesteps: int, dim: int, autocast=None):
     from das_sd.featurize.featurizer import Featurizer
     from das_sd.featurize.settings import FeaturizerSettings
 
-    featurizer = Featurizer(pipe, FeaturizerSettings(num_timesteps=timesteps, projection_dim=dim))
+    featurizer = Featurizer(pipe, FeaturizerSettings(num_timesteps=timesteps, projection_dim=dim), autocast)
     return lambda: featurizer.features(x0, cond, keys), featurizer
 
 
@@ -65,43 +72,72 @@ def residual_fn(featurizer, x0, cond, keys):
     return lambda: featurizer.residuals(x0, cond, keys)
 
 
-def reference_fn(pipe, x0, cond, timesteps: int, dim: int, block_rows: int = 16384):
-    """The published recipe: vmap over per-sample grads, flatten, dense Gaussian projection in blocks."""
+def reference_fn(pipe, x0, cond, keys, timesteps: int, dim: int, block_rows: int = 16384, autocast=None):
+    """As the published DAS / D-TRAK feature code: for each timestep, vmap(grad(functional_call))
+    per-sample LoRA gradients of the batch, each unit-normalised and summed over timesteps in
+    gradient space; then one dense Gaussian projection per batch, generated block by block from a
+    seed as TRAK's BasicProjector does off CUDA. Returns (run, unprojected): ``unprojected`` gives
+    the averaged gradients before projection, for the check against das-sd."""
     from torch.func import functional_call, grad, vmap
 
-    from das_sd.featurize.featurizer import alphas_cumprod_of
+    from das_sd.featurize.featurizer import Featurizer, alphas_cumprod_of
     from das_sd.featurize.gradients import noisy_latents
-    from das_sd.featurize.settings import uniform_grid
+    from das_sd.featurize.settings import FeaturizerSettings
 
     unet = pipe.unet
     alphas = alphas_cumprod_of(pipe).to(x0.device)
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
     num_params = sum(p.numel() for p in params.values())
-    grid = torch.tensor(uniform_grid(timesteps, len(alphas)), device=x0.device)
-    rows_x0 = x0.repeat_interleave(timesteps, 0)
-    rows_c = cond.repeat_interleave(timesteps, 0)
-    rows_t = grid.repeat(len(x0))
-    noise = torch.randn_like(rows_x0)
-    xt = noisy_latents(rows_x0, noise, rows_t, alphas)
+    featurizer = Featurizer(pipe, FeaturizerSettings(num_timesteps=timesteps, projection_dim=dim))
+    grid = featurizer.timesteps
+    # das-sd's noise for each (sample, timestep), so that both compute the same gradients
+    noise = featurizer._noise(keys, grid, tuple(x0.shape[1:])).to(x0.device).view(len(x0), len(grid), *x0.shape[1:])
 
     def f(p, x, t, c):
-        pred = functional_call(unet, p, (x[None], t[None]), {"encoder_hidden_states": c[None]}).sample
-        return pred.abs().mean()
+        with _autocast(x0, autocast):
+            pred = functional_call(unet, p, (x[None], t[None]), {"encoder_hidden_states": c[None]}).sample
+        return pred.float().abs().mean()
 
     per_sample = vmap(grad(f), in_dims=(None, 0, 0, 0))
 
+    def unprojected():
+        emb = None
+        for j, t in enumerate(grid):
+            rows_t = torch.full((len(x0),), t, device=x0.device)
+            g = per_sample(params, noisy_latents(x0, noise[:, j], rows_t, alphas), rows_t, cond)
+            flat = torch.cat([g[n].reshape(len(x0), -1) for n in names], dim=1)
+            flat = flat / flat.norm(dim=1, keepdim=True)
+            emb = flat if emb is None else emb + flat
+        return emb / len(grid)
+
     def run():
-        g = per_sample(params, xt, rows_t, rows_c)
-        flat = torch.cat([g[n].reshape(len(xt), -1) for n in names], dim=1)
-        flat = flat / flat.norm(dim=1, keepdim=True)
-        out = torch.zeros(len(xt), dim, device=x0.device)
+        emb = unprojected()
+        out = torch.zeros(len(x0), dim, device=x0.device)
         for b, start in enumerate(range(0, num_params, block_rows)):
             gen = torch.Generator(device=x0.device).manual_seed(b)
             block = torch.randn(min(block_rows, num_params - start), dim, generator=gen, device=x0.device)
-            out += flat[:, start:start + block_rows] @ block / dim ** 0.5
-        return out.view(len(x0), timesteps, dim).mean(1)
-    return run
+            out += emb[:, start:start + block_rows] @ block / dim ** 0.5
+        return out
+    return run, unprojected
+
+
+def reference_matches_das_sd(pipe, unprojected, x0, cond, keys, timesteps: int) -> float:
+    """Largest relative difference between the reference's averaged gradients and das-sd's exact
+    per-row gradients (unprojected, same noise and timesteps, same normalisation)."""
+    from das_sd.featurize.featurizer import Featurizer
+    from das_sd.featurize.gradients import per_row_gradients
+    from das_sd.featurize.settings import FeaturizerSettings
+
+    featurizer = Featurizer(pipe, FeaturizerSettings(num_timesteps=timesteps))
+    grid = featurizer.timesteps
+    rows_t = torch.tensor(grid, device=x0.device).repeat(len(x0))
+    noise = featurizer._noise(keys, grid, tuple(x0.shape[1:])).to(x0.device)
+    g = per_row_gradients(pipe.unet, x0.repeat_interleave(len(grid), 0), noise, rows_t,
+                          cond.repeat_interleave(len(grid), 0), featurizer.alphas, "l1")
+    ours = (g / g.norm(dim=1, keepdim=True)).view(len(x0), len(grid), -1).mean(1)
+    theirs = unprojected()
+    return ((ours - theirs).norm(dim=1) / theirs.norm(dim=1)).max().item()
 
 
 def worker(spec: dict) -> dict:
@@ -111,17 +147,22 @@ def worker(spec: dict) -> dict:
     x0, cond, keys = _inputs(pipe, latent_shape, cond_shape, spec["samples"], device)
     rows = spec["samples"] * spec["timesteps"]
     meter = Meter(device)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.get("autocast", "fp32")]
     if spec["method"] == "train":
-        fn = train_step_fn(pipe, x0, cond, spec["timesteps"])
+        fn = train_step_fn(pipe, x0, cond, spec["timesteps"], autocast)
     elif spec["method"] == "das-sd":
-        fn, _ = das_sd_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"])
+        fn, _ = das_sd_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"], autocast)
     elif spec["method"] == "residuals":
-        _, featurizer = das_sd_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"])
+        _, featurizer = das_sd_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"], autocast)
         fn = residual_fn(featurizer, x0, cond, keys)
         result = meter.measure(fn, spec["samples"], spec["repeats"])
         return result | {"unit": "samples (T_E = 100 forward passes each)"}
     elif spec["method"] == "reference":
-        fn = reference_fn(pipe, x0, cond, spec["timesteps"], spec["dim"])
+        fn, unprojected = reference_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"], autocast=autocast)
+        from das_sd.featurize.gradients import num_lora_parameters
+        result = meter.measure(fn, rows, spec["repeats"])  # checked after timing: its memory must not count
+        check = reference_matches_das_sd(pipe, unprojected, x0, cond, keys, spec["timesteps"])
+        return result | {"lora_parameters": num_lora_parameters(pipe.unet), "max_rel_diff_vs_das_sd": check}
     else:
         raise ValueError(spec["method"])
     from das_sd.featurize.gradients import num_lora_parameters
@@ -137,6 +178,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048, help="k")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="train,das-sd,reference,residuals")
+    parser.add_argument("--autocast", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast of every method's forward / backward (like for like)")
     parser.add_argument("--out", default="featurize")
     args = parser.parse_args()
     if args.worker:
@@ -153,7 +196,8 @@ def main() -> None:
             entry = {"config": config, "rank": rank, "samples": samples, "timesteps": timesteps, "methods": {}}
             for method in args.methods.split(","):
                 spec = {"config": config, "rank": rank, "method": method, "samples": samples,
-                        "timesteps": timesteps, "dim": args.dim, "repeats": args.repeats, "device": args.device}
+                        "timesteps": timesteps, "dim": args.dim, "repeats": args.repeats, "device": args.device,
+                        "autocast": args.autocast}
                 entry["methods"][method] = run_worker(script, spec)
                 r = entry["methods"][method]
                 shown = r.get("error") or f"{r['rows_per_s']:9.1f} rows/s  peak +{r['peak_extra_mb']:7.1f} MB"
@@ -168,7 +212,7 @@ def main() -> None:
             ratios = {k: round(v, 3) for k, v in entry.items() if k.endswith(("_train", "_reference"))}
             print(f"{config:15s} r={rank:<3d} ratios {ratios}", flush=True)
             runs.append(entry)
-    path = save_results(args.out, {"device": args.device, "dim": args.dim, "command": " ".join(sys.argv),
+    path = save_results(args.out, {"device": args.device, "autocast": args.autocast, "dim": args.dim, "command": " ".join(sys.argv),
                                    "targets": {"throughput_vs_train": ">= 0.67", "throughput_vs_reference": ">= 10",
                                                "memory_vs_train": "<= 2"}, "runs": runs})
     print(f"wrote {path}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_results  # noqa: E402
+from common import ranking_effect, save_results  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 METHODS = ["das", "das-noleverage", "dtrak", "trak"]
@@ -31,7 +31,7 @@ def main() -> None:
 
     from das_sd.attribute import Attributor
     from das_sd.demo import prepare_demo
-    from das_sd.evaluate.groundtruth import evaluate_ground_truth, generate_queries
+    from das_sd.evaluate.groundtruth import generate_queries
     from das_sd.score import LambdaRule, build_index
     from das_sd.store import FeatureStore
 
@@ -41,36 +41,19 @@ def main() -> None:
     shutil.copytree(demo["store"], copy)
     base = Attributor(copy)
     generations = {split: generate_queries(base.pipe, demo["data"], split) for split in ("tune", "test")}
-    latents = torch.cat([lat for split in generations.values() for _, lat in split])
-    prompts = [q.prompt for split in generations.values() for q, _ in split]
-
     results, reference = {}, {}
     for label, dtype in DTYPES.items():
         store = FeatureStore.open(copy)
         for name in store.identity["feature_sets"]:
             build_index(store, name, LambdaRule.from_description(store.index_info(name)["lambda_rule"]), dtype)
         index_bytes = sum(p.stat().st_size for p in copy.glob("index-*.safetensors"))
-        attributor = Attributor(copy, pipe=base.pipe)
-        row = {"index_bytes": index_bytes, "groundtruth": {}, "vs_float32": {}}
-        for split, gens in generations.items():
-            summary = evaluate_ground_truth(attributor, demo["data"], split, METHODS, generations=gens)
-            row["groundtruth"][split] = {m: {k: round(v, 4) for k, v in r.items() if isinstance(v, float)}
-                                         for m, r in summary["methods"].items()}
-        features = attributor.query_features(latents, prompts, None, sorted({"das", "dtrak", "trak"}))
-        for m in METHODS:
-            score, _ = attributor.scores(latents, prompts, m, features)
-            top = torch.topk(score, 10, dim=1).indices
-            if label == "float32":
-                reference[m] = (score, top)
-            ref_score, ref_top = reference[m]
-            overlap = [len(set(a) & set(b)) / 10 for a, b in zip(top.tolist(), ref_top.tolist())]
-            rel = ((score - ref_score).abs().amax(dim=1) / ref_score.abs().amax(dim=1)).max()
-            row["vs_float32"][m] = {"top10_overlap_mean": round(sum(overlap) / len(overlap), 4),
-                                    "top10_overlap_min": min(overlap), "max_relative_score_change": float(rel)}
+        row = {"index_bytes": index_bytes} | ranking_effect(Attributor(copy, pipe=base.pipe), demo["data"],
+                                                             generations, METHODS, reference)
+        row["vs_float32"] = row.pop("vs_reference")
         results[label] = row
         print(label, index_bytes, {m: (row["groundtruth"]["test"][m]["recall@10"], row["groundtruth"]["test"][m]["ap"],
                                        row["vs_float32"][m]["top10_overlap_mean"]) for m in METHODS}, flush=True)
-    print(save_results("quantization", {"queries": len(prompts), "methods": METHODS, "results": results}))
+    print(save_results("quantization", {"queries": sum(len(g) for g in generations.values()), "methods": METHODS, "results": results}))
 
 
 if __name__ == "__main__":

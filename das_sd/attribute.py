@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .data.images import to_rgb
-from .featurize.featurizer import Featurizer
+from .featurize.featurizer import Featurizer, store_autocast
 from .featurize.settings import FeaturizerSettings
 from .generate import image_metadata
 from .latents import encode_prompts
@@ -101,8 +101,7 @@ class Attributor:
             self.check_pipeline(pipe)
         self.pipe = pipe
         self.resolution = int(identity["resolution"])
-        compute = identity.get("compute_dtype", "float32")
-        autocast = getattr(torch, compute) if compute != "float32" and pipe.unet.device.type == "cuda" else None
+        autocast = store_autocast(identity.get("compute_dtype", "float32"), pipe.unet.device)
         fields = FeaturizerSettings.__dataclass_fields__
         self.featurizers = {
             name: Featurizer(pipe, FeaturizerSettings(**{k: v for k, v in s.items() if k in fields}), autocast)

@@ -114,9 +114,15 @@ def cmd_featurize(args) -> None:
     import torch
 
     from .featurize.build import default_feature_sets, featurize_dataset
+    from .featurize.featurizer import autocast_supported
     from .featurize.settings import FeaturizerSettings
-    from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
+    from .models.loading import default_device, load_lora, load_pipeline, resolve_base, resolve_lora_file
 
+    autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.autocast]
+    device = torch.device(args.device or default_device())
+    if not autocast_supported(autocast, device):
+        raise ValueError(f"--autocast {args.autocast} is for CUDA devices; on {device.type} use bf16 "
+                         "(fast where the CPU has AVX-512 BF16 or AMX) or fp32")
     dataset = _open_dataset(args)
     if args.merge:  # the parts carry everything else
         from .featurize.parallel import merge_parts
@@ -134,9 +140,6 @@ def cmd_featurize(args) -> None:
     unknown = [s for s in wanted if s not in sets]
     if unknown:
         raise ValueError(f"--feature-sets: unknown {unknown}; expected some of {sorted(sets)}")
-    autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.autocast]
-    if autocast is not None and pipe.unet.device.type != "cuda":
-        raise ValueError("--autocast fp16/bf16 is for CUDA devices; on the CPU features are computed in fp32")
     chosen = {k: sets[k] for k in wanted}
     if args.ray is not None:
         from .featurize.parallel import featurize_on_ray
@@ -307,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--autocast", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="CUDA autocast for the forward / backward passes (gradients accumulate in fp32)")
+                   help="autocast for the forward / backward passes (gradients accumulate in fp32); fp16 on CUDA only")
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")

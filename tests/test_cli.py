@@ -86,6 +86,8 @@ def test_train_lora_on_a_subset_and_export(capsys, tmp_path, demo_data):
     (["train-lora", "--data", "/nonexistent/data", "--out", "x"], "/nonexistent/data"),
     (["generate", "--prompt", "x", "--base", "/nonexistent/base", "--out", "x.png"], "/nonexistent/base"),
     (["generate", "--prompt", "x", "--lora", "/nonexistent/l.safetensors", "--out", "x.png"], "not found"),
+    (["featurize", "--data", "/nonexistent/data", "--lora", "x", "--store", "/nonexistent/store", "--autocast", "fp16",
+      "--device", "cpu"], "--autocast fp16"),
 ])
 def test_bad_paths_are_named(capsys, argv, needle):
     code, _, err = run(capsys, *argv)

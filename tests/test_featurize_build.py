@@ -93,7 +93,8 @@ def test_store_for_another_lora_or_settings_is_refused(setup):
     root, data, lora, other = setup
     store = root / "reference"
     for extra, lora_file, needle in (([], other, "lora_fingerprint"),
-                                     (["--dim", "64"], lora, "feature_sets.das.projection_dim")):
+                                     (["--dim", "64"], lora, "feature_sets.das.projection_dim"),
+                                     (["--autocast", "bf16"], lora, "compute_dtype")):
         proc = featurize_cli(store, data, lora_file, *extra)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 2 and needle in err and "Traceback" not in err

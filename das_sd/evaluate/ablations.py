@@ -15,8 +15,7 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import torch
-
+from ..featurize.featurizer import store_autocast
 from ..featurize.settings import FeaturizerSettings, uniform_grid
 from ..io import atomic_write_json
 from .groundtruth import generate_queries
@@ -87,8 +86,7 @@ def variant_store(attributor, folder: Path, overrides: dict, progress: bool = Tr
     settings = replace(base_das_settings(attributor), **overrides)
     info = store.manifest["info"]
     dataset = open_dataset(info["dataset_root"], info.get("dataset_format", "auto"))
-    compute = store.identity.get("compute_dtype", "float32")  # the base store's autocast, where it applies
-    autocast = getattr(torch, compute) if compute != "float32" and attributor.pipe.unet.device.type == "cuda" else None
+    autocast = store_autocast(store.identity.get("compute_dtype", "float32"), attributor.pipe.unet.device)
     built = featurize_dataset(attributor.pipe, dataset, folder, attributor.base_path, attributor.lora_path,
                               {"das": settings}, resolution=attributor.resolution, progress=progress,
                               shard_size=store.manifest["shard_size"], autocast_dtype=autocast)

@@ -22,6 +22,21 @@ def alphas_cumprod_of(pipe) -> torch.Tensor:
     return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
 
 
+def autocast_supported(dtype: torch.dtype | None, device: torch.device | str) -> bool:
+    """Whether featurizing under autocast to ``dtype`` is offered on ``device``: bfloat16 anywhere,
+    float16 on CUDA only (CPUs have no fast float16 matmuls; bfloat16 ones where AVX-512 BF16 or AMX
+    is present)."""
+    kind = torch.device(device).type
+    return dtype is None or dtype == torch.bfloat16 or (dtype == torch.float16 and kind == "cuda")
+
+
+def store_autocast(compute_dtype: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for featurizing on ``device`` against a store computed in ``compute_dtype``
+    (its identity's field): the store's own where the device offers it, else float32."""
+    dtype = None if compute_dtype == "float32" else getattr(torch, compute_dtype)
+    return dtype if autocast_supported(dtype, device) else None
+
+
 class Featurizer:
     """Computes features for batches of (latent, caption embedding, key) with a pipeline's LoRA."""
 
