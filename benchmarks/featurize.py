@@ -72,7 +72,7 @@ def residual_fn(featurizer, x0, cond, keys):
     return lambda: featurizer.residuals(x0, cond, keys)
 
 
-def reference_fn(pipe, x0, cond, keys, timesteps: int, dim: int, block_rows: int = 16384, autocast=None):
+def reference_fn(pipe, x0, cond, keys, timesteps: int, dim: int, block_rows: int = 16384):
     """As the published DAS / D-TRAK feature code: for each timestep, vmap(grad(functional_call))
     per-sample LoRA gradients of the batch, each unit-normalised and summed over timesteps in
     gradient space; then one dense Gaussian projection per batch, generated block by block from a
@@ -95,9 +95,8 @@ def reference_fn(pipe, x0, cond, keys, timesteps: int, dim: int, block_rows: int
     noise = featurizer._noise(keys, grid, tuple(x0.shape[1:])).to(x0.device).view(len(x0), len(grid), *x0.shape[1:])
 
     def f(p, x, t, c):
-        with _autocast(x0, autocast):
-            pred = functional_call(unet, p, (x[None], t[None]), {"encoder_hidden_states": c[None]}).sample
-        return pred.float().abs().mean()
+        pred = functional_call(unet, p, (x[None], t[None]), {"encoder_hidden_states": c[None]}).sample
+        return pred.abs().mean()
 
     per_sample = vmap(grad(f), in_dims=(None, 0, 0, 0))
 
@@ -158,7 +157,9 @@ def worker(spec: dict) -> dict:
         result = meter.measure(fn, spec["samples"], spec["repeats"])
         return result | {"unit": "samples (T_E = 100 forward passes each)"}
     elif spec["method"] == "reference":
-        fn, unprojected = reference_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"], autocast=autocast)
+        # float32 whatever --autocast says: as the published code computes (and torch.func's vmap
+        # fails under CPU bfloat16 autocast: "expected scalar type BFloat16 but found Float")
+        fn, unprojected = reference_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"])
         from das_sd.featurize.gradients import num_lora_parameters
         result = meter.measure(fn, rows, spec["repeats"])  # checked after timing: its memory must not count
         check = reference_matches_das_sd(pipe, unprojected, x0, cond, keys, spec["timesteps"])
@@ -179,7 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="train,das-sd,reference,residuals")
     parser.add_argument("--autocast", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="autocast of every method's forward / backward (like for like)")
+                        help="autocast of the train step's and das-sd's forward / backward (the reference: float32)")
     parser.add_argument("--out", default="featurize")
     args = parser.parse_args()
     if args.worker:

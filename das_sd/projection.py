@@ -59,8 +59,11 @@ class BlockProjector:
         self.num_blocks = -(-self.num_params // spec.block_rows)
         self._cache: dict[int, object] = {}
         self._pieces: dict[tuple[int, int, int], torch.Tensor] = {}
-        per_block = spec.block_rows * (spec.nonzeros * 12 if spec.kind == "sparse" else spec.dim * 4)
-        self._cache_blocks = cache_bytes // max(1, per_block)
+        self._cache_bytes = cache_bytes
+        self._piece_bytes = 0
+        # a sparse P is kept once, as the pieces it is multiplied in; its blocks are regenerated on
+        # a cache miss (cheap: s random integers per row)
+        self._cache_blocks = 0 if spec.kind == "sparse" else cache_bytes // max(1, spec.block_rows * spec.dim * 4)
 
     _shared: dict[tuple, "BlockProjector"] = {}
 
@@ -101,7 +104,8 @@ class BlockProjector:
 
     def _sparse_piece(self, index: int, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of sparse block ``index`` as a transposed (k, hi - lo) CSR matrix. Callers
-        project the same coordinate ranges (one per layer) again and again: pieces are cached."""
+        project the same coordinate ranges (one per layer) again and again: pieces are cached, up to
+        ``cache_bytes`` in all (those past it are rebuilt at each use, the cached ones stay)."""
         key = (index, lo, hi)
         if key not in self._pieces:
             buckets, signs = self.block(index)
@@ -113,9 +117,12 @@ class BlockProjector:
                     torch.stack([buckets.reshape(-1), torch.arange(hi - lo).repeat_interleave(s)]),
                     signs.reshape(-1), (self.spec.dim, hi - lo), check_invariants=True)
                 piece = piece.coalesce().to_sparse_csr().to(self.device)
-            if len(self._pieces) >= 4096:
-                self._pieces.clear()
+            nbytes = sum(t.numel() * t.element_size() for t in (piece.crow_indices(), piece.col_indices(),
+                                                                  piece.values()))
+            if self._piece_bytes + nbytes > self._cache_bytes:
+                return piece
             self._pieces[key] = piece
+            self._piece_bytes += nbytes
         return self._pieces[key]
 
     def _project_block(self, chunk: torch.Tensor, index: int, lo: int, hi: int) -> torch.Tensor:

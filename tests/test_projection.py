@@ -4,10 +4,12 @@ import torch
 from das_sd.projection import BlockProjector, ProjectorSpec
 
 
-@pytest.mark.parametrize("kind", ["sparse", "rademacher", "gaussian"])
-def test_projection_equals_dense_matrix_product_and_is_block_size_independent(kind):
+@pytest.mark.parametrize("kind,cache_bytes", [(kind, 0) for kind in ("sparse", "rademacher", "gaussian")]
+                         + [("sparse", 20_000), ("sparse", 1 << 30), ("gaussian", 1 << 30)])
+def test_projection_equals_dense_matrix_product_and_is_block_size_independent(kind, cache_bytes):
+    """Whatever is cached: nothing, a part of P (20 kB: some sparse pieces), or all of it."""
     g = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
-    proj = BlockProjector(ProjectorSpec(kind=kind, dim=64, seed=3, block_rows=128), 1000, cache_bytes=0)
+    proj = BlockProjector(ProjectorSpec(kind=kind, dim=64, seed=3, block_rows=128), 1000, cache_bytes=cache_bytes)
     dense = proj.dense()
     assert dense.shape == (1000, 64)
     assert torch.allclose(proj.project(g), g @ dense, atol=1e-4)
