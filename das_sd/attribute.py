@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .data.images import to_rgb
-from .featurize.featurizer import Featurizer, store_autocast
+from .featurize.featurizer import Featurizer, features_together, store_autocast
 from .featurize.settings import FeaturizerSettings
 from .generate import image_metadata
 from .latents import encode_prompts
@@ -159,7 +159,8 @@ class Attributor:
             cond = encode_prompts(self.pipe, prompts)
         keys = [QUERY_NOISE_KEY] * len(prompts)
         names = feature_sets or list(self.featurizers)
-        return {name: self.featurizers[name].features(latents, cond, keys).cpu() for name in names}
+        features = features_together([self.featurizers[name] for name in names], latents, cond, keys)
+        return {name: phi.cpu() for name, phi in zip(names, features)}
 
     def _features_for(self, name: str, latents, prompts, features, cond) -> dict[str, torch.Tensor]:
         """``features`` completed with the feature set method ``name`` needs (only that one is computed)."""

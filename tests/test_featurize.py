@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from das_sd.featurize.featurizer import Featurizer, autocast_supported, store_autocast
+from das_sd.featurize.featurizer import Featurizer, autocast_supported, features_together, store_autocast
 from das_sd.featurize.gradients import lora_parameters
 from das_sd.featurize.settings import FeaturizerSettings, noise_for, uniform_grid
 
@@ -122,3 +124,16 @@ def test_autocast_follows_the_store_where_the_device_offers_it():
     assert store_autocast("float16", "cpu") is None  # a CUDA float16 store queried on a CPU: float32
     assert store_autocast("float16", "cuda") is torch.float16
     assert not autocast_supported(torch.float16, "cpu") and autocast_supported(torch.bfloat16, "cpu")
+
+
+def test_feature_sets_sharing_a_forward_pass_equal_separate_ones(lora_pipe):
+    base = FeaturizerSettings(num_timesteps=3, projection_dim=64)
+    sets = [base, replace(base, output="square", normalize=False), replace(base, output="loss", normalize=False),
+            replace(base, num_timesteps=2), replace(base, noise_seed=7)]  # the last two: groups of their own
+    featurizers = [Featurizer(lora_pipe, s) for s in sets]
+    x0, cond, keys = _queries(lora_pipe, 3)
+    together = features_together(featurizers, x0, cond, keys)
+    for featurizer, phi in zip(featurizers, together):
+        alone = featurizer.features(x0, cond, keys)
+        assert torch.allclose(phi, alone, rtol=1e-6, atol=1e-9), featurizer.settings
+    assert not torch.allclose(together[0], together[4])  # another noise seed: other rows

@@ -20,7 +20,7 @@ from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.probe import pipeline_probes
 from ..store import FeatureStore, Row, StoreError
-from .featurizer import Featurizer, alphas_cumprod_of
+from .featurizer import Featurizer, alphas_cumprod_of, features_together
 from .gradients import num_lora_parameters
 from .settings import FeaturizerSettings
 
@@ -119,8 +119,9 @@ def featurize_samples(pipe, dataset: Dataset, samples, featurizers: dict[str, Fe
     parts: dict[str, list[torch.Tensor]] = {"latents": [latents.cpu()]}
     for i in range(0, len(samples), batch_size):
         sl = slice(i, i + batch_size)
-        for name, featurizer in featurizers.items():
-            parts.setdefault(f"features.{name}", []).append(featurizer.features(latents[sl], cond[sl], keys[sl]).cpu())
+        features = features_together(list(featurizers.values()), latents[sl], cond[sl], keys[sl])
+        for (name, featurizer), phi in zip(featurizers.items(), features):
+            parts.setdefault(f"features.{name}", []).append(phi.cpu())
             parts.setdefault(f"residuals.{name}", []).append(featurizer.residuals(latents[sl], cond[sl], keys[sl]).cpu())
         if bar is not None:
             bar.update(len(keys[sl]))

@@ -62,20 +62,16 @@ class Featurizer:
         averaged over T_K. P is linear, so each row is projected first and normalised after, by the
         norm of its unprojected gradient. Works when called under no_grad or inference_mode, as hosts
         do (ComfyUI runs nodes under inference_mode; diffusers pipelines under no_grad)."""
-        n, k = len(keys), len(self.timesteps)
-        with torch.inference_mode(False), torch.enable_grad():
-            # tensors made under inference_mode cannot enter autograd: take plain copies
-            x0 = x0.clone().to(self.device, torch.float32)
-            rows_x0 = x0.repeat_interleave(k, dim=0)
-            rows_cond = cond.clone().to(self.device).repeat_interleave(k, dim=0)
-            rows_t = torch.tensor(self.timesteps, device=self.device).repeat(n)
-            noise = self._noise(keys, self.timesteps, tuple(x0.shape[1:])).to(self.device)
-            projected, sq_norm = projected_row_gradients(self.unet, self.projector, rows_x0, noise, rows_t,
-                                                         rows_cond, self.alphas, self.settings.output,
-                                                         self.autocast_dtype)
+        return features_together([self], x0, cond, keys)[0]
+
+    def _rows_key(self) -> tuple:
+        """Featurizers with equal keys feed the UNet the same rows (and may share a forward pass)."""
+        return id(self.unet), tuple(self.timesteps), self.settings.noise_seed, self.autocast_dtype
+
+    def _finish(self, projected: torch.Tensor, sq_norm: torch.Tensor, n: int) -> torch.Tensor:
         if self.settings.normalize:
             projected = projected / sq_norm.sqrt().clamp_min(1e-30).unsqueeze(1)
-        return projected.view(n, k, -1).mean(dim=1)
+        return projected.view(n, len(self.timesteps), -1).mean(dim=1)
 
     @torch.no_grad()
     def residuals(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str], chunk: int = 25) -> torch.Tensor:
@@ -102,3 +98,32 @@ class Featurizer:
         if self.settings.residual == "magnitude":
             return r.mean(dim=1)
         return (r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)).mean(dim=1)
+
+
+def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor,
+                      keys: list[str]) -> list[torch.Tensor]:
+    """``featurizer.features(x0, cond, keys)`` for each featurizer, with one forward pass per group
+    of featurizers that feed the UNet the same rows (same model, timesteps, noise seed, autocast): a
+    store's das, dtrak and trak sets differ only in f and normalisation, so they share the forward
+    and take one backward each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, featurizer in enumerate(featurizers):
+        groups.setdefault(featurizer._rows_key(), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(featurizers)
+    n = len(keys)
+    for members in groups.values():
+        first = featurizers[members[0]]
+        k = len(first.timesteps)
+        with torch.inference_mode(False), torch.enable_grad():
+            # tensors made under inference_mode cannot enter autograd: take plain copies
+            x0_rows = x0.clone().to(first.device, torch.float32)
+            rows_x0 = x0_rows.repeat_interleave(k, dim=0)
+            rows_cond = cond.clone().to(first.device).repeat_interleave(k, dim=0)
+            rows_t = torch.tensor(first.timesteps, device=first.device).repeat(n)
+            noise = first._noise(keys, first.timesteps, tuple(x0_rows.shape[1:])).to(first.device)
+            heads = [(featurizers[i].settings.output, featurizers[i].projector) for i in members]
+            results = projected_row_gradients(first.unet, heads, rows_x0, noise, rows_t, rows_cond, first.alphas,
+                                              first.autocast_dtype)
+        for i, (projected, sq_norm) in zip(members, results):
+            out[i] = featurizers[i]._finish(projected, sq_norm, n)
+    return out

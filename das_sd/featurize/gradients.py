@@ -96,15 +96,17 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def _backward_rows(unet: nn.Module, capture: LoraGradientCapture, x0: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor, output: str,
-                   autocast_dtype: torch.dtype | None) -> None:
-    """One batched forward and backward of sum_rows f(row), recorded by ``capture``."""
+def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  cond: torch.Tensor, alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """The UNet's float32 prediction for every row, with its autograd graph."""
     xt = noisy_latents(x0, noise, timesteps, alphas_cumprod)
     with torch.enable_grad():
         with torch.autocast(device_type=xt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             pred = unet(xt.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
-        output_function(output, pred.float(), noise.float()).sum().backward()
+        return pred.float()
+
+
+def _drop_parameter_grads(unet: nn.Module) -> None:
     for p in lora_parameters(unet):  # the batched backward also filled .grad: drop it
         p.grad = None
 
@@ -114,15 +116,24 @@ def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, ti
                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row."""
     with LoraGradientCapture(unet) as capture:
-        _backward_rows(unet, capture, x0, noise, timesteps, cond, alphas_cumprod, output, autocast_dtype)
+        pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
+        output_function(output, pred, noise.float()).sum().backward()
+        _drop_parameter_grads(unet)
         return capture.per_row_gradients()
 
 
-def projected_row_gradients(unet: nn.Module, projector, x0: torch.Tensor, noise: torch.Tensor,
-                            timesteps: torch.Tensor, cond: torch.Tensor, alphas_cumprod: torch.Tensor,
-                            output: str, autocast_dtype: torch.dtype | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """P^T g per row and ||g||^2 per row, without ever holding all rows' full gradients."""
+def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, object]], x0: torch.Tensor,
+                            noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                            alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None = None
+                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each (output function f, projector) head: P^T g per row and ||g||^2 per row, without ever
+    holding all rows' full gradients. The heads share one forward pass (a store's feature sets feed
+    the UNet the same rows and differ only in f) and take one backward each."""
     with LoraGradientCapture(unet) as capture:
-        _backward_rows(unet, capture, x0, noise, timesteps, cond, alphas_cumprod, output, autocast_dtype)
-        return capture.projected_gradients(projector)
+        pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
+        results = []
+        for j, (output, projector) in enumerate(heads):
+            output_function(output, pred, noise.float()).sum().backward(retain_graph=j < len(heads) - 1)
+            results.append(capture.projected_gradients(projector))
+        _drop_parameter_grads(unet)
+        return results
