@@ -138,6 +138,16 @@ def save_results(name: str, payload: dict) -> Path:
     return path
 
 
+RANKED_METHODS = ["das", "das-noleverage", "dtrak", "trak"]  # those a low-precision change can move
+
+
+def ground_truth_generations(pipe, data: str) -> dict:
+    """The planted ground-truth queries of both splits, generated once for every variant compared."""
+    from das_sd.evaluate.groundtruth import generate_queries
+
+    return {split: generate_queries(pipe, data, split) for split in ("tune", "test")}
+
+
 def ranking_effect(attributor, data: str, generations: dict, methods: list[str], reference: dict) -> dict:
     """Ground truth per split and method, and each method's top-10 against ``reference`` (filled with
     this attributor's own scores when empty): the yardstick of the low-precision benchmarks."""

@@ -213,7 +213,8 @@ def main() -> None:
             ratios = {k: round(v, 3) for k, v in entry.items() if k.endswith(("_train", "_reference"))}
             print(f"{config:15s} r={rank:<3d} ratios {ratios}", flush=True)
             runs.append(entry)
-    path = save_results(args.out, {"device": args.device, "autocast": args.autocast, "dim": args.dim, "command": " ".join(sys.argv),
+    path = save_results(args.out, {"device": args.device, "autocast": args.autocast, "dim": args.dim,
+                                   "command": " ".join(sys.argv),
                                    "targets": {"throughput_vs_train": ">= 0.67", "throughput_vs_reference": ">= 10",
                                                "memory_vs_train": "<= 2"}, "runs": runs})
     print(f"wrote {path}")

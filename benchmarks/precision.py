@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ranking_effect, save_results  # noqa: E402
+from common import RANKED_METHODS, ground_truth_generations, ranking_effect, save_results  # noqa: E402
 
 COMPUTE = {"float32": None, "bfloat16": torch.bfloat16}
-METHODS = ["das", "das-noleverage", "dtrak", "trak"]
 
 
 def main() -> None:
@@ -35,14 +34,13 @@ def main() -> None:
     from das_sd.attribute import Attributor
     from das_sd.data.datasets import open_dataset
     from das_sd.demo import prepare_demo
-    from das_sd.evaluate.groundtruth import generate_queries
     from das_sd.featurize.build import default_feature_sets, featurize_dataset
     from das_sd.score import LambdaRule, build_index
 
     demo = prepare_demo()
     base = Attributor(demo["store"])
     dataset = open_dataset(demo["data"])
-    generations = {split: generate_queries(base.pipe, demo["data"], split) for split in ("tune", "test")}
+    generations = ground_truth_generations(base.pipe, demo["data"])
     results, reference = {}, {}
     for label, dtype in COMPUTE.items():
         folder = Path(args.workdir) / label
@@ -55,14 +53,14 @@ def main() -> None:
             build_index(store, name, LambdaRule.from_description(base.store.index_info(name)["lambda_rule"]))
         attributor = Attributor(folder, pipe=base.pipe)
         row = {"featurize_seconds": round(seconds, 2), "images": len(store.rows())}
-        row |= ranking_effect(attributor, demo["data"], generations, METHODS, reference)
+        row |= ranking_effect(attributor, demo["data"], generations, RANKED_METHODS, reference)
         row["vs_float32"] = row.pop("vs_reference")
         results[label] = row
         print(label, f"{seconds:.1f} s", {m: (row["groundtruth"]["test"][m]["recall@10"],
                                               row["groundtruth"]["test"][m]["ap"],
-                                              row["vs_float32"][m]["top10_overlap_mean"]) for m in METHODS},
+                                              row["vs_float32"][m]["top10_overlap_mean"]) for m in RANKED_METHODS},
               flush=True)
-    print(save_results("precision", {"queries": sum(len(g) for g in generations.values()), "methods": METHODS,
+    print(save_results("precision", {"queries": sum(len(g) for g in generations.values()), "methods": RANKED_METHODS,
                                      "results": results}))
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ranking_effect, save_results  # noqa: E402
+from common import RANKED_METHODS, ground_truth_generations, ranking_effect, save_results  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
-METHODS = ["das", "das-noleverage", "dtrak", "trak"]
 
 
 def main() -> None:
@@ -31,7 +30,6 @@ def main() -> None:
 
     from das_sd.attribute import Attributor
     from das_sd.demo import prepare_demo
-    from das_sd.evaluate.groundtruth import generate_queries
     from das_sd.score import LambdaRule, build_index
     from das_sd.store import FeatureStore
 
@@ -40,7 +38,7 @@ def main() -> None:
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(demo["store"], copy)
     base = Attributor(copy)
-    generations = {split: generate_queries(base.pipe, demo["data"], split) for split in ("tune", "test")}
+    generations = ground_truth_generations(base.pipe, demo["data"])
     results, reference = {}, {}
     for label, dtype in DTYPES.items():
         store = FeatureStore.open(copy)
@@ -48,12 +46,13 @@ def main() -> None:
             build_index(store, name, LambdaRule.from_description(store.index_info(name)["lambda_rule"]), dtype)
         index_bytes = sum(p.stat().st_size for p in copy.glob("index-*.safetensors"))
         row = {"index_bytes": index_bytes} | ranking_effect(Attributor(copy, pipe=base.pipe), demo["data"],
-                                                             generations, METHODS, reference)
+                                                             generations, RANKED_METHODS, reference)
         row["vs_float32"] = row.pop("vs_reference")
         results[label] = row
         print(label, index_bytes, {m: (row["groundtruth"]["test"][m]["recall@10"], row["groundtruth"]["test"][m]["ap"],
-                                       row["vs_float32"][m]["top10_overlap_mean"]) for m in METHODS}, flush=True)
-    print(save_results("quantization", {"queries": sum(len(g) for g in generations.values()), "methods": METHODS, "results": results}))
+                                       row["vs_float32"][m]["top10_overlap_mean"]) for m in RANKED_METHODS}, flush=True)
+    print(save_results("quantization", {"queries": sum(len(g) for g in generations.values()),
+                                        "methods": RANKED_METHODS, "results": results}))
 
 
 if __name__ == "__main__":
