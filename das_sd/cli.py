@@ -114,7 +114,7 @@ def cmd_featurize(args) -> None:
     import torch
 
     from .featurize.build import default_feature_sets, featurize_dataset
-    from .featurize.featurizer import autocast_supported
+    from .featurize.featurizer import autocast_supported, cpu_has_fast_bfloat16
     from .featurize.settings import FeaturizerSettings
     from .models.loading import default_device, load_lora, load_pipeline, resolve_base, resolve_lora_file
 
@@ -123,6 +123,9 @@ def cmd_featurize(args) -> None:
     if not autocast_supported(autocast, device):
         raise ValueError(f"--autocast {args.autocast} is for CUDA devices; on {device.type} use bf16 "
                          "(fast where the CPU has AVX-512 BF16 or AMX) or fp32")
+    if autocast is not None and device.type == "cpu" and not cpu_has_fast_bfloat16():
+        print("warning: this CPU has neither AVX-512 BF16 nor AMX: --autocast bf16 will be slower than fp32",
+              file=sys.stderr)
     dataset = _open_dataset(args)
     if args.merge:  # the parts carry everything else
         from .featurize.parallel import merge_parts

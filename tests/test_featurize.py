@@ -118,12 +118,17 @@ def test_bfloat16_autocast_on_the_cpu_approximates_float32(base_path):
     assert (err < 0.1).all(), err  # 0.012-0.055 here
 
 
-def test_autocast_follows_the_store_where_the_device_offers_it():
+def test_autocast_follows_the_store_where_the_device_offers_it(monkeypatch):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda amx=probe == "_is_amx_tile_supported": amx, raising=False)
     assert store_autocast("float32", "cpu") is None
-    assert store_autocast("bfloat16", "cpu") is torch.bfloat16
+    assert store_autocast("bfloat16", "cpu") is torch.bfloat16  # AMX
     assert store_autocast("float16", "cpu") is None  # a CUDA float16 store queried on a CPU: float32
     assert store_autocast("float16", "cuda") is torch.float16
     assert not autocast_supported(torch.float16, "cpu") and autocast_supported(torch.bfloat16, "cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert store_autocast("bfloat16", "cpu") is None  # emulated bfloat16 would be slower: float32
+    assert store_autocast("bfloat16", "cuda") is torch.bfloat16
 
 
 def test_feature_sets_sharing_a_forward_pass_equal_separate_ones(lora_pipe):
