@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--method", default="das")
+    parser.add_argument("--out", default="query", help="results file name under benchmarks/results/")
     args = parser.parse_args()
 
     from das_sd.attribute import Attributor
@@ -71,7 +72,7 @@ def main() -> None:
     print(f"attribute  {attribute_s * 1000:8.1f} ms  (query features {features_s * 1000:.1f} ms, "
           f"scoring + top-10 {scoring_s * 1000:.1f} ms)")
     print(f"attribute / generate = {ratio:.3f}  (target <= 0.5)")
-    path = save_results("query", {"device": device, "method": args.method, "store_rows": len(attributor.store),
+    path = save_results(args.out, {"device": device, "method": args.method, "store_rows": len(attributor.store),
                                   "num_timesteps": feature_set["num_timesteps"], "k": feature_set["projection_dim"],
                                   "generate_s": generate_s, "attribute_s": attribute_s, "query_features_s": features_s,
                                   "scoring_topk_s": scoring_s, "ratio": ratio, "target": "<= 0.5",
