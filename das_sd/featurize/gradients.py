@@ -2,9 +2,11 @@
 
 A LoRA layer's A and B are plain linear maps, so the gradient of a row's scalar output w.r.t. a
 weight W is sum over tokens of (d out / d y_token) (x_token)^T. Forward hooks keep each LoRA linear's
-input, tensor hooks keep the gradient of its output, and one backward of sum_rows f(row) yields every
-row's gradient at once: rows never interact (eval mode, no dropout, GroupNorm is per sample), so the
-gradient of the sum restricted to a row is that row's own gradient. peft applies the LoRA scaling
+input and the autograd edge of its output, and one backward of sum_rows f(row) to those edges yields
+every row's gradient at once: rows never interact (eval mode, no dropout, GroupNorm is per sample), so
+the gradient of the sum restricted to a row is that row's own gradient. The backward asks autograd for
+the output gradients only, not for the LoRA weights' summed gradients a training step accumulates:
+that work (as large as the per-row products made from the captures) is skipped. peft applies the LoRA scaling
 after lora_B, so it is already inside the captured output gradients.
 """
 
@@ -34,11 +36,13 @@ def num_lora_parameters(unet: nn.Module) -> int:
 
 
 class LoraGradientCapture:
-    """Context manager: while active, a backward pass records per-row LoRA weight gradients."""
+    """Context manager: while active, the forward records each LoRA linear's input and the autograd
+    edge of its output; ``backward(scalar)`` then fetches the gradients at those edges."""
 
     def __init__(self, unet: nn.Module):
         self.modules = lora_modules(unet)
         self._inputs: dict[int, torch.Tensor] = {}
+        self._edges: dict[int, object] = {}
         self._grads: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
@@ -52,14 +56,23 @@ class LoraGradientCapture:
             handle.remove()
         self._handles.clear()
         self._inputs.clear()
+        self._edges.clear()
         self._grads.clear()
 
     def _forward_hook(self, index: int):
         def hook(_module, inputs, output):
             self._inputs[index] = inputs[0].detach()
             if output.requires_grad:
-                output.register_hook(lambda grad: self._grads.__setitem__(index, grad.detach()))
+                # an edge, not the tensor: holding every LoRA output alive would cost activation memory
+                self._edges[index] = torch.autograd.graph.get_gradient_edge(output)
         return hook
+
+    def backward(self, scalar: torch.Tensor, retain_graph: bool = False) -> None:
+        """Gradients of ``scalar`` at every captured LoRA output (the weights' .grad stay untouched)."""
+        indices = sorted(self._edges)
+        grads = torch.autograd.grad(scalar, [self._edges[i] for i in indices], retain_graph=retain_graph,
+                                    allow_unused=True)
+        self._grads = {i: g.detach() for i, g in zip(indices, grads) if g is not None}
 
     def layer_gradients(self):
         """(offset, (rows, p_layer) float32) per LoRA layer, in parameter order: each row's gradient
@@ -106,19 +119,13 @@ def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timest
         return pred.float()
 
 
-def _drop_parameter_grads(unet: nn.Module) -> None:
-    for p in lora_parameters(unet):  # the batched backward also filled .grad: drop it
-        p.grad = None
-
-
 def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                       cond: torch.Tensor, alphas_cumprod: torch.Tensor, output: str,
                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row."""
     with LoraGradientCapture(unet) as capture:
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
-        output_function(output, pred, noise.float()).sum().backward()
-        _drop_parameter_grads(unet)
+        capture.backward(output_function(output, pred, noise.float()).sum())
         return capture.per_row_gradients()
 
 
@@ -133,7 +140,6 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, object]], x0
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
         results = []
         for j, (output, projector) in enumerate(heads):
-            output_function(output, pred, noise.float()).sum().backward(retain_graph=j < len(heads) - 1)
+            capture.backward(output_function(output, pred, noise.float()).sum(), retain_graph=j < len(heads) - 1)
             results.append(capture.projected_gradients(projector))
-        _drop_parameter_grads(unet)
         return results
