@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from das_sd.featurize.gradients import lora_parameters, per_row_gradients
+from das_sd.featurize.gradients import (LoraGradientCapture, lora_parameters, noisy_latents, num_lora_parameters,
+                                        per_row_gradients)
 from das_sd.featurize.settings import OUTPUT_FUNCTIONS, noise_for, output_function
+from das_sd.projection import BlockProjector, ProjectorSpec
 
 
 def _inputs(pipe, rows: int):
@@ -52,3 +54,21 @@ def test_noise_depends_only_on_seed_key_and_timestep():
     for other in (noise_for(1, "abc", 10, (4, 8, 8)), noise_for(0, "abd", 10, (4, 8, 8)),
                   noise_for(0, "abc", 11, (4, 8, 8))):
         assert not torch.equal(a, other)
+
+
+@pytest.mark.parametrize("group_bytes", [0, 50_000, 1 << 30])
+def test_projected_gradients_equal_brute_force_projection(lora_pipe, group_bytes):
+    """Layers projected one by one (0), in groups cut mid-UNet (50 kB), or all at once."""
+    unet = lora_pipe.unet
+    x0, noise, t, cond = _inputs(lora_pipe, 3)
+    num_params = num_lora_parameters(unet)
+    projector = BlockProjector(ProjectorSpec("sparse", 64, 3, 4, block_rows=10_000), num_params)
+    with LoraGradientCapture(unet) as capture:
+        xt = noisy_latents(x0, noise, t, lora_pipe.scheduler.alphas_cumprod)
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        capture.backward(output_function("l1", pred, noise).sum())
+        full = capture.per_row_gradients().double()
+        projected, sq_norm = capture.projected_gradients(projector, group_bytes)
+    expected = full @ projector.dense().double()
+    assert torch.allclose(projected.double(), expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    assert torch.allclose(sq_norm.double(), full.pow(2).sum(1), rtol=1e-5)

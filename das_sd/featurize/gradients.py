@@ -92,13 +92,32 @@ class LoraGradientCapture:
         """(rows, p) float32: each row's gradient, layers concatenated in parameter order."""
         return torch.cat([layer for _, layer in self.layer_gradients()], dim=1)
 
-    def projected_gradients(self, projector) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, k) projected gradients and (rows,) squared gradient norms, layer by layer."""
+    def projected_gradients(self, projector, group_bytes: int = 16 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, k) projected gradients and (rows,) squared gradient norms. Consecutive layers are
+        projected together up to ``group_bytes`` of gradients at a time: one projection call per
+        group instead of one per layer (a UNet has hundreds of small LoRA layers), while the whole
+        (rows, p) matrix still never exists."""
         out, sq_norm = None, None
+        group: list[torch.Tensor] = []
+        group_start, group_size = 0, 0
+
+        def flush():
+            nonlocal out
+            if group:
+                out = projector.project_range(torch.cat(group, dim=1) if len(group) > 1 else group[0],
+                                              group_start, out)
+                group.clear()
+
         for offset, layer in self.layer_gradients():
-            out = projector.project_range(layer, offset, out)
             part = layer.pow(2).sum(dim=1)
             sq_norm = part if sq_norm is None else sq_norm + part
+            if group and group_size + layer.numel() * 4 > group_bytes:
+                flush()
+            if not group:
+                group_start, group_size = offset, 0
+            group.append(layer)
+            group_size += layer.numel() * 4
+        flush()
         return out, sq_norm.to(out.device)
 
 
