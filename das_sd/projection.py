@@ -125,12 +125,6 @@ class BlockProjector:
             self._piece_bytes += nbytes
         return self._pieces[key]
 
-    def _project_block(self, chunk: torch.Tensor, index: int, lo: int, hi: int) -> torch.Tensor:
-        """chunk (n, hi - lo) @ rows [lo, hi) of block ``index``."""
-        if self.spec.kind == "sparse":
-            return (self._sparse_piece(index, lo, hi) @ chunk.T).T
-        return chunk @ self.block(index)[lo:hi]
-
     def project_range(self, grads: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Add grads (n x m), the coordinates [start, start + m) of each row, projected, to ``out`` (n x k)."""
         stop = start + grads.shape[-1]
@@ -139,10 +133,20 @@ class BlockProjector:
         if out is None:
             out = torch.zeros(grads.shape[0], self.spec.dim, dtype=torch.float32, device=self.device)
         rows = self.spec.block_rows
+        sparse = self.spec.kind == "sparse"
+        # a sparse block projects as (k x m) @ (m x n): its products are accumulated in place in that
+        # layout and added to ``out`` transposed once; at large k, writing a fresh (k x n) product
+        # per block and adding it transposed cost more than the products themselves
+        acc = torch.zeros(self.spec.dim, grads.shape[0], device=self.device) if sparse else None
         for index in range(start // rows, -(-stop // rows)):
             lo, hi = max(start, index * rows), min(stop, (index + 1) * rows)
             chunk = grads[:, lo - start:hi - start].to(self.device, torch.float32)
-            out += self._project_block(chunk, index, lo - index * rows, hi - index * rows)
+            if sparse:
+                acc.addmm_(self._sparse_piece(index, lo - index * rows, hi - index * rows), chunk.T)
+            else:
+                out += chunk @ self.block(index)[lo - index * rows:hi - index * rows]
+        if sparse:
+            out += acc.T
         return out
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
