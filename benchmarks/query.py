@@ -4,7 +4,7 @@
 
 Uses the demo (embedded tiny SD, demo LoRA, demo store; `das-sd demo --no-launch` builds them, and so
 does this script on first use). Times, best of --repeats after a warm-up:
-  generate   das_sd.generate with the demo defaults (25 steps, guidance 4, so two UNet passes a step)
+  generate   das_sd.generate() with the demo defaults (25 steps, guidance 4, so two UNet passes a step)
              and the VAE decode
   attribute  Attributor.attribute_latents on the final latents: the query's features for the
              method's feature set (K timesteps, forward + backward), scoring every training image
@@ -48,7 +48,7 @@ def main() -> None:
 
     from das_sd.attribute import Attributor
     from das_sd.demo import prepare_demo
-    from das_sd.generate import GenerationSettings, generate
+    from das_sd.generation import GenerationSettings, generate
 
     paths = prepare_demo(progress=False)
     attributor = Attributor(paths["store"], device=args.device)

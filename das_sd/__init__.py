@@ -23,11 +23,11 @@ _API = {
     "ModelError": "das_sd.models.loading",
     "LoraRecipe": "das_sd.train",
     "train_lora": "das_sd.train",
-    "GenerationSettings": "das_sd.generate",
-    "GenerationResult": "das_sd.generate",
-    "generate": "das_sd.generate",
-    "save_png": "das_sd.generate",
-    "read_png_metadata": "das_sd.generate",
+    "GenerationSettings": "das_sd.generation",
+    "GenerationResult": "das_sd.generation",
+    "generate": "das_sd.generation",
+    "save_png": "das_sd.generation",
+    "read_png_metadata": "das_sd.generation",
     "prepare_demo": "das_sd.demo",
 }
 

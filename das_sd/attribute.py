@@ -22,7 +22,7 @@ from PIL import Image
 from .data.images import to_rgb
 from .featurize.featurizer import Featurizer, features_together, store_autocast
 from .featurize.settings import FeaturizerSettings
-from .generate import image_metadata
+from .generation import image_metadata
 from .latents import encode_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import load_lora, load_pipeline

@@ -72,7 +72,7 @@ def cmd_train_lora(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generate import GenerationSettings, generate, save_png
+    from .generation import GenerationSettings, generate, save_png
     from .models.fingerprint import provenance
     from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
 

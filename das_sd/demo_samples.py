@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from .demo import DEMO_PROMPTS
-from .generate import GenerationSettings, generate, save_png
+from .generation import GenerationSettings, generate, save_png
 
 
 def show_demo(paths: dict) -> dict:

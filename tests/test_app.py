@@ -20,7 +20,7 @@ from das_sd.app import AppConfig, Workbench
 from das_sd.app.ui import build_app
 from das_sd.attribute import Attributor
 from das_sd.cli import main as cli_main
-from das_sd.generate import GenerationSettings, generate
+from das_sd.generation import GenerationSettings, generate
 from helpers import chromium_page
 
 TOP_K = 5

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from das_sd.cli import main
-from das_sd.generate import read_png_metadata
+from das_sd.generation import read_png_metadata
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

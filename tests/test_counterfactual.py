@@ -24,7 +24,7 @@ def tiny(demo, tmp_path_factory):
 def test_counterfactual_command_retrains_without_the_top_k_and_measures_the_change(tiny, capsys):
     from das_sd.attribute import Attributor
     from das_sd.cli import main
-    from das_sd.generate import GenerationSettings, generate
+    from das_sd.generation import GenerationSettings, generate
     from das_sd.train import read_record
 
     root, dataset, store, prompts = tiny

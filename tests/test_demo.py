@@ -8,7 +8,7 @@ import pytest
 from das_sd.data.demo import TRIGGERS, load_ground_truth
 from das_sd.data.render import MOTIF_COLOUR, motif_mask, _grid
 from das_sd.demo import prepare_demo
-from das_sd.generate import GenerationSettings, generate
+from das_sd.generation import GenerationSettings, generate
 from das_sd.models.loading import embedded_demo_lora_path, load_lora, load_pipeline
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from das_sd.generate import (GenerationSettings, decode_latents, generate, infotext, parse_infotext,
-                             read_png_metadata, save_png)
+from das_sd.generation import (GenerationSettings, decode_latents, generate, infotext, parse_infotext,
+                               read_png_metadata, save_png)
 
 
 def test_same_seed_same_image_and_latents_decode_to_the_images(pipe):
@@ -65,3 +65,17 @@ def test_lora_scale_zero_equals_the_base(pipe, base_path, tmp_path):
     on = generate(with_lora, GenerationSettings(**settings, lora_scale=1.0)).latents
     assert torch.allclose(off, base_latents, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(on, base_latents, atol=1e-3)
+
+
+def test_package_root_api_names_stay_functions_after_their_modules_load():
+    # das_sd.generate is both a public function and (formerly) a module name: loading the module
+    # rebinds the package attribute, so the root API must not share names with submodules
+    import types
+
+    import das_sd
+    import das_sd.attribute  # noqa: F401  (loads the generation module, as any attribution does)
+
+    for name in das_sd.__all__:
+        first, again = getattr(das_sd, name), getattr(das_sd, name)
+        assert not isinstance(first, types.ModuleType) and not isinstance(again, types.ModuleType), name
+    assert das_sd.generate is das_sd.generation.generate

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from das_sd.attribute import Attributor
-from das_sd.generate import GenerationSettings, generate, read_png_attribution, read_png_metadata
+from das_sd.generation import GenerationSettings, generate, read_png_attribution, read_png_metadata
 from das_sd.integrations.diffusers import AttributingPipeline
 from das_sd.store import StoreError
 from helpers import random_lora

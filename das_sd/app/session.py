@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..attribute import Attribution, Attributor
-from ..generate import GenerationSettings, generate, save_png
+from ..generation import GenerationSettings, generate, save_png
 from ..models.fingerprint import das_sd_home, provenance, short
 from ..store import FeatureStore, StoreError
 

@@ -16,7 +16,7 @@ import gradio as gr
 from PIL import Image
 
 from ..attribute import Attribution
-from ..generate import GenerationSettings
+from ..generation import GenerationSettings
 from ..score import METHODS
 from .session import AppError, Query, Workbench
 from .views import (EFFECT_COLOURS, api_json, detail_of, gallery_items, groups_markdown, leaderboard, score_plot,

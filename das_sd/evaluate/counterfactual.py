@@ -61,7 +61,7 @@ def run_counterfactual(attributor, workdir: str | Path, prompts: list[str], seed
                        settings: CounterfactualSettings, methods: list[str] | None = None, workers: int = 1,
                        progress: bool = True, ray_address: str | None = None) -> dict:
     """Retrain without each method's top-k for every generation; results also go to workdir/counterfactual.json."""
-    from ..generate import GenerationSettings, generate
+    from ..generation import GenerationSettings, generate
     from ..models.loading import load_lora, load_pipeline
 
     workdir = Path(workdir)

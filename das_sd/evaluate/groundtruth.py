@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import open_dataset
 from ..data.demo import load_ground_truth
-from ..generate import GenerationSettings, generate
+from ..generation import GenerationSettings, generate
 from .metrics import average_precision, recall_at_k
 
 SPLITS: dict[str, dict] = {

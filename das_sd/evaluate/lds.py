@@ -288,7 +288,7 @@ def val_queries(attributor, data: str | Path, limit: int | None = None) -> LDSQu
 
 def gen_queries(attributor, prompts: list[str], seeds: int) -> LDSQueries:
     """Generations of the attributed LoRA (final latents, no VAE round trip) as LDS queries."""
-    from ..generate import GenerationSettings, generate
+    from ..generation import GenerationSettings, generate
 
     keys, latents, texts = [], [], []
     for p, prompt in enumerate(prompts):

@@ -18,7 +18,7 @@ import torch
 
 from ..attribute import Attributor, QueryError
 from ..data.datasets import open_dataset
-from ..generate import GenerationSettings, generate, save_png
+from ..generation import GenerationSettings, generate, save_png
 from ..models.fingerprint import provenance
 from ..score import method as method_named
 from .rollup import (NORMALISATION, SIGNED_NORMALISATION, GroupCredit, ImageCredit, credit_shares,

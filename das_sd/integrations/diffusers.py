@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..attribute import Attribution, Attributor
-from ..generate import save_png
+from ..generation import save_png
 from ..store import FeatureStore
 
 

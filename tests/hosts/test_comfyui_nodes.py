@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from das_sd.attribute import Attributor
-from das_sd.generate import GenerationSettings, generate
+from das_sd.generation import GenerationSettings, generate
 
 HERE = Path(__file__).parent
 NODES = HERE.parent.parent / "extensions" / "comfyui-das-sd"

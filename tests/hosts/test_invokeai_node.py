@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from das_sd.attribute import Attributor
-from das_sd.generate import GenerationSettings, generate
+from das_sd.generation import GenerationSettings, generate
 from das_sd.integrations.hosts import attribute_pil
 
 NODES = Path(__file__).resolve().parents[2] / "extensions" / "invokeai-das-sd"

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from das_sd.attribute import Attributor
-from das_sd.generate import GenerationSettings, generate
+from das_sd.generation import GenerationSettings, generate
 
 HERE = Path(__file__).parent
 STUB = HERE / "webui_stub"
