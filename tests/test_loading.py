@@ -148,3 +148,25 @@ def test_text_encoder_layers_convert_to_kohya_and_load_like_merged_weights(base_
     assert torch.allclose(unet_outputs(pipe), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ModelError, match="text-encoder layers.*kohya"):
         to_peft(state)
+
+
+@pytest.mark.parametrize("component,safe_name,pickled_name", [
+    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+    ("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+])
+def test_pickled_component_weights_are_refused_without_unpickling(base_path, tmp_path, monkeypatch, component,
+                                                                  safe_name, pickled_name):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(base_path, base)
+    weights = load_file(str(base / component / safe_name))
+    (base / component / safe_name).unlink()
+    torch.save(weights, str(base / component / pickled_name))  # a loadable pickle: only policy refuses it
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called: a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(ModelError, match=f"{component}/{pickled_name}: pickled weights are never loaded"):
+        load_pipeline(base, device="cpu")

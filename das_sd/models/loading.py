@@ -45,7 +45,23 @@ def resolve_base(base: str | Path | None) -> Path:
                          ".save_pretrained(DIR).")
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    refuse_pickled_components(path)
     return path
+
+
+def refuse_pickled_components(path: Path) -> None:
+    """Refuse a pipeline folder any of whose weighted components has pickled weights only.
+
+    Left to themselves, diffusers and transformers fall back to ``pytorch_model.bin`` /
+    ``diffusion_pytorch_model.bin`` when a folder has no safetensors file, and unpickling runs code
+    from the file: das-sd never does that, whatever torch's weights-only loader would catch."""
+    for component in sorted(p for p in path.iterdir() if p.is_dir()):
+        suffixes = {f.suffix.lower() for f in component.iterdir() if f.is_file()}
+        pickled = sorted(f for f in component.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+        if pickled and ".safetensors" not in suffixes:
+            raise ModelError(f"{pickled[0]}: pickled weights are never loaded (unpickling can run code from the "
+                             f"file); convert the {component.name} component to safetensors, e.g. "
+                             "`model.save_pretrained(DIR, safe_serialization=True)` on a machine you trust")
 
 
 def quiet_libraries() -> None:
@@ -89,7 +105,8 @@ def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32):
     """
     from transformers import CLIPTextModel
 
-    model, info = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    model, info = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                output_loading_info=True)
     missing = list(info.get("missing_keys") or [])
     if missing:
         import transformers

@@ -5,6 +5,7 @@ Idempotent and offline: das-sd is installed from the das-sd checkout this extens
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ except ImportError:
         print("[das-sd] das_sd is not installed: run `pip install <path to the das-sd checkout>` in the "
               "webui's venv, or set DAS_SD_SOURCE to that checkout", file=sys.stderr)
     else:
-        import launch  # the webui's own installer helpers
-
-        launch.run_pip(f'install "{source}"', "das-sd (attribution of LoRA generations)")
+        # An argument list, not the webui's launch.run_pip: that one builds a shell command line, and a
+        # checkout path holding quotes or $(...) would run as shell code.
+        print(f"[das-sd] installing das-sd from {source}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", str(source)], check=True)
