@@ -170,16 +170,33 @@ def _print_store(store) -> None:
 
 
 def cmd_index(args) -> None:
-    from .score import LambdaRule, build_index
+    from .score import LambdaRule, build_indexes
     from .store import FeatureStore
 
     import torch
 
     store = FeatureStore.open(args.store)
+    orphans = store.remove_orphan_indexes()
+    if orphans:
+        print(f"removed {len(orphans)} index file(s) an interrupted `das-sd index` left", file=sys.stderr)
     rule = LambdaRule(rho=args.rho, value=args.lambda_)
     sets = sorted(store.identity["feature_sets"])
     dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[args.dtype]
-    print(json.dumps({name: build_index(store, name, rule, dtype) for name in sets}, indent=2))
+    print(json.dumps(build_indexes(store, sets, rule, dtype), indent=2))
+
+
+def cmd_verify(args) -> None:
+    from .store import StoreError
+    from .store_integrity import verify_store
+
+    report = verify_store(args.store, progress=not args.quiet)
+    for line in report.problems:
+        print(line)
+    for line in report.notes:
+        print(f"note: {line}")
+    print(report.summary())
+    if not report.ok:
+        raise StoreError(f"{report.root}: {len(report.problems)} problem(s) found (listed above)")
 
 
 def cmd_attribute(args) -> None:
@@ -324,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the train-side vectors (float16: half the bytes a query reads, same "
                         "rankings; int8: a quarter, per-row scaled, approximate scores)")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("verify", help="check a store: its manifest, and every file against the checksum recorded for it")
+    p.add_argument("--store", required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("attribute", help="the training images that most influenced a generated image")
     p.add_argument("--store", required=True)

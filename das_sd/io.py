@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -41,3 +42,14 @@ def read_prompt_file(path: str | Path, flag: str = "--prompts") -> list[str]:
     if not prompts:
         raise ValueError(f"{flag} {path}: no prompts (one per line; # starts a comment)")
     return prompts
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in chunks so that memory stays flat on multi-GB files."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        buffer = bytearray(chunk_bytes)
+        view = memoryview(buffer)
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()

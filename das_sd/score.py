@@ -145,10 +145,23 @@ def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: 
     """Solve the kernel once and store psi for every method on ``feature_set``, one index file per
     feature shard. ``dtype``: storage of the train-side vectors (float16 halves what scoring reads and
     stays exact through das_sd.topk's rescoring; int8 quarters it, per-row scaled and approximate)."""
-    info, shards = index_arrays(store, feature_set, rule, dtype)
-    files = store.write_index_files(feature_set, shards)
-    store.record_index(feature_set, files, info)
-    return info
+    return build_indexes(store, [feature_set], rule, dtype)[feature_set]
+
+
+def build_indexes(store: FeatureStore, feature_sets: list[str], rule: LambdaRule,
+                  dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+    """``build_index`` for several feature sets as one generation: every set's files are written
+    first, then one manifest write switches all of them, so a kill never leaves the sets indexed
+    with different lambdas. Index files left by an earlier killed run are deleted first."""
+    store.remove_orphan_indexes()
+    generation = store.new_generation()
+    built = {}
+    for name in feature_sets:
+        info, shards = index_arrays(store, name, rule, dtype)
+        files = store.write_index_files(name, shards, generation)  # exhausts shards: info is complete
+        built[name] = (files, info | {"generation": generation})
+    store.record_indexes(built)
+    return {name: info for name, (_, info) in built.items()}
 
 
 def index_in_memory(store: FeatureStore, feature_set: str, rule: LambdaRule,

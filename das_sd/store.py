@@ -15,6 +15,11 @@ STORE/
   point leaves a consistent store, and a rerun recomputes only what the manifest does not list.
 - Rows are only ever appended: adding samples to a dataset extends the store without touching the
   existing shards (the scorer's index is then out of date and says so).
+- Every file's sha256 is recorded in the manifest (``checksums``) and checked before a process first
+  reads the file; the manifest's fields are type-checked on open (``das_sd.store_integrity``).
+- An index run writes the files of all its feature sets under one generation, then switches every
+  set to it in one manifest write: a kill leaves the previous generation in force for all of them,
+  and the next index run deletes the files no manifest entry names.
 This module knows nothing of models: rows are (key, path, caption) plus named arrays.
 """
 
@@ -32,14 +37,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, file_sha256
+from .store_integrity import StoreError, check_file, read_manifest, remember_verified
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # checksums were added without a bump: stores without them open, unverified
 MANIFEST = "manifest.json"
-
-
-class StoreError(ValueError):
-    """A store that is missing, damaged or built for something else; the message says what."""
+__all__ = ["FORMAT_VERSION", "MANIFEST", "FeatureStore", "Row", "StoreError", "blocks_of"]
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,25 @@ class FeatureStore:
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest
+        self._written: dict[str, dict] = {}  # checksums of index files written, not yet recorded
 
     # ---- create / open -----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: str | Path, identity: dict, shard_size: int = 256, info: dict | None = None) -> "FeatureStore":
+    def create(cls, root: str | Path, identity: dict, shard_size: int = 256, info: dict | None = None,
+               moved_shards: bool = False) -> "FeatureStore":
+        """A new, empty store. Refused in a folder holding store files but no manifest, except
+        ``moved_shards``: shards a killed merge moved in (each is checked when it is adopted)."""
         root = Path(root).expanduser().resolve()
         if (root / MANIFEST).exists():
             raise StoreError(f"{root}: a store already exists here")
+        stray = sorted(p.name for p in root.glob("*.safetensors")
+                       if p.name.startswith("index-") or (p.name.startswith("features-") and not moved_shards))
+        if stray:  # a store whose manifest was lost: a new one beside its files would mix them up
+            raise StoreError(f"{root}: holds feature store files ({', '.join(stray[:3])}"
+                             f"{', ...' if len(stray) > 3 else ''}; {len(stray)} in all) but no {MANIFEST}, "
+                             "so they cannot be used or extended. Choose another --store folder, or delete "
+                             "those files to start a new store here.")
         root.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -87,6 +101,7 @@ class FeatureStore:
             "shards": [],
             "complete": False,
             "indexes": {},
+            "checksums": {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         store = cls(root, manifest)
@@ -94,39 +109,31 @@ class FeatureStore:
         return store
 
     @classmethod
-    def open(cls, root: str | Path, identity: dict | None = None) -> "FeatureStore":
-        """Open an existing store; with ``identity``, refuse it unless it matches exactly."""
+    def open(cls, root: str | Path, identity: dict | None = None, clean: bool = True) -> "FeatureStore":
+        """Open an existing store; with ``identity``, refuse it unless it matches exactly.
+        ``clean``: remove temp files of killed writes (False to only read, as `das-sd verify`)."""
         root = Path(root).expanduser().resolve()
         path = root / MANIFEST
         if not path.is_file():
             raise StoreError(f"{root}: no feature store here (no {MANIFEST})")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{path}: damaged manifest ({exc.msg} at line {exc.lineno})") from None
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{path}: store format version {version!r}; this das-sd reads version {FORMAT_VERSION}")
-        for name in ("identity", "shards", "shard_size"):
-            if name not in manifest:
-                raise StoreError(f"{path}: damaged manifest (no {name!r})")
-        store = cls(root, manifest)
+        store = cls(root, read_manifest(path, FORMAT_VERSION))
         if identity is not None:
             store.check_identity(identity)
-        for tmp in root.glob(".*.tmp"):  # leftovers of a killed write
-            tmp.unlink(missing_ok=True)
+        if clean:
+            for tmp in root.glob(".*.tmp"):  # leftovers of a killed write
+                tmp.unlink(missing_ok=True)
         return store
 
     @classmethod
     def open_or_create(cls, root: str | Path, identity: dict, shard_size: int = 256,
-                       info: dict | None = None) -> "FeatureStore":
+                       info: dict | None = None, moved_shards: bool = False) -> "FeatureStore":
         root = Path(root).expanduser().resolve()
         if (root / MANIFEST).exists():
             store = cls.open(root, identity)
             if info:
                 store.manifest["info"].update(info)
             return store
-        return cls.create(root, identity, shard_size, info)
+        return cls.create(root, identity, shard_size, info, moved_shards)
 
     def check_identity(self, identity: dict) -> None:
         differences = _diff(identity, self.manifest["identity"])
@@ -176,7 +183,7 @@ class FeatureStore:
         index = len(self.manifest["shards"])
         name = self.shard_name(index)
         tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
-        atomic_write_bytes(self.root / name, save(tensors))
+        self.manifest["checksums"][name] = self._write(name, save(tensors))
         self.manifest["shards"].append({
             "file": name,
             "rows": len(rows),
@@ -188,15 +195,21 @@ class FeatureStore:
         self.manifest["complete"] = False
         self._save_manifest()
 
-    def adopt_shard(self, source: Path, entry: dict) -> None:
+    def adopt_shard(self, source: Path, entry: dict, checksum: dict | None = None) -> None:
         """Move a shard written by another store (a partial store of the same identity) in as the
-        next shard. Rename first, manifest second: rerun after a kill, it finds the file in place."""
+        next shard. Rename first, manifest second: rerun after a kill, it finds the file in place.
+        ``checksum``: the one the other store recorded, checked here and carried over."""
         name = self.shard_name(len(self.manifest["shards"]))
         target = self.root / name
         if Path(source).is_file():
+            check_file(Path(source), checksum, Path(source).parent)
             os.replace(source, target)
-        elif not target.is_file():
+        elif target.is_file():
+            check_file(target, checksum, self.root)
+        else:
             raise StoreError(f"{source}: shard listed in its manifest is missing")
+        if checksum is not None:
+            self.manifest["checksums"][name] = checksum
         self.manifest["shards"].append({k: v for k, v in entry.items() if k != "block"} | {"file": name})
         self.manifest["complete"] = False
         self._save_manifest()
@@ -208,18 +221,40 @@ class FeatureStore:
     def _save_manifest(self) -> None:
         atomic_write_json(self.root / MANIFEST, self.manifest)
 
+    def _write(self, name: str, data: bytes) -> dict:
+        """Write one file atomically; its checksum, hashed from the bytes in memory."""
+        checksum = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        atomic_write_bytes(self.root / name, data)
+        remember_verified(self.root / name, checksum["sha256"])
+        return checksum
+
+    def checksum(self, file: str) -> dict | None:
+        """{"sha256", "bytes"} recorded for a file of the store; None for one an older das-sd wrote."""
+        return self.manifest.get("checksums", {}).get(file)
+
+    def _checked(self, file: str, what: str) -> Path:
+        """The path of a file the manifest lists, after checking it is there and undamaged."""
+        path = self.root / file
+        if not path.is_file():
+            raise StoreError(f"{path}: {what} listed in the manifest is missing; "
+                             f"run `das-sd verify --store {self.root}`")
+        check_file(path, self.checksum(file), self.root)
+        return path
+
     # ---- reading ------------------------------------------------------------------------------
 
     def array_names(self) -> list[str]:
         shards = self.manifest["shards"]
         return sorted(shards[0]["arrays"]) if shards else []
 
+    def shard_paths(self) -> list[Path]:
+        """The feature shards in row order, each checked against its checksum."""
+        return [self._checked(s["file"], "shard") for s in self.manifest["shards"]]
+
     def iter_shards(self, names: list[str], device: str = "cpu") -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
         """(shard entry, {name: tensor}) per shard, memory-mapped by safetensors."""
         for shard in self.manifest["shards"]:
-            path = self.root / shard["file"]
-            if not path.is_file():
-                raise StoreError(f"{path}: shard listed in the manifest is missing")
+            path = self._checked(shard["file"], "shard")
             try:
                 with safe_open(str(path), framework="pt", device=device) as fh:
                     available = set(fh.keys())
@@ -251,25 +286,52 @@ class FeatureStore:
         h.update(self.keys_digest().encode())
         return "das-" + h.hexdigest()[:12]
 
-    def write_index_files(self, name: str, shards: Iterable[dict[str, torch.Tensor]]) -> list[str]:
+    def new_generation(self) -> str:
+        """A fresh name part for index files: a rebuild never overwrites the files in use."""
+        return hashlib.sha256(f"{time.time_ns()}:{os.getpid()}:{self.root}".encode()).hexdigest()[:8]
+
+    def write_index_files(self, name: str, shards: Iterable[dict[str, torch.Tensor]],
+                          generation: str | None = None) -> list[str]:
         """Write an index as one file per feature shard (same rows), consuming ``shards`` lazily so
-        that one shard is in memory at a time. Names carry a new generation: a killed rebuild never
-        mixes into the index in use, which ``record_index`` replaces."""
-        generation = hashlib.sha256(f"{time.time_ns()}:{name}".encode()).hexdigest()[:8]
+        that one shard is in memory at a time. The files are not in use until ``record_indexes``
+        switches the manifest to them; pass one ``generation`` for all sets of an index run."""
+        generation = generation or self.new_generation()
         files = []
         for i, arrays in enumerate(shards):
             file = f"index-{name}-{generation}-{i:05d}.safetensors"
-            atomic_write_bytes(self.root / file, save({k: v.detach().cpu().contiguous() for k, v in arrays.items()}))
+            self._written[file] = self._write(file, save({k: v.detach().cpu().contiguous() for k, v in arrays.items()}))
             files.append(file)
         return files
 
-    def record_index(self, name: str, files: list[str], info: dict) -> None:
-        old = [f for f in self.index_files(name) if f not in files]
-        self.manifest.setdefault("indexes", {})[name] = info | {"files": files, "rows": len(self),
-                                                               "keys_digest": self.keys_digest()}
+    def record_indexes(self, built: dict[str, tuple[list[str], dict]]) -> None:
+        """Switch every set of ``built`` ({set: (files, info)}) to its new files in one manifest write,
+        then delete the files they replace: a kill at any point leaves one consistent generation."""
+        old = {f for name in built for f in self.index_files(name)}
+        indexes, checksums = self.manifest.setdefault("indexes", {}), self.manifest.setdefault("checksums", {})
+        new = set()
+        for name, (files, info) in built.items():
+            indexes[name] = info | {"files": files, "rows": len(self), "keys_digest": self.keys_digest()}
+            for file in files:
+                checksums[file] = self._written.pop(file, None) or {
+                    "sha256": file_sha256(self.root / file), "bytes": (self.root / file).stat().st_size}
+            new.update(files)
+        for file in old - new:
+            checksums.pop(file, None)
         self._save_manifest()
-        for file in old:
+        for file in old - new:
             (self.root / file).unlink(missing_ok=True)
+
+    def record_index(self, name: str, files: list[str], info: dict) -> None:
+        self.record_indexes({name: (files, info)})
+
+    def remove_orphan_indexes(self) -> list[str]:
+        """Delete index files no manifest entry names (written by an index run killed before its
+        switch); returns their names. Not while another process is indexing this store."""
+        used = {f for name in self.manifest.get("indexes", {}) for f in self.index_files(name)}
+        orphans = sorted(p.name for p in self.root.glob("index-*.safetensors") if p.name not in used)
+        for file in orphans:
+            (self.root / file).unlink(missing_ok=True)
+        return orphans
 
     def index_files(self, name: str) -> list[str]:
         info = self.index_info(name) or {}
@@ -288,7 +350,7 @@ class FeatureStore:
         if not self.index_is_current(name):
             raise StoreError(f"{self.root}: the {name!r} index is out of date (rows were added since); "
                              f"run `das-sd index --store {self.root}` again")
-        return [self.root / f for f in self.index_files(name)]
+        return [self._checked(f, "index file") for f in self.index_files(name)]
 
     def iter_index(self, name: str) -> Iterator[Path]:
         """The index files of ``name`` in row order (for streaming over them)."""

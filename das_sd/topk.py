@@ -44,10 +44,11 @@ class TopK:
 
 
 def train_files(store: FeatureStore, name: str) -> tuple[list[Path], str]:
-    """The files holding a method's train-side vectors, in row order, and the array's name."""
+    """The files holding a method's train-side vectors, in row order (each checked against its
+    checksum by the store before it is read here), and the array's name."""
     where, array = train_array(name)
     if where == "features":
-        return [store.root / s["file"] for s in store.manifest["shards"]], array
+        return store.shard_paths(), array
     return list(store.iter_index(method(name).feature_set)), array
 
 

@@ -83,14 +83,15 @@ def merge_parts(store_dir: str | Path, dataset: Dataset | None = None) -> Featur
     if [e[0] for e in entries] != list(range(len(entries))):
         raise StoreError(f"{store_dir / PARTS}: blocks {[e[0] for e in entries]} are not 0..{len(entries) - 1}")
     info = {k: v for k, v in parts[0].manifest["info"].items() if k not in ("part", "base_rows", "last_run")}
-    store = FeatureStore.open_or_create(store_dir, identity, shard_size=parts[0].shard_size, info=info)
+    store = FeatureStore.open_or_create(store_dir, identity, shard_size=parts[0].shard_size, info=info,
+                                        moved_shards=True)
     have = set(store.keys())
     adopted = [e for e in entries if e[2]["keys"][0] in have]  # by an earlier, interrupted merge
     if len(store) - sum(len(e[2]["keys"]) for e in adopted) != parts[0].manifest["info"]["base_rows"]:
         raise StoreError(f"{store_dir}: the store changed since the parts were planned; featurize them again")
     store.manifest.setdefault("probes", parts[0].manifest.get("probes"))
     for _, part, entry in entries[len(adopted):]:
-        store.adopt_shard(part.root / entry["file"], entry)
+        store.adopt_shard(part.root / entry["file"], entry, part.checksum(entry["file"]))
     if dataset is not None:
         from .build import rows_of
 

@@ -1,0 +1,296 @@
+"""Integrity of a feature store: the manifest's schema, and a sha256 per shard and index file.
+
+One flipped byte in a shard or index file still parses as safetensors, and the scores it gives are
+wrong without any error (a lambda a million times too large, a top-1 score 10^7 times too high). So
+every file's sha256 and size are recorded in the manifest when it is written (``checksums``), and a
+file is checked before a process first reads it; the check is remembered per (path, inode, size,
+mtime, ctime), so later reads in the same process cost one stat. Stores written before checksums
+existed have none: their files are read unchecked and ``das-sd verify`` lists them as unverified.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import file_sha256
+
+
+class StoreError(ValueError):
+    """A store that is missing, damaged or built for something else; the message says what."""
+
+
+# ---- checksums ---------------------------------------------------------------------------------
+
+_VERIFIED: dict[tuple, str] = {}  # stat key -> sha256 that matched (process-wide: stores are reopened often)
+
+
+def _stat_key(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def remember_verified(path: Path, sha256: str) -> None:
+    """Mark a file this process has just written (its bytes hashed in memory) as checked."""
+    _VERIFIED[_stat_key(path)] = sha256
+
+
+def checksum_problem(path: Path, expected: dict | None) -> str | None:
+    """Why ``path`` does not match its recorded checksum, or None (also when none is recorded)."""
+    if expected is None:
+        return None
+    key = _stat_key(path)
+    if _VERIFIED.get(key) == expected["sha256"]:
+        return None
+    if key[2] != expected["bytes"]:
+        return f"{key[2]} bytes, {expected['bytes']} recorded when it was written"
+    found = file_sha256(path)
+    if found != expected["sha256"]:
+        return f"sha256 {found[:12]}..., {expected['sha256'][:12]}... recorded when it was written"
+    _VERIFIED[key] = found
+    return None
+
+
+def damaged_message(path: Path, root: Path, problem: str) -> str:
+    index = path.name.startswith("index-")
+    fix = (f"`das-sd index --store {root}` rewrites the index" if index
+           else "a damaged feature shard cannot be rebuilt in place: featurize into a new --store folder")
+    return (f"{path}: damaged {'index file' if index else 'shard'}: its contents changed after it was "
+            f"written ({problem}). "
+            f"Run `das-sd verify --store {root}` to check the whole store; {fix}.")
+
+
+def check_file(path: Path, expected: dict | None, root: Path) -> None:
+    """Raise StoreError naming ``path`` and `das-sd verify` when it does not match its checksum."""
+    problem = checksum_problem(path, expected)
+    if problem:
+        raise StoreError(damaged_message(path, root, problem))
+
+
+# ---- manifest schema ---------------------------------------------------------------------------
+
+_PLAIN_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")  # no folders: files live in STORE
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Fields:
+    """Type checks that name the manifest and the field, e.g. 'shards[3].rows'."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, name: str, what: str, value) -> None:
+        raise StoreError(f"{self.path}: damaged manifest: field {name!r} must be {what} "
+                         f"(found {type(value).__name__} {_short(value)})")
+
+    def dict(self, name: str, value) -> dict:
+        if not isinstance(value, dict):
+            self.fail(name, "an object", value)
+        return value
+
+    def list(self, name: str, value, length: int | None = None) -> list:
+        if not isinstance(value, list):
+            self.fail(name, "a list", value)
+        if length is not None and len(value) != length:
+            self.fail(name, f"a list of {length} items", value)
+        return value
+
+    def int(self, name: str, value, minimum: int = 0) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self.fail(name, f"an integer >= {minimum}", value)
+        return value
+
+    def str(self, name: str, value, pattern: re.Pattern | None = None, what: str = "a string") -> str:
+        if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+            self.fail(name, what, value)
+        return value
+
+    def strings(self, name: str, value, length: int | None = None) -> list[str]:
+        for i, item in enumerate(self.list(name, value, length)):
+            self.str(f"{name}[{i}]", item)
+        return value
+
+    def file(self, name: str, value) -> str:
+        return self.str(name, value, _PLAIN_FILE, "a .safetensors file name inside the store")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)[:40] if not isinstance(value, (bytes, bytearray)) else repr(value[:20])
+    return text if len(text) < 40 else text[:37] + "..."
+
+
+def read_manifest(path: Path, format_version: int) -> dict:
+    """The manifest at ``path``, or StoreError naming the file and, for a bad field, the field."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"{path}: damaged manifest (not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
+                         f"{exc.start})") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: damaged manifest ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path}: damaged manifest (a JSON {type(manifest).__name__}, not an object)")
+    version = manifest.get("format_version")
+    if version != format_version:
+        raise StoreError(f"{path}: store format version {version!r}; this das-sd reads version {format_version}")
+    for name in ("identity", "shards", "shard_size"):
+        if name not in manifest:
+            raise StoreError(f"{path}: damaged manifest (no {name!r})")
+    check_manifest(path, manifest)
+    return manifest
+
+
+def check_manifest(path: Path, manifest: dict) -> None:
+    """Types and consistency of every field das-sd reads; raises on the first bad one."""
+    f = _Fields(path)
+    f.dict("identity", manifest["identity"])
+    f.dict("info", manifest.setdefault("info", {}))
+    f.int("shard_size", manifest["shard_size"], 1)
+    if not isinstance(manifest.setdefault("complete", False), bool):
+        f.fail("complete", "true or false", manifest["complete"])
+    keys, files = set(), set()
+    for i, shard in enumerate(f.list("shards", manifest["shards"])):
+        at = f"shards[{i}]"
+        f.dict(at, shard)
+        for name in ("file", "rows", "arrays", "keys", "paths", "captions"):
+            if name not in shard:
+                f.fail(f"{at}.{name}", "present", None)
+        files.add(f.file(f"{at}.file", shard["file"]))
+        rows = f.int(f"{at}.rows", shard["rows"])
+        for name in ("keys", "paths", "captions"):
+            f.strings(f"{at}.{name}", shard[name], rows)
+        for name, spec in f.dict(f"{at}.arrays", shard["arrays"]).items():
+            dtype, shape = f.list(f"{at}.arrays.{name}", spec, 2)
+            f.str(f"{at}.arrays.{name}[0]", dtype)
+            for j, size in enumerate(f.list(f"{at}.arrays.{name}[1]", shape)):
+                f.int(f"{at}.arrays.{name}[1][{j}]", size)
+        if "block" in shard:
+            f.int(f"{at}.block", shard["block"])
+        repeated = keys.intersection(shard["keys"])
+        if repeated:
+            f.fail(f"{at}.keys", "keys no other shard holds", sorted(repeated)[:3])
+        keys.update(shard["keys"])
+    for name, index in f.dict("indexes", manifest.setdefault("indexes", {})).items():
+        at = f"indexes.{name}"
+        f.dict(at, index)
+        if "files" in index:
+            for j, file in enumerate(f.list(f"{at}.files", index["files"])):
+                f.file(f"{at}.files[{j}]", file)
+        elif "file" in index:  # a single index file, as the first das-sd wrote it
+            f.file(f"{at}.file", index["file"])
+        else:
+            f.fail(f"{at}.files", "present", None)
+        f.int(f"{at}.rows", index.get("rows"))
+        f.str(f"{at}.keys_digest", index.get("keys_digest"))
+        if "lambda" in index and (not isinstance(index["lambda"], (int, float)) or isinstance(index["lambda"], bool)):
+            f.fail(f"{at}.lambda", "a number", index["lambda"])
+    for file, checksum in f.dict("checksums", manifest.setdefault("checksums", {})).items():
+        at = f"checksums.{file}"
+        f.dict(at, checksum)
+        f.str(f"{at}.sha256", checksum.get("sha256"), _SHA256, "64 lowercase hex digits")
+        f.int(f"{at}.bytes", checksum.get("bytes"))
+
+
+# ---- das-sd verify -----------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    root: Path
+    problems: list[str] = field(default_factory=list)  # one line each, naming the file
+    notes: list[str] = field(default_factory=list)  # worth knowing, not damage
+    checked: int = 0  # files whose checksum matched
+    unverified: list[str] = field(default_factory=list)  # no checksum recorded (an older das-sd)
+    bytes_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        total = self.checked + len(self.unverified) + len(self.problems)
+        parts = [f"{self.checked} of {total} file(s) match their checksums"]
+        if self.unverified:
+            parts.append(f"{len(self.unverified)} unverified (no checksum recorded: written by an older das-sd; "
+                         "reading them is not checked)")
+        parts.append(f"{len(self.problems)} problem(s)" if self.problems else "no problems")
+        return f"{self.root}: " + "; ".join(parts)
+
+
+def verify_store(root: str | Path, progress: bool = True) -> Report:
+    """Check a whole store: the manifest's schema, then every file it lists against its checksum
+    and its row count; notes out-of-date indexes and files the manifest does not list."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    from .store import MANIFEST, FeatureStore
+
+    root = Path(root).expanduser().resolve()
+    report = Report(root)
+    try:
+        store = FeatureStore.open(root, clean=False)
+    except StoreError as exc:
+        report.problems.append(str(exc))
+        return report
+    shard_rows = [s["rows"] for s in store.manifest["shards"]]
+    listed: list[tuple[str, int | None]] = [(s["file"], s["rows"]) for s in store.manifest["shards"]]
+    for name in sorted(store.manifest["indexes"]):
+        files = store.index_files(name)
+        if not store.index_is_current(name):
+            report.notes.append(f"index {name!r} is out of date (rows were added since); "
+                                f"run `das-sd index --store {root}`")
+            listed += [(file, None) for file in files]
+        elif len(files) == len(shard_rows):
+            listed += list(zip(files, shard_rows))
+        elif len(files) == 1:  # one file for all rows, as the first das-sd wrote it
+            listed.append((files[0], len(store)))
+        else:
+            report.problems.append(f"{root / MANIFEST}: index {name!r} lists {len(files)} file(s) for "
+                                   f"{len(shard_rows)} shard(s); run `das-sd index --store {root}`")
+            listed += [(file, None) for file in files]
+    sizes = {file: (root / file).stat().st_size for file, _ in listed if (root / file).is_file()}
+    bar = tqdm(total=sum(sizes.values()), desc="verify", unit="B", unit_scale=True,
+               disable=not progress or sum(sizes.values()) < (256 << 20))
+    for file, rows in listed:
+        path = root / file
+        if file not in sizes:
+            report.problems.append(f"{path}: missing (listed in the manifest)")
+            continue
+        expected = store.checksum(file)
+        problem = checksum_problem(path, expected)
+        if problem is None:
+            problem = _rows_problem(safe_open, path, rows)
+        if problem:
+            report.problems.append(damaged_message(path, root, problem) if expected else f"{path}: {problem}")
+        elif expected is None:
+            report.unverified.append(file)
+        else:
+            report.checked += 1
+        report.bytes_read += sizes[file]
+        bar.update(sizes[file])
+    bar.close()
+    known = {file for file, _ in listed}
+    stray = sorted(p.name for p in root.glob("*.safetensors") if p.name not in known)
+    if stray:
+        report.notes.append(f"{len(stray)} file(s) not listed in the manifest ({', '.join(stray[:3])}"
+                            f"{', ...' if len(stray) > 3 else ''}): left by an interrupted run; "
+                            "`das-sd index` removes unlisted index files, a featurize rerun overwrites shards")
+    return report
+
+
+def _rows_problem(safe_open, path: Path, rows: int | None) -> str | None:
+    """A file that does not parse, or whose arrays do not have the manifest's row count."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            counts = {name: fh.get_slice(name).get_shape()[:1] for name in fh.keys()}
+    except Exception as exc:
+        return f"not a readable safetensors file ({exc})"
+    wrong = sorted(name for name, count in counts.items() if rows is not None and count != [rows])
+    return f"array(s) {wrong[:3]} do not have the {rows} rows the manifest lists" if wrong else None
