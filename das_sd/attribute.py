@@ -11,7 +11,6 @@ query twice gives the same scores.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import to_rgb
+from .data.images import ImageError, is_fully_transparent, open_image, to_rgb
 from .featurize.featurizer import Featurizer, features_together, store_autocast
 from .featurize.settings import FeaturizerSettings
 from .generation import image_metadata
@@ -34,6 +33,10 @@ from .store import FeatureStore, StoreError
 
 class QueryError(ValueError):
     """A query that cannot be attributed; the message says why."""
+
+
+class MissingPromptError(QueryError):
+    """An image query without a prompt (the app says where to type one, the CLI which flag)."""
 
 
 @dataclass
@@ -241,19 +244,17 @@ class Attributor:
         source = str(image) if not isinstance(image, Image.Image) else "image"
         if not isinstance(image, Image.Image):
             try:
-                data = Path(image).read_bytes()
-            except OSError as exc:
-                raise QueryError(f"{source}: cannot read the image ({exc.strerror or exc})") from None
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            except Exception as exc:
-                raise QueryError(f"{source}: not a readable image ({type(exc).__name__}: {exc})") from None
+                image = open_image(Path(image))
+            except ImageError as exc:
+                raise QueryError(str(exc)) from None
+        if is_fully_transparent(image):
+            raise QueryError(f"{source}: the image is fully transparent (alpha 0 everywhere): there is nothing "
+                             "in it to attribute")
         meta = image_metadata(image)
         image = to_rgb(image)
         prompt = prompt if prompt is not None else (meta.get("prompt") or fallback_prompt)
         if not prompt:
-            raise QueryError(f"{source}: no prompt given and none found in the image metadata; pass --prompt")
+            raise MissingPromptError(f"{source}: no prompt given and none found in the image metadata; pass --prompt")
         return self.encode_image(image, source), prompt, source
 
     def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = "das",

@@ -18,6 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from .data.images import open_image
 from .io import atomic_write_bytes
 
 PNG_PARAMETERS_KEY = "parameters"
@@ -131,15 +132,37 @@ def save_png(image: Image.Image, path: str | Path, meta: dict, attribution: dict
 
 def read_png_metadata(path: str | Path) -> dict:
     """Generation parameters from a PNG file (see ``image_metadata``)."""
-    with Image.open(path) as image:
+    with open_image(Path(path)) as image:  # PIL reads text chunks after the pixels: size-checked first
         return image_metadata(image)
 
 
 def read_png_attribution(path: str | Path) -> dict | None:
     """The attribution record (method, store id, top-k keys and scores) saved with an image, if any."""
-    with Image.open(path) as image:
+    with open_image(Path(path)) as image:
         text = getattr(image, "text", None) or {}
         return json.loads(text[PNG_ATTRIBUTION_KEY]) if PNG_ATTRIBUTION_KEY in text else None
+
+
+def dropped_prompt_tokens(tokenizer, prompt: str) -> int:
+    """How many tokens of ``prompt`` the text encoder never sees: CLIP reads ``model_max_length``
+    (77) tokens, start and end included, and diffusers cuts the rest silently."""
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
+    return max(0, len(ids) - int(tokenizer.model_max_length))
+
+
+def truncation_note(tokenizer, prompt: str) -> str | None:
+    """A sentence for the user when the prompt is longer than the text encoder reads, else None."""
+    dropped = dropped_prompt_tokens(tokenizer, prompt)
+    if not dropped:
+        return None
+    return (f"the prompt is longer than the text encoder reads ({tokenizer.model_max_length} tokens): "
+            f"its last {dropped} token{'s' if dropped != 1 else ''} had no effect")
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis, for echoing user input in messages."""
+    text = " ".join(text.split()) if len(text) > limit else text
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def image_metadata(image: Image.Image) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from das_sd.data.datasets import DatasetError, open_dataset, sample_key
+from das_sd.data.datasets import DatasetError, json_error, open_dataset, sample_key
 from das_sd.data.images import ImageError, load_image, resize_center_crop, to_model_input
 
 
@@ -206,3 +206,35 @@ def test_sample_key_depends_on_bytes_and_caption():
     assert sample_key(b"abc", "x") != sample_key(b"abc", "y")
     assert sample_key(b"abc", "x") != sample_key(b"abd", "x")
     assert sample_key(b"abc", "x") == sample_key(b"abc", "x")
+
+
+def test_json_errors_say_where_without_doubled_words(tmp_path):
+    """json's messages such as "Unterminated string starting at" used to read "... at at column 52"."""
+    images = {"a.png": Image.fromarray(_rgb(1))}
+    root = _imagefolder(tmp_path / "d", [{"file_name": "a.png", "text": "x"}], images)
+    for bad, where in (('{"file_name": "a.png", "text": "unterminated', "Invalid control character at column 45"),
+                       ('{"file_name": "a.png" "text": "x"}', "delimiter at column 23")):
+        (root / "metadata.jsonl").write_text(bad + "\n")
+        with pytest.raises(DatasetError) as err:
+            open_dataset(root)
+        assert where in str(err.value) and "at at" not in str(err.value), str(err.value)
+    with pytest.raises(json.JSONDecodeError) as err:
+        json.loads('{"text": "unterminated')
+    assert json_error(err.value) == "Unterminated string starting at column 10"
+
+
+def test_oversized_training_images_are_skipped_before_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from test_images import png_header
+
+    images = {"a.png": Image.fromarray(_rgb(1))}
+    root = _imagefolder(tmp_path / "d", [{"file_name": "a.png", "text": "x"}, {"file_name": "bomb.png", "text": "b"}],
+                        images)
+    (root / "bomb.png").write_bytes(png_header(22000, 22000))
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    ds = open_dataset(root, skip_bad=True)
+    assert [s.relpath for s in ds] == ["a.png"] and (22000, 22000) not in decoded
+    assert "bomb.png: image of" in str(ds.skipped[0]) and "megapixels" in str(ds.skipped[0])

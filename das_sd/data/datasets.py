@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
-from .images import ImageError, decode
+from .images import ImageError, decode, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -85,7 +85,7 @@ class Dataset:
         return Dataset(self.root, self.format, [s for s in self.samples if s.key in wanted], [])
 
     def load_image(self, sample: Sample) -> Image.Image:
-        return decode(sample.path.read_bytes(), sample.path)
+        return load_image(sample.path)
 
 
 def sample_key(image_bytes: bytes, caption: str) -> str:
@@ -179,13 +179,20 @@ def _metadata_rows(meta: Path) -> Iterator[tuple[int, dict | None, str | None]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield n, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+                    yield n, None, f"malformed JSON ({json_error(exc)})"
                     continue
                 yield (n, row, None) if isinstance(row, dict) else (n, None, "line is not a JSON object")
     else:
         with meta.open(encoding="utf-8", newline="") as fh:
             for n, row in enumerate(csv.DictReader(fh), 2):
                 yield n, dict(row), None
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """Where and why JSON failed to parse: some of json's messages already end in "at"
+    ("Unterminated string starting at"), which a plain "at column N" would double."""
+    where = f"line {exc.lineno} column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
+    return f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
 
 
 def read_imagefolder(root: Path, caption_column: str = "text", skip_bad: bool = False) -> Dataset:

@@ -1,4 +1,8 @@
-"""Image decoding and preprocessing to the model resolution.
+"""Image opening, decoding and preprocessing to the model resolution.
+
+``open_image`` is the one way das_sd (and its host plugins) read an image: a small file can claim a
+huge canvas (a 1.4 MB PNG of 22000 x 22000 decodes to 1.9 GB), so the size is read from the header
+and checked before any pixel is decoded.
 
 Every mode a training set may contain (L, LA, P with transparency, RGBA, CMYK, 16-bit grey, I, F)
 becomes 8-bit RGB; transparency is composited on white, the convention of SD training scripts.
@@ -7,25 +11,108 @@ becomes 8-bit RGB; transparency is composited on white, the convention of SD tra
 from __future__ import annotations
 
 import io
+import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-Image.MAX_IMAGE_PIXELS = 16384 * 16384  # refuse decompression bombs beyond 268 MP
+
+def _pixel_cap() -> int:
+    value = os.environ.get("DAS_SD_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(float(value)) if value.strip() else 64_000_000
+    except ValueError:
+        return 64_000_000
+
+
+# Real training images are a few megapixels; 64 MP (8000 x 8000) leaves room for photographs
+# and scans. DAS_SD_MAX_IMAGE_PIXELS raises (or lowers) it.
+MAX_IMAGE_PIXELS = _pixel_cap()
+# PIL refuses on its own above 2 x its limit: keep that from undercutting a raised cap. Never lowered,
+# since a host process (webui, ComfyUI, InvokeAI) shares this global.
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class ImageError(ValueError):
-    """An image that cannot be decoded; the message names the file."""
+    """An image that cannot be used; the message names the file (or "the uploaded image")."""
 
 
-def decode(data: bytes, source: str | Path) -> Image.Image:
-    """Fully decode ``data`` (so truncated files fail here, not later) and return an RGB image."""
+def open_image(source: str | Path | bytes, name: str | Path | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """Open an image file (or its bytes) and decode it fully, refusing it from its header first when
+    it has more than ``max_pixels`` pixels (default ``MAX_IMAGE_PIXELS``).
+
+    The image keeps its mode and metadata (PNG text chunks), so callers can read a generation's
+    prompt; a truncated file fails here, not later. ``name`` is what error messages call the image
+    (default: the path, or "the uploaded image" for bytes).
+    """
+    label = str(name) if name is not None else ("the uploaded image" if isinstance(source, bytes) else str(source))
+    cap = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    image = None
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # PIL's own bomb warning (above its limit): a refusal like ours, not a log line
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(fp)
+        width, height = image.size
+        if width * height > cap:
+            raise _too_large(label, f"{width}x{height}", cap)
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{source}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    except ImageError:
+        if image is not None:
+            image.close()
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))  # PIL names the pixel count, not the size
+        raise _too_large(label, f"{int(pixels[1]):,}" if pixels else "too many", cap) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not a readable image (not an image format PIL can read)") from None
+    except FileNotFoundError:
+        raise ImageError(f"{label}: cannot read the image (no such file)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if image is not None:
+            image.close()
+        raise ImageError(f"{label}: not a readable image ({type(exc).__name__}: {_clean(exc)})") from None
+    return image
+
+
+def _too_large(label: str, size: str, cap: int) -> ImageError:
+    return ImageError(f"{label}: image of {size} pixels, over das-sd's limit of {cap / 1e6:g} megapixels "
+                      "(DAS_SD_MAX_IMAGE_PIXELS raises it)")
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception's text without object reprs such as <_io.BytesIO object at 0x7f...>."""
+    return " ".join(_OBJECT_REPR.sub("the image", str(exc)).split()) or type(exc).__name__
+
+
+def is_fully_transparent(image: Image.Image) -> bool:
+    """True when every pixel has alpha 0 (nothing would be left of it after compositing)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if "A" not in image.getbands():
+        return False
+    return image.getchannel("A").getextrema()[1] == 0
+
+
+def decode(data: bytes, source: str | Path | None = None) -> Image.Image:
+    """``data`` decoded (see ``open_image``), EXIF-rotated, as RGB."""
+    return _upright_rgb(open_image(data, source))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """The image file at ``path`` (see ``open_image``), EXIF-rotated, as RGB."""
+    return _upright_rgb(open_image(Path(path)))
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not make a good image unusable
@@ -68,12 +155,3 @@ def to_model_input(image: Image.Image, resolution: int) -> np.ndarray:
     """HxWx3 float32 in [-1, 1] at the model resolution."""
     arr = np.asarray(resize_center_crop(to_rgb(image), resolution), dtype=np.float32)
     return arr / 127.5 - 1.0
-
-
-def load_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return decode(data, path)

@@ -10,7 +10,8 @@ import io
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+from ..data.images import ImageError, open_image
 
 if TYPE_CHECKING:
     from .inspection import Inspection
@@ -33,12 +34,12 @@ img.t{width:72px;height:72px;image-rendering:pixelated;border-radius:4px;display
 @functools.lru_cache(maxsize=256)  # an image can appear in several tables of one report
 def thumbnail(path: str) -> str:
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = image.convert("RGB")
             image.thumbnail((THUMB * 2, THUMB * 2))
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
-    except OSError:
+    except (OSError, ImageError):
         return ""
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 

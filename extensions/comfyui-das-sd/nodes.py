@@ -98,8 +98,7 @@ class DASAttribute:
                 "hidden": {"graph": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     def attribute(self, das_store, images, prompt, method, top_k, lora_name="", graph=None, unique_id=None):
-        from PIL import Image
-
+        from das_sd.data.images import load_image
         from das_sd.integrations.hosts import attribute_pil, attribution_json, lora_mismatch
 
         if not prompt.strip():
@@ -111,9 +110,7 @@ class DASAttribute:
         for i in range(images.shape[0]):
             result = attribute_pil(das_store, image_to_pil(images, i), prompt, method, int(top_k), {"index": i})
             results.append(result)
-            for row in result.results:
-                with Image.open(row.path) as im:
-                    thumbs.append(im.convert("RGB"))
+            thumbs += [load_image(row.path) for row in result.results]  # size-checked before decoding
         text = attribution_json(das_store, results, warning)
         batch = pils_to_image(thumbs, int(images.shape[1]))
         return {"ui": {"text": (text,)}, "result": (batch, text)}

@@ -23,8 +23,7 @@ from invokeai.invocation_api import (
     invocation,
     invocation_output,
 )
-from PIL import Image
-
+from das_sd.data.images import load_image
 from das_sd.integrations.hosts import CACHE, attribute_pil, attribution_json, lora_mismatch
 from das_sd.score import METHODS
 
@@ -108,10 +107,9 @@ class DASAttributionInvocation(BaseInvocation, WithBoard):
         saved = []
         for row in result.results:
             context.util.signal_progress(f"das-sd: saving training image {row.rank}/{len(result.results)}")
-            with Image.open(row.path) as training_image:
-                dto = context.images.save(training_image.convert("RGB"), metadata=MetadataField({
-                    "das_sd": {"query_image": self.image.image_name, "method": self.method, "rank": row.rank,
-                               "key": row.key, "path": row.path, "caption": row.caption, "score": row.score,
-                               "sign": row.sign, "store_id": attributor.store.store_id}}))
+            dto = context.images.save(load_image(row.path), metadata=MetadataField({
+                "das_sd": {"query_image": self.image.image_name, "method": self.method, "rank": row.rank,
+                           "key": row.key, "path": row.path, "caption": row.caption, "score": row.score,
+                           "sign": row.sign, "store_id": attributor.store.store_id}}))
             saved.append(ImageField(image_name=dto.image_name))
         return DASAttributionOutput(collection=saved, scores_json=scores_json)

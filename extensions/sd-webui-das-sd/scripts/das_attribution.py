@@ -131,10 +131,9 @@ def last_run() -> dict:
 
 
 def _open(path: str):
-    from PIL import Image
+    from das_sd.data.images import load_image  # size-checked before decoding
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return load_image(path)
 
 
 def gallery_of(image_number: int) -> tuple[list, str]:
