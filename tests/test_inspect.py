@@ -195,3 +195,85 @@ def test_html_report_renders_in_chromium(trigger_inspection, tmp_path):
         assert min(widths) > 0  # every inlined thumbnail decodes
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def _within(seconds: float, fn):
+    """fn() run in a thread: a read that blocks (a FIFO) fails the test instead of hanging it."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the read blocked"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def test_mappings_named_by_untrusted_callers_stay_inside_the_dataset(tmp_path):
+    """The app's file:PATH: relative paths inside the dataset folder only, regular files only, capped;
+    refusals say the same whether or not a path exists outside and never quote a file."""
+    import os
+
+    from das_sd.inspect import read_group_mapping, read_mapping_inside
+
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "groups.csv").write_text("file,group\na.png,alice\nb.png,bob\n")
+    (root / "groups.json").write_text(json.dumps({"a.png": "alice"}))
+    (tmp_path / "secret.csv").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.mkfifo(root / "pipe.csv")
+    (root / "zero.csv").symlink_to("/dev/zero")
+    (root / "escape.csv").symlink_to(tmp_path / "secret.csv")
+    (root / "big.csv").write_text("a.png,x\n" * 200_000)
+    assert read_mapping_inside(root, "sub/groups.csv") == {"a.png": "alice", "b.png": "bob"}
+    assert read_mapping_inside(root, "groups.json") == {"a.png": "alice"}
+
+    refusals = {}
+    for path in ("/etc/passwd", "/nonexistent/x.csv", "../secret.csv", "sub/../../secret.csv", "escape.csv",
+                 "zero.csv", "/dev/zero", "~/x.csv", "", "."):
+        with pytest.raises(ValueError) as err:
+            _within(5, lambda: read_mapping_inside(root, path))
+        refusals[path] = str(err.value)
+        assert "root:x" not in refusals[path] and "No such file" not in refusals[path], refusals[path]
+        assert "must be a file inside the dataset folder" in refusals[path], refusals[path]
+    # no existence oracle: an existing and a missing absolute path get the same answer
+    assert refusals["/etc/passwd"].replace("/etc/passwd", "P") == refusals["/nonexistent/x.csv"].replace(
+        "/nonexistent/x.csv", "P")
+    with pytest.raises(ValueError, match="not a regular file"):
+        _within(5, lambda: read_mapping_inside(root, "pipe.csv"))
+    with pytest.raises(ValueError, match="not a regular file"):
+        _within(5, lambda: read_mapping_inside(root, "sub"))
+    with pytest.raises(ValueError, match="larger than 1024 KB"):
+        read_mapping_inside(root, "big.csv")
+    # the CLI reads the user's own files, but a FIFO or device still cannot hang it
+    with pytest.raises(ValueError, match="not a regular file"):
+        _within(5, lambda: read_group_mapping(Path("/dev/zero")))
+    with pytest.raises(ValueError, match="not a regular file"):
+        _within(5, lambda: read_group_mapping(root / "pipe.csv"))
+    assert len(read_group_mapping(root / "big.csv")) == 1
+
+
+def test_bad_mappings_are_described_not_quoted(tmp_path):
+    from das_sd.inspect import read_group_mapping
+
+    (tmp_path / "m.json").write_text('{"a.png": "secret value')
+    with pytest.raises(ValueError) as err:
+        read_group_mapping(tmp_path / "m.json", name="the uploaded mapping")
+    assert str(err.value).startswith("the uploaded mapping: not valid JSON (Unterminated string starting at column")
+    assert "secret" not in str(err.value) and "at at" not in str(err.value)
+    (tmp_path / "m.csv").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(ValueError) as err:
+        read_group_mapping(tmp_path / "m.csv")
+    assert "line 1: expected two columns" in str(err.value) and "root:x" not in str(err.value)
+    (tmp_path / "bin.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_group_mapping(tmp_path / "bin.csv")

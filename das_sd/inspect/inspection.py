@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from ..attribute import Attributor, QueryError
-from ..data.datasets import open_dataset
+from ..data.datasets import json_error, open_dataset
 from ..generation import GenerationSettings, generate, save_png
 from ..models.fingerprint import provenance
 from ..score import method as method_named
@@ -167,10 +169,12 @@ def image_queries(attributor: Attributor, folder: str | Path) -> Iterator[tuple[
 # ---------------------------------------------------------------------------------------------
 # Groups
 
-def training_groups(attributor: Attributor, group_by: str) -> list[str]:
+def training_groups(attributor: Attributor, group_by: str, mapping: dict[str, str] | None = None) -> list[str]:
     """A group name per training row: ``folder`` (kohya folder / parent folder), ``column:NAME``
     (a metadata.jsonl / .csv column) or ``file:PATH`` (JSON object or two-column CSV mapping keys,
-    relative paths or file names to groups). Rows the mapping does not cover go to "(none)"."""
+    relative paths or file names to groups). ``mapping``: the ``file:`` mapping already read (the app
+    reads uploads itself and never opens a path a request names). Rows the mapping does not cover go
+    to "(none)"."""
     rows = attributor.rows
     if group_by == "folder":
         return [str(Path(r.path).parent.as_posix()) if Path(r.path).parent.as_posix() != "." else "(root)" for r in rows]
@@ -184,31 +188,77 @@ def training_groups(attributor: Attributor, group_by: str) -> list[str]:
             raise ValueError(f"--group-by {group_by}: no metadata column {column!r} in {dataset.root}")
         return [str(by_key[r.key].metadata.get(column, "(none)")) if r.key in by_key else "(none)" for r in rows]
     if group_by.startswith("file:"):
-        mapping = read_group_mapping(Path(group_by.split(":", 1)[1]))
+        if mapping is None:
+            mapping = read_group_mapping(Path(group_by.split(":", 1)[1]))
         return [mapping.get(r.key) or mapping.get(r.path) or mapping.get(Path(r.path).name) or "(none)" for r in rows]
     raise ValueError(f"--group-by {group_by!r}: expected folder, column:NAME or file:PATH")
 
 
-def read_group_mapping(path: Path) -> dict[str, str]:
+MAX_MAPPING_BYTES = 1 << 20  # what the app reads of a mapping (an upload or a file in the dataset folder)
+
+
+def read_group_mapping(path: Path, max_bytes: int | None = None, name: str | None = None) -> dict[str, str]:
+    """The mapping in a JSON or CSV file; ``name``: what errors call it (default: its path).
+
+    Only a regular file is read, and opening never waits (a FIFO would block forever);
+    ``max_bytes`` refuses larger files before reading past the limit."""
+    label = name or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read the group mapping ({exc.strerror or exc})") from None
-    if path.suffix.lower() == ".json":
+        raise ValueError(f"{label}: cannot read the group mapping ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{label}: the group mapping is not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"{label}: the group mapping is larger than {max_bytes // 1024} KB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{label}: the group mapping is not UTF-8 text (a JSON object or a CSV file)") from None
+    return parse_group_mapping(text, label, as_json=path.suffix.lower() == ".json")
+
+
+def parse_group_mapping(text: str, label: str, as_json: bool) -> dict[str, str]:
+    """A JSON object, or CSV rows (key or file, group); errors say where, never quote the text."""
+    if as_json:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            raise ValueError(f"{label}: not valid JSON ({json_error(exc)})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object mapping keys or file names to groups")
+            raise ValueError(f"{label}: expected a JSON object mapping keys or file names to groups")
         return {str(k): str(v) for k, v in data.items()}
-    rows = [r for r in csv.reader(text.splitlines()) if r]
+    try:
+        rows = [r for r in csv.reader(text.splitlines()) if r]
+    except csv.Error as exc:
+        raise ValueError(f"{label}: not a readable CSV file ({exc})") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] in (["key", "group"], ["file", "group"], ["path", "group"]):
         rows = rows[1:]
     bad = [n for n, r in enumerate(rows, 1) if len(r) < 2]
     if bad:
-        raise ValueError(f"{path}: line {bad[0]}: expected two columns (key or file, group)")
+        raise ValueError(f"{label}: line {bad[0]}: expected two columns (key or file, group)")
     return {r[0].strip(): r[1].strip() for r in rows}
+
+
+def read_mapping_inside(root: Path, relpath: str, max_bytes: int = MAX_MAPPING_BYTES) -> dict[str, str]:
+    """``file:PATH`` for a caller who may only name files of the dataset folder (the app's users):
+    a relative path without "..", resolving (symlinks too) inside ``root``. The refusal is the same
+    whether or not the path exists outside, so it tells nothing about the server's files."""
+    shown = relpath if len(relpath) <= 80 else relpath[:79] + "…"
+    refusal = ValueError(f"file:{shown}: a group mapping must be a file inside the dataset folder, named by "
+                         "its relative path (or upload the mapping)")
+    parts = Path(relpath).parts
+    if not relpath or Path(relpath).is_absolute() or ".." in parts or "\\" in relpath or "\0" in relpath \
+            or relpath.startswith("~"):
+        raise refusal
+    root = Path(root).resolve()
+    target = (root / relpath).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise refusal
+    return read_group_mapping(target, max_bytes, name=f"file:{shown}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,13 +266,14 @@ def read_group_mapping(path: Path) -> dict[str, str]:
 
 def inspect_generations(attributor: Attributor, queries: Iterator[tuple[Generation, torch.Tensor]], total: int,
                         settings: InspectSettings | None = None, group_by: str | None = None,
-                        progress: Progress | None = None) -> Inspection:
-    """Attribute every generation (batched) and roll the credit up per training image and group."""
+                        progress: Progress | None = None, mapping: dict[str, str] | None = None) -> Inspection:
+    """Attribute every generation (batched) and roll the credit up per training image and group
+    (``mapping``: a ``file:`` group mapping the caller has read, see ``training_groups``)."""
     settings = settings or InspectSettings()
     m = method_named(settings.method)
     if settings.method not in attributor.methods:
         raise ValueError(f"method {settings.method!r} needs feature set {m.feature_set!r}, which this store lacks")
-    groups = training_groups(attributor, group_by) if group_by else None
+    groups = training_groups(attributor, group_by, mapping) if group_by else None
     generations, score_rows, effect_rows = [], [], []
     batch: list[tuple[Generation, torch.Tensor]] = []
 
