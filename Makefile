@@ -18,8 +18,10 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/das-sd demo
 
+# The numerical tests run again on one thread: other reduction orders, same tolerances (tests/tolerances.py)
 test: venv
 	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m numerics
 
 # Maintainers: regenerate the shipped assets with the project's own recipes.
 build-base: venv

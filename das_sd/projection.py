@@ -126,31 +126,34 @@ class BlockProjector:
         return self._pieces[key]
 
     def project_range(self, grads: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Add grads (n x m), the coordinates [start, start + m) of each row, projected, to ``out`` (n x k)."""
+        """Add grads (n x m), the coordinates [start, start + m) of each row, projected, to ``out`` (n x k).
+        Accumulated in float32, or in float64 for float64 gradients (P's entries are float32 numbers,
+        exact in either)."""
         stop = start + grads.shape[-1]
         if start < 0 or stop > self.num_params:
             raise ValueError(f"coordinates [{start}, {stop}) outside the {self.num_params} projected ones")
+        dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
         if out is None:
-            out = torch.zeros(grads.shape[0], self.spec.dim, dtype=torch.float32, device=self.device)
+            out = torch.zeros(grads.shape[0], self.spec.dim, dtype=dtype, device=self.device)
         rows = self.spec.block_rows
         sparse = self.spec.kind == "sparse"
         # a sparse block projects as (k x m) @ (m x n): its products are accumulated in place in that
         # layout and added to ``out`` transposed once; at large k, writing a fresh (k x n) product
         # per block and adding it transposed cost more than the products themselves
-        acc = torch.zeros(self.spec.dim, grads.shape[0], device=self.device) if sparse else None
+        acc = torch.zeros(self.spec.dim, grads.shape[0], dtype=dtype, device=self.device) if sparse else None
         for index in range(start // rows, -(-stop // rows)):
             lo, hi = max(start, index * rows), min(stop, (index + 1) * rows)
-            chunk = grads[:, lo - start:hi - start].to(self.device, torch.float32)
+            chunk = grads[:, lo - start:hi - start].to(self.device, dtype)
             if sparse:
-                acc.addmm_(self._sparse_piece(index, lo - index * rows, hi - index * rows), chunk.T)
+                acc.addmm_(self._sparse_piece(index, lo - index * rows, hi - index * rows).to(dtype), chunk.T)
             else:
-                out += chunk @ self.block(index)[lo - index * rows:hi - index * rows]
+                out += chunk @ self.block(index)[lo - index * rows:hi - index * rows].to(dtype)
         if sparse:
             out += acc.T
         return out
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """(n x p) -> (n x k) = grads @ P, accumulated in float32."""
+        """(n x p) -> (n x k) = grads @ P, accumulated in float32 (float64 for float64 grads)."""
         if grads.shape[-1] != self.num_params:
             raise ValueError(f"expected {self.num_params} columns, got {grads.shape[-1]}")
         return self.project_range(grads, 0)

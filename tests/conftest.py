@@ -10,7 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# CI's machine has 2 cores; OMP_NUM_THREADS=1 reruns the numerical tests with other reduction orders
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,14 +43,12 @@ def pipe(base_path):
     return load_pipeline(base_path, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def lora_pipe(base_path):
-    """The embedded pipeline with a random rank-2 LoRA (B != 0, so every LoRA gradient is non-zero)."""
+def _random_lora_pipe(base_path, dtype: torch.dtype):
     from das_sd.featurize.gradients import lora_parameters
     from das_sd.models.loading import load_pipeline
     from das_sd.train import LoraRecipe, add_lora_adapter
 
-    pipe = load_pipeline(base_path, device="cpu")
+    pipe = load_pipeline(base_path, device="cpu", dtype=dtype)
     add_lora_adapter(pipe.unet, LoraRecipe(rank=2))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -57,6 +56,19 @@ def lora_pipe(base_path):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     pipe.unet.eval()
     return pipe
+
+
+@pytest.fixture(scope="module")
+def lora_pipe(base_path):
+    """The embedded pipeline with a random rank-2 LoRA (B != 0, so every LoRA gradient is non-zero)."""
+    return _random_lora_pipe(base_path, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def lora_pipe64(base_path):
+    """``lora_pipe`` in float64, for claims that are algebraic (batched = one-by-one, projected =
+    P^T brute force): see tests/tolerances.py for why they are not checked in float32."""
+    return _random_lora_pipe(base_path, torch.float64)
 
 
 @pytest.fixture(scope="session")

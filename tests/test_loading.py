@@ -10,6 +10,9 @@ from safetensors.torch import load_file, save_file
 from das_sd.models.loading import (ModelError, load_lora, load_pipeline, read_lora, resolve_base,
                                    resolve_lora_file, to_kohya, to_peft)
 from helpers import random_lora, unet_outputs
+from tolerances import FLOAT32_FORWARD_ATOL, FLOAT32_FORWARD_RTOL
+
+pytestmark = pytest.mark.numerics
 
 
 def _merged_by_hand(pipe, state: dict[str, torch.Tensor], scale: float = 1.0):
@@ -55,7 +58,7 @@ def test_diffusers_lora_file_matches_merged_weights(pipe, base_path, tmp_path):
     expected = unet_outputs(_merged_by_hand(load_pipeline(base_path, device="cpu"), state))
     assert load_lora(pipe, tmp_path) == "diffusers"
     got = unet_outputs(pipe)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got, expected, atol=FLOAT32_FORWARD_ATOL, rtol=FLOAT32_FORWARD_RTOL)
     assert not torch.allclose(got, unet_outputs(load_pipeline(base_path, device="cpu")), atol=1e-3)
 
 
@@ -82,7 +85,7 @@ def test_kohya_and_peft_files_load_to_the_same_outputs(base_path, tmp_path, fmt)
             (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
         save_file(converted, str(folder / "adapter_model.safetensors"))
         assert load_lora(pipe, folder) == "peft"
-    assert torch.allclose(unet_outputs(pipe), expected, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(unet_outputs(pipe), expected, atol=FLOAT32_FORWARD_ATOL, rtol=FLOAT32_FORWARD_RTOL)
 
 
 def test_pickled_and_foreign_lora_files_are_refused(tmp_path):
@@ -145,7 +148,7 @@ def test_text_encoder_layers_convert_to_kohya_and_load_like_merged_weights(base_
     save_file(converted, str(tmp_path / "kohya.safetensors"))
     pipe = load_pipeline(base_path, device="cpu")
     assert load_lora(pipe, tmp_path / "kohya.safetensors") == "kohya"
-    assert torch.allclose(unet_outputs(pipe), expected, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(unet_outputs(pipe), expected, atol=FLOAT32_FORWARD_ATOL, rtol=FLOAT32_FORWARD_RTOL)
     with pytest.raises(ModelError, match="text-encoder layers.*kohya"):
         to_peft(state)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..projection import BlockProjector, ProjectorSpec
-from .gradients import noisy_latents, num_lora_parameters, projected_row_gradients
+from .gradients import accumulation_dtype, noisy_latents, num_lora_parameters, projected_row_gradients
 from .settings import FeaturizerSettings, noise_for
 
 
@@ -71,7 +71,7 @@ class Featurizer:
         return torch.stack([noise_for(self.settings.noise_seed, k, t, shape) for k in keys for t in timesteps])
 
     def features(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """phi (n, k) float32 = P^T gbar_z, gbar_z the (optionally unit-normalised) LoRA gradients
+        """phi (n, k) = P^T gbar_z (float32; float64 for a float64 UNet), gbar_z the (optionally unit-normalised) LoRA gradients
         averaged over T_K. P is linear, so each row is projected first and normalised after, by the
         norm of its unprojected gradient. Works when called under no_grad or inference_mode, as hosts
         do (ComfyUI runs nodes under inference_mode; diffusers pipelines under no_grad)."""
@@ -129,11 +129,11 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
         k = len(first.timesteps)
         with torch.inference_mode(False), torch.enable_grad():
             # tensors made under inference_mode cannot enter autograd: take plain copies
-            x0_rows = x0.clone().to(first.device, torch.float32)
+            x0_rows = x0.clone().to(first.device, accumulation_dtype(first.unet.dtype))
             rows_x0 = x0_rows.repeat_interleave(k, dim=0)
             rows_cond = cond.clone().to(first.device).repeat_interleave(k, dim=0)
             rows_t = torch.tensor(first.timesteps, device=first.device).repeat(n)
-            noise = first._noise(keys, first.timesteps, tuple(x0_rows.shape[1:])).to(first.device)
+            noise = first._noise(keys, first.timesteps, tuple(x0_rows.shape[1:])).to(first.device, x0_rows.dtype)
             heads = [(featurizers[i].settings.output, featurizers[i].projector) for i in members]
             results = projected_row_gradients(first.unet, heads, rows_x0, noise, rows_t, rows_cond, first.alphas,
                                               first.autocast_dtype)

@@ -18,6 +18,12 @@ from torch import nn
 from .settings import output_function
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradients and projections are accumulated in: float64 for a float64 model (exact
+    comparisons, e.g. against a brute-force reference), float32 for float32 and half-precision ones."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def lora_modules(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The LoRA A / B linear layers of the active adapters, in parameter order."""
     found = [(name, m) for name, m in unet.named_modules()
@@ -75,13 +81,14 @@ class LoraGradientCapture:
         self._grads = {i: g.detach() for i, g in zip(indices, grads) if g is not None}
 
     def layer_gradients(self):
-        """(offset, (rows, p_layer) float32) per LoRA layer, in parameter order: each row's gradient
+        """(offset, (rows, p_layer)) per LoRA layer, in ``accumulation_dtype``, in parameter order: each row's gradient
         of one layer at a time, so that the whole (rows, p) matrix never has to exist."""
         offset = 0
         for i, (name, _) in enumerate(self.modules):
             if i not in self._grads:
                 raise RuntimeError(f"no gradient reached LoRA layer {name}")
-            x, g = self._inputs[i].float(), self._grads[i].float()
+            dtype = accumulation_dtype(self._grads[i].dtype)
+            x, g = self._inputs[i].to(dtype), self._grads[i].to(dtype)
             x = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
             g = g.reshape(g.shape[0], -1, g.shape[-1])  # (rows, tokens, out)
             layer = torch.bmm(g.transpose(1, 2), x).reshape(x.shape[0], -1)
@@ -89,7 +96,7 @@ class LoraGradientCapture:
             offset += layer.shape[1]
 
     def per_row_gradients(self) -> torch.Tensor:
-        """(rows, p) float32: each row's gradient, layers concatenated in parameter order."""
+        """(rows, p): each row's gradient, layers concatenated in parameter order."""
         return torch.cat([layer for _, layer in self.layer_gradients()], dim=1)
 
     def projected_gradients(self, projector, group_bytes: int = 16 << 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,12 +118,12 @@ class LoraGradientCapture:
         for offset, layer in self.layer_gradients():
             part = layer.pow(2).sum(dim=1)
             sq_norm = part if sq_norm is None else sq_norm + part
-            if group and group_size + layer.numel() * 4 > group_bytes:
+            if group and group_size + layer.numel() * layer.element_size() > group_bytes:
                 flush()
             if not group:
                 group_start, group_size = offset, 0
             group.append(layer)
-            group_size += layer.numel() * 4
+            group_size += layer.numel() * layer.element_size()
         flush()
         return out, sq_norm.to(out.device)
 
@@ -130,12 +137,12 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 
 def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                   cond: torch.Tensor, alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """The UNet's float32 prediction for every row, with its autograd graph."""
+    """The UNet's prediction for every row (in ``accumulation_dtype``), with its autograd graph."""
     xt = noisy_latents(x0, noise, timesteps, alphas_cumprod)
     with torch.enable_grad():
         with torch.autocast(device_type=xt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             pred = unet(xt.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
-        return pred.float()
+        return pred.to(accumulation_dtype(unet.dtype))
 
 
 def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -144,7 +151,7 @@ def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, ti
     """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row."""
     with LoraGradientCapture(unet) as capture:
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
-        capture.backward(output_function(output, pred, noise.float()).sum())
+        capture.backward(output_function(output, pred, noise.to(pred.dtype)).sum())
         return capture.per_row_gradients()
 
 
@@ -159,6 +166,6 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, object]], x0
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
         results = []
         for j, (output, projector) in enumerate(heads):
-            capture.backward(output_function(output, pred, noise.float()).sum(), retain_graph=j < len(heads) - 1)
+            capture.backward(output_function(output, pred, noise.to(pred.dtype)).sum(), retain_graph=j < len(heads) - 1)
             results.append(capture.projected_gradients(projector))
         return results
