@@ -66,6 +66,15 @@ def test_damaged_feature_shard_is_refused_naming_it_and_verify(store):
         assert f"das-sd verify --store {store.root}" in str(err.value)
 
 
+def test_index_command_refuses_a_damaged_shard(store, capsys):
+    before = (store.root / "manifest.json").read_bytes()
+    flip_byte(store.root / "features-00000.safetensors")
+    code, out, err = run(capsys, "index", "--store", str(store.root))
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert f"{store.root / 'features-00000.safetensors'}: damaged shard" in err and "das-sd verify" in err
+    assert (store.root / "manifest.json").read_bytes() == before  # the index in use is untouched
+
+
 def test_damaged_index_file_is_refused_by_every_reader(store):
     index = store.root / store.index_files("das")[2]
     flip_byte(index)
@@ -223,3 +232,21 @@ def test_no_new_store_beside_the_files_of_one_without_manifest(store, kind):
     assert message.startswith(f"{store.root}: holds feature store files ({leftover}")
     assert "no manifest.json" in message and "another --store folder" in message and "delete" in message
     assert not (store.root / "manifest.json").exists()
+
+
+def test_featurize_refuses_a_folder_with_shards_but_no_manifest(tmp_path, demo_data, capsys):
+    from helpers import TINY_FEATURIZE, subset_dataset
+
+    from das_sd.models.loading import embedded_demo_lora_path
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / "features-00000.safetensors").write_bytes(b"rows of a store whose manifest was deleted")
+    data = subset_dataset(demo_data, tmp_path / "data", 2)
+    code, out, err = run(capsys, "featurize", "--data", str(data), "--store", str(folder), "--device", "cpu",
+                         "--lora", str(embedded_demo_lora_path() / "pytorch_lora_weights.safetensors"),
+                         *TINY_FEATURIZE)
+    assert code == 2 and "Traceback" not in err
+    assert f"{folder}: holds feature store files (features-00000.safetensors" in err
+    assert "another --store folder" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["features-00000.safetensors"]
