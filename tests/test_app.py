@@ -152,6 +152,33 @@ def test_only_dataset_images_are_served(served, demo):
     for outside in (Path("/etc/passwd"), Path(demo["store"]) / "manifest.json", Path(demo["lora"]),
                     Path(demo["data"]) / ".." / "store" / "manifest.json"):
         assert status(outside) in (403, 404), outside
+    # of the dataset folder, only its images: not the captions, metadata or planted ground truth
+    data = Path(demo["data"]).resolve()
+    assert (data / "metadata.jsonl").is_file() and (data / "ground_truth.json").is_file()
+    for hidden in ("metadata.jsonl", "ground_truth.json", "images/../metadata.jsonl", "METADATA.JSONL"):
+        assert status(f"{data}/{hidden}") in (403, 404), hidden
+    try:  # Gradio's other spelling of the route
+        urllib.request.urlopen(f"{url}gradio_api/file/{data}/metadata.jsonl")
+        raise AssertionError("metadata.jsonl served")
+    except urllib.error.HTTPError as exc:
+        assert exc.code in (403, 404)
+
+
+def test_dataset_guard_serves_images_only(tmp_path):
+    from das_sd.app.ui import DatasetImagesOnly
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(b"png")
+    (root / "metadata.jsonl").write_text("{}")
+    (root / "images" / "alias.png").symlink_to(root / "metadata.jsonl")
+    guard = DatasetImagesOnly(None, root)
+    assert guard.servable(str(root / "images" / "a.png")) and guard.servable(str(root / "images" / "A.PNG"))
+    assert guard.servable("/etc/passwd")  # outside the dataset: Gradio's own rules refuse it
+    assert guard.servable("https://example.com/x.json")
+    for path in (root / "metadata.jsonl", root / "images" / ".." / "metadata.jsonl", root / "images" / "alias.png",
+                 root / "images", root):
+        assert not guard.servable(str(path)), path
 
 
 def test_bad_uploads_and_prompts_get_readable_errors(served, tmp_path):
@@ -169,8 +196,39 @@ def test_bad_uploads_and_prompts_get_readable_errors(served, tmp_path):
         client.predict(handle_file(str(big)), "a prompt", "das", TOP_K, api_name="/attribute")
     small = tmp_path / "plain.png"
     Image.new("RGB", (32, 32), "red").save(small)  # no metadata and an empty prompt box
-    with pytest.raises(Exception, match="no prompt"):
+    with pytest.raises(Exception, match="no prompt") as err:
         client.predict(handle_file(str(small)), "", "das", TOP_K, api_name="/attribute")
+    assert "Prompt box" in str(err.value) and "--prompt" not in str(err.value)  # the app has no flags to pass
+    assert "/tmp/gradio" not in str(err.value)  # the upload is named, not where the server keeps it
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(clear)
+    with pytest.raises(Exception, match="clear.png: the image is fully transparent"):
+        client.predict(handle_file(str(clear)), "a prompt", "das", TOP_K, api_name="/attribute")
+    from test_images import png_header
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(22000, 22000))  # < 1 kB on disk, 1.45 GB decoded
+    with pytest.raises(Exception, match="bomb.png: image of 484,000,000 pixels, over das-sd's limit"):
+        client.predict(handle_file(str(bomb)), "a prompt", "das", TOP_K, api_name="/attribute")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(Exception, match="junk.png: not a readable image") as err:
+        client.predict(handle_file(str(junk)), "a prompt", "das", TOP_K, api_name="/attribute")
+    assert "BytesIO" not in str(err.value) and "0x" not in str(err.value)
+
+
+def test_long_prompts_are_shortened_and_their_truncation_reported(served, reference, tmp_path):
+    from das_sd.generation import save_png
+
+    url, _ = served
+    client = Client(url, verbose=False)
+    long = "zorblat, a green square on a orange background, " * 200  # 10,000 characters
+    result = generate(reference.pipe, GenerationSettings(prompt="zorblat, a green square on a orange background"))
+    path = save_png(result.images[0], tmp_path / "long.png", {**result.metadata(0), "prompt": long})
+    out = client.predict(handle_file(str(path)), "", "das", TOP_K, api_name="/attribute")
+    note = out[3]
+    assert len(note) < 600 and "…" in note, note
+    assert "longer than the text encoder reads" in note and "tokens had no effect" in note
     with pytest.raises(Exception, match="type a prompt"):
         client.predict("  ", "", 0, 25, 4.0, 1.0, 1, "das", TOP_K, api_name="/generate")
 
@@ -215,7 +273,7 @@ def test_inspect_tab_ranks_like_the_python_api(served, reference, tmp_path):
     url, _ = served
     client = Client(url, verbose=False)
     groups_md, gallery, table, influenced, files = client.predict(
-        INSPECT_PROMPTS, 2, "column:concept", "das", TOP_K, api_name="/inspect")
+        INSPECT_PROMPTS, 2, "column:concept", None, "das", TOP_K, api_name="/inspect")
     prompts = INSPECT_PROMPTS.splitlines()
     queries = generate_queries(reference, prompts, 2, tmp_path / "generations", InspectSettings(top_k=TOP_K))
     expected = inspect_generations(reference, queries, 4, InspectSettings(top_k=TOP_K), "column:concept").image_rows()
@@ -272,3 +330,57 @@ def test_index_tab_builds_then_extends_a_store(demo, tmp_path):
     query = bench.generate(GenerationSettings(prompt="zorblat, a red circle on a blue background", seed=1))[0]
     result = bench.rank(query, "das", 3)
     assert len(result.results) == 3 and all(Path(r.path).parent.parent == data for r in result.results)
+
+
+def test_inspect_never_opens_a_server_path_a_request_names(served, tmp_path):
+    """Group mappings come from an upload or from the dataset folder; /etc/passwd, a missing path,
+    '..' and /dev/zero are refused alike, at once, without reading anything."""
+    import time
+
+    url, bench = served
+    client = Client(url, verbose=False)
+    answers = {}
+    runs = set(bench.inspect_root.glob("*"))
+    for group in ("file:/etc/passwd", "file:/nonexistent/x.csv", "file:../store/manifest.json", "file:/dev/zero"):
+        started = time.monotonic()
+        with pytest.raises(Exception) as err:
+            client.predict(INSPECT_PROMPTS, 1, group, None, "das", TOP_K, api_name="/inspect")
+        assert time.monotonic() - started < 30
+        answers[group] = str(err.value).replace(group, "G")
+        assert "must be a file inside the dataset folder" in answers[group], answers[group]
+        assert "root:x" not in answers[group] and "No such file" not in answers[group]
+    assert len(set(answers.values())) == 1, answers  # no existence oracle
+    assert set(bench.inspect_root.glob("*")) == runs  # refused before generating anything
+
+    mapping = tmp_path / "groups.csv"
+    rows = bench.attributor.rows
+    mapping.write_text("file,group\n" + "".join(f"{Path(r.path).name},{'even' if i % 2 else 'odd'}\n"
+                                                for i, r in enumerate(rows)))
+    groups_md = client.predict(INSPECT_PROMPTS, 1, "", handle_file(str(mapping)), "das", TOP_K,
+                               api_name="/inspect")[0]
+    assert "file:groups.csv" in groups_md and "| even |" in groups_md and "| odd |" in groups_md
+    big = tmp_path / "big.csv"
+    big.write_text("a.png,x\n" * 200_000)
+    with pytest.raises(Exception, match="the uploaded mapping big.csv: the group mapping is larger than 1024 KB"):
+        client.predict(INSPECT_PROMPTS, 1, "", handle_file(str(big)), "das", TOP_K, api_name="/inspect")
+
+
+def test_group_by_is_checked_before_any_model_is_loaded(tmp_path):
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "groups.json").write_text(json.dumps({"a.png": "alice"}))
+    os.mkfifo(data / "pipe.csv")
+    bench = Workbench(AppConfig(store=tmp_path / "nowhere", data=data))
+    assert bench.groups("file:groups.json") == ("file:groups.json", {"a.png": "alice"})
+    assert bench.groups(" column:concept ") == ("column:concept", None) and bench.groups("") == (None, None)
+    for group, message in (("file:/etc/passwd", "inside the dataset folder"), ("file:../x", "inside the dataset folder"),
+                           ("file:pipe.csv", "not a regular file"), ("file:/dev/zero", "inside the dataset folder"),
+                           ("nonsense", "expected folder, column:NAME or file:PATH")):
+        with pytest.raises(ValueError, match=message):
+            bench.inspect(["a prompt"], 1, "das", TOP_K, group)
+    with pytest.raises(ValueError, match="the uploaded mapping m.csv: line 1: expected two columns"):
+        (tmp_path / "m.csv").write_text("just one column\n")
+        bench.groups(None, tmp_path / "m.csv")
+    assert bench._pipe is None and bench._attributor is None

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..attribute import Attribution, Attributor
-from ..generation import GenerationSettings, generate, save_png
+from ..attribute import Attribution, Attributor, MissingPromptError, QueryError
+from ..data.images import ImageError
+from ..generation import GenerationSettings, generate, save_png, shorten, truncation_note
 from ..models.fingerprint import das_sd_home, provenance, short
 from ..store import FeatureStore, StoreError
 
@@ -184,13 +185,27 @@ class Workbench:
     def image_query(self, path: str | Path, fallback_prompt: str | None = None) -> Query:
         """A query from an image file: its metadata prompt if it has one, else ``fallback_prompt``."""
         fallback = fallback_prompt.strip() if fallback_prompt else None
+        name = Path(path).name  # messages name the upload, not where the server keeps it
         with self.lock:
             attributor = self.attributor
-            latents, prompt, source = attributor.image_query(path, fallback_prompt=fallback or None)
+            try:
+                latents, prompt, source = attributor.image_query(path, fallback_prompt=fallback or None)
+            except MissingPromptError:
+                raise AppError(f"{name}: the image carries no prompt in its metadata: type the prompt it was "
+                               "generated with into the Prompt box") from None
+            except (QueryError, ImageError) as exc:
+                raise AppError(str(exc).replace(str(path), name)) from None
             features = attributor.query_features(latents, [prompt])
             from_box = fallback is not None and prompt == fallback
-            return Query(latents=latents.cpu(), prompt=prompt, features=features, image_path=str(path),
-                         info={"source": Path(source).name, "prompt_from": "prompt box" if from_box else "metadata"})
+            info = {"source": Path(source).name, "prompt_from": "prompt box" if from_box else "metadata"}
+            note = self.prompt_note(prompt)
+            if note:
+                info["prompt_note"] = note
+            return Query(latents=latents.cpu(), prompt=prompt, features=features, image_path=str(path), info=info)
+
+    def prompt_note(self, prompt: str) -> str | None:
+        """What the user should know about ``prompt``: that the text encoder ignored its end, say."""
+        return truncation_note(self.pipe.tokenizer, prompt)
 
     def rank(self, query: Query, method: str, top_k: int) -> Attribution:
         with self.lock:
@@ -202,22 +217,49 @@ class Workbench:
         return Path(self.config.outdir) / "inspect"
 
     def inspect(self, prompts: list[str], seeds: int, method: str, top_k: int, group_by: str | None = None,
-                progress=None):
+                progress=None, mapping_file: str | Path | None = None):
         """Generate prompts x seeds, attribute them in batches and roll the credit up (das_sd.inspect);
-        the report files go to a new folder under the output folder. Returns (Inspection, files)."""
+        the report files go to a new folder under the output folder. ``mapping_file``: an uploaded group
+        mapping (it replaces ``group_by``). Returns (Inspection, files)."""
         from ..inspect import InspectSettings, generate_queries, inspect_generations
 
         prompts = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
         if not prompts:
             raise AppError("type one or more prompts, one per line")
+        group_by, mapping = self.groups(group_by, mapping_file)  # before minutes of generating
         with self.lock:
             attributor = self.attributor
             out = self.inspect_root / time.strftime("%Y-%m-%d-%H%M%S")
             settings = InspectSettings(method=method, top_k=int(top_k))
             queries = generate_queries(attributor, prompts, int(seeds), out / "generations", settings)
             inspection = inspect_generations(attributor, queries, len(prompts) * int(seeds), settings,
-                                             group_by or None, progress)
+                                             group_by or None, progress, mapping)
             return inspection, inspection.save(out)
+
+    def groups(self, group_by: str | None, mapping_file: str | Path | None = None) -> tuple[str | None, dict | None]:
+        """(group_by, mapping) for the inspection. Requests never name a server path: a mapping is an
+        upload (size-capped) or, as ``file:PATH``, a file of the dataset folder."""
+        from ..inspect import MAX_MAPPING_BYTES, read_group_mapping, read_mapping_inside
+
+        group_by = (group_by or "").strip() or None
+        try:
+            if mapping_file:
+                name = Path(mapping_file).name
+                return f"file:{name}", read_group_mapping(Path(mapping_file), MAX_MAPPING_BYTES,
+                                                          name=f"the uploaded mapping {name}")
+            if group_by and group_by.startswith("file:"):
+                root = self.dataset_root()
+                if root is None:
+                    raise AppError("there is no dataset folder to read file:PATH from: upload the mapping instead")
+                return group_by, read_mapping_inside(root, group_by.split(":", 1)[1].strip())
+        except AppError:
+            raise
+        except ValueError as exc:
+            raise AppError(str(exc)) from None
+        if group_by and group_by != "folder" and not group_by.startswith("column:"):
+            raise AppError(f"Group by {shorten(group_by, 60)!r}: expected folder, column:NAME or file:PATH "
+                           "(a mapping inside the dataset folder), or upload a mapping")
+        return group_by, None
 
     def _output_path(self, seed: int) -> Path:
         # A1111's layout: one folder per day, a running number, the seed

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
+import re
+from pathlib import Path
 
 import gradio as gr
-from PIL import Image
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
 
 from ..attribute import Attribution
-from ..generation import GenerationSettings
+from ..data.datasets import IMAGE_EXTENSIONS
+from ..data.images import open_image
+from ..generation import GenerationSettings, shorten
 from ..score import METHODS
 from .session import AppError, Query, Workbench
 from .views import (EFFECT_COLOURS, api_json, detail_of, gallery_items, groups_markdown, leaderboard, score_plot,
@@ -25,6 +31,7 @@ from .views import (EFFECT_COLOURS, api_json, detail_of, gallery_items, groups_m
 MAX_IMAGES = 4  # generation slots shown side by side with their attributions
 MAX_TOP_K = 32
 MAX_UPLOAD = "10mb"
+SHOWN_PROMPT = 300  # characters of a prompt echoed back (CLIP reads 77 tokens of it anyway)
 LEADERBOARD = 24  # training images shown in the Inspect tab
 HEAVY = dict(concurrency_id="model", concurrency_limit=1)
 
@@ -53,6 +60,11 @@ def guarded(fn):
     return wrapper
 
 
+def warn(note: str | None) -> None:
+    if note:
+        gr.Warning(note[0].upper() + note[1:])
+
+
 # ---- the app -------------------------------------------------------------------------------------
 
 def build_app(bench: Workbench) -> gr.Blocks:
@@ -68,8 +80,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
         out = []
         for slot in range(MAX_IMAGES):
             if slot < len(queries):
-                image = Image.open(queries[slot].image_path)  # keeps the PNG text: downloads carry it
-                image.load()
+                image = open_image(queries[slot].image_path)  # keeps the PNG text: downloads carry it
                 out += [gr.update(value=image, visible=True), gr.update(value=gallery_items(results[slot]), visible=True),
                         gr.update(value=score_plot(results[slot]), visible=True)]
             else:
@@ -139,8 +150,11 @@ def build_app(bench: Workbench) -> gr.Blocks:
                         value="\n".join(f"{t}, a red circle on a blue background" for t in ("zorblat", "quimvex", "vashnu"))
                         if bench.config.demo else "")
                     inspect_seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
-                    inspect_group = gr.Textbox(label="Group by: folder, column:NAME or file:PATH (optional)",
+                    inspect_group = gr.Textbox(label="Group by: folder, column:NAME or file:PATH in the dataset "
+                                                     "folder (optional)",
                                                value="column:concept" if bench.config.demo else "")
+                    inspect_mapping = gr.File(label="…or a group mapping (JSON object or CSV: key or file, group; "
+                                                    "≤ 1 MB)", file_types=[".json", ".csv"], type="filepath")
                     inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
                     inspect_files = gr.File(label="Reports (HTML, JSON, CSV)", file_count="multiple", interactive=False)
                 with gr.Column(scale=3):
@@ -176,6 +190,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
                                           steps=int(steps_), guidance=float(guidance_), num_images=int(n_),
                                           lora_scale=float(lora_scale_))
             queries = bench.generate(settings)
+            warn(bench.prompt_note(settings.prompt))
             results = [bench.rank(q, method_, k_) for q in queries]
             state = {**state, "generated": queries, "generated_results": [r.to_json() for r in results]}
             return [*slot_updates(queries, results), [api_json(r.to_json()) for r in results], state]
@@ -187,10 +202,12 @@ def build_app(bench: Workbench) -> gr.Blocks:
             ensure_ready(progress)
             query = bench.image_query(path, fallback)
             result = bench.rank(query, method_, k_)
-            image = Image.open(path)
-            image.load()
+            image = open_image(path, name=Path(path).name)
             state = {**state, "upload": query, "upload_result": result.to_json()}
-            note = f"Prompt ({query.info['prompt_from']}): *{query.prompt}*"
+            note = f"Prompt ({query.info['prompt_from']}): *{shorten(query.prompt, SHOWN_PROMPT)}*"
+            if query.info.get("prompt_note"):
+                warn(query.info["prompt_note"])
+                note += f"\n\n⚠ {query.info['prompt_note'][0].upper()}{query.info['prompt_note'][1:]}"
             return image, gallery_items(result), score_plot(result), note, api_json(result.to_json()), state
 
         @guarded
@@ -210,11 +227,16 @@ def build_app(bench: Workbench) -> gr.Blocks:
             return [*out, shown, state]
 
         @guarded
-        def on_inspect(prompts_, seeds_, group_, method_, k_, state, progress=gr.Progress()):
+        def on_inspect(prompts_, seeds_, group_, mapping_, method_, k_, state, progress=gr.Progress()):
+            bench.groups(group_, mapping_)  # a bad grouping is refused before the store is checked
             ensure_ready(progress)
             inspection, files = bench.inspect(
                 (prompts_ or "").splitlines(), int(seeds_), method_, int(k_), (group_ or "").strip() or None,
-                progress=lambda done, total, what: progress((done, total), desc=f"generating and attributing {what}"))
+                progress=lambda done, total, what: progress((done, total), desc=f"generating and attributing {what}"),
+                mapping_file=mapping_)
+            long = sum(1 for p in {g.prompt for g in inspection.generations} if bench.prompt_note(p))
+            if long:
+                warn(f"{long} prompt(s) are longer than the text encoder reads: their ends had no effect")
             data = inspection.to_json()
             rows = data["images"][:LEADERBOARD]
             generations = {g["id"]: g for g in data["generations"]}
@@ -229,7 +251,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
                 return []
             generations = state.get("inspect_generations", {})
             return [(generations[t["generation"]]["image"],
-                     f"{100 * t['share']:.2f}% · {generations[t['generation']]['prompt']}")
+                     f"{100 * t['share']:.2f}% · {shorten(generations[t['generation']]['prompt'], SHOWN_PROMPT)}")
                     for t in rows[evt.index]["top_generations"] if t["generation"] in generations]
 
         @guarded
@@ -266,7 +288,8 @@ def build_app(bench: Workbench) -> gr.Blocks:
         for i, (_, gallery, _) in enumerate(slots):
             gallery.select(select_generated(i), [session], [detail_image, detail_md], api_visibility="private")
         upload_gallery.select(select_upload, [session], [detail_image, detail_md], api_visibility="private")
-        inspect_button.click(on_inspect, [inspect_prompts, inspect_seeds, inspect_group, method, top_k, session],
+        inspect_button.click(on_inspect, [inspect_prompts, inspect_seeds, inspect_group, inspect_mapping, method, top_k,
+                                          session],
                              [inspect_groups, leader_gallery, leader_table, influenced, inspect_files, session],
                              api_name="inspect", **HEAVY)
         leader_gallery.select(select_leader, [session], influenced, api_visibility="private")
@@ -276,11 +299,39 @@ def build_app(bench: Workbench) -> gr.Blocks:
     return app
 
 
+class DatasetImagesOnly:
+    """ASGI middleware: of the dataset folder, only images are served by URL, not metadata.jsonl,
+    caption files or anything else kept beside them. Gradio's ``allowed_paths`` takes whole folders,
+    and the folder must be allowed for the galleries to show its images."""
+
+    FILE_ROUTE = re.compile(r"/file[=/](.*)$")  # Gradio's /gradio_api/file=PATH and /gradio_api/file/PATH
+
+    def __init__(self, app, root: Path):
+        self.app, self.root = app, Path(root).resolve()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            match = self.FILE_ROUTE.search(scope.get("path", ""))
+            if match and not self.servable(match[1]):
+                return await PlainTextResponse("File not allowed.", status_code=403)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def servable(self, requested: str) -> bool:
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", requested):
+            return True  # a URL, not a file of this machine
+        path = Path(os.path.abspath(requested))
+        resolved = path.resolve()
+        if not (path.is_relative_to(self.root) or resolved.is_relative_to(self.root)):
+            return True  # Gradio's own rules decide
+        return all(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_relative_to(self.root) for p in (path, resolved))
+
+
 def launch_options(bench: Workbench) -> dict:
     """Launch settings: only the dataset's images and the inspection reports are reachable by URL."""
     root = bench.dataset_root()
     allowed = ([str(root)] if root else []) + [str(bench.inspect_root.expanduser().resolve())]
-    return dict(allowed_paths=allowed, max_file_size=MAX_UPLOAD, css=CSS, show_error=True, ssr_mode=False)
+    guard = {"app_kwargs": {"middleware": [Middleware(DatasetImagesOnly, root=root)]}} if root else {}
+    return dict(allowed_paths=allowed, max_file_size=MAX_UPLOAD, css=CSS, show_error=True, ssr_mode=False, **guard)
 
 
 def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> gr.Blocks:

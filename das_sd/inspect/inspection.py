@@ -185,13 +185,13 @@ def training_groups(attributor: Attributor, group_by: str, mapping: dict[str, st
                                caption_column=info.get("caption_column", "text"))
         by_key = dataset.by_key()
         if not any(column in s.metadata for s in dataset.samples):
-            raise ValueError(f"--group-by {group_by}: no metadata column {column!r} in {dataset.root}")
+            raise ValueError(f"group by {group_by}: no metadata column {column!r} in {dataset.root}")
         return [str(by_key[r.key].metadata.get(column, "(none)")) if r.key in by_key else "(none)" for r in rows]
     if group_by.startswith("file:"):
         if mapping is None:
             mapping = read_group_mapping(Path(group_by.split(":", 1)[1]))
         return [mapping.get(r.key) or mapping.get(r.path) or mapping.get(Path(r.path).name) or "(none)" for r in rows]
-    raise ValueError(f"--group-by {group_by!r}: expected folder, column:NAME or file:PATH")
+    raise ValueError(f"group by {group_by!r}: expected folder, column:NAME or file:PATH")
 
 
 MAX_MAPPING_BYTES = 1 << 20  # what the app reads of a mapping (an upload or a file in the dataset folder)
