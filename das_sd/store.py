@@ -328,6 +328,8 @@ class FeatureStore:
         """Delete index files no manifest entry names (written by an index run killed before its
         switch); returns their names. Not while another process is indexing this store."""
         used = {f for name in self.manifest.get("indexes", {}) for f in self.index_files(name)}
+        on_disk = FeatureStore(self.root, read_manifest(self.root / MANIFEST, FORMAT_VERSION))
+        used |= {f for name in on_disk.manifest["indexes"] for f in on_disk.index_files(name)}  # a newer writer's
         orphans = sorted(p.name for p in self.root.glob("index-*.safetensors") if p.name not in used)
         for file in orphans:
             (self.root / file).unlink(missing_ok=True)

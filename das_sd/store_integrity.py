@@ -209,6 +209,7 @@ class Report:
     root: Path
     problems: list[str] = field(default_factory=list)  # one line each, naming the file
     notes: list[str] = field(default_factory=list)  # worth knowing, not damage
+    files: int = 0  # files the manifest lists
     checked: int = 0  # files whose checksum matched
     unverified: list[str] = field(default_factory=list)  # no checksum recorded (an older das-sd)
     bytes_read: int = 0
@@ -218,8 +219,7 @@ class Report:
         return not self.problems
 
     def summary(self) -> str:
-        total = self.checked + len(self.unverified) + len(self.problems)
-        parts = [f"{self.checked} of {total} file(s) match their checksums"]
+        parts = [f"{self.checked} of {self.files} file(s) match their checksums"]
         if self.unverified:
             parts.append(f"{len(self.unverified)} unverified (no checksum recorded: written by an older das-sd; "
                          "reading them is not checked)")
@@ -258,6 +258,7 @@ def verify_store(root: str | Path, progress: bool = True) -> Report:
             report.problems.append(f"{root / MANIFEST}: index {name!r} lists {len(files)} file(s) for "
                                    f"{len(shard_rows)} shard(s); run `das-sd index --store {root}`")
             listed += [(file, None) for file in files]
+    report.files = len(listed)
     sizes = {file: (root / file).stat().st_size for file, _ in listed if (root / file).is_file()}
     bar = tqdm(total=sum(sizes.values()), desc="verify", unit="B", unit_scale=True,
                disable=not progress or sum(sizes.values()) < (256 << 20))

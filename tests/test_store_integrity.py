@@ -250,3 +250,22 @@ def test_featurize_refuses_a_folder_with_shards_but_no_manifest(tmp_path, demo_d
     assert f"{folder}: holds feature store files (features-00000.safetensors" in err
     assert "another --store folder" in err
     assert sorted(p.name for p in folder.iterdir()) == ["features-00000.safetensors"]
+
+
+def test_merged_shards_keep_their_checksums_and_a_damaged_part_shard_is_refused(store, tmp_path):
+    merged = FeatureStore.create(tmp_path / "merged", store.identity, shard_size=16)
+    first, second = store.manifest["shards"][:2]
+    merged.adopt_shard(store.root / first["file"], first, store.checksum(first["file"]))
+    assert merged.checksum("features-00000.safetensors") == store.checksum(first["file"])
+    flip_byte(store.root / second["file"])
+    with pytest.raises(StoreError, match=f"{store.root / second['file']}: damaged shard"):
+        merged.adopt_shard(store.root / second["file"], second, store.checksum(second["file"]))
+    assert len(FeatureStore.open(merged.root)) == 16
+
+
+def test_checking_on_read_can_be_turned_off_to_time_cold_reads(store, monkeypatch):
+    from das_sd import store_integrity
+
+    flip_byte(store.root / store.index_files("das")[0])
+    monkeypatch.setattr(store_integrity, "VERIFY_ON_READ", False)
+    assert train_vectors(store, "das").shape == (40, 8)
