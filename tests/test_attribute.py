@@ -78,6 +78,15 @@ def test_bad_queries_get_clear_errors(attributor, tmp_path):
         attributor.attribute_image(tmp_path / "corrupt.png", prompt="x")
     with pytest.raises(ValueError, match="unknown method"):
         attributor.attribute_image(tmp_path / "no_meta.png", prompt="x", method="nope")
+    size = attributor.resolution
+    Image.new("RGBA", (size, size), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    with pytest.raises(QueryError, match="clear.png: the image is fully transparent"):
+        attributor.attribute_image(tmp_path / "clear.png", prompt="x")
+    from test_images import png_header
+
+    (tmp_path / "bomb.png").write_bytes(png_header(22000, 22000))
+    with pytest.raises(QueryError, match="bomb.png: image of 484,000,000 pixels, over das-sd's limit"):
+        attributor.attribute_image(tmp_path / "bomb.png", prompt="x")
 
 
 def test_weights_that_load_differently_from_the_store_are_refused(demo, monkeypatch):
