@@ -80,7 +80,7 @@ def subset_dataset(src: Path, dst: Path, n: int) -> Path:
 def featurize_cli(store: Path, data: Path, lora: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "das_sd.cli", "featurize", "--data", str(data), "--lora", str(lora),
            "--store", str(store), "--device", "cpu", *TINY_FEATURIZE, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the reduction orders of this process
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
