@@ -36,6 +36,18 @@ def chromium_page(width: int = 1400, height: int = 1000):
             browser.close()
 
 
+@contextmanager
+def torch_threads(count: int):
+    """Run a block with ``count`` torch threads: a worker's result is reproduced bit for bit in-process
+    only with the worker's thread count (other counts reduce float sums in other orders)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def unet_outputs(pipe, seed: int = 0, n: int = 4) -> torch.Tensor:
     """UNet noise predictions on fixed random latents, timesteps and prompts."""
     g = torch.Generator().manual_seed(seed)
