@@ -72,7 +72,7 @@ def cmd_train_lora(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generation import GenerationSettings, generate, save_png
+    from .generation import GenerationSettings, generate, save_png, warn_truncated_prompts
     from .models.fingerprint import provenance
     from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
 
@@ -84,6 +84,7 @@ def cmd_generate(args) -> None:
     settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                   steps=args.steps, guidance=args.guidance, num_images=args.num_images,
                                   lora_scale=args.lora_scale)
+    warn_truncated_prompts(pipe.tokenizer, [args.prompt, args.negative_prompt or ""])
     result = generate(pipe, settings, provenance(base, lora), progress=True)
     out = Path(args.out)
     paths = []
@@ -201,13 +202,15 @@ def cmd_verify(args) -> None:
 
 def cmd_attribute(args) -> None:
     from .attribute import Attributor
+    from .generation import shorten, warn_truncated_prompts
 
     attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
     result = attributor.attribute_image(args.image, prompt=args.prompt, method=args.method, top_k=args.top_k)
+    warn_truncated_prompts(attributor.pipe.tokenizer, [result.query["prompt"]])
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return
-    print(f"{result.method} attribution for {args.image} (prompt: {result.query['prompt']!r})")
+    print(f"{result.method} attribution for {args.image} (prompt: {shorten(result.query['prompt'])!r})")
     for r in result.results:
         print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {r.caption}  [{r.path}]")
 

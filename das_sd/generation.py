@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,14 @@ def truncation_note(tokenizer, prompt: str) -> str | None:
         return None
     return (f"the prompt is longer than the text encoder reads ({tokenizer.model_max_length} tokens): "
             f"its last {dropped} token{'s' if dropped != 1 else ''} had no effect")
+
+
+def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
+    """Say on stderr which prompts the text encoder reads only in part (diffusers cuts them silently)."""
+    for prompt in dict.fromkeys(prompts):
+        note = truncation_note(tokenizer, prompt)
+        if note:
+            print(f"das-sd: warning: {shorten(prompt, 80)!r}: {note}", file=sys.stderr)
 
 
 def shorten(text: str, limit: int = 200) -> str:

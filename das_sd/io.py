@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees half a file, and a killed job leaves the old one intact."""
+"""File helpers: atomic writes (a reader never sees half a file, a killed job leaves the old one
+intact), JSON error texts, prompt files."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """Where and why JSON failed to parse: some of json's messages already end in "at"
+    ("Unterminated string starting at"), which a plain "at column N" would double."""
+    where = f"line {exc.lineno} column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
+    return f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
 
 
 def read_prompt_file(path: str | Path, flag: str = "--prompts") -> list[str]:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import file_sha256
+from .io import file_sha256, json_error
 
 
 class StoreError(ValueError):
@@ -138,7 +138,7 @@ def read_manifest(path: Path, format_version: int) -> dict:
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StoreError(f"{path}: damaged manifest ({exc.msg} at line {exc.lineno})") from None
+        raise StoreError(f"{path}: damaged manifest ({json_error(exc)})") from None
     if not isinstance(manifest, dict):
         raise StoreError(f"{path}: damaged manifest (a JSON {type(manifest).__name__}, not an object)")
     version = manifest.get("format_version")

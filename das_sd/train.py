@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data.datasets import Dataset
-from .io import atomic_write_json
+from .io import atomic_write_json, json_error
 from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
@@ -225,7 +225,7 @@ def read_record(lora: str | Path) -> dict | None:
     try:
         return json.loads(record.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{record}: malformed JSON ({exc.msg})") from None
+        raise ValueError(f"{record}: malformed JSON ({json_error(exc)})") from None
 
 
 def read_subset_file(path: str | Path) -> list[str]:

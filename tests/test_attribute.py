@@ -66,6 +66,24 @@ def test_attribute_json_schema_and_same_keys_as_api(demo, attributor, tmp_path, 
     assert [r.key for r in api.results] == [r["key"] for r in out["results"]]
 
 
+def test_a_long_prompt_is_shortened_in_output_and_its_truncation_said(demo, attributor, tmp_path, capsys):
+    result = generate(attributor.pipe, GenerationSettings(prompt="zorblat, a green square on a orange background", seed=3))
+    path = save_png(result.images[0], tmp_path / "gen.png", result.metadata(0))
+    long_prompt = "zorblat, a green square on a orange background, " + "very " * 2000
+    code = main(["attribute", "--store", demo["store"], "--image", str(path), "--prompt", long_prompt,
+                 "--top-k", "3", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert long_prompt not in captured.out and len(captured.out) < 2000  # the prompt echoed shortened
+    # the text encoder reads model_max_length tokens (77 for SD, 32 for the tiny model), start and end included
+    tokenizer = attributor.pipe.tokenizer
+    ids = tokenizer(long_prompt, truncation=False, verbose=False)["input_ids"]
+    assert len(ids) > 2000
+    assert f"its last {len(ids) - tokenizer.model_max_length} tokens had no effect" in captured.err
+    code = main(["attribute", "--store", demo["store"], "--image", str(path), "--top-k", "3", "--device", "cpu"])
+    assert code == 0 and "warning" not in capsys.readouterr().err  # the image's own prompt fits
+
+
 def test_bad_queries_get_clear_errors(attributor, tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "no_meta.png")
     with pytest.raises(QueryError, match="no prompt"):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from das_sd.data.datasets import DatasetError, json_error, open_dataset, sample_key
+from das_sd.data.datasets import DatasetError, open_dataset, sample_key
+from das_sd.io import json_error
 from das_sd.data.images import ImageError, load_image, resize_center_crop, to_model_input
 
 

@@ -142,6 +142,14 @@ def test_random_bytes_manifest_is_refused_naming_the_file(tmp_path):
     assert str(err.value).startswith(f"{tmp_path / 'manifest.json'}: damaged manifest (not UTF-8 text")
 
 
+def test_truncated_manifest_says_where_without_doubled_words(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"format_version": 1, "identity": {"base": "unterminated')
+    with pytest.raises(StoreError) as err:
+        FeatureStore.open(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'manifest.json'}: damaged manifest "
+                              "(Unterminated string starting at column 44)")
+
+
 @pytest.mark.parametrize("edit,field", [
     (lambda m: m["shards"][1].update(rows="16"), "shards[1].rows"),
     (lambda m: m["shards"][0].update(keys="k0"), "shards[0].keys"),

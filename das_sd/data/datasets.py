@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
+from ..io import json_error
+
 from .images import ImageError, decode, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -186,13 +188,6 @@ def _metadata_rows(meta: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         with meta.open(encoding="utf-8", newline="") as fh:
             for n, row in enumerate(csv.DictReader(fh), 2):
                 yield n, dict(row), None
-
-
-def json_error(exc: json.JSONDecodeError) -> str:
-    """Where and why JSON failed to parse: some of json's messages already end in "at"
-    ("Unterminated string starting at"), which a plain "at column N" would double."""
-    where = f"line {exc.lineno} column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
-    return f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
 
 
 def read_imagefolder(root: Path, caption_column: str = "text", skip_bad: bool = False) -> Dataset:

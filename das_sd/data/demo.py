@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io import json_error
 from .render import MOTIFS, random_spec, render
 
 GROUND_TRUTH_VERSION = 1
@@ -115,7 +116,7 @@ def load_ground_truth(dataset_root: str | Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no ground_truth.json in the dataset folder") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: malformed JSON ({exc.msg})") from None
+        raise ValueError(f"{path}: malformed JSON ({json_error(exc)})") from None
     if truth.get("version") != GROUND_TRUTH_VERSION or not isinstance(truth.get("groups"), list):
         raise ValueError(f"{path}: expected version {GROUND_TRUTH_VERSION} with a 'groups' list")
     for i, group in enumerate(truth["groups"]):

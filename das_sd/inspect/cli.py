@@ -9,6 +9,7 @@ def cmd_inspect(args) -> None:
     from tqdm import tqdm
 
     from ..attribute import Attributor
+    from ..generation import warn_truncated_prompts
     from ..io import read_prompt_file
     from . import InspectSettings, generate_queries, image_queries, inspect_generations
 
@@ -20,6 +21,7 @@ def cmd_inspect(args) -> None:
     out = Path(args.out)
     if args.prompts:
         prompts = read_prompt_file(args.prompts)
+        warn_truncated_prompts(attributor.pipe.tokenizer, prompts)
         if args.seeds < 1:
             raise ValueError("--seeds must be at least 1")
         total, queries = len(prompts) * args.seeds, generate_queries(attributor, prompts, args.seeds,

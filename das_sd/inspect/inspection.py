@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..attribute import Attributor, QueryError
-from ..data.datasets import json_error, open_dataset
+from ..data.datasets import open_dataset
+from ..io import json_error
 from ..generation import GenerationSettings, generate, save_png
 from ..models.fingerprint import provenance
 from ..score import method as method_named
