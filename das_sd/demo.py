@@ -85,7 +85,7 @@ def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress:
     from .featurize.build import featurize_dataset
     from .models.fingerprint import lora_fingerprint
     from .models.loading import load_lora, load_pipeline
-    from .score import LambdaRule, build_index
+    from .score import refresh_indexes
     from .store import FeatureStore, StoreError
 
     store = None
@@ -103,7 +103,5 @@ def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress:
             pipe = load_pipeline(base)
             load_lora(pipe, lora)
         store = featurize_dataset(pipe, dataset, store_dir, base, lora, progress=progress)
-    for name in store.identity["feature_sets"]:
-        if not store.index_is_current(name):
-            build_index(store, name, LambdaRule())
+    refresh_indexes(store)
     return store.root

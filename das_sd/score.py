@@ -164,6 +164,12 @@ def build_indexes(store: FeatureStore, feature_sets: list[str], rule: LambdaRule
     return {name: info for name, (_, info) in built.items()}
 
 
+def refresh_indexes(store: FeatureStore, rule: LambdaRule | None = None) -> dict[str, dict]:
+    """Index, as one generation, every feature set of ``store`` whose index is missing or out of date."""
+    stale = [name for name in store.identity["feature_sets"] if not store.index_is_current(name)]
+    return build_indexes(store, stale, rule or LambdaRule()) if stale else {}
+
+
 def index_in_memory(store: FeatureStore, feature_set: str, rule: LambdaRule,
                     kernel: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The index arrays for another lambda without writing them (e.g. to sweep lambda)."""

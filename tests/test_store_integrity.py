@@ -277,3 +277,16 @@ def test_checking_on_read_can_be_turned_off_to_time_cold_reads(store, monkeypatc
     flip_byte(store.root / store.index_files("das")[0])
     monkeypatch.setattr(store_integrity, "VERIFY_ON_READ", False)
     assert train_vectors(store, "das").shape == (40, 8)
+
+
+def test_refresh_indexes_builds_the_stale_sets_as_one_generation(store):
+    from das_sd.score import refresh_indexes
+
+    assert refresh_indexes(store) == {}  # every set current: nothing rebuilt
+    store.append_shard([Row("new", "new.png", "new")], {
+        **{f"features.{name}": torch.ones(1, 8) for name in SETS},
+        **{f"residuals.{name}": torch.ones(1) for name in SETS}})
+    assert not any(store.index_is_current(name) for name in SETS)
+    built = refresh_indexes(store)
+    assert set(built) == set(SETS) and len({info["generation"] for info in built.values()}) == 1
+    assert all(FeatureStore.open(store.root).index_is_current(name) for name in SETS)

@@ -135,7 +135,7 @@ class Workbench:
         from ..data.datasets import open_dataset
         from ..demo import build_demo_store
         from ..featurize.build import featurize_dataset
-        from ..score import LambdaRule, build_index
+        from ..score import refresh_indexes
 
         with self.lock:
             base, lora, data = self._paths()
@@ -146,9 +146,7 @@ class Workbench:
                 build_demo_store(dataset, base, lora, self.config.store, progress, pipe=self.pipe)
             else:
                 store = featurize_dataset(self.pipe, dataset, self.config.store, base, lora, progress=progress)
-                for name in store.identity["feature_sets"]:
-                    if not store.index_is_current(name):
-                        build_index(store, name, LambdaRule())
+                refresh_indexes(store)
             self._attributor = None
             self._demo_checked = True
             return self.store_status()
