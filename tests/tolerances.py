@@ -27,6 +27,14 @@ test. Hence:
   residual norms; no kink): A = 1e3 (6 x the largest forward amplification seen) gives 6e-5 of the
   output scale; the tests use 1e-3 relative with an absolute floor FLOAT32_FORWARD_ATOL = 1e-5 for
   elements near 0.
+- float32_dot_bound(a, b): the deterministic bound (Higham, Accuracy and Stability, 3.1) on each
+  entry of a @ b.T computed in float32 from float64 inputs, whatever the summation order or thread
+  count: rounding a and b to float32 and n products accumulated in float32 err by at most
+  gamma_{n+2} (|a| @ |b|.T), gamma_m = m u32 / (1 - m u32). A sign of an entry smaller than this
+  bound is not determined by float32 arithmetic, so tests compare signs only above it.
+- A float64 value stored as float32 is off by at most u32 relative (round to nearest): FLOAT32_STORE_RTOL
+  = 4 u32 allows for the float64 algorithms on the two sides (Cholesky solve vs inverse; cond < 1e3,
+  so < 1e-12 relative) on top of that.
 - sampler_atol(steps, guidance) bounds two float32 runs of a sampling loop (latents of scale <= 3)
   that differ in batch shape: each of S steps adds one forward's rounding difference, amplified by the
   guidance (1 + g), to the latents: S (1 + g) A u |x| with A = 200 for one forward pass (174 seen).
@@ -38,7 +46,9 @@ from __future__ import annotations
 
 import torch
 
+U32 = 2.0 ** -24
 ALGEBRAIC_RTOL = 1e-10
+FLOAT32_STORE_RTOL = 4 * U32
 FLOAT32_FORWARD_RTOL = 1e-3
 FLOAT32_FORWARD_ATOL = 1e-5
 
@@ -51,4 +61,11 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def sampler_atol(steps: int, guidance: float, scale: float = 3.0) -> float:
     """Largest expected difference between two float32 sampling runs of ``steps`` steps."""
-    return steps * (1 + guidance) * 200 * 2.0 ** -24 * scale
+    return steps * (1 + guidance) * 200 * U32 * scale
+
+
+def float32_dot_bound(a, b):
+    """Entry-wise bound on |fl32(a @ b.T) - a @ b.T| for float64 arrays a (m, n), b (p, n) (numpy or torch)."""
+    n = a.shape[1]
+    gamma = (n + 2) * U32 / (1 - (n + 2) * U32)
+    return gamma * (abs(a) @ abs(b).T)
