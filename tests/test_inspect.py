@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from das_sd.attribute import Attributor
 from das_sd.cli import main
 from das_sd.data.demo import TRIGGERS
 from das_sd.inspect import (InspectSettings, credit_shares, generate_queries, group_credits, image_credits,
                             inspect_generations, signed_shares)
+from tolerances import U32, score_slack
 
 SUBJECTS = ("a red circle on a blue background", "a white triangle on a green background")
 
@@ -84,16 +86,29 @@ def test_trigger_generations_credit_their_own_group(trigger_inspection):
     assert min(lifts) > 2.0
 
 
-def test_batched_inspection_equals_one_by_one_attribution(attributor, tmp_path):
+def test_batched_inspection_equals_one_by_one_attribution(demo, tmp_path):
     """Batches of query features scored as one matrix product give the scores of attributing each
-    generation on its own (same final latents, same prompt)."""
+    generation on its own (same final latents, same prompt). In float64 up to the scoring (a float32
+    f = l1 feature may flip a sign between batch shapes: tests/tolerances.py), so the two differ only
+    by the float32 scoring product, whose rounding float32_dot_bound bounds."""
+    from das_sd.models.loading import load_lora, load_pipeline
+    from das_sd.score import train_vectors
+
+    pipe = load_pipeline(demo["base"], device="cpu", dtype=torch.float64)
+    load_lora(pipe, demo["lora"])
+    attributor = Attributor(demo["store"], pipe=pipe, check_fingerprints=False)
     prompts = [f"{t}, {SUBJECTS[0]}" for t in TRIGGERS[:3]]
     queries = list(generate_queries(attributor, prompts, 1, tmp_path, InspectSettings()))
     inspection = inspect_generations(attributor, iter(queries), len(queries), InspectSettings(batch_size=2))
+    psi = train_vectors(attributor.store, "das")
     for q, (generation, latents) in enumerate(queries):
         one = attributor.attribute_latents(latents, [generation.prompt], "das", top_k=len(inspection.keys))[0]
         by_key = {r.key: r.score for r in one.results}
-        np.testing.assert_allclose(inspection.scores[q], [by_key[k] for k in inspection.keys], rtol=1e-4, atol=1e-14)
+        phi = attributor.query_features(latents, [generation.prompt], feature_sets=["das"])["das"]
+        # casting the float64 features to float32 may round an entry either way: one more u32
+        slack = score_slack("das", phi, psi, relative=U32).item()
+        got, expected = np.asarray(inspection.scores[q]), np.asarray([by_key[k] for k in inspection.keys])
+        assert np.all(np.abs(got - expected) <= 2 * slack), np.abs(got - expected).max() / slack
 
 
 def test_planted_duplicates_are_flagged(demo, tmp_path):

@@ -40,10 +40,12 @@ def test_each_generated_image_is_attributed_from_its_final_latents(attributing, 
     for i, seed in enumerate((7, 8)):
         ours = generate(reference.pipe, GenerationSettings(prompt=PROMPT, seed=seed))
         torch.testing.assert_close(out.latents[i:i + 1], ours.latents, atol=sampler_atol(25, 4.0), rtol=0)
-        expected = reference.attribute_latents(ours.latents, [PROMPT], "das", 5)[0]
+        # the pipeline's own latents, attributed alone: its features (a batch of 2) differ by float32
+        # rounding, at most A u = 1e4 * 6e-8 relative (tests/tolerances.py), so the squared scores by 1.2e-3
+        expected = reference.attribute_latents(out.latents[i:i + 1], [PROMPT], "das", 5)[0]
         assert [r.key for r in out.attributions[i].results] == [r.key for r in expected.results]
         assert [r.score for r in out.attributions[i].results] == pytest.approx([r.score for r in expected.results],
-                                                                              rel=1e-3)
+                                                                              rel=2e-3)
     paths = attributing.save(out, tmp_path)
     for path, attribution in zip(paths, out.attributions):
         record = read_png_attribution(path)

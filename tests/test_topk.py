@@ -10,29 +10,9 @@ import torch
 from das_sd.score import METHODS, LambdaRule, build_index, rank_scores, raw_scores, train_vectors
 from das_sd.store import FeatureStore, Row
 from das_sd.topk import stream_topk
-from tolerances import U32, float32_dot_bound
+from tolerances import U32, assert_ranked_up_to_rounding, float32_dot_bound, score_slack
 
 pytestmark = pytest.mark.numerics
-
-
-def assert_ranked_up_to_rounding(indices: torch.Tensor, exact: torch.Tensor, slack: torch.Tensor) -> None:
-    """``indices`` (q, top) rank ``exact`` (q, N) scores best first, up to ties within ``slack`` (q, 1):
-    the j-th index's exact score is within 2 slack of the j-th best exact score (two scores closer
-    than the rounding of either may come in either order)."""
-    best = exact.sort(dim=1, descending=True).values[:, :indices.shape[1]]
-    assert (exact.gather(1, indices) >= best - 2 * slack).all()
-    assert all(len(set(row)) == len(row) for row in indices.tolist())
-
-
-def score_slack(name: str, q: torch.Tensor, psi: torch.Tensor, relative: float = 0.0) -> torch.Tensor:
-    """Per query, the largest rounding error of a float32 score (t for signed methods, t^2 for das):
-    |dt| <= float32_dot_bound (+ ``relative`` |q| |psi| for vectors stored with that relative error)."""
-    q, psi = q.double(), psi.double()
-    t = q @ psi.T
-    delta = float32_dot_bound(q, psi) + relative * (q.abs() @ psi.abs().T)
-    if METHODS[name].squared:
-        delta = delta * (2 * t.abs() + delta)
-    return delta.max(dim=1, keepdim=True).values
 
 
 @pytest.fixture()

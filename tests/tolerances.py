@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import torch
 
+from das_sd.score import METHODS
+
 U32 = 2.0 ** -24
 ALGEBRAIC_RTOL = 1e-10
 FLOAT32_STORE_RTOL = 4 * U32
@@ -69,3 +71,23 @@ def float32_dot_bound(a, b):
     n = a.shape[1]
     gamma = (n + 2) * U32 / (1 - (n + 2) * U32)
     return gamma * (abs(a) @ abs(b).T)
+
+
+def assert_ranked_up_to_rounding(indices: torch.Tensor, exact: torch.Tensor, slack: torch.Tensor) -> None:
+    """``indices`` (q, top) rank ``exact`` (q, N) scores best first, up to ties within ``slack`` (q, 1):
+    the j-th index's exact score is within 2 slack of the j-th best exact score (two scores closer
+    than the rounding of either may come in either order)."""
+    best = exact.sort(dim=1, descending=True).values[:, :indices.shape[1]]
+    assert (exact.gather(1, indices) >= best - 2 * slack).all()
+    assert all(len(set(row)) == len(row) for row in indices.tolist())
+
+
+def score_slack(name: str, q: torch.Tensor, psi: torch.Tensor, relative: float = 0.0) -> torch.Tensor:
+    """Per query, the largest rounding error of a float32 score (t for signed methods, t^2 for das):
+    |dt| <= float32_dot_bound (+ ``relative`` |q| |psi| for vectors stored with that relative error)."""
+    q, psi = q.double(), psi.double()
+    t = q @ psi.T
+    delta = float32_dot_bound(q, psi) + relative * (q.abs() @ psi.abs().T)
+    if METHODS[name].squared:
+        delta = delta * (2 * t.abs() + delta)
+    return delta.max(dim=1, keepdim=True).values
