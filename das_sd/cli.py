@@ -188,7 +188,7 @@ def cmd_index(args) -> None:
 
 def cmd_verify(args) -> None:
     from .store import StoreError
-    from .store_integrity import verify_store
+    from .store_verify import verify_store
 
     report = verify_store(args.store, progress=not args.quiet)
     for line in report.problems:

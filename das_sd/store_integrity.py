@@ -5,7 +5,8 @@ wrong without any error (a lambda a million times too large, a top-1 score 10^7 
 every file's sha256 and size are recorded in the manifest when it is written (``checksums``), and a
 file is checked before a process first reads it; the check is remembered per (path, inode, size,
 mtime, ctime), so later reads in the same process cost one stat. Stores written before checksums
-existed have none: their files are read unchecked and ``das-sd verify`` lists them as unverified.
+existed have none: their files are read unchecked and ``das-sd verify`` (das_sd.store_verify) lists
+them as unverified.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import file_sha256, json_error
@@ -200,101 +200,3 @@ def check_manifest(path: Path, manifest: dict) -> None:
         f.dict(at, checksum)
         f.str(f"{at}.sha256", checksum.get("sha256"), _SHA256, "64 lowercase hex digits")
         f.int(f"{at}.bytes", checksum.get("bytes"))
-
-
-# ---- das-sd verify -----------------------------------------------------------------------------
-
-@dataclass
-class Report:
-    root: Path
-    problems: list[str] = field(default_factory=list)  # one line each, naming the file
-    notes: list[str] = field(default_factory=list)  # worth knowing, not damage
-    files: int = 0  # files the manifest lists
-    checked: int = 0  # files whose checksum matched
-    unverified: list[str] = field(default_factory=list)  # no checksum recorded (an older das-sd)
-    bytes_read: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        parts = [f"{self.checked} of {self.files} file(s) match their checksums"]
-        if self.unverified:
-            parts.append(f"{len(self.unverified)} unverified (no checksum recorded: written by an older das-sd; "
-                         "reading them is not checked)")
-        parts.append(f"{len(self.problems)} problem(s)" if self.problems else "no problems")
-        return f"{self.root}: " + "; ".join(parts)
-
-
-def verify_store(root: str | Path, progress: bool = True) -> Report:
-    """Check a whole store: the manifest's schema, then every file it lists against its checksum
-    and its row count; notes out-of-date indexes and files the manifest does not list."""
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
-    from .store import MANIFEST, FeatureStore
-
-    root = Path(root).expanduser().resolve()
-    report = Report(root)
-    try:
-        store = FeatureStore.open(root, clean=False)
-    except StoreError as exc:
-        report.problems.append(str(exc))
-        return report
-    shard_rows = [s["rows"] for s in store.manifest["shards"]]
-    listed: list[tuple[str, int | None]] = [(s["file"], s["rows"]) for s in store.manifest["shards"]]
-    for name in sorted(store.manifest["indexes"]):
-        files = store.index_files(name)
-        if not store.index_is_current(name):
-            report.notes.append(f"index {name!r} is out of date (rows were added since); "
-                                f"run `das-sd index --store {root}`")
-            listed += [(file, None) for file in files]
-        elif len(files) == len(shard_rows):
-            listed += list(zip(files, shard_rows))
-        elif len(files) == 1:  # one file for all rows, as the first das-sd wrote it
-            listed.append((files[0], len(store)))
-        else:
-            report.problems.append(f"{root / MANIFEST}: index {name!r} lists {len(files)} file(s) for "
-                                   f"{len(shard_rows)} shard(s); run `das-sd index --store {root}`")
-            listed += [(file, None) for file in files]
-    report.files = len(listed)
-    sizes = {file: (root / file).stat().st_size for file, _ in listed if (root / file).is_file()}
-    bar = tqdm(total=sum(sizes.values()), desc="verify", unit="B", unit_scale=True,
-               disable=not progress or sum(sizes.values()) < (256 << 20))
-    for file, rows in listed:
-        path = root / file
-        if file not in sizes:
-            report.problems.append(f"{path}: missing (listed in the manifest)")
-            continue
-        expected = store.checksum(file)
-        problem = checksum_problem(path, expected)
-        if problem is None:
-            problem = _rows_problem(safe_open, path, rows)
-        if problem:
-            report.problems.append(damaged_message(path, root, problem) if expected else f"{path}: {problem}")
-        elif expected is None:
-            report.unverified.append(file)
-        else:
-            report.checked += 1
-        report.bytes_read += sizes[file]
-        bar.update(sizes[file])
-    bar.close()
-    known = {file for file, _ in listed}
-    stray = sorted(p.name for p in root.glob("*.safetensors") if p.name not in known)
-    if stray:
-        report.notes.append(f"{len(stray)} file(s) not listed in the manifest ({', '.join(stray[:3])}"
-                            f"{', ...' if len(stray) > 3 else ''}): left by an interrupted run; "
-                            "`das-sd index` removes unlisted index files, a featurize rerun overwrites shards")
-    return report
-
-
-def _rows_problem(safe_open, path: Path, rows: int | None) -> str | None:
-    """A file that does not parse, or whose arrays do not have the manifest's row count."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            counts = {name: fh.get_slice(name).get_shape()[:1] for name in fh.keys()}
-    except Exception as exc:
-        return f"not a readable safetensors file ({exc})"
-    wrong = sorted(name for name, count in counts.items() if rows is not None and count != [rows])
-    return f"array(s) {wrong[:3]} do not have the {rows} rows the manifest lists" if wrong else None
