@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -52,10 +53,74 @@ def read_prompt_file(path: str | Path, flag: str = "--prompts") -> list[str]:
     return prompts
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO', ... for an ``st_mode`` (what a path is when it is not a plain file)."""
+    return next((name for test, name in _KINDS if test(mode)), "not a plain file")
+
+
+def not_regular_message(path: str | Path, mode: int, what: str = "file") -> str:
+    return f"{path}: not a regular file ({file_kind(mode)}); expected a {what}"
+
+
+def check_regular_file(path: str | Path, what: str = "file") -> os.stat_result:
+    """``os.stat(path)`` when ``path`` is a regular file; else ValueError naming it (a FIFO or a
+    device would block or never end when read; stat itself never blocks)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(not_regular_message(path, st.st_mode, what))
+    return st
+
+
+def open_regular(path: str | Path, what: str = "file", buffering: int = -1):
+    """``open(path, "rb")`` for a regular file only: opened with O_NONBLOCK (opening a FIFO never
+    waits for a writer) and refused after fstat unless it is a regular file, so a path swapped for a
+    FIFO or a device between a check and the open cannot hang the reader either."""
+    check_regular_file(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(not_regular_message(path, mode, what))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def printable(text) -> str:
+    """``text`` safe to print on a terminal: control characters (C0, DEL, C1, and the other
+    non-printing format / separator characters) shown escaped as \\x1b, \\n, \\u2028, ...; a caption
+    or file name read from a dataset can then not clear the screen or retitle the window."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """sha256 hex digest of a file, read in chunks so that memory stays flat on multi-GB files."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
+    with open_regular(path, buffering=0) as fh:
         buffer = bytearray(chunk_bytes)
         view = memoryview(buffer)
         while n := fh.readinto(buffer):

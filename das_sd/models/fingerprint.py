@@ -12,7 +12,11 @@ import json
 import os
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_regular_file, open_regular
+
+# safetensors refuses a header longer than this (its MAX_HEADER_SIZE); a length field beyond it, or
+# beyond the file, is damage, and reading it would ask for up to 2^64 bytes of memory
+MAX_HEADER_BYTES = 100_000_000
 
 # Files that describe a pipeline folder; anything else (READMEs, images, our build log) is ignored.
 MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
@@ -61,7 +65,7 @@ def _cached_digest(path: Path, kind: str, compute, cache: dict | None = None) ->
 
 def _file_bytes_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -74,6 +78,9 @@ def file_sha256(path: str | Path, cache: dict | None = None) -> str:
 def model_fingerprint(folder: str | Path) -> str:
     """Hash of every config and weight file of a diffusers pipeline folder (names and contents)."""
     folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder; expected a diffusers pipeline folder" if folder.exists()
+                         else f"{folder}: model folder not found")
     cache = _load_cache()
     h = hashlib.sha256()
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_SUFFIXES
@@ -89,9 +96,18 @@ def tensors_sha256(path: str | Path) -> str:
     """Hash of a safetensors file's tensors (sorted names, dtypes, shapes, bytes), header metadata
     excluded: safetensors writes metadata keys in no fixed order, so raw file bytes are not stable."""
     path = Path(path)
-    with path.open("rb") as fh:
+    with open_regular(path, "safetensors file") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
         header_len = int.from_bytes(fh.read(8), "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"its header length field says {header_len} bytes, more than "
+                             + (f"the {size - 8} bytes after it" if size - 8 < MAX_HEADER_BYTES
+                                else f"safetensors' limit of {MAX_HEADER_BYTES}"))
         header = json.loads(fh.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
         base = 8 + header_len
         h = hashlib.sha256()
         for name in sorted(k for k in header if k != "__metadata__"):
@@ -105,9 +121,14 @@ def tensors_sha256(path: str | Path) -> str:
 
 def lora_fingerprint(path: str | Path) -> str:
     path = Path(path).resolve()
+    check_regular_file(path, "LoRA .safetensors file")  # a FIFO would block, a device never end
     try:
         return f"sha256:{_cached_digest(path, 'tensors', tensors_sha256)}"
-    except (ValueError, KeyError) as exc:
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        if str(exc).startswith(f"{path}:"):  # open_regular's own message names the file already
+            raise
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 

@@ -13,12 +13,15 @@ are read: pickled checkpoints (.bin, .pt, .ckpt) are refused, never unpickled.
 from __future__ import annotations
 
 import json
+import stat
 from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from ..io import not_regular_message
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -126,12 +129,18 @@ def resolve_lora_file(path: str | Path) -> Path:
         for name in LORA_WEIGHT_NAMES:
             if (path / name).is_file():
                 return path / name
-        found = sorted(path.glob("*.safetensors"))
+        found = sorted(p for p in path.glob("*.safetensors") if p.is_file())
         if len(found) == 1:
             return found[0]
         raise ModelError(f"{path}: no LoRA weights ({' or '.join(LORA_WEIGHT_NAMES)}) in the folder")
-    if not path.is_file():
-        raise ModelError(f"{path}: LoRA file not found")
+    try:
+        mode = path.stat().st_mode  # stat never blocks; opening a FIFO would
+    except FileNotFoundError:
+        raise ModelError(f"{path}: LoRA file not found") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise ModelError(not_regular_message(path, mode, "LoRA .safetensors file or folder"))
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelError(f"{path}: pickled checkpoints are not loaded (unsafe); convert it to safetensors")
     if path.suffix.lower() != ".safetensors":
