@@ -172,11 +172,13 @@ def _print_store(store) -> None:
 
 def cmd_index(args) -> None:
     from .score import LambdaRule, build_indexes
-    from .store import FeatureStore
+    from .store import MANIFEST, FeatureStore
+    from .store_integrity import require_identity
 
     import torch
 
     store = FeatureStore.open(args.store)
+    require_identity(store.root / MANIFEST, store.identity, ("feature_sets",), "das-sd index")
     orphans = store.remove_orphan_indexes()
     if orphans:
         print(f"removed {len(orphans)} index file(s) an interrupted `das-sd index` left", file=sys.stderr)
@@ -203,8 +205,12 @@ def cmd_verify(args) -> None:
 def cmd_attribute(args) -> None:
     from .attribute import Attributor
     from .generation import shorten, warn_truncated_prompts
+    from .store import MANIFEST, FeatureStore
+    from .store_integrity import require_identity
 
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    store = FeatureStore.open(args.store)
+    require_identity(store.root / MANIFEST, store.identity, needed_by="das-sd attribute")
+    attributor = Attributor(store, device=args.device, base=args.base, lora=args.lora)
     result = attributor.attribute_image(args.image, prompt=args.prompt, method=args.method, top_k=args.top_k)
     warn_truncated_prompts(attributor.pipe.tokenizer, [result.query["prompt"]])
     if args.json:

@@ -105,6 +105,16 @@ class _Fields:
             self.fail(name, f"an integer >= {minimum}", value)
         return value
 
+    def bool(self, name: str, value) -> bool:
+        if not isinstance(value, bool):
+            self.fail(name, "true or false", value)
+        return value
+
+    def choice(self, name: str, value, options) -> str:
+        if not isinstance(value, str) or value not in options:
+            self.fail(name, "one of " + ", ".join(json.dumps(o) for o in options), value)
+        return value
+
     def str(self, name: str, value, pattern: re.Pattern | None = None, what: str = "a string") -> str:
         if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
             self.fail(name, what, value)
@@ -142,6 +152,9 @@ def read_manifest(path: Path, format_version: int) -> dict:
     if not isinstance(manifest, dict):
         raise StoreError(f"{path}: damaged manifest (a JSON {type(manifest).__name__}, not an object)")
     version = manifest.get("format_version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise StoreError(f"{path}: damaged manifest: field 'format_version' must be the integer {format_version} "
+                         f"(found {type(version).__name__} {_short(version)})")
     if version != format_version:
         raise StoreError(f"{path}: store format version {version!r}; this das-sd reads version {format_version}")
     for name in ("identity", "shards", "shard_size"):
@@ -154,8 +167,11 @@ def read_manifest(path: Path, format_version: int) -> dict:
 def check_manifest(path: Path, manifest: dict) -> None:
     """Types and consistency of every field das-sd reads; raises on the first bad one."""
     f = _Fields(path)
-    f.dict("identity", manifest["identity"])
-    f.dict("info", manifest.setdefault("info", {}))
+    check_identity(f, f.dict("identity", manifest["identity"]))
+    info = f.dict("info", manifest.setdefault("info", {}))
+    for name in ("base_path", "lora_path", "dataset_root", "dataset_format"):
+        if info.get(name) is not None:
+            f.str(f"info.{name}", info[name])
     f.int("shard_size", manifest["shard_size"], 1)
     if not isinstance(manifest.setdefault("complete", False), bool):
         f.fail("complete", "true or false", manifest["complete"])
@@ -200,3 +216,73 @@ def check_manifest(path: Path, manifest: dict) -> None:
         f.dict(at, checksum)
         f.str(f"{at}.sha256", checksum.get("sha256"), _SHA256, "64 lowercase hex digits")
         f.int(f"{at}.bytes", checksum.get("bytes"))
+
+
+# ---- identity ------------------------------------------------------------------------------------
+
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+# what `das-sd attribute` reads from the identity (a store made by das-sd featurize has them all)
+ATTRIBUTE_FIELDS = ("feature_sets", "base_fingerprint", "lora_fingerprint", "resolution")
+
+
+def check_identity(f: _Fields, identity: dict) -> None:
+    """Types of the identity fields das-sd reads, where present (stores made by hand for tests
+    hold other, minimal identities; ``require_identity`` asks for those a command cannot do without)."""
+    if "feature_sets" in identity:
+        sets = f.dict("identity.feature_sets", identity["feature_sets"])
+        if not sets:
+            f.fail("identity.feature_sets", "a non-empty object (feature set name -> featurizer settings)", sets)
+        for name, settings in sets.items():
+            check_featurizer_settings(f, f"identity.feature_sets.{name}", settings)
+    for name in ("base_fingerprint", "lora_fingerprint"):
+        if name in identity:
+            f.str(f"identity.{name}", identity[name])
+    if "resolution" in identity:
+        f.int("identity.resolution", identity["resolution"], 1)
+    if "lora_parameters" in identity:
+        f.int("identity.lora_parameters", identity["lora_parameters"])
+    if "compute_dtype" in identity:
+        f.choice("identity.compute_dtype", identity["compute_dtype"], COMPUTE_DTYPES)
+    if "store_dtype" in identity:
+        f.choice("identity.store_dtype", identity["store_dtype"], STORE_DTYPES)
+
+
+def check_featurizer_settings(f: _Fields, at: str, settings) -> None:
+    """A feature set's recorded FeaturizerSettings: each field present has its type and range."""
+    from .featurize.settings import OUTPUT_FUNCTIONS, RESIDUAL_FORMS, FeaturizerSettings
+    from .projection import KINDS
+
+    f.dict(at, settings)
+    choices = {"output": OUTPUT_FUNCTIONS, "projector": KINDS, "residual": RESIDUAL_FORMS}
+    minimum = {"num_timesteps": 1, "projection_dim": 1, "projection_nonzeros": 1, "residual_timesteps": 1}
+    for name, value in settings.items():
+        if name in choices:
+            f.choice(f"{at}.{name}", value, choices[name])
+        elif name in minimum:
+            f.int(f"{at}.{name}", value, minimum[name])
+        elif name in ("noise_seed", "projection_seed"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                f.fail(f"{at}.{name}", "an integer", value)
+        elif name == "normalize":
+            f.bool(f"{at}.{name}", value)
+        elif name == "timesteps" and value is not None:
+            if not isinstance(value, list) or not value:
+                f.fail(f"{at}.{name}", "null or a non-empty list of timesteps", value)
+            for j, t in enumerate(value):
+                f.int(f"{at}.{name}[{j}]", t)
+    defaults = FeaturizerSettings()
+    kind = settings.get("projector", defaults.projector)
+    dim = settings.get("projection_dim", defaults.projection_dim)
+    nonzeros = settings.get("projection_nonzeros", defaults.projection_nonzeros)
+    if kind == "sparse" and dim % nonzeros:
+        f.fail(f"{at}.projection_dim", f"a multiple of projection_nonzeros ({nonzeros}) for the sparse projector", dim)
+
+
+def require_identity(path: Path, identity: dict, fields=ATTRIBUTE_FIELDS, needed_by: str = "das-sd") -> None:
+    """StoreError naming the manifest and the first identity field ``needed_by`` cannot do without."""
+    missing = [name for name in fields if name not in identity]
+    if missing:
+        raise StoreError(f"{path}: damaged manifest: no {', '.join('identity.' + m for m in missing)} "
+                         f"({needed_by} needs {'it' if len(missing) == 1 else 'them'}; `das-sd featurize` writes "
+                         "every identity field)")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .store import MANIFEST, FeatureStore
-from .store_integrity import StoreError, checksum_problem, damaged_message
+from .store_integrity import StoreError, checksum_problem, damaged_message, require_identity
 
 
 @dataclass
@@ -45,6 +45,10 @@ def verify_store(root: str | Path, progress: bool = True) -> Report:
     except StoreError as exc:
         report.problems.append(str(exc))
         return report
+    try:
+        require_identity(root / MANIFEST, store.identity, needed_by="das-sd index and attribute")
+    except StoreError as exc:
+        report.problems.append(str(exc))
     shard_rows = [s["rows"] for s in store.manifest["shards"]]
     listed: list[tuple[str, int | None]] = [(s["file"], s["rows"]) for s in store.manifest["shards"]]
     for name in sorted(store.manifest["indexes"]):

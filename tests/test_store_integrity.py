@@ -16,6 +16,9 @@ from das_sd.store import FeatureStore, Row, StoreError
 from das_sd.topk import stream_topk
 
 SETS = ("das", "dtrak")
+# every field `das-sd attribute` reads (das_sd.store_integrity.ATTRIBUTE_FIELDS), settings left default
+IDENTITY = {"base_fingerprint": "sha256:b", "lora_fingerprint": "sha256:l", "resolution": 64,
+            "compute_dtype": "float32", "feature_sets": {name: {} for name in SETS}}
 
 
 def flip_byte(path, offset_from_end: int = 5) -> None:
@@ -33,7 +36,7 @@ def flip_byte(path, offset_from_end: int = 5) -> None:
 def store(tmp_path):
     g = torch.Generator().manual_seed(0)
     n, k = 40, 8
-    s = FeatureStore.create(tmp_path / "store", {"feature_sets": {name: {} for name in SETS}}, shard_size=16)
+    s = FeatureStore.create(tmp_path / "store", IDENTITY, shard_size=16)
     for start in range(0, n, 16):
         m = min(16, n - start)
         rows = [Row(f"k{i}", f"img{i}.png", f"c{i}") for i in range(start, start + m)]
@@ -174,6 +177,80 @@ def test_manifest_with_a_bad_field_is_refused_naming_file_and_field(store, edit,
     with pytest.raises(StoreError) as err:
         FeatureStore.open(store.root)
     assert str(err.value).startswith(f"{path}: damaged manifest: field {field!r} must be ")
+
+
+@pytest.mark.parametrize("edit,field,must", [
+    (lambda i: i.update(feature_sets="das"), "identity.feature_sets", "an object"),
+    (lambda i: i.update(feature_sets={}), "identity.feature_sets", "a non-empty object"),
+    (lambda i: i["feature_sets"].update(das=None), "identity.feature_sets.das", "an object"),
+    (lambda i: i["feature_sets"]["das"].update(projection_dim="2048"), "identity.feature_sets.das.projection_dim",
+     "an integer >= 1 (found str \"2048\")"),
+    (lambda i: i["feature_sets"]["das"].update(timesteps=["x", -1]), "identity.feature_sets.das.timesteps[0]",
+     "an integer >= 0"),
+    (lambda i: i["feature_sets"]["das"].update(timesteps=[3, -1]), "identity.feature_sets.das.timesteps[1]",
+     "an integer >= 0"),
+    (lambda i: i["feature_sets"]["das"].update(timesteps="0,10"), "identity.feature_sets.das.timesteps",
+     "null or a non-empty list"),
+    (lambda i: i["feature_sets"]["dtrak"].update(output="max"), "identity.feature_sets.dtrak.output", "one of "),
+    (lambda i: i["feature_sets"]["das"].update(projector=1), "identity.feature_sets.das.projector", "one of "),
+    (lambda i: i["feature_sets"]["das"].update(residual="both"), "identity.feature_sets.das.residual", "one of "),
+    (lambda i: i["feature_sets"]["das"].update(normalize="yes"), "identity.feature_sets.das.normalize",
+     "true or false"),
+    (lambda i: i["feature_sets"]["das"].update(noise_seed=1.5), "identity.feature_sets.das.noise_seed",
+     "an integer"),
+    (lambda i: i["feature_sets"]["das"].update(num_timesteps=0), "identity.feature_sets.das.num_timesteps",
+     "an integer >= 1"),
+    (lambda i: i["feature_sets"]["das"].update(projection_nonzeros=-2),
+     "identity.feature_sets.das.projection_nonzeros", "an integer >= 1"),
+    (lambda i: i["feature_sets"]["das"].update(residual_timesteps=None),
+     "identity.feature_sets.das.residual_timesteps", "an integer >= 1"),
+    (lambda i: i["feature_sets"]["das"].update(projection_dim=2047), "identity.feature_sets.das.projection_dim",
+     "a multiple of projection_nonzeros (4)"),
+    (lambda i: i.update(resolution="64"), "identity.resolution", "an integer >= 1"),
+    (lambda i: i.update(lora_fingerprint=7), "identity.lora_fingerprint", "a string"),
+    (lambda i: i.update(compute_dtype="float8"), "identity.compute_dtype", "one of "),
+])
+def test_bad_identity_field_is_named_by_verify_index_and_attribute(store, capsys, edit, field, must):
+    path = store.root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest["identity"])
+    path.write_text(json.dumps(manifest))
+    expected = f"{path}: damaged manifest: field {field!r} must be {must}"
+    with pytest.raises(StoreError) as err:
+        FeatureStore.open(store.root)
+    assert str(err.value).startswith(expected)
+    code, out, err = run(capsys, "verify", "--store", str(store.root), "--quiet")
+    assert code == 2 and expected in out and "no problems" not in out and "Traceback" not in err
+    for argv in (["index"], ["attribute", "--image", "x.png", "--prompt", "x"]):
+        code, out, err = run(capsys, *argv, "--store", str(store.root))
+        assert code == 2 and out == "" and expected in err and "Traceback" not in err
+
+
+def test_identity_fields_a_command_needs_are_required_by_it_and_verify(store, capsys):
+    path = store.root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["identity"]["feature_sets"], manifest["identity"]["resolution"]
+    path.write_text(json.dumps(manifest))
+    FeatureStore.open(store.root)  # a store made by hand (tests, benchmarks) opens with any identity
+    code, out, _ = run(capsys, "verify", "--store", str(store.root), "--quiet")
+    assert code == 2 and f"{path}: damaged manifest: no identity.feature_sets, identity.resolution" in out
+    code, out, err = run(capsys, "index", "--store", str(store.root))
+    assert code == 2 and f"{path}: damaged manifest: no identity.feature_sets (das-sd index needs it" in err
+    code, out, err = run(capsys, "attribute", "--store", str(store.root), "--image", "x.png")
+    assert code == 2 and "no identity.feature_sets, identity.resolution (das-sd attribute needs them" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, True])
+def test_a_format_version_of_another_type_must_be_the_integer(store, version):
+    path = store.root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = version
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError) as err:
+        FeatureStore.open(store.root)
+    assert str(err.value).startswith(f"{path}: damaged manifest: field 'format_version' must be the integer 1 "
+                                     f"(found {type(version).__name__} ")
 
 
 # ---- index generations ----------------------------------------------------------------------------
