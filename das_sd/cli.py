@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .argtypes import non_negative_int, positive_float, positive_int
 
 
 def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
@@ -265,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-base", help="train the embedded tiny SD from scratch (about 40 minutes on 2 CPU cores)")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default: the recipe's)")
-    p.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder steps (default: the recipe's)")
+    p.add_argument("--vae-steps", type=positive_int, default=None, help="VAE training steps (default: the recipe's)")
+    p.add_argument("--unet-steps", type=positive_int, default=None, help="UNet + text encoder steps (default: the recipe's)")
     p.set_defaults(func=cmd_build_base)
 
     p = sub.add_parser("make-demo-data", help="write the demo fine-tuning set with planted ground truth")
@@ -284,25 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_flags(p)
     p.add_argument("--out", required=True, help="output folder (pytorch_lora_weights.safetensors + lora_record.json)")
     p.add_argument("--subset", default=None, help="file with the sample keys to train on (JSON list or one per line)")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=positive_int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    p.add_argument("--steps", type=positive_int, default=800)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--resolution", type=positive_int, default=None, help="training resolution (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-encoder-rank", type=int, default=None,
+    p.add_argument("--text-encoder-rank", type=non_negative_int, default=None,
                    help="rank of the text-encoder LoRA trained alongside the UNet's (default 8; 0: UNet only)")
-    p.add_argument("--text-encoder-lr", type=float, default=None, help="text-encoder LoRA learning rate (default: --lr)")
+    p.add_argument("--text-encoder-lr", type=positive_float, default=None, help="text-encoder LoRA learning rate (default: --lr)")
     p.set_defaults(func=cmd_train_lora)
 
     p = sub.add_parser("generate", help="generate images; parameters and hashes go into the PNG metadata")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=positive_int, default=1)
     p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
     p.add_argument("--lora", default=None, help="LoRA file or folder (diffusers, peft or kohya safetensors)")
     p.add_argument("--lora-scale", type=float, default=1.0)
@@ -318,25 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-sets", default="das,dtrak,trak", help="comma-separated: das, dtrak, trak")
     defaults = FeaturizerSettings  # one place for the defaults: the settings dataclass
     p.add_argument("--output", default=defaults.output, choices=["mean", "l1", "square", "loss"], help="f of the das set")
-    p.add_argument("--timesteps", type=int, default=defaults.num_timesteps, help="K, timesteps per sample (uniform grid)")
-    p.add_argument("--dim", type=int, default=defaults.projection_dim, help="k, projected feature dimension")
+    p.add_argument("--timesteps", type=positive_int, default=defaults.num_timesteps, help="K, timesteps per sample (uniform grid)")
+    p.add_argument("--dim", type=positive_int, default=defaults.projection_dim, help="k, projected feature dimension")
     p.add_argument("--projector", default=defaults.projector, choices=["sparse", "rademacher", "gaussian"],
                    help="random projection P (sparse: O(s p) per row, the dense kinds O(k p))")
-    p.add_argument("--projection-nonzeros", type=int, default=defaults.projection_nonzeros,
+    p.add_argument("--projection-nonzeros", type=positive_int, default=defaults.projection_nonzeros,
                    help="s, nonzeros per coordinate of the sparse projector (k must be a multiple)")
     p.add_argument("--projection-seed", type=int, default=defaults.projection_seed)
     p.add_argument("--noise-seed", type=int, default=defaults.noise_seed)
     p.add_argument("--no-normalize", action="store_true", help="no per-timestep unit normalisation (das set)")
     p.add_argument("--residual", default=defaults.residual, choices=["scale-free", "magnitude", "none"])
-    p.add_argument("--residual-timesteps", type=int, default=defaults.residual_timesteps, help="T_E for the residual weights")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--residual-timesteps", type=positive_int, default=defaults.residual_timesteps, help="T_E for the residual weights")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="do part I of N of the work (for torchrun, Slurm arrays, ...); then run --merge once")
     p.add_argument("--merge", action="store_true", help="merge the finished --shard parts into --store")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="spread the parts over a Ray cluster (no ADDRESS: a local one) and merge them")
-    p.add_argument("--ray-workers", type=int, default=None, help="parts for --ray (default: the cluster's CPUs/GPUs)")
-    p.add_argument("--shard-size", type=int, default=256, help="rows per safetensors shard")
+    p.add_argument("--ray-workers", type=positive_int, default=None, help="parts for --ray (default: the cluster's CPUs/GPUs)")
+    p.add_argument("--shard-size", type=positive_int, default=256, help="rows per safetensors shard")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--autocast", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="autocast for the forward / backward passes (gradients accumulate in fp32); fp16 on CUDA only")
@@ -344,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")
     p.add_argument("--store", required=True)
-    p.add_argument("--lambda", dest="lambda_", type=float, default=None, help="explicit ridge lambda")
-    p.add_argument("--rho", type=float, default=100.0, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
+    p.add_argument("--lambda", dest="lambda_", type=positive_float, default=None, help="explicit ridge lambda")
+    p.add_argument("--rho", type=positive_float, default=100.0, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"],
                    help="storage of the train-side vectors (float16: half the bytes a query reads, same "
                         "rankings; int8: a quarter, per-row scaled, approximate scores)")
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="generated PNG (its prompt is read from the metadata)")
     p.add_argument("--prompt", default=None, help="prompt, when the image has none in its metadata")
     p.add_argument("--method", default="das", choices=["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"])
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--top-k", type=positive_int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
     p.add_argument("--base", default=None, help="base model folder, if it moved since featurizing")
     p.add_argument("--lora", default=None, help="LoRA file, if it moved since featurizing")

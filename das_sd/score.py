@@ -10,6 +10,7 @@ Baselines (section 8) are other psi / transforms over the same code path.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -79,6 +80,39 @@ def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
     return kernel
 
 
+# lambda / (trace / k) outside this range is meaningless: below, G is Phi^T Phi, singular in float64
+# (Cholesky fails or psi is noise); above, G^-1 phi is ~ phi / lambda and every score underflows to 0
+LAMBDA_RATIO_RANGE = (1e-10, 1e10)
+
+
+def _cholesky(kernel: torch.Tensor, lam: float, rule: LambdaRule, store: FeatureStore,
+              feature_set: str) -> torch.Tensor:
+    """Cholesky factor of Phi^T Phi + lambda I, or ValueError naming --lambda / --rho, with the
+    kernel's mean eigenvalue trace / k for scale and a value that works."""
+    k = kernel.shape[0]
+    scale = float(torch.trace(kernel)) / k
+    flag = f"--lambda {rule.value:g}" if rule.value is not None else f"--rho {rule.rho:g}"
+    where = f"{store.root}: feature set {feature_set!r}"
+    if not scale > 0:
+        raise ValueError(f"{where}: the features are all zero (trace(Phi^T Phi) = {scale * k:g}); "
+                         "nothing to index")
+    suggest = f"e.g. --rho {LambdaRule.rho:g} (lambda = {LambdaRule.rho * scale:.3g}, the default)"
+    if not math.isfinite(lam) or not lam > 0:
+        raise ValueError(f"{where}: {flag} gives lambda = {lam:g}; lambda must be finite and > 0, {suggest}")
+    low, high = LAMBDA_RATIO_RANGE
+    ratio = lam / scale
+    if not low <= ratio <= high:
+        raise ValueError(f"{where}: {flag} gives lambda = {lam:.3g}, {ratio:.3g} times the kernel's mean "
+                         f"eigenvalue trace(Phi^T Phi) / k = {scale:.3g}; outside [{low:g}, {high:g}] times it "
+                         f"the scores mean nothing ({'too small: the kernel is singular' if ratio < low else 'too large: every score underflows to 0'}); {suggest}")
+    try:
+        return torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"{where}: Phi^T Phi + lambda I is not positive definite in float64 with {flag} "
+                         f"(lambda = {lam:.3g}, {ratio:.3g} times trace(Phi^T Phi) / k = {scale:.3g}); "
+                         f"use a larger one, {suggest}") from None
+
+
 def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32,
                  kernel: torch.Tensor | None = None) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
     """Solve the kernel once; returns the index info and a generator of its arrays, shard by shard
@@ -86,10 +120,8 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
     ``kernel``: Phi^T Phi when the caller has it already (a lambda sweep)."""
     kernel = gram(store, feature_set) if kernel is None else kernel
     lam = rule.resolve(kernel)
-    if not lam > 0:
-        raise ValueError(f"lambda must be positive (got {lam}); the features may all be zero")
     k = kernel.shape[0]
-    chol = torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
+    chol = _cholesky(kernel, lam, rule, store, feature_set)
     info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
             "kernel_trace": float(torch.trace(kernel)), "k": k, "dtype": str(dtype).removeprefix("torch."),
             "leverage_range": [float("inf"), float("-inf")]}

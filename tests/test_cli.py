@@ -102,3 +102,35 @@ def test_demo_no_launch_prints_paths(capsys):
     for key in ("base", "lora", "data", "ground_truth", "store"):
         assert Path(paths[key]).exists(), key
     assert list(Path(paths["store"]).glob("index-das-*-00000.safetensors"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["attribute", "--store", "S", "--image", "x.png", "--top-k", "-5"], "--top-k"),
+    (["attribute", "--store", "S", "--image", "x.png", "--top-k", "0"], "--top-k"),
+    (["inspect", "--store", "S", "--out", "o", "--top-k", "0"], "--top-k"),
+    (["inspect", "--store", "S", "--out", "o", "--seeds", "-1"], "--seeds"),
+    (["inspect", "--store", "S", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["eval", "counterfactual", "--store", "S", "--prompts", "p.txt", "--top-k", "0"], "--top-k"),
+    (["eval", "lds", "--store", "S", "--workdir", "w", "--subsets", "0"], "--subsets"),
+    (["featurize", "--lora", "l", "--data", "d", "--store", "S", "--dim", "0"], "--dim"),
+    (["featurize", "--lora", "l", "--data", "d", "--store", "S", "--timesteps", "-2"], "--timesteps"),
+    (["featurize", "--lora", "l", "--data", "d", "--store", "S", "--shard-size", "0"], "--shard-size"),
+    (["featurize", "--lora", "l", "--data", "d", "--store", "S", "--batch-size", "0"], "--batch-size"),
+    (["generate", "--prompt", "p", "--out", "o.png", "--num-images", "0"], "--num-images"),
+    (["train-lora", "--data", "d", "--out", "o", "--steps", "0"], "--steps"),
+    (["train-lora", "--data", "d", "--out", "o", "--text-encoder-rank", "-1"], "--text-encoder-rank"),
+    (["index", "--store", "S", "--rho", "nan"], "--rho"),
+])
+def test_counts_and_sizes_must_be_positive_at_parse_time(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2 and f"argument {flag}: " in err and "Traceback" not in err
+    assert "positive" in err or "negative" in err
+
+
+def test_text_encoder_rank_zero_still_parses():
+    from das_sd.cli import build_parser
+
+    args = build_parser().parse_args(["train-lora", "--data", "d", "--out", "o", "--text-encoder-rank", "0"])
+    assert args.text_encoder_rank == 0

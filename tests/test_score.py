@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from das_sd.score import LambdaRule, build_index, latent_similarity, rank_scores, raw_scores, train_vectors
+from das_sd.cli import main
+from das_sd.score import (LambdaRule, build_index, index_arrays, latent_similarity, rank_scores, raw_scores,
+                          train_vectors)
 from das_sd.store import FeatureStore, Row
 from tolerances import FLOAT32_STORE_RTOL, float32_dot_bound
 
@@ -20,7 +22,7 @@ def store(tmp_path):
     phi = rng.normal(size=(n, k)).astype(np.float32)
     residual = rng.uniform(0.5, 1.5, size=n).astype(np.float32)
     latents = rng.normal(size=(n, 4, 2, 2)).astype(np.float32)
-    s = FeatureStore.create(tmp_path / "store", {"test": 1}, shard_size=16)
+    s = FeatureStore.create(tmp_path / "store", {"test": 1, "feature_sets": {"das": {}}}, shard_size=16)
     for start in range(0, n, 16):
         sl = slice(start, start + 16)
         rows = [Row(f"k{i}", f"img{i}.png", f"caption {i}") for i in range(start, min(n, start + 16))]
@@ -81,3 +83,77 @@ def test_latent_similarity_is_cosine(store):
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         rank_scores("magic", torch.zeros(1))
+
+
+@pytest.mark.parametrize("rule, flag, says", [
+    (LambdaRule(value=1e-300), "--lambda 1e-300", "too small: the kernel is singular"),
+    (LambdaRule(value=1e308), "--lambda 1e+308", "too large: every score underflows to 0"),
+    (LambdaRule(rho=1e-12), "--rho 1e-12", "too small"),
+    (LambdaRule(rho=float("inf")), "--rho inf", "lambda must be finite and > 0"),
+    (LambdaRule(value=float("nan")), "--lambda nan", "lambda must be finite and > 0"),
+    (LambdaRule(value=-1.0), "--lambda -1", "lambda must be finite and > 0"),
+])
+def test_meaningless_lambda_is_refused_naming_the_flag_and_the_kernel_scale(store, rule, flag, says):
+    s, phi, _, _ = store
+    scale = np.trace(phi.T @ phi) / phi.shape[1]
+    with pytest.raises(ValueError) as err:
+        index_arrays(s, "das", rule)
+    message = str(err.value)
+    assert message.startswith(f"{s.root}: feature set 'das': {flag} gives lambda = ") and says in message
+    assert "features may all be zero" not in message and "--rho 100" in message
+    if "finite" not in says:
+        assert f"trace(Phi^T Phi) / k = {scale:.3g}" in message
+
+
+def test_lambda_at_the_ends_of_the_range_still_indexes(store):
+    s, phi, _, _ = store
+    scale = np.trace(phi.T @ phi) / phi.shape[1]
+    for ratio in (1e-9, 1e9):
+        info, _ = index_arrays(s, "das", LambdaRule(value=ratio * scale))
+        assert info["lambda"] == ratio * scale
+
+
+def test_a_failed_cholesky_names_the_flag_without_a_traceback(store, monkeypatch):
+    s, _, _, _ = store
+
+    def not_positive_definite(*_args, **_kwargs):
+        raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
+    monkeypatch.setattr(torch.linalg, "cholesky", not_positive_definite)
+    with pytest.raises(ValueError, match=r"not positive definite in float64 with --rho 100 .*use a larger one"):
+        index_arrays(s, "das", LambdaRule())
+
+
+def test_all_zero_features_say_so(tmp_path):
+    s = FeatureStore.create(tmp_path / "zero", {"test": 1}, shard_size=4)
+    s.append_shard([Row("a", "a.png", "a")], {"features.das": torch.zeros(1, 4), "residuals.das": torch.ones(1)})
+    with pytest.raises(ValueError, match="the features are all zero"):
+        index_arrays(s, "das", LambdaRule())
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["--lambda", "inf"], 2, "argument --lambda: 'inf' is not a finite positive number"),
+    (["--lambda", "nan"], 2, "argument --lambda: 'nan' is not a finite positive number"),
+    (["--lambda", "0"], 2, "argument --lambda: '0' is not a finite positive number"),
+    (["--rho", "inf"], 2, "argument --rho: 'inf' is not a finite positive number"),
+    (["--rho", "-3"], 2, "argument --rho: '-3' is not a finite positive number"),
+    (["--lambda", "1e-300"], 2, "--lambda 1e-300 gives lambda = 1e-300"),
+    (["--lambda", "1e308"], 2, "--lambda 1e+308 gives lambda = 1e+308"),
+])
+def test_index_command_refuses_a_meaningless_lambda(store, capsys, argv, code, says):
+    s = store[0]
+    before = (s.root / "manifest.json").read_bytes()
+    try:
+        got = main(["index", "--store", str(s.root), *argv])
+    except SystemExit as exc:  # argparse
+        got = exc.code
+    out, err = capsys.readouterr()
+    assert got == code and says in err and "Traceback" not in err and "may all be zero" not in err
+    assert (s.root / "manifest.json").read_bytes() == before  # no index was recorded
+
+
+def test_index_command_default_rho_unchanged(store, capsys):
+    s, phi, _, _ = store
+    assert main(["index", "--store", str(s.root)]) == 0
+    kernel = phi.T @ phi
+    assert s.__class__.open(s.root).manifest["indexes"]["das"]["lambda"] == pytest.approx(
+        100 * np.trace(kernel) / kernel.shape[0], rel=1e-9)

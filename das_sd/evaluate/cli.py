@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..argtypes import positive_int
+
 
 def cmd_eval_groundtruth(args) -> None:
     from ..attribute import Attributor
@@ -123,24 +125,24 @@ def _store_flags(p) -> None:
 
 def _retraining_flags(p, results: str) -> None:
     p.add_argument("--workdir", required=True, help=f"retrained LoRAs and {results} (cached: a rerun resumes)")
-    p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    p.add_argument("--workers", type=positive_int, default=1, help="retraining processes")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="retrain as tasks on a Ray cluster (no ADDRESS: a local one with --workers CPUs)")
 
 
 def _lds_flags(p) -> None:
     p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
-    p.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
+    p.add_argument("--val-limit", type=positive_int, default=None, help="use only the first N val images")
     p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--subsets", type=int, default=16, help="M (the papers use 64)")
-    p.add_argument("--repeats", type=int, default=1, help="LoRAs per subset (seeds), outputs averaged")
+    p.add_argument("--seeds", type=positive_int, default=1)
+    p.add_argument("--subsets", type=positive_int, default=16, help="M (the papers use 64)")
+    p.add_argument("--repeats", type=positive_int, default=1, help="LoRAs per subset (seeds), outputs averaged")
     p.add_argument("--tune-fraction", type=float, default=0.5,
                    help="share of each query set held out to choose lambda (never reported)")
     p.add_argument("--rho-grid", default=None, help="comma-separated rho values for lambda = rho trace / k "
                    "(default 0.1,1,10,100,1000,10000)")
-    p.add_argument("--output-timesteps", type=int, default=50)
-    p.add_argument("--output-noise-draws", type=int, default=4)
+    p.add_argument("--output-timesteps", type=positive_int, default=50)
+    p.add_argument("--output-noise-draws", type=positive_int, default=4)
 
 
 def add_eval_commands(sub) -> None:
@@ -168,7 +170,7 @@ def add_eval_commands(sub) -> None:
     p.add_argument("--no-groundtruth", action="store_true", help="skip the planted ground-truth evaluation")
     p.add_argument("--lds-workdir", default=None, help="LDS run folder (retrained LoRAs shared by all variants); "
                    "without it, no LDS")
-    p.add_argument("--workers", type=int, default=1, help="retraining processes")
+    p.add_argument("--workers", type=positive_int, default=1, help="retraining processes")
     _lds_flags(p)
     p.set_defaults(func=cmd_eval_ablations)
 
@@ -176,7 +178,7 @@ def add_eval_commands(sub) -> None:
     _store_flags(p)
     _retraining_flags(p, "results")
     p.add_argument("--prompts", required=True, help="text file of prompts (generations with seeds 0..N-1)")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--top-k", type=int, default=10, help="training images removed per method and generation")
-    p.add_argument("--random-draws", type=int, default=1, help="random-removal controls per generation")
+    p.add_argument("--seeds", type=positive_int, default=1)
+    p.add_argument("--top-k", type=positive_int, default=10, help="training images removed per method and generation")
+    p.add_argument("--random-draws", type=positive_int, default=1, help="random-removal controls per generation")
     p.set_defaults(func=cmd_eval_counterfactual)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..argtypes import positive_int
+
 
 def cmd_inspect(args) -> None:
     from tqdm import tqdm
@@ -47,14 +49,14 @@ def add_inspect_command(sub) -> None:
     p = sub.add_parser("inspect", help="credit per training image and group over many generations; duplicates and outliers")
     p.add_argument("--store", required=True)
     p.add_argument("--prompts", default=None, help="text file, one prompt per line: generate prompts x seeds")
-    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per prompt (with --prompts)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds 0..N-1 per prompt (with --prompts)")
     p.add_argument("--images", default=None, help="folder of generated PNGs (prompts from their metadata)")
     p.add_argument("--out", required=True, help="report folder: inspection.json, *.csv, report.html")
     p.add_argument("--method", default="das", choices=["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin"])
-    p.add_argument("--top-k", type=int, default=10, help="k for the top-k counts")
+    p.add_argument("--top-k", type=positive_int, default=10, help="k for the top-k counts")
     p.add_argument("--group-by", default=None, help="folder, column:NAME (metadata column) or file:PATH (JSON/CSV mapping)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the group intervals")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="resamples for the group intervals")
     p.add_argument("--duplicate-threshold", type=float, default=0.99, help="latent cosine that flags a near-duplicate")
     p.add_argument("--base", default=None)
     p.add_argument("--lora", default=None)

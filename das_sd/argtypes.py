@@ -1,0 +1,38 @@
+"""argparse ``type=`` functions shared by every das-sd command: a bad number is refused while the
+flags are parsed (usage line, exit status 2), never later as a traceback or an empty result."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(text: str, kind, what: str):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, sizes, k of top-k)."""
+    value = _number(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (must be >= 1)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (0 meaning none, e.g. a text-encoder rank of 0: UNet only)."""
+    value = _number(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (must be >= 0)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (no nan, inf or 0)."""
+    value = _number(text, float, "a number")
+    if not math.isfinite(value) or not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite positive number")
+    return value
