@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import ImageError, is_fully_transparent, open_image, to_rgb
+from .data.images import ImageError, image_size, is_fully_transparent, open_image, to_rgb
 from .featurize.featurizer import Featurizer, features_together, store_autocast
 from .featurize.settings import FeaturizerSettings
 from .generation import image_metadata
@@ -145,13 +145,16 @@ class Attributor:
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, source: str = "image") -> torch.Tensor:
-        if image.size != (self.resolution, self.resolution):
-            raise QueryError(f"{source}: image is {image.width}x{image.height}; this store's model works at "
-                             f"{self.resolution}x{self.resolution} (attribute the generation at its native size)")
+        self._check_size(image.size, source)
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
         x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(self.pipe.vae.device, self.pipe.vae.dtype)
         vae = self.pipe.vae
         return (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float()
+
+    def _check_size(self, size: tuple[int, int], source: str) -> None:
+        if tuple(size) != (self.resolution, self.resolution):
+            raise QueryError(f"{source}: image is {size[0]}x{size[1]}; this store's model works at "
+                             f"{self.resolution}x{self.resolution} (attribute the generation at its native size)")
 
     def query_features(self, latents: torch.Tensor, prompts: list[str], cond: torch.Tensor | None = None,
                        feature_sets: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -244,6 +247,9 @@ class Attributor:
         source = str(image) if not isinstance(image, Image.Image) else "image"
         if not isinstance(image, Image.Image):
             try:
+                # a query has the store's resolution: any other size is refused from the header,
+                # before a (possibly 64-megapixel) image is decoded
+                self._check_size(image_size(Path(image)), source)
                 image = open_image(Path(image))
             except ImageError as exc:
                 raise QueryError(str(exc)) from None

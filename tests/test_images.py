@@ -9,6 +9,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
@@ -134,3 +135,75 @@ def test_long_prompts_are_counted_and_shortened(base_path):
 def test_the_module_never_lowers_pils_own_limit():
     # a host process (webui, ComfyUI, InvokeAI) shares PIL's global: das-sd may only raise it
     assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= min(images.MAX_IMAGE_PIXELS, 89_478_485)
+
+
+@pytest.mark.parametrize("size", [(7999, 7999), (64, 48)])  # just under the pixel cap / merely not the store's size
+def test_a_query_of_another_size_is_refused_from_the_header(tmp_path, no_decoding, size):
+    """A query must have the store's resolution: a 7999 x 7999 PNG (265 kB) took the app from 0.66 to
+    1.9 GB, decoded in full before being refused for its size."""
+    from das_sd.attribute import Attributor, QueryError
+
+    attributor = Attributor.__new__(Attributor)  # the size check needs no model
+    attributor.resolution = 32
+    path = tmp_path / "query.png"
+    path.write_bytes(png_header(*size))
+    w, h = size
+    with pytest.raises(QueryError, match=f"query.png: image is {w}x{h}; this store's model works at 32x32"):
+        attributor.image_query(path, prompt="a prompt")
+
+
+def _rgba_png(path: Path, size: int) -> None:
+    pixels = np.zeros((size, size, 4), np.uint8)
+    pixels[..., 0], pixels[..., 3] = 200, 255
+    pixels[10:50, 10:90] = (10, 20, 30, 128)
+    Image.fromarray(pixels, "RGBA").save(path)
+
+
+@pytest.mark.parametrize("step, bound", [("dataset", 1.5), ("featurize", 3.0)])  # was 5.0 and 5.0
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from /proc")
+def test_a_large_training_image_is_decoded_without_full_size_copies(tmp_path, step, bound):
+    """A large training image is legitimate, but reading it costs its decoded size (RGBA: 4 bytes a
+    pixel), plus the RGB image for featurizing: no converted copies (it was five of them)."""
+    size = 4000
+    path = tmp_path / "large.png"
+    _rgba_png(path, size)
+    # the peak from /proc (VmHWM): ru_maxrss would start from pytest's own peak, kept across exec
+    code = ("import sys\nfrom pathlib import Path\nfrom das_sd.data import images\n"
+            "from das_sd.data.datasets import _Collector\npath = Path(sys.argv[2])\n"
+            "def peak():\n    status = Path('/proc/self/status').read_text()\n"
+            "    return int(status.split('VmHWM:')[1].split()[0])\n"
+            "before = peak()\n"
+            "if sys.argv[1] == 'dataset':  # open_dataset checks every image\n"
+            "    _Collector(path.parent, skip_bad=False).add(path, 'a caption', None)\n"
+            "else:\n    images.to_model_input(images.load_image(path), 32)\n"
+            "print(peak() - before)\n")
+    out = subprocess.run([sys.executable, "-c", code, step, str(path)], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={"PATH": "", "OMP_NUM_THREADS": "1"})
+    decoded_kib = size * size * 4 / 1024
+    assert int(out.stdout) < bound * decoded_kib, (int(out.stdout) / decoded_kib, step)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "P", "RGBa", "I;16", "I", "F"])
+def test_conversion_in_strips_equals_converting_at_once(monkeypatch, mode):
+    """to_rgb converts large images a strip at a time: the pixels are those of the whole-image
+    conversion (composited on white; 16-bit and float scaled by the whole image's peak)."""
+    rng = np.random.default_rng(0)
+    w, h = 37, 23
+    if mode in ("I;16", "I", "F"):
+        values = rng.integers(0, 3000, (h, w)) if mode != "I;16" else rng.integers(0, 65536, (h, w))
+        values[-1, -1] = 2999 if mode != "I;16" else values[-1, -1]  # the peak in the last strip only
+        image = Image.fromarray(values.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+        whole = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode == "I;16" or whole.max() > 255 else 255.0
+        expected = Image.fromarray(np.clip(whole / peak * 255.0, 0, 255).astype(np.uint8), "L").convert("RGB")
+    else:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+        if mode == "P":
+            image = image.convert("RGB").quantize(40)
+            image.info["transparency"] = 5
+        elif mode != "RGBA":
+            image = image.convert(mode)
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        expected = Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")
+    monkeypatch.setattr(images, "STRIP_PIXELS", 3 * w)  # eight strips, the last one short
+    assert np.array_equal(np.asarray(images.to_rgb(image)), np.asarray(expected))

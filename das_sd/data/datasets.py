@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..io import json_error
 
-from .images import ImageError, decode, load_image
+from .images import ImageError, load_image, verify_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -153,7 +153,7 @@ class _Collector:
         except OSError as exc:
             return self.fail(where, line, f"{rel}: cannot read image ({exc.strerror or exc})")
         try:
-            decode(data, rel)
+            verify_image(data, rel)  # decoded once to find truncated files, no converted copy
         except ImageError as exc:
             return self.fail(where, line, str(exc))
         key = sample_key(data, caption)

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 
 def _pixel_cap() -> int:
@@ -44,13 +44,14 @@ class ImageError(ValueError):
 
 
 def open_image(source: str | Path | bytes, name: str | Path | None = None,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, load: bool = True) -> Image.Image:
     """Open an image file (or its bytes) and decode it fully, refusing it from its header first when
     it has more than ``max_pixels`` pixels (default ``MAX_IMAGE_PIXELS``).
 
     The image keeps its mode and metadata (PNG text chunks), so callers can read a generation's
     prompt; a truncated file fails here, not later. ``name`` is what error messages call the image
-    (default: the path, or "the uploaded image" for bytes).
+    (default: the path, or "the uploaded image" for bytes). ``load=False``: only the header is read
+    (no pixel is decoded; see ``image_size``), and the caller closes the image.
     """
     label = str(name) if name is not None else ("the uploaded image" if isinstance(source, bytes) else str(source))
     cap = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
@@ -64,7 +65,8 @@ def open_image(source: str | Path | bytes, name: str | Path | None = None,
         width, height = image.size
         if width * height > cap:
             raise _too_large(label, f"{width}x{height}", cap)
-        image.load()
+        if load:
+            image.load()
     except ImageError:
         if image is not None:
             image.close()
@@ -81,6 +83,22 @@ def open_image(source: str | Path | bytes, name: str | Path | None = None,
             image.close()
         raise ImageError(f"{label}: not a readable image ({type(exc).__name__}: {_clean(exc)})") from None
     return image
+
+
+def image_size(source: str | Path | bytes, name: str | Path | None = None,
+               max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding a pixel; refusals as ``open_image``."""
+    image = open_image(source, name, max_pixels, load=False)
+    try:
+        return image.size
+    finally:
+        image.close()
+
+
+def verify_image(data: bytes, name: str | Path | None = None) -> None:
+    """Refuse (``ImageError``) an image that cannot be decoded; nothing is kept. Decoding once at full
+    size is the cost of finding a truncated file; no converted copy of it is made."""
+    open_image(data, name).close()
 
 
 def _too_large(label: str, size: str, cap: int) -> ImageError:
@@ -114,10 +132,27 @@ def load_image(path: str | Path) -> Image.Image:
 
 def _upright_rgb(image: Image.Image) -> Image.Image:
     try:
-        image = ImageOps.exif_transpose(image)
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation in range(2, 9):  # else exif_transpose would only copy the image: a full-size copy saved
+            image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not make a good image unusable
         pass
     return to_rgb(image)
+
+
+# Conversions of large images run in horizontal strips of about this many pixels: every step is
+# per pixel, so the result is the same as converting at once, without full-size intermediates
+# (a 64 MP RGBA image took five 256 MB copies to composite on white).
+STRIP_PIXELS = 1 << 20
+
+
+def _strips(image: Image.Image):
+    """(box, crop) for horizontal strips of ``image`` covering it top to bottom."""
+    width, height = image.size
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        yield box, image.crop(box)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -125,17 +160,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
+        if mode.startswith("I;16"):
+            peak = 65535.0
+        else:
+            top = np.max([np.asarray(strip, dtype=np.float64).max() for _, strip in _strips(image)])
+            peak = 65535.0 if top > 255 else 255.0
+        out = np.empty((image.height, image.width), dtype=np.uint8)
+        for (_, y0, _, y1), strip in _strips(image):
+            out[y0:y1] = np.clip(np.asarray(strip, dtype=np.float64) / peak * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(out, "L").convert("RGB")
+    if mode == "P" and "transparency" not in image.info:
+        return image.convert("RGB")
+    if mode in ("P", "RGBA", "LA", "PA", "RGBa", "La"):  # composited on white, a strip at a time
+        out = Image.new("RGB", image.size)
+        for box, strip in _strips(image):
+            rgba = strip if strip.mode == "RGBA" else strip.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            out.paste(Image.alpha_composite(canvas, rgba).convert("RGB"), box[:2])
+        return out
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
