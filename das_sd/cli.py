@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .argtypes import non_negative_int, positive_float, positive_int
+from .io import printable
 
 
 def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def _open_dataset(args):
     if dataset.skipped:
         print(f"skipped {len(dataset.skipped)} bad sample(s):", file=sys.stderr)
         for item in dataset.skipped:
-            print(f"  {item}", file=sys.stderr)
+            print(f"  {printable(item)}", file=sys.stderr)
     return dataset
 
 
@@ -195,10 +196,10 @@ def cmd_verify(args) -> None:
 
     report = verify_store(args.store, progress=not args.quiet)
     for line in report.problems:
-        print(line)
+        print(printable(line))
     for line in report.notes:
-        print(f"note: {line}")
-    print(report.summary())
+        print(f"note: {printable(line)}")
+    print(printable(report.summary()))
     if not report.ok:
         raise StoreError(f"{report.root}: {len(report.problems)} problem(s) found (listed above)")
 
@@ -217,9 +218,12 @@ def cmd_attribute(args) -> None:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return
-    print(f"{result.method} attribution for {args.image} (prompt: {shorten(result.query['prompt'])!r})")
+    # captions and paths come from the dataset: escaped, so that none can drive the terminal
+    print(f"{result.method} attribution for {printable(args.image)} "
+          f"(prompt: {shorten(result.query['prompt'])!r})")
     for r in result.results:
-        print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {r.caption}  [{r.path}]")
+        print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {printable(r.caption)}  "
+              f"[{printable(r.path)}]")
 
 
 def cmd_demo(args) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..argtypes import positive_int
+from ..io import printable
 
 
 def cmd_inspect(args) -> None:
@@ -38,11 +39,12 @@ def cmd_inspect(args) -> None:
     top = inspection.image_rows()[:5]
     print(f"{len(inspection.generations)} generations x {len(inspection.keys)} training images ({args.method})")
     for row in top:
-        print(f"  {100 * row['mean_share']:6.2f}%  top-{args.top_k} in {row['top_k_count']:3d}  {row['caption']}")
+        print(f"  {100 * row['mean_share']:6.2f}%  top-{args.top_k} in {row['top_k_count']:3d}  "
+              f"{printable(row['caption'])}")
     for g in inspection.group_credits[:10]:
-        print(f"  group {g.name}: {100 * g.mean_share:.1f}% [{100 * g.ci_low:.1f}, {100 * g.ci_high:.1f}] "
+        print(f"  group {printable(g.name)}: {100 * g.mean_share:.1f}% [{100 * g.ci_low:.1f}, {100 * g.ci_high:.1f}] "
               f"({g.size} images, {100 * g.size_share:.1f}% of the set)")
-    print("\n".join(f"{name}: {path}" for name, path in files.items()))
+    print("\n".join(f"{name}: {printable(path)}" for name, path in files.items()))
 
 
 def add_inspect_command(sub) -> None:
