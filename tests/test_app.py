@@ -384,3 +384,38 @@ def test_group_by_is_checked_before_any_model_is_loaded(tmp_path):
         (tmp_path / "m.csv").write_text("just one column\n")
         bench.groups(None, tmp_path / "m.csv")
     assert bench._pipe is None and bench._attributor is None
+
+
+def test_unresolvable_file_urls_are_refused_without_a_traceback(tmp_path, capfd):
+    """A NUL byte in the requested path, or a symlink loop in the dataset folder, made the file
+    guard raise (500 and a traceback): they are refused like any other file that is not an image."""
+    from PIL import Image
+
+    from das_sd.app.ui import launch_options
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(data / "images" / "a.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "images/a.png", "text": "a red square"}) + "\n")
+    (data / "loop.png").symlink_to("loop.png")
+    bench = Workbench(AppConfig(store=tmp_path / "nowhere", data=data, outdir=tmp_path / "out"))  # no model loaded
+    app = build_app(bench)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(bench))
+    try:
+        def get(path: str) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/file={path}") as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read()
+
+        assert get(f"{data}/images/a.png")[0] == 200
+        for path in (f"{data}/metadata.jsonl%00.png", "/tmp/x%00", f"{data}/images/a.png%00", f"{data}/loop.png",
+                     f"{data}/loop.png/x.png"):
+            code, body = get(path)
+            assert code in (403, 404) and b"Traceback" not in body and b"Error" not in body, (path, code, body)
+    finally:
+        app.close()
+    logged = capfd.readouterr()
+    assert "Traceback" not in logged.err + logged.out and "Exception in ASGI application" not in logged.err

@@ -319,8 +319,11 @@ class DatasetImagesOnly:
     def servable(self, requested: str) -> bool:
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", requested):
             return True  # a URL, not a file of this machine
-        path = Path(os.path.abspath(requested))
-        resolved = path.resolve()
+        try:
+            path = Path(os.path.abspath(requested))
+            resolved = path.resolve()
+        except (ValueError, RuntimeError, OSError):  # a NUL byte, a symlink loop, a name too long: nothing to serve
+            return False
         if not (path.is_relative_to(self.root) or resolved.is_relative_to(self.root)):
             return True  # Gradio's own rules decide
         return all(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_relative_to(self.root) for p in (path, resolved))
