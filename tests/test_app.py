@@ -358,7 +358,7 @@ def test_inspect_never_opens_a_server_path_a_request_names(served, tmp_path):
                                                 for i, r in enumerate(rows)))
     groups_md = client.predict(INSPECT_PROMPTS, 1, "", handle_file(str(mapping)), "das", TOP_K,
                                api_name="/inspect")[0]
-    assert "file:groups.csv" in groups_md and "| even |" in groups_md and "| odd |" in groups_md
+    assert r"file\:groups\.csv" in groups_md and "| even |" in groups_md and "| odd |" in groups_md
     big = tmp_path / "big.csv"
     big.write_text("a.png,x\n" * 200_000)
     with pytest.raises(Exception, match="the uploaded mapping big.csv: the group mapping is larger than 1024 KB"):
@@ -419,3 +419,61 @@ def test_unresolvable_file_urls_are_refused_without_a_traceback(tmp_path, capfd)
         app.close()
     logged = capfd.readouterr()
     assert "Traceback" not in logged.err + logged.out and "Exception in ASGI application" not in logged.err
+
+
+HOSTILE = ("<img src=x onerror=alert(1)> [link](javascript:alert(1)) [site](https://example.com) **bold** "
+           "a|b $$x$$ `tick` \\* &amp;")
+
+
+def rendered_text(markdown: str) -> tuple[str, str]:
+    """(HTML, its text) of ``markdown`` rendered as CommonMark with GFM tables, as Gradio's Markdown does."""
+    import html
+    import re
+
+    markdown_it = pytest.importorskip("markdown_it")
+    page = markdown_it.MarkdownIt("commonmark").enable("table").render(markdown)
+    return page, html.unescape(re.sub(r"<[^>]+>", "", page))
+
+
+def test_user_text_is_shown_literally_in_the_apps_markdown():
+    """Captions (a user's metadata.jsonl), prompts, group names and paths may carry Markdown or HTML:
+    the app's Markdown shows them as text, never as an image, a link or bold."""
+    import gradio as gr
+
+    from das_sd.app.session import Query
+    from das_sd.app.ui import guarded, upload_note
+    from das_sd.app.views import detail_of, groups_markdown, status_markdown
+
+    page, _ = rendered_text(f"**Caption:** {HOSTILE}")
+    assert "<img" in page and "<a href" in page and "<strong>bold" in page  # unescaped, it would render
+
+    result = {"method": "das", "results": [{"rank": 1, "score": 2.5, "sign": 1, "caption": HOSTILE,
+                                            "key": "k`<b>", "path": f"/data/{HOSTILE}.png"}]}
+    image, markdown = detail_of(result, 0)
+    assert image == f"/data/{HOSTILE}.png"
+    groups = [{"name": HOSTILE, "size": 3, "size_share": 0.5, "mean_share": 0.25, "ci_low": 0.1, "ci_high": 0.4}]
+    status = {"store": f"/s/{HOSTILE}", "samples": 3, "complete": True, "resolution": 32, "base": "/b",
+              "base_fingerprint": "sha256:ab", "lora": "/l", "lora_fingerprint": "sha256:cd", "dataset": "/d",
+              "feature_sets": {}, "problem": HOSTILE}
+    query = Query(latents=None, prompt=HOSTILE + "\nsecond line", features={}, image_path="x.png",
+                  info={"prompt_from": "metadata"})
+    for markdown, shown in ((markdown, HOSTILE), (markdown, "k`<b>"), (markdown, f"/data/{HOSTILE}.png"),
+                            (groups_markdown(groups, f"column:{HOSTILE}"), HOSTILE),
+                            (groups_markdown(groups, f"column:{HOSTILE}"), f"column:{HOSTILE}"),
+                            (status_markdown(status), HOSTILE), (status_markdown(status), f"/s/{HOSTILE}"),
+                            (status_markdown({"store": HOSTILE, "problem": HOSTILE}), HOSTILE),
+                            (upload_note(query), HOSTILE + " second line")):
+        page, text = rendered_text(markdown)
+        assert "<img" not in markdown and "<img" not in page and "<a " not in page, markdown
+        assert "<strong>bold" not in page and "<code>tick" not in page, page
+        assert shown in text, (shown, text)
+    page, text = rendered_text(groups_markdown(groups, "folder"))
+    assert f"<td>{HOSTILE.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')}</td>" in page  # one cell
+
+    @guarded
+    def fails():
+        raise ValueError(f"{HOSTILE}.png: not a readable image")
+
+    with pytest.raises(gr.Error) as err:  # Gradio renders an alert's message as HTML
+        fails()
+    assert "<img" not in err.value.message and "&lt;img src=x onerror=alert(1)&gt;" in err.value.message

@@ -9,6 +9,7 @@ runs beside them.
 from __future__ import annotations
 
 import functools
+import html
 import logging
 import os
 import random
@@ -25,8 +26,8 @@ from ..data.images import open_image
 from ..generation import GenerationSettings, shorten
 from ..score import METHODS
 from .session import AppError, Query, Workbench
-from .views import (EFFECT_COLOURS, api_json, detail_of, gallery_items, groups_markdown, leaderboard, score_plot,
-                    status_markdown)
+from .views import (EFFECT_COLOURS, api_json, detail_of, gallery_items, groups_markdown, leaderboard, md_text,
+                    score_plot, status_markdown)
 
 MAX_IMAGES = 4  # generation slots shown side by side with their attributions
 MAX_TOP_K = 32
@@ -43,6 +44,11 @@ CSS = """
 """
 
 
+def as_html(message: str) -> str:
+    """A message for Gradio's alerts, which render HTML: file names, prompts and captions in it shown as text."""
+    return html.escape(message, quote=False)
+
+
 def guarded(fn):
     """Show failures as readable messages in the UI, never as a stack trace."""
     @functools.wraps(fn)
@@ -52,17 +58,26 @@ def guarded(fn):
         except gr.Error:
             raise
         except (ValueError, OSError, ArithmeticError) as exc:  # das-sd's own errors are ValueErrors
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(as_html(str(exc)), print_exception=False) from None
         except Exception as exc:
             log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"unexpected {type(exc).__name__}: {exc} (details in the server log)",
+            raise gr.Error(as_html(f"unexpected {type(exc).__name__}: {exc} (details in the server log)"),
                            print_exception=False) from None
     return wrapper
 
 
 def warn(note: str | None) -> None:
     if note:
-        gr.Warning(note[0].upper() + note[1:])
+        gr.Warning(as_html(note[0].upper() + note[1:]))
+
+
+def upload_note(query: Query) -> str:
+    """The Attribute tab's Markdown under the upload: the prompt used (shown as typed), and any warning."""
+    note = f"Prompt ({query.info['prompt_from']}): *{md_text(shorten(query.prompt.strip(), SHOWN_PROMPT))}*"
+    if query.info.get("prompt_note"):
+        text = query.info["prompt_note"]
+        note += f"\n\n⚠ {md_text(text[0].upper() + text[1:])}"
+    return note
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -132,7 +147,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
                                      file_types=["image"], type="filepath")
                     upload_prompt = gr.Textbox(label="Prompt (used when the image carries none)", lines=2)
                     attribute_button = gr.Button("Attribute", variant="primary")
-                    upload_info = gr.Markdown()
+                    upload_info = gr.Markdown(latex_delimiters=[])
                 with gr.Column(scale=3):
                     with gr.Row():
                         upload_preview = gr.Image(label="Query", type="pil", interactive=False, height=256,
@@ -158,7 +173,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
                     inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
                     inspect_files = gr.File(label="Reports (HTML, JSON, CSV)", file_count="multiple", interactive=False)
                 with gr.Column(scale=3):
-                    inspect_groups = gr.Markdown()
+                    inspect_groups = gr.Markdown(latex_delimiters=[])
                     leader_gallery = gr.Gallery(label="Most credited training images (click one)", columns=8, height=260,
                                                 elem_id="leaderboard", elem_classes="das-thumbs", allow_preview=False)
                     leader_table = gr.Dataframe(label="Leaderboard", interactive=False, max_height=300)
@@ -166,13 +181,13 @@ def build_app(bench: Workbench) -> gr.Blocks:
                                             height=200, elem_id="influenced", elem_classes="das-thumbs", allow_preview=False)
 
         with gr.Tab("Index"):
-            status_md = gr.Markdown()
+            status_md = gr.Markdown(latex_delimiters=[])
             build_button = gr.Button("Build / extend the store")
             refresh_button = gr.Button("Refresh", size="sm")
 
         with gr.Row():
             detail_image = gr.Image(label="Training image", interactive=False, height=256, elem_classes="das-detail")
-            detail_md = gr.Markdown(elem_id="detail")
+            detail_md = gr.Markdown(elem_id="detail", latex_delimiters=[])
         with gr.Accordion("Attribution as JSON", open=False):
             results_json = gr.JSON(label="Attribution (JSON)")
 
@@ -204,10 +219,9 @@ def build_app(bench: Workbench) -> gr.Blocks:
             result = bench.rank(query, method_, k_)
             image = open_image(path, name=Path(path).name)
             state = {**state, "upload": query, "upload_result": result.to_json()}
-            note = f"Prompt ({query.info['prompt_from']}): *{shorten(query.prompt, SHOWN_PROMPT)}*"
+            note = upload_note(query)
             if query.info.get("prompt_note"):
                 warn(query.info["prompt_note"])
-                note += f"\n\n⚠ {query.info['prompt_note'][0].upper()}{query.info['prompt_note'][1:]}"
             return image, gallery_items(result), score_plot(result), note, api_json(result.to_json()), state
 
         @guarded

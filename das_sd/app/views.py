@@ -3,11 +3,26 @@ components display (gallery items, data frames, markdown). No Gradio objects, no
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 
 from ..attribute import Attribution
 
 EFFECT_COLOURS = {"t > 0": "#d9480f", "t < 0": "#1c7ed6"}  # sign of the signed leave-one-out effect t_i
+
+# Text of users (prompts, captions, group names, file names) is shown literally: HTML's specials as
+# entities, Markdown's (and GFM autolinks', and the "$$" of Gradio's LaTeX) backslash-escaped, line
+# breaks as spaces, so that "<img onerror=...>", "[x](javascript:...)" or "**bold**" stay text.
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~:/@$^=])")
+_HTML_SPECIALS = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def md_text(text) -> str:
+    """``text`` for a Markdown string, shown as it is."""
+    text = " ".join(str(text).splitlines())
+    text = _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+    return re.sub(r"[&<>]", lambda m: _HTML_SPECIALS[m[0]], text)
 
 
 def gallery_items(result: Attribution) -> list[tuple[str, str]]:
@@ -32,7 +47,7 @@ def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
     r = result["results"][index]
     text = (f"**#{r['rank']}** · {result['method']} score **{r['score']:.4g}** "
             f"(signed effect t {'positive' if r['sign'] >= 0 else 'negative'})\n\n"
-            f"**Caption:** {r['caption']}\n\n**Key:** `{r['key']}`\n\n**File:** `{r['path']}`")
+            f"**Caption:** {md_text(r['caption'])}\n\n**Key:** {md_text(r['key'])}\n\n**File:** {md_text(r['path'])}")
     return r["path"], text
 
 
@@ -49,26 +64,26 @@ def leaderboard(rows: list[dict]) -> tuple[list[tuple[str, str]], pd.DataFrame]:
 def groups_markdown(groups: list[dict], group_by: str | None) -> str:
     if not groups:
         return "No groups (set *Group by* to roll the credit up by folder, metadata column or mapping file)."
-    lines = [f"**Credit by group** ({group_by}; mean share over generations, bootstrap 95 % interval)", "",
+    lines = [f"**Credit by group** ({md_text(group_by)}; mean share over generations, bootstrap 95 % interval)", "",
              "| group | images | of the set | mean share | 95 % interval |", "|---|---|---|---|---|"]
-    lines += [f"| {g['name']} | {g['size']} | {100 * g['size_share']:.1f}% | {100 * g['mean_share']:.1f}% | "
+    lines += [f"| {md_text(g['name'])} | {g['size']} | {100 * g['size_share']:.1f}% | {100 * g['mean_share']:.1f}% | "
               f"{100 * g['ci_low']:.1f}–{100 * g['ci_high']:.1f}% |" for g in groups]
     return "\n".join(lines)
 
 
 def status_markdown(status: dict) -> str:
     if "samples" not in status:
-        return f"**No feature store yet** at `{status['store']}`.\n\n{status['problem']}"
-    lines = [f"**Store** `{status['store']}` — {status['samples']} training images, "
+        return f"**No feature store yet** at {md_text(status['store'])}.\n\n{md_text(status['problem'])}"
+    lines = [f"**Store** {md_text(status['store'])} — {status['samples']} training images, "
              f"{'complete' if status['complete'] else 'incomplete'}, {status['resolution']} px",
-             f"- **Base model:** `{status['base']}` ({status['base_fingerprint']})",
-             f"- **LoRA:** `{status['lora']}` ({status['lora_fingerprint']})",
-             f"- **Dataset:** `{status['dataset']}`", "",
+             f"- **Base model:** {md_text(status['base'])} ({md_text(status['base_fingerprint'])})",
+             f"- **LoRA:** {md_text(status['lora'])} ({md_text(status['lora_fingerprint'])})",
+             f"- **Dataset:** {md_text(status['dataset'])}", "",
              "| feature set | f | K | k | normalise | residual | λ | index |", "|---|---|---|---|---|---|---|---|"]
     for name, s in status["feature_sets"].items():
         lam = f"{s['lambda']:.4g}" if s["lambda"] is not None else "—"
-        lines.append(f"| {name} | {s['f']} | {s['K']} | {s['k']} | {s['normalize']} "
+        lines.append(f"| {md_text(name)} | {md_text(s['f'])} | {s['K']} | {s['k']} | {s['normalize']} "
                      f"| {s['residual']} | {lam} | {'current' if s['index_current'] else 'out of date'} |")
     if status["problem"]:
-        lines += ["", f"⚠ {status['problem']}"]
+        lines += ["", f"⚠ {md_text(status['problem'])}"]
     return "\n".join(lines)
