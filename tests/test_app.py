@@ -477,3 +477,31 @@ def test_user_text_is_shown_literally_in_the_apps_markdown():
     with pytest.raises(gr.Error) as err:  # Gradio renders an alert's message as HTML
         fails()
     assert "<img" not in err.value.message and "&lt;img src=x onerror=alert(1)&gt;" in err.value.message
+
+
+def test_a_group_mapping_is_checked_against_the_store(served, tmp_path):
+    """A mapping that matches no training image (the dataset's metadata.jsonl read as CSV) is refused
+    at once, naming it; one that covers part of the store is used, and the app says how much."""
+    import time
+
+    url, bench = served
+    client = Client(url, verbose=False)
+    runs = set(bench.inspect_root.glob("*"))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="group by file:metadata.jsonl: the mapping gives no training image"):
+        bench.groups("file:metadata.jsonl")  # no model needed to refuse it
+    with pytest.raises(Exception, match="group by file:metadata.jsonl: the mapping gives no training image"):
+        client.predict(INSPECT_PROMPTS, 1, "file:metadata.jsonl", None, "das", TOP_K, api_name="/inspect")
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text((Path(bench.dataset_root()) / "metadata.jsonl").read_text())
+    with pytest.raises(Exception, match="group by file:wrong.csv: the mapping gives no training image"):
+        client.predict(INSPECT_PROMPTS, 1, "", handle_file(str(wrong)), "das", TOP_K, api_name="/inspect")
+    assert time.monotonic() - started < 60 and set(bench.inspect_root.glob("*")) == runs  # nothing generated
+
+    rows = bench.attributor.rows
+    part = tmp_path / "part.csv"
+    part.write_text("file,group\n" + "".join(f"{Path(r.path).name},first\n" for r in rows[:10]) + "gone.png,x\n")
+    groups_md = client.predict(INSPECT_PROMPTS, 1, "", handle_file(str(part)), "das", TOP_K, api_name="/inspect")[0]
+    _, text = rendered_text(groups_md)
+    assert (f'Mapping file:part.csv: 10 of its 11 entries name a training image; 10 of the {len(rows)} training '
+            f'images have a group, {len(rows) - 10} in "(none)"') in text, text

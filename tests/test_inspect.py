@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -292,3 +293,35 @@ def test_bad_mappings_are_described_not_quoted(tmp_path):
     (tmp_path / "bin.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(ValueError, match="not UTF-8 text"):
         read_group_mapping(tmp_path / "bin.csv")
+
+
+def test_a_mapping_that_matches_no_training_image_is_refused(tmp_path):
+    """A mapping that gives no training image a group is almost surely the wrong file (here the
+    dataset's metadata.jsonl, read as CSV): refused with its name, not every image in "(none)"."""
+    from types import SimpleNamespace
+
+    from das_sd.inspect.inspection import mapping_coverage, read_group_mapping, training_groups
+
+    rows = [SimpleNamespace(key=f"key{i}", path=f"images/{i}.png", caption="a caption") for i in range(3)]
+    attributor = SimpleNamespace(rows=rows)
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text("".join(json.dumps({"file_name": f"images/{i}.png", "text": "a caption"}) + "\n" for i in range(3)))
+    mapping = read_group_mapping(meta)  # two CSV columns a line: '{"file_name": "images/0.png"', ' "text": ...'
+    assert len(mapping) == 3
+    refusal = r"group by file:{}: the mapping gives no training image of the store a group: none of its 3 entries"
+    with pytest.raises(ValueError, match=refusal.format("metadata.jsonl")):
+        training_groups(attributor, "file:metadata.jsonl", mapping)  # as the app passes an upload
+    with pytest.raises(ValueError, match=refusal.format(re.escape(str(meta)))):
+        training_groups(attributor, f"file:{meta}")  # as the CLI reads a path
+    with pytest.raises(ValueError, match="none of its 0 entries"):
+        training_groups(attributor, "file:empty.json", {})
+    with pytest.raises(ValueError, match="none of its 1 entries"):
+        training_groups(attributor, "file:m.csv", {"key0": ""})  # no group name is no group
+
+    partial = {"key0": "alice", "images/1.png": "bob", "elsewhere.png": "carol"}
+    assert training_groups(attributor, "file:m.csv", partial) == ["alice", "bob", "(none)"]
+    assert mapping_coverage(rows, partial, "file:m.csv") == (
+        'file:m.csv: 2 of its 3 entries name a training image; 2 of the 3 training images have a group, '
+        '1 in "(none)"')
+    assert mapping_coverage(rows, {"0.png": "a", "1.png": "b", "2.png": "c"}, "file:m.csv") == (
+        "file:m.csv: 3 of its 3 entries name a training image; 3 of the 3 training images have a group")

@@ -243,13 +243,18 @@ class Workbench:
         try:
             if mapping_file:
                 name = Path(mapping_file).name
-                return f"file:{name}", read_group_mapping(Path(mapping_file), MAX_MAPPING_BYTES,
-                                                          name=f"the uploaded mapping {name}")
-            if group_by and group_by.startswith("file:"):
+                group_by = f"file:{name}"
+                mapping = read_group_mapping(Path(mapping_file), MAX_MAPPING_BYTES, name=f"the uploaded mapping {name}")
+            elif group_by and group_by.startswith("file:"):
                 root = self.dataset_root()
                 if root is None:
                     raise AppError("there is no dataset folder to read file:PATH from: upload the mapping instead")
-                return group_by, read_mapping_inside(root, group_by.split(":", 1)[1].strip())
+                mapping = read_mapping_inside(root, group_by.split(":", 1)[1].strip())
+            else:
+                mapping = None
+            if mapping is not None:
+                self.mapping_coverage(group_by, mapping)  # a mapping that matches nothing: refused now
+                return group_by, mapping
         except AppError:
             raise
         except ValueError as exc:
@@ -258,6 +263,17 @@ class Workbench:
             raise AppError(f"Group by {shorten(group_by, 60)!r}: expected folder, column:NAME or file:PATH "
                            "(a mapping inside the dataset folder), or upload a mapping")
         return group_by, None
+
+    def mapping_coverage(self, group_by: str, mapping: dict) -> str | None:
+        """How much of the store's training images a group mapping covers (das_sd.inspect's line);
+        None while there is no store to compare with. A mapping that matches none is a ValueError."""
+        from ..inspect.inspection import mapping_coverage
+
+        try:
+            rows = FeatureStore.open(self.config.store).rows()
+        except StoreError:
+            return None
+        return mapping_coverage(rows, mapping, group_by) if rows else None
 
     def _output_path(self, seed: int) -> Path:
         # A1111's layout: one folder per day, a running number, the seed

@@ -242,7 +242,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
 
         @guarded
         def on_inspect(prompts_, seeds_, group_, mapping_, method_, k_, state, progress=gr.Progress()):
-            bench.groups(group_, mapping_)  # a bad grouping is refused before the store is checked
+            group_by, mapping = bench.groups(group_, mapping_)  # a bad grouping is refused before the store is checked
             ensure_ready(progress)
             inspection, files = bench.inspect(
                 (prompts_ or "").splitlines(), int(seeds_), method_, int(k_), (group_ or "").strip() or None,
@@ -256,7 +256,10 @@ def build_app(bench: Workbench) -> gr.Blocks:
             generations = {g["id"]: g for g in data["generations"]}
             state = {**state, "inspect_rows": rows, "inspect_generations": generations}
             items, table = leaderboard(rows)
-            return (groups_markdown(data["groups"], data["group_by"]), items, table, [],
+            coverage = bench.mapping_coverage(group_by, mapping) if mapping is not None else None
+            if coverage and '"(none)"' in coverage:
+                warn(f"the group mapping {coverage}")
+            return (groups_markdown(data["groups"], data["group_by"], coverage), items, table, [],
                     [str(files[k]) for k in ("html", "json", "images_csv", "groups_csv")], state)
 
         def select_leader(state, evt: gr.SelectData):

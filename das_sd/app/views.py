@@ -61,10 +61,12 @@ def leaderboard(rows: list[dict]) -> tuple[list[tuple[str, str]], pd.DataFrame]:
     return items, table
 
 
-def groups_markdown(groups: list[dict], group_by: str | None) -> str:
+def groups_markdown(groups: list[dict], group_by: str | None, coverage: str | None = None) -> str:
+    """The credit per group as a table; ``coverage``: what a mapping covered (das_sd.inspect's line)."""
     if not groups:
         return "No groups (set *Group by* to roll the credit up by folder, metadata column or mapping file)."
     lines = [f"**Credit by group** ({md_text(group_by)}; mean share over generations, bootstrap 95 % interval)", "",
+             *([f"Mapping {md_text(coverage)}", ""] if coverage else []),
              "| group | images | of the set | mean share | 95 % interval |", "|---|---|---|---|---|"]
     lines += [f"| {md_text(g['name'])} | {g['size']} | {100 * g['size_share']:.1f}% | {100 * g['mean_share']:.1f}% | "
               f"{100 * g['ci_low']:.1f}–{100 * g['ci_high']:.1f}% |" for g in groups]

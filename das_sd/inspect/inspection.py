@@ -191,8 +191,32 @@ def training_groups(attributor: Attributor, group_by: str, mapping: dict[str, st
     if group_by.startswith("file:"):
         if mapping is None:
             mapping = read_group_mapping(Path(group_by.split(":", 1)[1]))
-        return [mapping.get(r.key) or mapping.get(r.path) or mapping.get(Path(r.path).name) or "(none)" for r in rows]
+        mapping_coverage(rows, mapping, group_by)  # refuses a mapping that matches no training image
+        return [_mapped_group(r, mapping) or "(none)" for r in rows]
     raise ValueError(f"group by {group_by!r}: expected folder, column:NAME or file:PATH")
+
+
+def _mapped_group(row, mapping: dict[str, str]) -> str | None:
+    return mapping.get(row.key) or mapping.get(row.path) or mapping.get(Path(row.path).name)
+
+
+def mapping_coverage(rows, mapping: dict[str, str], group_by: str) -> str:
+    """How much of the store a ``file:`` group mapping covers, as a line for the user; a mapping that
+    gives no training image a group (another file, a metadata.jsonl read as CSV) is refused: a
+    ValueError naming it (``group_by``), rather than every image in "(none)"."""
+    names = set()
+    grouped = 0
+    for r in rows:
+        names.update((r.key, r.path, Path(r.path).name))
+        grouped += bool(_mapped_group(r, mapping))
+    named = sum(1 for k in mapping if k in names)
+    if not grouped:
+        raise ValueError(f"group by {group_by}: the mapping gives no training image of the store a group: none of "
+                         f"its {len(mapping)} entries is a key, relative path or file name of the store's {len(rows)} "
+                         "images with a group name (is it the right file? a JSON object or CSV: key or file, group)")
+    return (f"{group_by}: {named} of its {len(mapping)} entries name a training image; {grouped} of the "
+            f"{len(rows)} training images have a group" + (f", {len(rows) - grouped} in \"(none)\""
+                                                           if grouped < len(rows) else ""))
 
 
 MAX_MAPPING_BYTES = 1 << 20  # what the app reads of a mapping (an upload or a file in the dataset folder)
