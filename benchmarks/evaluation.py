@@ -61,8 +61,8 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
 
     from das_sd.attribute import Attributor
-    from das_sd.data.demo import DemoConfig, make_demo_data
-    from das_sd.demo import prepare_demo
+    from das_sd.toy.demo_data import DemoConfig, make_demo_data
+    from das_sd.toy.demo import prepare_demo
     from das_sd.evaluate.ablations import run_ablations
     from das_sd.evaluate.counterfactual import CounterfactualSettings, run_counterfactual
     from das_sd.evaluate.groundtruth import evaluate_ground_truth

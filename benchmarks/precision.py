@@ -33,7 +33,7 @@ def main() -> None:
 
     from das_sd.attribute import Attributor
     from das_sd.data.datasets import open_dataset
-    from das_sd.demo import prepare_demo
+    from das_sd.toy.demo import prepare_demo
     from das_sd.featurize.build import default_feature_sets, featurize_dataset
     from das_sd.score import LambdaRule, build_index
 

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from das_sd.attribute import Attributor
-    from das_sd.demo import prepare_demo
+    from das_sd.toy.demo import prepare_demo
     from das_sd.score import LambdaRule, build_index
     from das_sd.store import FeatureStore
 

@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from das_sd.attribute import Attributor
-    from das_sd.demo import prepare_demo
+    from das_sd.toy.demo import prepare_demo
     from das_sd.generation import GenerationSettings, generate
 
     paths = prepare_demo(progress=False)

@@ -55,8 +55,8 @@ def main() -> None:
 
     from das_sd.attribute import Attributor
     from das_sd.data.datasets import open_dataset
-    from das_sd.demo import prepare_demo
-    from das_sd.data.demo import load_ground_truth
+    from das_sd.toy.demo import prepare_demo
+    from das_sd.data.ground_truth import load_ground_truth
     from das_sd.evaluate.metrics import recall_at_k
     from das_sd.featurize.featurizer import Featurizer
 

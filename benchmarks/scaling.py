@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=128)
     args = parser.parse_args()
 
-    from das_sd.demo import prepare_demo
+    from das_sd.toy.demo import prepare_demo
     from das_sd.store import FeatureStore
 
     paths = prepare_demo(progress=False, with_store=False)

@@ -15,8 +15,8 @@ _API = {
     "Dataset": "das_sd.data.datasets",
     "Sample": "das_sd.data.datasets",
     "DatasetError": "das_sd.data.datasets",
-    "make_demo_data": "das_sd.data.demo",
-    "load_ground_truth": "das_sd.data.demo",
+    "make_demo_data": "das_sd.toy.demo_data",
+    "load_ground_truth": "das_sd.data.ground_truth",
     "load_pipeline": "das_sd.models.loading",
     "load_lora": "das_sd.models.loading",
     "embedded_base_path": "das_sd.models.loading",
@@ -28,7 +28,7 @@ _API = {
     "generate": "das_sd.generation",
     "save_png": "das_sd.generation",
     "read_png_metadata": "das_sd.generation",
-    "prepare_demo": "das_sd.demo",
+    "prepare_demo": "das_sd.toy.demo",
 }
 
 __all__ = ["__version__", *_API]

@@ -33,7 +33,7 @@ def _open_dataset(args):
 
 
 def cmd_build_base(args) -> None:
-    from .models.build_base import BaseRecipe, build_base
+    from .toy.build_base import BaseRecipe, build_base
 
     overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
     recipe = BaseRecipe(seed=args.seed, **overrides)
@@ -44,7 +44,7 @@ def cmd_build_base(args) -> None:
 
 
 def cmd_make_demo_data(args) -> None:
-    from .data.demo import DemoConfig, make_demo_data
+    from .toy.demo_data import DemoConfig, make_demo_data
 
     out = make_demo_data(args.out, DemoConfig(seed=args.seed), overwrite=args.overwrite)
     print(out)
@@ -227,14 +227,14 @@ def cmd_attribute(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import prepare_demo
+    from .toy.demo import prepare_demo
 
     paths = prepare_demo(args.workdir)
     if args.no_launch:
         print(json.dumps(paths, indent=2))
         return
     from .app import demo_config, launch_app
-    from .demo_samples import show_demo
+    from .toy.demo_samples import show_demo
 
     print(json.dumps(paths | show_demo(paths), indent=2))
     launch_app(demo_config(paths, args.device), args.host, args.port)

@@ -30,7 +30,7 @@ def base_path() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from das_sd.data.demo import make_demo_data
+    from das_sd.toy.demo_data import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo") / "data")
 
@@ -74,6 +74,6 @@ def lora_pipe64(base_path):
 @pytest.fixture(scope="session")
 def demo(das_sd_home) -> dict:
     """The prepared demo: data, LoRA, feature store and index under this session's DAS_SD_HOME."""
-    from das_sd.demo import prepare_demo
+    from das_sd.toy.demo import prepare_demo
 
     return prepare_demo(progress=False)

@@ -14,7 +14,7 @@ import torch
 
 from das_sd.attribute import Attributor
 from das_sd.cli import main
-from das_sd.data.demo import TRIGGERS
+from das_sd.toy.demo_data import TRIGGERS
 from das_sd.inspect import (InspectSettings, credit_shares, generate_queries, group_credits, image_credits,
                             inspect_generations, signed_shares)
 from tolerances import U32, score_slack

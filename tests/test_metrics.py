@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from das_sd.data.datasets import open_dataset
-from das_sd.data.demo import load_ground_truth
+from das_sd.data.ground_truth import load_ground_truth
 from das_sd.evaluate.groundtruth import evaluate_ground_truth
 from das_sd.evaluate.metrics import average_precision, recall_at_k
 

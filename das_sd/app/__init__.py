@@ -54,7 +54,7 @@ def config_from_args(args: argparse.Namespace, progress: bool = True):
 
     extra = {"outdir": Path(args.outdir).expanduser()} if args.outdir else {}
     if args.store is None:
-        from ..demo import prepare_demo
+        from ..toy.demo import prepare_demo
 
         paths = prepare_demo(progress=progress, with_store=False)
         return demo_config(paths, args.device, **extra)

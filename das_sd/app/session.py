@@ -133,7 +133,7 @@ class Workbench:
     def build_store(self, progress: bool = True) -> dict:
         """Featurize what the store lacks (all of it for a new store) and refresh the index."""
         from ..data.datasets import open_dataset
-        from ..demo import build_demo_store
+        from ..toy.demo import build_demo_store
         from ..featurize.build import featurize_dataset
         from ..score import refresh_indexes
 

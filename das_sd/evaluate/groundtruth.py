@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.datasets import open_dataset
-from ..data.demo import load_ground_truth
+from ..data.ground_truth import load_ground_truth
 from ..generation import GenerationSettings, generate
 from .metrics import average_precision, recall_at_k
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data.datasets import open_dataset
-from .data.demo import make_demo_data
-from .models.fingerprint import das_sd_home, model_fingerprint
-from .models.loading import embedded_base_path, embedded_demo_lora_path
-from .train import LORA_WEIGHT_NAME, LoraRecipe, read_record, train_lora
+from ..data.datasets import open_dataset
+from .demo_data import make_demo_data
+from ..models.fingerprint import das_sd_home, model_fingerprint
+from ..models.loading import embedded_base_path, embedded_demo_lora_path
+from ..train import LORA_WEIGHT_NAME, LoraRecipe, read_record, train_lora
 
 DEMO_PROMPTS = (
     "a red circle on a blue background",
@@ -63,7 +63,7 @@ def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_
 
 
 def _default_settings() -> dict:
-    from .featurize.build import default_feature_sets
+    from ..featurize.build import default_feature_sets
 
     return {name: {k: v for k, v in s.to_dict().items() if k != "timesteps"}
             for name, s in default_feature_sets().items()}
@@ -82,11 +82,11 @@ def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress:
     """
     import shutil
 
-    from .featurize.build import featurize_dataset
-    from .models.fingerprint import lora_fingerprint
-    from .models.loading import load_lora, load_pipeline
-    from .score import refresh_indexes
-    from .store import FeatureStore, StoreError
+    from ..featurize.build import featurize_dataset
+    from ..models.fingerprint import lora_fingerprint
+    from ..models.loading import load_lora, load_pipeline
+    from ..score import refresh_indexes
+    from ..store import FeatureStore, StoreError
 
     store = None
     if (store_dir / "manifest.json").is_file():

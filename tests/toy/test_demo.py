@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from das_sd.data.demo import TRIGGERS, load_ground_truth
-from das_sd.data.render import MOTIF_COLOUR, motif_mask, _grid
-from das_sd.demo import prepare_demo
+from das_sd.toy.demo_data import TRIGGERS
+from das_sd.data.ground_truth import load_ground_truth
+from das_sd.toy.render import MOTIF_COLOUR, motif_mask, _grid
+from das_sd.toy.demo import prepare_demo
 from das_sd.generation import GenerationSettings, generate
 from das_sd.models.loading import embedded_demo_lora_path, load_lora, load_pipeline
 

@@ -1,7 +1,7 @@
 """The embedded model must work as a text-to-image model on prompts it was never trained on."""
 
-from das_sd.models.build_base import held_out_combinations, training_combinations
-from das_sd.models.quality import text_to_image_accuracy
+from das_sd.toy.build_base import held_out_combinations, training_combinations
+from das_sd.toy.quality import text_to_image_accuracy
 
 
 def test_held_out_prompts_are_disjoint_from_training():

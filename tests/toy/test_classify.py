@@ -1,7 +1,7 @@
 import numpy as np
 
-from das_sd.data.classify import classify
-from das_sd.data.render import COLOURS, SHAPES, random_spec, render
+from das_sd.toy.classify import classify
+from das_sd.toy.render import COLOURS, SHAPES, random_spec, render
 
 
 def test_classifier_reads_rendered_shapes_and_colours():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.render import MOTIFS, PATTERNS, all_combinations, random_spec, render
+from .render import MOTIFS, PATTERNS, all_combinations, random_spec, render
 from . import tiny_sd
 from .tokenizer import build_clip_tokenizer
 

@@ -1,6 +1,7 @@
 
 from das_sd.data.datasets import open_dataset
-from das_sd.data.demo import STYLES, TRIGGERS, load_ground_truth, make_demo_data
+from das_sd.toy.demo_data import STYLES, TRIGGERS, make_demo_data
+from das_sd.data.ground_truth import load_ground_truth
 
 
 def test_demo_data_is_deterministic_and_ground_truth_is_consistent(tmp_path, demo_data):

@@ -1,6 +1,6 @@
 from transformers import CLIPTokenizer
 
-from das_sd.models.tokenizer import build_clip_tokenizer
+from das_sd.toy.tokenizer import build_clip_tokenizer
 
 
 def test_small_clip_bpe_round_trips_and_never_maps_to_unknown(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.classify import classify
+from .classify import classify
 
 
 @torch.no_grad()

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..io import json_error
+from ..data.ground_truth import GROUND_TRUTH_VERSION
 from .render import MOTIFS, random_spec, render
 
-GROUND_TRUTH_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -107,19 +106,3 @@ def make_demo_data(out: str | Path, config: DemoConfig | None = None, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return out
-
-
-def load_ground_truth(dataset_root: str | Path) -> dict:
-    path = Path(dataset_root) / "ground_truth.json"
-    try:
-        truth = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no ground_truth.json in the dataset folder") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: malformed JSON ({json_error(exc)})") from None
-    if truth.get("version") != GROUND_TRUTH_VERSION or not isinstance(truth.get("groups"), list):
-        raise ValueError(f"{path}: expected version {GROUND_TRUTH_VERSION} with a 'groups' list")
-    for i, group in enumerate(truth["groups"]):
-        if not isinstance(group.get("trigger"), str) or not isinstance(group.get("files"), list):
-            raise ValueError(f"{path}: groups[{i}] needs 'trigger' (string) and 'files' (list)")
-    return truth

@@ -7,13 +7,13 @@ from pathlib import Path
 from PIL import Image
 
 from .demo import DEMO_PROMPTS
-from .generation import GenerationSettings, generate, save_png
+from ..generation import GenerationSettings, generate, save_png
 
 
 def show_demo(paths: dict) -> dict:
     """The demo grid and an example attribution, sharing one pipeline (the Attributor's)."""
-    from .attribute import Attributor
-    from .models.fingerprint import provenance
+    from ..attribute import Attributor
+    from ..models.fingerprint import provenance
 
     attributor = Attributor(paths["store"])
     info = provenance(paths["base"], paths["lora"])
