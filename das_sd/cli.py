@@ -83,43 +83,19 @@ def cmd_train_lora(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generation import GenerationSettings, generate, save_png, warn_truncated_prompts
-    from .models.fingerprint import provenance
-    from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
+    from .generation import GenerationSettings, generate_to_files
 
-    base = resolve_base(args.base)
-    pipe = load_pipeline(base, device=args.device)
-    lora = resolve_lora_file(args.lora) if args.lora else None
-    if lora:
-        load_lora(pipe, lora)
     settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                   steps=args.steps, guidance=args.guidance, num_images=args.num_images,
                                   lora_scale=args.lora_scale)
-    warn_truncated_prompts(pipe.tokenizer, [args.prompt, args.negative_prompt or ""])
-    result = generate(pipe, settings, provenance(base, lora), progress=True)
-    out = Path(args.out)
-    paths = []
-    for i, image in enumerate(result.images):
-        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}")
-        meta = result.metadata(i) | {"width": image.width, "height": image.height}
-        paths.append(str(save_png(image, path, meta)))
-    print("\n".join(paths))
+    paths = generate_to_files(settings, args.out, base=args.base, lora=args.lora, device=args.device)
+    print("\n".join(map(str, paths)))
 
 
 def cmd_export_lora(args) -> None:
-    from safetensors.torch import save
+    from .models.loading import export_lora
 
-    from .io import atomic_write_bytes
-    from .models.loading import read_lora, to_kohya, to_peft
-
-    state, fmt = read_lora(args.lora)
-    if fmt != "diffusers":
-        raise ValueError(f"{args.lora}: export converts diffusers-format LoRAs (this one is {fmt})")
-    converted = to_kohya(state) if args.to == "kohya" else to_peft(state)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, save(converted, metadata={"format": "pt", "das_sd_export": args.to}))
-    print(out)
+    print(export_lora(args.lora, args.to, args.out))
 
 
 def cmd_featurize(args) -> None:
@@ -166,16 +142,11 @@ def cmd_verify(args) -> None:
 
 
 def cmd_attribute(args) -> None:
-    from .attribute import Attributor
-    from .generation import shorten, warn_truncated_prompts
-    from .store import MANIFEST, FeatureStore
-    from .store_integrity import require_identity
+    from .attribute import attribute_file
+    from .generation import shorten
 
-    store = FeatureStore.open(args.store)
-    require_identity(store.root / MANIFEST, store.identity, needed_by="das-sd attribute")
-    attributor = Attributor(store, device=args.device, base=args.base, lora=args.lora)
-    result = attributor.attribute_image(args.image, prompt=args.prompt, method=args.method, top_k=args.top_k)
-    warn_truncated_prompts(attributor.pipe.tokenizer, [result.query["prompt"]])
+    result = attribute_file(args.store, args.image, prompt=args.prompt, method=args.method, top_k=args.top_k,
+                            device=args.device, base=args.base, lora=args.lora)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return
@@ -357,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:  # das-sd's own errors are ValueErrors
-        print(f"das-sd {args.command}: error: {exc}", file=sys.stderr)
+    # das-sd's own errors (StoreError, DatasetError, ModelError, ImageError, QueryError, ...) are
+    # ValueErrors; files that cannot be read or written raise OSErrors; a numerically broken store
+    # ArithmeticErrors. Each is one line for the user, never a traceback; anything else is a bug.
+    except (OSError, ValueError, ArithmeticError) as exc:
+        print(f"das-sd {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"das-sd {args.command}: interrupted", file=sys.stderr)

@@ -174,6 +174,33 @@ def test_merge_needs_no_lora_and_lora_is_required_otherwise(capsys, tiny_parts):
     assert info["samples"] == 4 and info["shards"] == 2 and info["complete"] is True and not (store / "parts").exists()
 
 
+def test_an_arithmetic_error_of_the_scorer_is_one_line_not_a_traceback(capsys, monkeypatch, tiny_parts):
+    import das_sd.score
+
+    _, store = tiny_parts
+    if (store / "parts").exists():  # this test alone: merge first
+        assert main(["featurize", "--data", str(tiny_parts[0]), "--store", str(store), "--merge"]) == 0
+
+    def broken(*_args, **_kwargs):
+        raise ArithmeticError("leverage outside [0, 1): [-0.5, 1.2]")
+
+    monkeypatch.setattr(das_sd.score, "index_arrays", broken)
+    capsys.readouterr()
+    code, out, err = run(capsys, "index", "--store", str(store))
+    assert code == 2 and out == ""
+    assert err == "das-sd index: error: leverage outside [0, 1): [-0.5, 1.2]\n"
+
+
+def test_an_os_error_is_one_line_not_a_traceback(capsys, tmp_path):
+    from das_sd.models.loading import embedded_demo_lora_path
+
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run(capsys, "export-lora", "--lora", str(embedded_demo_lora_path()),
+                       "--out", str(tmp_path / "file" / "x.safetensors"))
+    assert code == 2 and err.startswith("das-sd export-lora: error: ") and str(tmp_path / "file") in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_ray_hands_the_job_to_the_workers_without_loading_a_pipeline(capsys, monkeypatch, tmp_path, demo_data):
     import das_sd.featurize.parallel
     import das_sd.models.loading
@@ -202,3 +229,15 @@ def test_ray_hands_the_job_to_the_workers_without_loading_a_pipeline(capsys, mon
     assert handed["address"] is None and handed["workers"] == 3 and json.loads(out)["store"] == str(tmp_path / "store")
     assert job.base == embedded_base_path() and job.lora == embedded_demo_lora_path() / "pytorch_lora_weights.safetensors"
     assert list(job.feature_sets()) == ["das"] and job.data == demo_data.resolve()
+
+
+def test_commands_are_thin():
+    """Each command parses its flags, calls the library once and prints: the logic lives in das_sd."""
+    import inspect
+
+    import das_sd.cli
+
+    commands = {name: f for name, f in vars(das_sd.cli).items() if name.startswith("cmd_")}
+    sizes = {name: len(inspect.getsource(f).splitlines()) for name, f in commands.items()}
+    assert len(commands) >= 12 and max(sizes.values()) <= 16, sizes
+    assert len(inspect.getsource(das_sd.cli).splitlines()) < 400
