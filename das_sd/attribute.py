@@ -268,3 +268,21 @@ class Attributor:
         """Attribute one image; its prompt comes from ``prompt`` or else from its PNG metadata."""
         latents, prompt, source = self.image_query(image, prompt)
         return self.attribute_latents(latents, [prompt], method, top_k, [{"source": source}])[0]
+
+
+def attribute_file(store: str | Path, image: str | Path, prompt: str | None = None, method: str = "das",
+                   top_k: int = 10, device: str | None = None, base: str | Path | None = None,
+                   lora: str | Path | None = None) -> Attribution:
+    """`das-sd attribute`: the store's model attributes one image file (its prompt from ``prompt`` or
+    its PNG metadata). A manifest without what attribution needs is refused before any model loads;
+    a prompt longer than the text encoder reads is warned about on stderr."""
+    from . import generation
+    from .store import MANIFEST
+    from .store_integrity import require_identity
+
+    opened = FeatureStore.open(store)
+    require_identity(opened.root / MANIFEST, opened.identity, needed_by="das-sd attribute")
+    attributor = Attributor(opened, device=device, base=base, lora=lora)
+    result = attributor.attribute_image(image, prompt=prompt, method=method, top_k=top_k)
+    generation.warn_truncated_prompts(attributor.pipe.tokenizer, [result.query["prompt"]])
+    return result

@@ -20,11 +20,20 @@ def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images / captions instead of failing; they are listed")
 
 
+def _dataset_options(args) -> dict:
+    return {"format": args.format, "caption_column": args.caption_column,
+            "caption_extension": args.caption_extension, "skip_bad": args.skip_bad}
+
+
+def _note(message: str) -> None:
+    """What the library has to tell the user besides the result: on stderr."""
+    print(message, file=sys.stderr)
+
+
 def _open_dataset(args):
     from .data.datasets import open_dataset
 
-    dataset = open_dataset(args.data, format=args.format, caption_column=args.caption_column,
-                           caption_extension=args.caption_extension, skip_bad=args.skip_bad)
+    dataset = open_dataset(args.data, **_dataset_options(args))
     if dataset.skipped:
         print(f"skipped {len(dataset.skipped)} bad sample(s):", file=sys.stderr)
         for item in dataset.skipped:
@@ -74,97 +83,35 @@ def cmd_train_lora(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generation import GenerationSettings, generate, save_png, warn_truncated_prompts
-    from .models.fingerprint import provenance
-    from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
+    from .generation import GenerationSettings, generate_to_files
 
-    base = resolve_base(args.base)
-    pipe = load_pipeline(base, device=args.device)
-    lora = resolve_lora_file(args.lora) if args.lora else None
-    if lora:
-        load_lora(pipe, lora)
     settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                                   steps=args.steps, guidance=args.guidance, num_images=args.num_images,
                                   lora_scale=args.lora_scale)
-    warn_truncated_prompts(pipe.tokenizer, [args.prompt, args.negative_prompt or ""])
-    result = generate(pipe, settings, provenance(base, lora), progress=True)
-    out = Path(args.out)
-    paths = []
-    for i, image in enumerate(result.images):
-        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}")
-        meta = result.metadata(i) | {"width": image.width, "height": image.height}
-        paths.append(str(save_png(image, path, meta)))
-    print("\n".join(paths))
+    paths = generate_to_files(settings, args.out, base=args.base, lora=args.lora, device=args.device)
+    print("\n".join(map(str, paths)))
 
 
 def cmd_export_lora(args) -> None:
-    from safetensors.torch import save
+    from .models.loading import export_lora
 
-    from .io import atomic_write_bytes
-    from .models.loading import read_lora, to_kohya, to_peft
-
-    state, fmt = read_lora(args.lora)
-    if fmt != "diffusers":
-        raise ValueError(f"{args.lora}: export converts diffusers-format LoRAs (this one is {fmt})")
-    converted = to_kohya(state) if args.to == "kohya" else to_peft(state)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, save(converted, metadata={"format": "pt", "das_sd_export": args.to}))
-    print(out)
+    print(export_lora(args.lora, args.to, args.out))
 
 
 def cmd_featurize(args) -> None:
-    import torch
-
-    from .featurize.build import default_feature_sets, featurize_dataset
-    from .featurize.featurizer import autocast_supported, cpu_has_fast_bfloat16
+    from .featurize.plan import FeaturizeJob
+    from .featurize.service import featurize
     from .featurize.settings import FeaturizerSettings
-    from .models.loading import default_device, load_lora, load_pipeline, resolve_base, resolve_lora_file
 
-    autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.autocast]
-    device = torch.device(args.device or default_device())
-    if not autocast_supported(autocast, device):
-        raise ValueError(f"--autocast {args.autocast} is for CUDA devices; on {device.type} use bf16 "
-                         "(fast where the CPU has AVX-512 BF16 or AMX) or fp32")
-    if autocast is not None and device.type == "cpu" and not cpu_has_fast_bfloat16():
-        print("warning: this CPU has neither AVX-512 BF16 nor AMX: --autocast bf16 will be slower than fp32",
-              file=sys.stderr)
-    dataset = _open_dataset(args)
-    if args.merge:  # the parts carry everything else
-        from .featurize.parallel import merge_parts
-
-        return _print_store(merge_parts(args.store, dataset))
-    base, lora = resolve_base(args.base), resolve_lora_file(args.lora)
-    pipe = load_pipeline(base, device=args.device)
-    load_lora(pipe, lora)
     settings = FeaturizerSettings(output=args.output, num_timesteps=args.timesteps, noise_seed=args.noise_seed,
                                   normalize=not args.no_normalize, projector=args.projector,
                                   projection_dim=args.dim, projection_seed=args.projection_seed,
                                   projection_nonzeros=args.projection_nonzeros, residual=args.residual, residual_timesteps=args.residual_timesteps)
-    sets = default_feature_sets(settings)
-    wanted = [s.strip() for s in args.feature_sets.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in sets]
-    if unknown:
-        raise ValueError(f"--feature-sets: unknown {unknown}; expected some of {sorted(sets)}")
-    chosen = {k: sets[k] for k in wanted}
-    if args.ray is not None:
-        from .featurize.parallel import featurize_on_ray
-
-        job = {"base": str(base), "lora": str(lora), "data": args.data, "feature_sets": chosen,
-               "dataset_options": {"format": args.format, "caption_column": args.caption_column,
-                                   "caption_extension": args.caption_extension, "skip_bad": args.skip_bad},
-               "batch_size": args.batch_size, "shard_size": args.shard_size, "device": args.device,
-               "autocast": autocast}
-        store = featurize_on_ray(args.ray or None, args.ray_workers, args.store, job)
-    else:
-        part = None
-        if args.shard:
-            from .featurize.parallel import parse_part
-
-            part = parse_part(args.shard)
-        store = featurize_dataset(pipe, dataset, args.store, base, lora, chosen, batch_size=args.batch_size,
-                                  shard_size=args.shard_size, autocast_dtype=autocast, part=part)
-    _print_store(store)
+    job = FeaturizeJob(store=args.store, data=args.data, base=args.base, lora=args.lora, settings=settings,
+                       sets=args.feature_sets, dataset_options=_dataset_options(args), batch_size=args.batch_size,
+                       shard_size=args.shard_size, device=args.device, autocast=args.autocast)
+    _print_store(featurize(job, shard=args.shard, merge=args.merge, ray=args.ray, ray_workers=args.ray_workers,
+                           notify=_note))
 
 
 def _print_store(store) -> None:
@@ -173,21 +120,11 @@ def _print_store(store) -> None:
 
 
 def cmd_index(args) -> None:
-    from .score import LambdaRule, build_indexes
-    from .store import MANIFEST, FeatureStore
-    from .store_integrity import require_identity
+    from .featurize.service import index_store
+    from .score import LambdaRule
 
-    import torch
-
-    store = FeatureStore.open(args.store)
-    require_identity(store.root / MANIFEST, store.identity, ("feature_sets",), "das-sd index")
-    orphans = store.remove_orphan_indexes()
-    if orphans:
-        print(f"removed {len(orphans)} index file(s) an interrupted `das-sd index` left", file=sys.stderr)
     rule = LambdaRule(rho=args.rho, value=args.lambda_)
-    sets = sorted(store.identity["feature_sets"])
-    dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[args.dtype]
-    print(json.dumps(build_indexes(store, sets, rule, dtype), indent=2))
+    print(json.dumps(index_store(args.store, rule, args.dtype, notify=_note), indent=2))
 
 
 def cmd_verify(args) -> None:
@@ -205,16 +142,11 @@ def cmd_verify(args) -> None:
 
 
 def cmd_attribute(args) -> None:
-    from .attribute import Attributor
-    from .generation import shorten, warn_truncated_prompts
-    from .store import MANIFEST, FeatureStore
-    from .store_integrity import require_identity
+    from .attribute import attribute_file
+    from .generation import shorten
 
-    store = FeatureStore.open(args.store)
-    require_identity(store.root / MANIFEST, store.identity, needed_by="das-sd attribute")
-    attributor = Attributor(store, device=args.device, base=args.base, lora=args.lora)
-    result = attributor.attribute_image(args.image, prompt=args.prompt, method=args.method, top_k=args.top_k)
-    warn_truncated_prompts(attributor.pipe.tokenizer, [result.query["prompt"]])
+    result = attribute_file(args.store, args.image, prompt=args.prompt, method=args.method, top_k=args.top_k,
+                            device=args.device, base=args.base, lora=args.lora)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return
@@ -247,6 +179,7 @@ def cmd_app(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .featurize.plan import feature_set_names
     from .featurize.settings import FeaturizerSettings
 
     parser = argparse.ArgumentParser(prog="das-sd", description="Diffusion Attribution Score for Stable Diffusion LoRA fine-tunes")
@@ -317,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("featurize", help="compute the training set's attribution features into a store (resumable)")
     p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
-    p.add_argument("--lora", required=True, help="the LoRA trained on --data (file or folder)")
+    p.add_argument("--lora", default=None, help="the LoRA trained on --data (file or folder); required, "
+                   "except with --merge (the parts carry the model)")
     _add_dataset_flags(p)
     p.add_argument("--store", required=True, help="feature store folder (created, resumed or extended)")
-    p.add_argument("--feature-sets", default="das,dtrak,trak", help="comma-separated: das, dtrak, trak")
+    p.add_argument("--feature-sets", default="das,dtrak,trak", type=feature_set_names,
+                   help="comma-separated: das, dtrak, trak")
     defaults = FeaturizerSettings  # one place for the defaults: the settings dataclass
     p.add_argument("--output", default=defaults.output, choices=["mean", "l1", "square", "loss"], help="f of the das set")
     p.add_argument("--timesteps", type=positive_int, default=defaults.num_timesteps, help="K, timesteps per sample (uniform grid)")
@@ -335,11 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", default=defaults.residual, choices=["scale-free", "magnitude", "none"])
     p.add_argument("--residual-timesteps", type=positive_int, default=defaults.residual_timesteps, help="T_E for the residual weights")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--shard", default=None, metavar="I/N",
-                   help="do part I of N of the work (for torchrun, Slurm arrays, ...); then run --merge once")
-    p.add_argument("--merge", action="store_true", help="merge the finished --shard parts into --store")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="spread the parts over a Ray cluster (no ADDRESS: a local one) and merge them")
+    mode = p.add_mutually_exclusive_group()  # one process (none of them), one part, the merge, or Ray
+    mode.add_argument("--shard", default=None, metavar="I/N",
+                      help="do part I of N of the work (for torchrun, Slurm arrays, ...); then run --merge once")
+    mode.add_argument("--merge", action="store_true",
+                      help="merge the finished --shard parts into --store (the model flags are not needed)")
+    mode.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                      help="spread the parts over a Ray cluster (no ADDRESS: a local one) and merge them")
     p.add_argument("--ray-workers", type=positive_int, default=None, help="parts for --ray (default: the cluster's CPUs/GPUs)")
     p.add_argument("--shard-size", type=positive_int, default=256, help="rows per safetensors shard")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -391,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:  # das-sd's own errors are ValueErrors
-        print(f"das-sd {args.command}: error: {exc}", file=sys.stderr)
+    # das-sd's own errors (StoreError, DatasetError, ModelError, ImageError, QueryError, ...) are
+    # ValueErrors; files that cannot be read or written raise OSErrors; a numerically broken store
+    # ArithmeticErrors. Each is one line for the user, never a traceback; anything else is a bug.
+    except (OSError, ValueError, ArithmeticError) as exc:
+        print(f"das-sd {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"das-sd {args.command}: interrupted", file=sys.stderr)

@@ -96,6 +96,31 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
+def generate_to_files(settings: GenerationSettings, out: str | Path, base: str | Path | None = None,
+                      lora: str | Path | None = None, device: str | None = None, progress: bool = True) -> list[Path]:
+    """`das-sd generate`: load the base (None: the embedded tiny SD) and LoRA, generate, and save each
+    image as a PNG carrying its parameters and the model fingerprints: ``out`` for one image,
+    ``out`` with -NN suffixes for several. A prompt the text encoder reads only in part is warned
+    about on stderr."""
+    from .models.fingerprint import provenance
+    from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
+
+    base = resolve_base(base)
+    pipe = load_pipeline(base, device=device)
+    lora = resolve_lora_file(lora) if lora else None
+    if lora:
+        load_lora(pipe, lora)
+    warn_truncated_prompts(pipe.tokenizer, [settings.prompt, settings.negative_prompt or ""])
+    result = generate(pipe, settings, provenance(base, lora), progress=progress)
+    out = Path(out)
+    paths = []
+    for i, image in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}")
+        meta = result.metadata(i) | {"width": image.width, "height": image.height}
+        paths.append(save_png(image, path, meta))
+    return paths
+
+
 def infotext(meta: dict) -> str:
     """AUTOMATIC1111's ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs."""
     lines = [meta["prompt"]]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from das_sd.cli import main
 from das_sd.generation import read_png_metadata
+from helpers import TINY_FEATURIZE, subset_dataset
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -134,3 +135,109 @@ def test_text_encoder_rank_zero_still_parses():
 
     args = build_parser().parse_args(["train-lora", "--data", "d", "--out", "o", "--text-encoder-rank", "0"])
     assert args.text_encoder_rank == 0
+
+
+FEATURIZE = ["featurize", "--lora", "l", "--data", "d", "--store", "S"]
+
+
+@pytest.mark.parametrize("modes", [["--shard", "0/2", "--merge"], ["--merge", "--ray"], ["--shard", "1/2", "--ray", "addr"]])
+def test_featurize_modes_exclude_each_other_at_parse_time(capsys, modes):
+    with pytest.raises(SystemExit) as exc:
+        main(FEATURIZE + modes)
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2 and "not allowed with argument" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory, demo_data):
+    """A 4-image dataset and a store featurized as parts 0/2 and 1/2 (not merged yet)."""
+    from das_sd.models.loading import embedded_demo_lora_path
+
+    root = tmp_path_factory.mktemp("parts")
+    data = subset_dataset(demo_data, root / "data", 4)
+    lora = embedded_demo_lora_path()
+    for part in ("0/2", "1/2"):
+        assert main(["featurize", "--data", str(data), "--lora", str(lora), "--store", str(root / "store"),
+                     "--device", "cpu", "--shard", part, *TINY_FEATURIZE]) == 0
+    return data, root / "store"
+
+
+def test_merge_needs_no_lora_and_lora_is_required_otherwise(capsys, tiny_parts):
+    data, store = tiny_parts
+    capsys.readouterr()
+    code, _, err = run(capsys, "featurize", "--data", str(data), "--store", str(store), "--device", "cpu")
+    assert code == 2 and "--lora is required" in err and "Traceback" not in err
+    assert (store / "parts").is_dir()  # refused before anything was done
+    code, out, err = run(capsys, "featurize", "--data", str(data), "--store", str(store), "--merge")
+    info = json.loads(out)
+    assert code == 0, err
+    assert info["samples"] == 4 and info["shards"] == 2 and info["complete"] is True and not (store / "parts").exists()
+
+
+def test_an_arithmetic_error_of_the_scorer_is_one_line_not_a_traceback(capsys, monkeypatch, tiny_parts):
+    import das_sd.score
+
+    _, store = tiny_parts
+    if (store / "parts").exists():  # this test alone: merge first
+        assert main(["featurize", "--data", str(tiny_parts[0]), "--store", str(store), "--merge"]) == 0
+
+    def broken(*_args, **_kwargs):
+        raise ArithmeticError("leverage outside [0, 1): [-0.5, 1.2]")
+
+    monkeypatch.setattr(das_sd.score, "index_arrays", broken)
+    capsys.readouterr()
+    code, out, err = run(capsys, "index", "--store", str(store))
+    assert code == 2 and out == ""
+    assert err == "das-sd index: error: leverage outside [0, 1): [-0.5, 1.2]\n"
+
+
+def test_an_os_error_is_one_line_not_a_traceback(capsys, tmp_path):
+    from das_sd.models.loading import embedded_demo_lora_path
+
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run(capsys, "export-lora", "--lora", str(embedded_demo_lora_path()),
+                       "--out", str(tmp_path / "file" / "x.safetensors"))
+    assert code == 2 and err.startswith("das-sd export-lora: error: ") and str(tmp_path / "file") in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_ray_hands_the_job_to_the_workers_without_loading_a_pipeline(capsys, monkeypatch, tmp_path, demo_data):
+    import das_sd.featurize.parallel
+    import das_sd.models.loading
+    from das_sd.models.loading import embedded_base_path, embedded_demo_lora_path
+
+    def no_pipeline(*_args, **_kwargs):
+        raise AssertionError("the CLI process loaded a pipeline")
+
+    handed = {}
+
+    class MergedStore(list):  # what the merge returns, as much as the CLI prints of it
+        manifest = {"shards": [], "complete": True, "info": {}}
+
+    def fake_ray(address, workers, job, progress=True):
+        handed.update(address=address, workers=workers, job=job)
+        store = MergedStore()
+        store.root = Path(job.store)
+        return store
+
+    monkeypatch.setattr(das_sd.models.loading, "load_pipeline", no_pipeline)
+    monkeypatch.setattr(das_sd.featurize.parallel, "featurize_on_ray", fake_ray)
+    code, out, err = run(capsys, "featurize", "--data", str(demo_data), "--lora", str(embedded_demo_lora_path()),
+                         "--store", str(tmp_path / "store"), "--ray", "--ray-workers", "3", "--feature-sets", "das")
+    assert code == 0, err
+    job = handed["job"]
+    assert handed["address"] is None and handed["workers"] == 3 and json.loads(out)["store"] == str(tmp_path / "store")
+    assert job.base == embedded_base_path() and job.lora == embedded_demo_lora_path() / "pytorch_lora_weights.safetensors"
+    assert list(job.feature_sets()) == ["das"] and job.data == demo_data.resolve()
+
+
+def test_commands_are_thin():
+    """Each command parses its flags, calls the library once and prints: the logic lives in das_sd."""
+    import inspect
+
+    import das_sd.cli
+
+    commands = {name: f for name, f in vars(das_sd.cli).items() if name.startswith("cmd_")}
+    sizes = {name: len(inspect.getsource(f).splitlines()) for name, f in commands.items()}
+    assert len(commands) >= 12 and max(sizes.values()) <= 16, sizes
+    assert len(inspect.getsource(das_sd.cli).splitlines()) < 400

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from das_sd.data.datasets import open_dataset
 from das_sd.featurize.build import default_feature_sets, featurize_dataset
-from das_sd.featurize.parallel import merge_parts, parse_part
+from das_sd.featurize.parallel import merge_parts
+from das_sd.featurize.plan import parse_part
 from das_sd.featurize.settings import FeaturizerSettings
 from das_sd.store import StoreError
 from helpers import featurize_cli, random_lora, store_arrays, subset_dataset

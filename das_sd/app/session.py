@@ -130,12 +130,12 @@ class Workbench:
                 "lora": info.get("lora_path"), "lora_fingerprint": short(identity["lora_fingerprint"]),
                 "dataset": info.get("dataset_root"), "resolution": identity["resolution"], "feature_sets": sets}
 
-    def build_store(self, progress: bool = True) -> dict:
-        """Featurize what the store lacks (all of it for a new store) and refresh the index."""
+    def build_store(self, progress: bool = True, notify=None) -> dict:
+        """Featurize what the store lacks (all of it for a new store) and refresh the index.
+        ``notify``: called with each stage's description (das_sd.featurize.service)."""
         from ..data.datasets import open_dataset
+        from ..featurize.service import build_store
         from ..toy.demo import build_demo_store
-        from ..featurize.build import featurize_dataset
-        from ..score import refresh_indexes
 
         with self.lock:
             base, lora, data = self._paths()
@@ -143,10 +143,9 @@ class Workbench:
                 raise AppError(f"no dataset to build the store at {self.config.store} from: pass --data")
             dataset = open_dataset(data)
             if self.config.demo:  # a cache: rebuilt when the demo LoRA was retrained
-                build_demo_store(dataset, base, lora, self.config.store, progress, pipe=self.pipe)
+                build_demo_store(dataset, base, lora, self.config.store, progress, pipe=self.pipe, notify=notify)
             else:
-                store = featurize_dataset(self.pipe, dataset, self.config.store, base, lora, progress=progress)
-                refresh_indexes(store)
+                build_store(dataset, self.config.store, base, lora, pipe=self.pipe, progress=progress, notify=notify)
             self._attributor = None
             self._demo_checked = True
             return self.store_status()

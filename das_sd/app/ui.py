@@ -274,7 +274,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
         @guarded
         def on_build(progress=gr.Progress(track_tqdm=True)):
             progress(0, desc="featurizing the dataset")
-            return status_markdown(bench.build_store())
+            return status_markdown(bench.build_store(notify=lambda stage: progress(0, desc=stage)))
 
         def on_status():
             return status_markdown(bench.store_status())

@@ -8,7 +8,6 @@ trak: f = loss), plus each sample's latent for the latent-similarity baseline.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,20 +18,11 @@ from ..data.datasets import Dataset
 from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.probe import pipeline_probes
-from ..store import FeatureStore, Row, StoreError
+from ..store import FeatureStore
 from .featurizer import Featurizer, alphas_cumprod_of, features_together
 from .gradients import num_lora_parameters
+from .plan import default_feature_sets, part_work, rows_of, whole_work
 from .settings import FeaturizerSettings
-
-
-def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, FeaturizerSettings]:
-    """das, dtrak and trak feature sets sharing K, k, seeds and projector of ``base``."""
-    base = base or FeaturizerSettings()
-    return {
-        "das": base,
-        "dtrak": replace(base, output="square", normalize=False, residual="none"),
-        "trak": replace(base, output="loss", normalize=False, residual="none"),
-    }
 
 
 def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[str, FeaturizerSettings],
@@ -52,21 +42,6 @@ def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[st
     }
 
 
-def rows_of(dataset: Dataset) -> list[Row]:
-    return [Row(s.key, s.relpath, s.caption) for s in dataset]
-
-
-def check_dataset(store: FeatureStore, dataset: Dataset) -> None:
-    """Every stored row must still be in the dataset (same bytes and caption)."""
-    have = set(dataset.keys)
-    gone = [r for r in store.rows() if r.key not in have]
-    if gone:
-        examples = ", ".join(r.path for r in gone[:3])
-        raise StoreError(f"{store.root}: {len(gone)} stored sample(s) are not in the dataset {dataset.root} "
-                         f"(removed, or image / caption changed), e.g. {examples}. "
-                         "Featurize into a new --store folder.")
-
-
 def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: Path, lora_path: Path,
                       feature_sets: dict[str, FeaturizerSettings] | None = None, batch_size: int = 16,
                       shard_size: int = 256, resolution: int | None = None, progress: bool = True,
@@ -84,13 +59,9 @@ def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: 
     info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
             "dataset_root": str(dataset.root), "dataset_format": dataset.format}
     if part is not None:
-        from .parallel import part_work
-
         store, plan = part_work(store_dir, identity, info, dataset, shard_size, part)
     else:
-        store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
-        check_dataset(store, dataset)
-        plan = list(enumerate(store.plan(rows_of(dataset))))
+        store, plan = whole_work(store_dir, identity, info, dataset, shard_size)
     if "probes" not in store.manifest:  # lets a host's own pipeline be checked against the store
         store.manifest["probes"] = pipeline_probes(pipe)
     featurizers = {name: Featurizer(pipe, s, autocast_dtype) for name, s in feature_sets.items()}

@@ -246,3 +246,23 @@ def to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                              f"(e.g. {key!r}); convert it to kohya instead")
         out[f"base_model.model.{module}.lora_{'A' if kind == 'down' else 'B'}.weight"] = value.contiguous()
     return out
+
+
+def export_lora(lora: str | Path, to: str, out: str | Path) -> Path:
+    """`das-sd export-lora`: write a diffusers-format LoRA (as das-sd trains them) in kohya naming
+    (A1111, ComfyUI) or as a peft adapter file, atomically; returns ``out``."""
+    from safetensors.torch import save
+
+    from ..io import atomic_write_bytes
+
+    converters = {"kohya": to_kohya, "peft": to_peft}
+    if to not in converters:
+        raise ValueError(f"--to {to!r}: expected one of {sorted(converters)}")
+    state, fmt = read_lora(lora)
+    if fmt != "diffusers":
+        raise ModelError(f"{lora}: export converts diffusers-format LoRAs (this one is {fmt})")
+    converted = converters[to](state)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, save(converted, metadata={"format": "pt", "das_sd_export": to}))
+    return out

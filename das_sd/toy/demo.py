@@ -63,7 +63,7 @@ def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_
 
 
 def _default_settings() -> dict:
-    from ..featurize.build import default_feature_sets
+    from ..featurize.plan import default_feature_sets
 
     return {name: {k: v for k, v in s.to_dict().items() if k != "timesteps"}
             for name, s in default_feature_sets().items()}
@@ -75,20 +75,18 @@ def _stored_settings(store) -> dict:
             for name, s in store.identity.get("feature_sets", {}).items()}
 
 
-def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True, pipe=None) -> Path:
+def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True, pipe=None,
+                     notify=None) -> Path:
     """Featurize the demo set with the default settings (resuming a partial store) and index it.
 
     The demo store is a cache: one built for another LoRA (the demo LoRA was retrained) is rebuilt.
     """
     import shutil
 
-    from ..featurize.build import featurize_dataset
+    from ..featurize.service import build_store
     from ..models.fingerprint import lora_fingerprint
-    from ..models.loading import load_lora, load_pipeline
-    from ..score import refresh_indexes
     from ..store import FeatureStore, StoreError
 
-    store = None
     if (store_dir / "manifest.json").is_file():
         try:
             store = FeatureStore.open(store_dir)
@@ -97,11 +95,5 @@ def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress:
         if store is None or store.identity.get("lora_fingerprint") != lora_fingerprint(lora) \
                 or _stored_settings(store) != _default_settings():
             shutil.rmtree(store_dir)  # another LoRA, or the defaults changed since (a new das-sd)
-            store = None
-    if store is None or not store.manifest.get("complete"):
-        if pipe is None:
-            pipe = load_pipeline(base)
-            load_lora(pipe, lora)
-        store = featurize_dataset(pipe, dataset, store_dir, base, lora, progress=progress)
-    refresh_indexes(store)
-    return store.root
+    return build_store(dataset, store_dir, base, lora, pipe=pipe, reuse_complete=True, progress=progress,
+                       notify=notify).root

@@ -1,0 +1,138 @@
+"""What a featurization is to do, decided before any model runs: the job, the rows of a dataset, the
+checks a store must pass against it, and which blocks of the work a part (``--shard I/N``) takes.
+
+The work of a featurization is the list of blocks ``store.plan(rows)``: the samples missing from the
+store, cut into shard-sized blocks in dataset order. Part i of n takes blocks i, i + n, ... into its
+own partial store ``STORE/parts/part-i-of-n/`` (see ``das_sd.featurize.parallel``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import Dataset, open_dataset
+from ..store import MANIFEST, FeatureStore, Row, StoreError, blocks_of
+from .settings import FeaturizerSettings
+
+PARTS = "parts"
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --autocast
+FEATURE_SETS = ("das", "dtrak", "trak")
+
+
+def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, FeaturizerSettings]:
+    """das, dtrak and trak feature sets sharing K, k, seeds and projector of ``base``."""
+    base = base or FeaturizerSettings()
+    return {
+        "das": base,
+        "dtrak": replace(base, output="square", normalize=False, residual="none"),
+        "trak": replace(base, output="loss", normalize=False, residual="none"),
+    }
+
+
+@dataclass(frozen=True)
+class FeaturizeJob:
+    """One featurization as plain values: what `das-sd featurize` was asked, and everything a Ray
+    worker needs to redo it in its own process (it opens the dataset and loads the model itself)."""
+    store: str | Path
+    data: str | Path
+    base: str | Path | None = None  # None: the embedded tiny SD
+    lora: str | Path | None = None  # needed to compute features; merging parts goes without
+    settings: FeaturizerSettings = field(default_factory=FeaturizerSettings)  # of the das set; the others derive
+    sets: tuple[str, ...] = FEATURE_SETS
+    dataset_options: dict = field(default_factory=dict)  # open_dataset's format, caption_column, ...
+    batch_size: int = 16
+    shard_size: int = 256
+    device: str | None = None
+    autocast: str = "fp32"  # a key of AUTOCAST
+
+    def feature_sets(self) -> dict[str, FeaturizerSettings]:
+        every = default_feature_sets(self.settings)
+        unknown = [s for s in self.sets if s not in every]
+        if not self.sets:
+            raise ValueError(f"--feature-sets: none given; expected some of {sorted(every)}")
+        if unknown:
+            raise ValueError(f"--feature-sets: unknown {unknown}; expected some of {sorted(every)}")
+        return {name: every[name] for name in self.sets}
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return autocast_dtype(self.autocast)
+
+    def open_dataset(self) -> Dataset:
+        return open_dataset(self.data, **self.dataset_options)
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """--autocast fp32 | fp16 | bf16 -> None (no autocast) or the dtype."""
+    if name not in AUTOCAST:
+        raise ValueError(f"--autocast {name!r}: expected one of {sorted(AUTOCAST)}")
+    return AUTOCAST[name]
+
+
+def feature_set_names(text: str) -> tuple[str, ...]:
+    """'das, trak' (--feature-sets) -> ('das', 'trak')."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def rows_of(dataset: Dataset) -> list[Row]:
+    return [Row(s.key, s.relpath, s.caption) for s in dataset]
+
+
+def check_dataset(store: FeatureStore, dataset: Dataset) -> None:
+    """Every stored row must still be in the dataset (same bytes and caption)."""
+    have = set(dataset.keys)
+    gone = [r for r in store.rows() if r.key not in have]
+    if gone:
+        examples = ", ".join(r.path for r in gone[:3])
+        raise StoreError(f"{store.root}: {len(gone)} stored sample(s) are not in the dataset {dataset.root} "
+                         f"(removed, or image / caption changed), e.g. {examples}. "
+                         "Featurize into a new --store folder.")
+
+
+def whole_work(store_dir: str | Path, identity: dict, info: dict, dataset: Dataset,
+               shard_size: int) -> tuple[FeatureStore, list[tuple[int, list[Row]]]]:
+    """The store (created, or resumed if its identity matches) and its blocks still to do."""
+    store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
+    check_dataset(store, dataset)
+    return store, list(enumerate(store.plan(rows_of(dataset))))
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """'I/N' (0 <= I < N) -> (I, N)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or not int(m[1]) < int(m[2]):
+        raise ValueError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(m[1]), int(m[2])
+
+
+def part_dir(store_dir: str | Path, part: tuple[int, int]) -> Path:
+    return Path(store_dir).expanduser().resolve() / PARTS / f"part-{part[0]:03d}-of-{part[1]:03d}"
+
+
+def _main_store_rows(store_dir: Path, identity: dict) -> tuple[set[str], int]:
+    if (store_dir / MANIFEST).is_file():
+        store = FeatureStore.open(store_dir, identity)
+        return set(store.keys()), len(store)
+    return set(), 0
+
+
+def part_work(store_dir: str | Path, identity: dict, info: dict, dataset: Dataset, shard_size: int,
+              part: tuple[int, int]) -> tuple[FeatureStore, list[tuple[int, list[Row]]]]:
+    """The partial store of ``part`` and its blocks still to do, as (block number, rows)."""
+    store_dir = Path(store_dir).expanduser().resolve()
+    have, base_rows = _main_store_rows(store_dir, identity)
+    rows = [r for r in rows_of(dataset) if r.key not in have]
+    mine = [(j, block) for j, block in enumerate(blocks_of(rows, shard_size)) if j % part[1] == part[0]]
+    store = FeatureStore.open_or_create(part_dir(store_dir, part), identity, shard_size=shard_size,
+                                        info=info | {"part": list(part), "base_rows": base_rows})
+    if store.manifest["info"].get("base_rows") != base_rows:
+        raise StoreError(f"{store.root}: this part was planned when {store_dir} held "
+                         f"{store.manifest['info'].get('base_rows')} rows, it now holds {base_rows}; "
+                         f"delete {store.root.parent} and featurize the parts again")
+    check_dataset(store, dataset)
+    done = set(store.keys())
+    return store, [(j, block) for j, block in mine if block[0].key not in done]

@@ -1,0 +1,138 @@
+"""Building a feature store, in one place for the CLI, the app and the demo: featurize a dataset into
+the store (resuming whatever an earlier run left), then index every feature set whose index is stale,
+as one generation.
+
+Callers show progress their own way: ``progress`` turns the tqdm bars on (the app's gr.Progress
+tracks them), and ``notify`` receives the sentences a user should read (the stage being run, bad
+samples skipped, a slow autocast); None drops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import Dataset
+from ..io import printable
+from ..score import LambdaRule, build_indexes, refresh_indexes
+from ..store import MANIFEST, FeatureStore
+from .build import featurize_dataset
+from .plan import FeaturizeJob, autocast_dtype, parse_part
+from .settings import FeaturizerSettings
+
+Notify = Callable[[str], None]
+INDEX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}  # das-sd index --dtype
+
+
+def _say(notify: Notify | None, message: str) -> None:
+    if notify is not None:
+        notify(message)
+
+
+def load_model(base: str | Path | None, lora: str | Path, device: str | None = None):
+    """The base pipeline with the LoRA whose training set is featurized."""
+    from ..models.loading import load_lora, load_pipeline
+
+    pipe = load_pipeline(base, device=device)
+    load_lora(pipe, lora)
+    return pipe
+
+
+def build_store(dataset: Dataset, store_dir: str | Path, base: Path, lora: Path,
+                feature_sets: dict[str, FeaturizerSettings] | None = None, *, pipe=None,
+                reuse_complete: bool = False, rule: LambdaRule | None = None, progress: bool = True,
+                notify: Notify | None = None) -> FeatureStore:
+    """Featurize the samples of ``dataset`` the store lacks (all of them for a new store, the rest of
+    an interrupted one), then index every feature set whose index is missing or stale.
+
+    ``pipe``: the base + LoRA pipeline, when the caller has it loaded (else it is loaded here, only
+    if there is something to featurize). ``reuse_complete``: a store marked complete is indexed as
+    it is, without loading the model or checking it against ``dataset`` (a cache whose identity
+    the caller has checked, as the demo does).
+    """
+    store = None
+    if reuse_complete and (Path(store_dir) / MANIFEST).is_file():
+        store = FeatureStore.open(store_dir)
+        store = store if store.manifest.get("complete") else None
+    if store is None:
+        _say(notify, f"featurizing {len(dataset)} training images into {store_dir}")
+        pipe = pipe if pipe is not None else load_model(base, lora)
+        store = featurize_dataset(pipe, dataset, store_dir, base, lora, feature_sets, progress=progress)
+    _say(notify, "indexing the feature store")
+    refresh_indexes(store, rule)
+    return store
+
+
+def check_autocast(name: str, device: str | None, notify: Notify | None = None) -> torch.dtype | None:
+    """The autocast dtype of ``--autocast name`` on ``device``, refused where it is not offered."""
+    from ..models.loading import default_device
+    from .featurizer import autocast_supported, cpu_has_fast_bfloat16
+
+    dtype = autocast_dtype(name)
+    kind = torch.device(device or default_device())
+    if not autocast_supported(dtype, kind):
+        raise ValueError(f"--autocast {name} is for CUDA devices; on {kind.type} use bf16 "
+                         "(fast where the CPU has AVX-512 BF16 or AMX) or fp32")
+    if dtype is not None and kind.type == "cpu" and not cpu_has_fast_bfloat16():
+        _say(notify, f"warning: this CPU has neither AVX-512 BF16 nor AMX: --autocast {name} will be slower than fp32")
+    return dtype
+
+
+def open_job_dataset(job: FeaturizeJob, notify: Notify | None = None) -> Dataset:
+    """The job's dataset; the bad samples it skipped (``skip_bad``) are listed through ``notify``."""
+    dataset = job.open_dataset()
+    if dataset.skipped:
+        _say(notify, "\n".join([f"skipped {len(dataset.skipped)} bad sample(s):"]
+                               + [f"  {printable(item)}" for item in dataset.skipped]))
+    return dataset
+
+
+def featurize(job: FeaturizeJob, *, shard: str | None = None, merge: bool = False, ray: str | None = None,
+              ray_workers: int | None = None, progress: bool = True, notify: Notify | None = None) -> FeatureStore:
+    """`das-sd featurize`: compute the features ``job.store`` lacks in this process; or only part
+    ``shard`` ('I/N') of them; or spread the parts over a Ray cluster (``ray``: its address, '' for a
+    local one) and merge them; or ``merge`` the finished parts. Indexing is ``index_store``'s."""
+    modes = [flag for flag, on in (("--shard", shard is not None), ("--merge", merge), ("--ray", ray is not None)) if on]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} exclude each other: give one of them")
+    if merge:  # the parts carry the model, settings and identity
+        from .parallel import merge_parts
+
+        return merge_parts(job.store, open_job_dataset(job, notify))
+    part = parse_part(shard) if shard is not None else None
+    autocast = check_autocast(job.autocast, job.device, notify)
+    dataset = open_job_dataset(job, notify)
+    if job.lora is None:
+        raise ValueError("--lora is required: the LoRA trained on --data (only --merge goes without)")
+    from ..models.loading import resolve_base, resolve_lora_file
+
+    job = replace(job, base=resolve_base(job.base), lora=resolve_lora_file(job.lora))
+    feature_sets = job.feature_sets()
+    if ray is not None:  # the workers load the model: not this process
+        from .parallel import featurize_on_ray
+
+        job = replace(job, store=Path(job.store).expanduser().resolve(), data=dataset.root)
+        return featurize_on_ray(ray or None, ray_workers, job, progress)
+    return featurize_dataset(load_model(job.base, job.lora, job.device), dataset, job.store, job.base, job.lora,
+                             feature_sets, batch_size=job.batch_size, shard_size=job.shard_size,
+                             progress=progress, autocast_dtype=autocast, part=part)
+
+
+def index_store(store_dir: str | Path, rule: LambdaRule | None = None, dtype: str = "float32",
+                notify: Notify | None = None) -> dict[str, dict]:
+    """`das-sd index`: solve the kernel of every feature set of the store and write their indexes as
+    one generation (``dtype``: storage of the train-side vectors, a key of INDEX_DTYPES)."""
+    from ..store_integrity import require_identity
+
+    if dtype not in INDEX_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(INDEX_DTYPES)}")
+    store = FeatureStore.open(store_dir)
+    require_identity(store.root / MANIFEST, store.identity, ("feature_sets",), "das-sd index")
+    orphans = store.remove_orphan_indexes()
+    if orphans:
+        _say(notify, f"removed {len(orphans)} index file(s) an interrupted `das-sd index` left")
+    return build_indexes(store, sorted(store.identity["feature_sets"]), rule or LambdaRule(), INDEX_DTYPES[dtype])
+
