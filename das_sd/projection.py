@@ -16,11 +16,12 @@ only while they fit in ``cache_bytes``.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from .seeds import generator
 
 KINDS = ("sparse", "rademacher", "gaussian")
 
@@ -41,11 +42,6 @@ class ProjectorSpec:
         if self.kind == "sparse" and self.dim % self.nonzeros:
             raise ValueError(f"sparse projection: dim (k = {self.dim}) must be a multiple of nonzeros "
                              f"(s = {self.nonzeros})")
-
-
-def _block_seed(seed: int, block: int) -> int:
-    digest = hashlib.sha256(f"das-sd-projection:{seed}:{block}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class BlockProjector:
@@ -87,7 +83,7 @@ class BlockProjector:
         if index in self._cache:
             return self._cache[index]
         rows, k = self._rows_in_block(index), self.spec.dim
-        gen = torch.Generator().manual_seed(_block_seed(self.spec.seed, index))
+        gen = generator(f"das-sd-projection:{self.spec.seed}:{index}")
         if self.spec.kind == "sparse":
             s = self.spec.nonzeros
             buckets = torch.randint(0, k // s, (rows, s), generator=gen) + torch.arange(s) * (k // s)

@@ -26,6 +26,8 @@ from .io import atomic_write_json, json_error
 from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
+from .noising import noisy_latents
+from .seeds import generator
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RECORD_NAME = "lora_record.json"
@@ -60,7 +62,7 @@ def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: t
     order: list[torch.Tensor] = []
     needed = steps * batch_size
     while sum(len(o) for o in order) < needed:
-        order.append(pool[torch.randperm(len(pool), generator=generator)])
+        order.append(pool[torch.randperm(len(pool), generator=rng)])
     flat = torch.cat(order)[:needed]
     return list(flat.view(steps, batch_size))
 
@@ -141,18 +143,17 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
         groups.append({"params": text_params, "lr": recipe.text_encoder_learning_rate or recipe.learning_rate})
         text_encoder.train()
     unet.train()
-    generator = torch.Generator().manual_seed(recipe.seed)
-    schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, generator)
+    rng = generator(recipe.seed)
+    schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, rng)
     opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     losses, ema = [], None
     bar = tqdm(schedule, desc="train-lora", unit="step", disable=not progress)
     try:
         for step, idx in enumerate(bar):
             x0 = latents[idx]
-            t = torch.randint(0, len(alphas), (len(idx),), generator=generator)
-            eps = torch.randn(x0.shape, generator=generator)
-            a = alphas[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            t = torch.randint(0, len(alphas), (len(idx),), generator=rng)
+            eps = torch.randn(x0.shape, generator=rng)
+            xt = noisy_latents(x0, eps, t, alphas)
             cond = text_encoder(tokens[idx])[0] if train_text_encoder else embeddings[idx]
             pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample
             loss = F.mse_loss(pred.float(), eps.to(pred.device))

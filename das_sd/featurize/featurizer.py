@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..noising import noisy_latents
 from ..projection import BlockProjector, ProjectorSpec
-from .gradients import accumulation_dtype, noisy_latents, num_lora_parameters, projected_row_gradients
+from .gradients import accumulation_dtype, num_lora_parameters, projected_row_gradients
 from .settings import FeaturizerSettings, noise_for
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..noising import noisy_latents
 from .settings import output_function
 
 
@@ -126,13 +127,6 @@ class LoraGradientCapture:
             group_size += layer.numel() * layer.element_size()
         flush()
         return out, sq_norm.to(out.device)
-
-
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, row by row."""
-    a = alphas_cumprod.to(x0.device)[timesteps].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
