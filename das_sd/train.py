@@ -26,8 +26,9 @@ from .io import atomic_write_json, json_error
 from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
+from .models.modes import restored_modes
 from .noising import noisy_latents
-from .seeds import generator
+from .seeds import generator, seeded_global_rng
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RECORD_NAME = "lora_record.json"
@@ -62,7 +63,7 @@ def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: t
     order: list[torch.Tensor] = []
     needed = steps * batch_size
     while sum(len(o) for o in order) < needed:
-        order.append(pool[torch.randperm(len(pool), generator=rng)])
+        order.append(pool[torch.randperm(len(pool), generator=generator)])
     flat = torch.cat(order)[:needed]
     return list(flat.view(steps, batch_size))
 
@@ -108,9 +109,7 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     unchanged, unless ``keep_adapter``: then the trained adapter stays active on ``pipe.unet`` as
     "default" (the in-memory trained model, e.g. to compare with the saved file).
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+    from diffusers import DDPMScheduler
 
     from .models.loading import load_pipeline
 
@@ -133,7 +132,39 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     unet, text_encoder = pipe.unet, pipe.text_encoder
     if getattr(unet, "peft_config", None) or _lora_parameters(text_encoder):
         raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
-    torch.manual_seed(recipe.seed)  # the LoRA A init draws from the global generator
+    out = Path(out).expanduser().resolve()
+    # peft draws the LoRA A init from torch's global generator: seeded for the call only, and the
+    # caller's generator state and module modes are theirs again after it
+    with seeded_global_rng(recipe.seed), restored_modes(unet, text_encoder):
+        losses = _fit(pipe, dataset, recipe, latents, tokens if train_text_encoder else embeddings, alphas, out,
+                      progress, keep_adapter)
+
+    record = {
+        "das_sd_version": __version__,
+        "recipe": asdict(recipe) | {"resolution": resolution},
+        "base": str(base_path),
+        "base_fingerprint": model_fingerprint(base_path),
+        "dataset_root": str(dataset.root),
+        "dataset_fingerprint": dataset.fingerprint(),
+        "sample_keys": dataset.keys,
+        "lora_fingerprint": lora_fingerprint(out / LORA_WEIGHT_NAME),
+        "train_seconds": round(time.time() - start, 2),
+        "loss_ema": losses,
+    }
+    atomic_write_json(out / RECORD_NAME, record)
+    return record
+
+
+def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, conditioning: torch.Tensor,
+         alphas: torch.Tensor, out: Path, progress: bool, keep_adapter: bool) -> list[list]:
+    """Add the adapters, train them and save them in ``out``; the loss curve. ``conditioning``: the
+    captions' token ids when the text encoder trains too (encoded every step), else their embeddings."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    train_text_encoder = recipe.text_encoder_rank > 0
     params = add_lora_adapter(unet, recipe)
     groups = [{"params": params, "lr": recipe.learning_rate}]
     if train_text_encoder:
@@ -154,7 +185,7 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
             t = torch.randint(0, len(alphas), (len(idx),), generator=rng)
             eps = torch.randn(x0.shape, generator=rng)
             xt = noisy_latents(x0, eps, t, alphas)
-            cond = text_encoder(tokens[idx])[0] if train_text_encoder else embeddings[idx]
+            cond = text_encoder(conditioning[idx])[0] if train_text_encoder else conditioning[idx]
             pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample
             loss = F.mse_loss(pred.float(), eps.to(pred.device))
             opt.zero_grad(set_to_none=True)
@@ -167,7 +198,6 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
             bar.set_postfix(loss=f"{ema:.4f}")
         unet.eval()
         text_encoder.eval()
-        out = Path(out).expanduser().resolve()
         out.mkdir(parents=True, exist_ok=True)
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         text_encoder_state = text_encoder_config = None
@@ -193,20 +223,7 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
         if keep_adapter and train_text_encoder:
             pipe.text_encoder = text_encoder.eval().requires_grad_(False)
 
-    record = {
-        "das_sd_version": __version__,
-        "recipe": asdict(recipe) | {"resolution": resolution},
-        "base": str(base_path),
-        "base_fingerprint": model_fingerprint(base_path),
-        "dataset_root": str(dataset.root),
-        "dataset_fingerprint": dataset.fingerprint(),
-        "sample_keys": dataset.keys,
-        "lora_fingerprint": lora_fingerprint(out / LORA_WEIGHT_NAME),
-        "train_seconds": round(time.time() - start, 2),
-        "loss_ema": losses,
-    }
-    atomic_write_json(out / RECORD_NAME, record)
-    return record
+    return losses
 
 
 def recipe_from_record(record: dict) -> LoraRecipe:
