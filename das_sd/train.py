@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data.datasets import Dataset
+from .featurize.gradients import lora_parameters
 from .io import atomic_write_json, json_error
 from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
@@ -90,12 +91,8 @@ def add_text_encoder_adapter(text_encoder, recipe: LoraRecipe) -> list[torch.nn.
     return _trainable_lora_parameters(text_encoder)
 
 
-def _lora_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n]
-
-
 def _trainable_lora_parameters(model) -> list[torch.nn.Parameter]:
-    params = _lora_parameters(model)
+    params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     return params
@@ -130,7 +127,7 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     alphas = noise_scheduler.alphas_cumprod.to(latents.device)
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    if getattr(unet, "peft_config", None) or _lora_parameters(text_encoder):
+    if getattr(unet, "peft_config", None) or lora_parameters(text_encoder, required=False):
         raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
     out = Path(out).expanduser().resolve()
     # peft draws the LoRA A init from torch's global generator: seeded for the call only, and the

@@ -25,17 +25,20 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lora_modules(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The LoRA A / B linear layers of the active adapters, in parameter order."""
+def lora_modules(unet: nn.Module, required: bool = True) -> list[tuple[str, nn.Linear]]:
+    """The LoRA A / B linear layers of the active adapters, in parameter order. ``required``: none
+    is an error (featurizing a model without a LoRA)."""
     found = [(name, m) for name, m in unet.named_modules()
              if isinstance(m, nn.Linear) and (".lora_A." in name or ".lora_B." in name)]
-    if not found:
+    if not found and required:
         raise ValueError("the UNet has no LoRA layers: load a LoRA before featurizing")
     return found
 
 
-def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [m.weight for _, m in lora_modules(unet)]
+def lora_parameters(model: nn.Module, required: bool = True) -> list[nn.Parameter]:
+    """The LoRA parameters, in parameter order: the weights of the LoRA A / B layers. The one
+    definition of what `das-sd train-lora` trains and what attribution differentiates."""
+    return [m.weight for _, m in lora_modules(model, required)]
 
 
 def num_lora_parameters(unet: nn.Module) -> int:
