@@ -41,7 +41,7 @@ def _autocast(x0, dtype):
 def train_step_fn(pipe, x0, cond, timesteps: int, autocast=None):
     """One optimisation step's gradient work over samples x timesteps rows."""
     from das_sd.featurize.featurizer import alphas_cumprod_of
-    from das_sd.featurize.gradients import noisy_latents
+    from das_sd.noising import noisy_latents
 
     unet = pipe.unet
     alphas = alphas_cumprod_of(pipe).to(x0.device)
@@ -91,7 +91,7 @@ def reference_fn(pipe, x0, cond, keys, timesteps: int, dim: int, block_rows: int
     the averaged gradients before projection, for the check against das-sd."""
     from torch.func import functional_call, grad, vmap
 
-    from das_sd.featurize.gradients import noisy_latents
+    from das_sd.noising import noisy_latents
 
     unet = pipe.unet
     names = [n for n, p in unet.named_parameters() if p.requires_grad]

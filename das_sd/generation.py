@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data.images import open_image
 from .io import atomic_write_bytes
+from .seeds import generator
 
 PNG_PARAMETERS_KEY = "parameters"
 PNG_DAS_KEY = "das_sd"
@@ -58,7 +59,7 @@ def generate(pipe, settings: GenerationSettings, provenance: dict | None = None,
     """Generate ``settings.num_images`` images; image i uses seed ``settings.seed + i`` (A1111 rule)."""
     seeds = [settings.seed + i for i in range(settings.num_images)]
     device = pipe.unet.device
-    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    generators = [generator(s) for s in seeds]
     bar = tqdm(total=settings.steps, desc="generate", unit="step", disable=not progress)
 
     def on_step(_pipe, _i, _t, kwargs):

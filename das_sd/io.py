@@ -117,6 +117,29 @@ def printable(text) -> str:
     return "".join(out)
 
 
+# safetensors refuses a header longer than this (its MAX_HEADER_SIZE); a length field beyond it, or
+# beyond the file, is damage, and reading it would ask for up to 2^64 bytes of memory
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_safetensors_header(fh) -> tuple[dict, int]:
+    """(JSON header, byte offset where the data starts) of the safetensors file open as ``fh``
+    (binary, at its start). The length field is checked against the file size and safetensors' own
+    limit before anything is read. ValueError (json's on bad JSON); callers name the file."""
+    size = os.fstat(fh.fileno()).st_size
+    if size < 8:
+        raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+    header_len = int.from_bytes(fh.read(8), "little")
+    if header_len > min(size - 8, MAX_HEADER_BYTES):
+        raise ValueError(f"its header length field says {header_len} bytes, more than "
+                         + (f"the {size - 8} bytes after it" if size - 8 < MAX_HEADER_BYTES
+                            else f"safetensors' limit of {MAX_HEADER_BYTES}"))
+    header = json.loads(fh.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    return header, 8 + header_len
+
+
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """sha256 hex digest of a file, read in chunks so that memory stays flat on multi-GB files."""
     digest = hashlib.sha256()

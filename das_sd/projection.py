@@ -16,11 +16,14 @@ only while they fit in ``cache_bytes``.
 
 from __future__ import annotations
 
-import hashlib
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from .seeds import generator
 
 KINDS = ("sparse", "rademacher", "gaussian")
 
@@ -43,11 +46,6 @@ class ProjectorSpec:
                              f"(s = {self.nonzeros})")
 
 
-def _block_seed(seed: int, block: int) -> int:
-    digest = hashlib.sha256(f"das-sd-projection:{seed}:{block}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class BlockProjector:
     """Projects rows of a (n x p) matrix with the P defined by ``spec`` (p = ``num_params``)."""
 
@@ -65,18 +63,15 @@ class BlockProjector:
         # a cache miss (cheap: s random integers per row)
         self._cache_blocks = 0 if spec.kind == "sparse" else cache_bytes // max(1, spec.block_rows * spec.dim * 4)
 
-    _shared: dict[tuple, "BlockProjector"] = {}
-
     @classmethod
     def shared(cls, spec: ProjectorSpec, num_params: int, device: torch.device | str = "cpu") -> "BlockProjector":
-        """One projector (and one block cache) per (spec, p, device) in the process: feature sets
-        that share a projector spec do not each hold a copy of P."""
-        key = (spec, int(num_params), str(torch.device(device)))
-        if key not in cls._shared:
-            if len(cls._shared) >= 4:
-                cls._shared.pop(next(iter(cls._shared)))
-            cls._shared[key] = cls(spec, num_params, device)
-        return cls._shared[key]
+        """The process's projector for (spec, p, device), from ``SHARED`` (see ``SharedProjectors``)."""
+        return SHARED.get(spec, num_params, device)
+
+    @property
+    def cache_budget(self) -> int:
+        """The most bytes of P this projector keeps cached (blocks or sparse pieces)."""
+        return self._cache_bytes
 
     def _rows_in_block(self, index: int) -> int:
         return min(self.spec.block_rows, self.num_params - index * self.spec.block_rows)
@@ -87,7 +82,7 @@ class BlockProjector:
         if index in self._cache:
             return self._cache[index]
         rows, k = self._rows_in_block(index), self.spec.dim
-        gen = torch.Generator().manual_seed(_block_seed(self.spec.seed, index))
+        gen = generator(f"das-sd-projection:{self.spec.seed}:{index}")
         if self.spec.kind == "sparse":
             s = self.spec.nonzeros
             buckets = torch.randint(0, k // s, (rows, s), generator=gen) + torch.arange(s) * (k // s)
@@ -162,3 +157,50 @@ class BlockProjector:
         """The whole P (p x k). For tests and small problems only."""
         return self.project(torch.eye(self.num_params, device=self.device))
 
+
+class SharedProjectors:
+    """Projectors shared by the featurizers of a process, one per (spec, p, device): feature sets
+    and Attributors with one projector spec then hold one copy of P's cache, not one each.
+
+    A least-recently-used cache bounded twice: at most ``max_entries`` projectors, and at most
+    ``max_bytes`` of cache budget in all (each projector caches up to its ``cache_bytes``, 1 GiB by
+    default); the least recently used projectors are dropped first. A dropped projector is rebuilt
+    on its next use, with the same P (regenerated from its seed): only time is lost, never results.
+    ``clear()`` drops them all (to free their memory, or in tests).
+    """
+
+    def __init__(self, max_entries: int = 4, max_bytes: int = 4 << 30, cache_bytes: int = 1 << 30):
+        if max_entries < 1 or cache_bytes > max_bytes:
+            raise ValueError(f"shared projectors: max_entries ({max_entries}) must be >= 1 and cache_bytes "
+                             f"({cache_bytes}) at most max_bytes ({max_bytes})")
+        self.max_entries, self.max_bytes, self.cache_bytes = max_entries, max_bytes, cache_bytes
+        self._entries: OrderedDict[tuple, BlockProjector] = OrderedDict()
+        self._lock = threading.Lock()  # hosts featurize from several threads
+
+    def get(self, spec: ProjectorSpec, num_params: int, device: torch.device | str = "cpu") -> BlockProjector:
+        key = (spec, int(num_params), str(torch.device(device)))
+        with self._lock:
+            projector = self._entries.pop(key, None) or BlockProjector(spec, num_params, device, self.cache_bytes)
+            self._entries[key] = projector  # most recently used last
+            while len(self._entries) > self.max_entries or self.budget() > self.max_bytes:
+                self._entries.popitem(last=False)
+            return projector
+
+    def budget(self) -> int:
+        """Bytes the held projectors may cache, in all."""
+        return sum(p.cache_budget for p in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+SHARED = SharedProjectors()
+
+
+def clear_shared_projectors() -> None:
+    """Drop every shared projector and its cached blocks (``SHARED.clear()``)."""
+    SHARED.clear()

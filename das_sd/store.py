@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from .io import atomic_write_bytes, atomic_write_json, file_sha256
+from .store_chunks import ArrayChunks, array_chunks
 from .store_integrity import StoreError, check_file, read_manifest, remember_verified
 
 FORMAT_VERSION = 1  # checksums were added without a bump: stores without them open, unverified
@@ -250,6 +251,18 @@ class FeatureStore:
     def shard_paths(self) -> list[Path]:
         """The feature shards in row order, each checked against its checksum."""
         return [self._checked(s["file"], "shard") for s in self.manifest["shards"]]
+
+    def array_files(self, index: str | None = None) -> list[Path]:
+        """The files of the feature shards (``index`` None) or of index set ``index``, in row order,
+        each checked against its checksum."""
+        return self.shard_paths() if index is None else self._current_index(index)
+
+    def array_chunks(self, name: str, index: str | None = None, chunk_rows: int | None = None,
+                     chunk_bytes: int = 8 << 20) -> Iterator[ArrayChunks]:
+        """Array ``name`` of each file (as ``array_files``) in row order, to be read in chunks of
+        ``chunk_rows`` rows (default: ``chunk_bytes`` of the file): a whole-store scan holding two
+        chunks in memory (das_sd.store_chunks). Every file is checked before the first is read."""
+        return array_chunks(self.array_files(index), name, chunk_rows, chunk_bytes)
 
     def iter_shards(self, names: list[str], device: str = "cpu") -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
         """(shard entry, {name: tensor}) per shard, memory-mapped by safetensors."""

@@ -21,16 +21,9 @@ rows): results equal in-memory scoring of the same int8 index, which approximate
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from .score import method, rank_scores, train_array
 from .store import FeatureStore, StoreError
@@ -43,65 +36,10 @@ class TopK:
     indices: torch.Tensor  # (queries, top_k) row numbers in the store
 
 
-def train_files(store: FeatureStore, name: str) -> tuple[list[Path], str]:
-    """The files holding a method's train-side vectors, in row order (each checked against its
-    checksum by the store before it is read here), and the array's name."""
+def _train_source(name: str) -> tuple[str | None, str]:
+    """(index set, or None for the feature shards; array name) of a method's train-side vectors."""
     where, array = train_array(name)
-    if where == "features":
-        return store.shard_paths(), array
-    return list(store.iter_index(method(name).feature_set)), array
-
-
-_DTYPES = {"I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def _locate(path: Path, name: str) -> tuple[torch.dtype, list[int], int]:
-    """(dtype, shape, byte offset) of one array in a safetensors file, from its JSON header."""
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    if name not in header:
-        raise StoreError(f"{path}: no array {name!r}")
-    meta = header[name]
-    if meta["dtype"] not in _DTYPES:
-        raise StoreError(f"{path}: array {name!r} has dtype {meta['dtype']}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[meta["dtype"]], meta["shape"], 8 + size + meta["data_offsets"][0]
-
-
-class _ChunkReader:
-    """Reads row chunks of one array with plain sequential reads into two reused buffers, the next
-    chunk in a thread while the caller scores the current one (reads release the GIL)."""
-
-    def __init__(self, path: Path, name: str, chunk_rows: int | None, buffers: list[torch.Tensor]):
-        self.dtype, self.shape, self.offset = _locate(path, name)
-        self.row_bytes = int(torch.tensor([], dtype=self.dtype).element_size() * max(1, math.prod(self.shape[1:])))
-        self.chunk_rows = chunk_rows or max(1, CHUNK_BYTES // self.row_bytes)
-        chunk_rows = self.chunk_rows
-        self.path = path
-        for i, b in enumerate(buffers):  # uninitialised, grown on demand, shared by the files of a scan
-            if b.numel() < self.row_bytes * chunk_rows:
-                buffers[i] = torch.empty(self.row_bytes * chunk_rows, dtype=torch.uint8)
-        self.buffers = buffers
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        rows = self.shape[0]
-        starts = list(range(0, rows, self.chunk_rows))
-        with open(self.path, "rb", buffering=0) as fh, ThreadPoolExecutor(1) as pool:
-            if hasattr(os, "posix_fadvise"):  # a larger readahead window for a cold scan
-                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            def read(i: int) -> torch.Tensor:
-                start = starts[i]
-                n = min(rows, start + self.chunk_rows) - start
-                buffer = self.buffers[i % 2][:n * self.row_bytes]
-                got = os.preadv(fh.fileno(), [memoryview(buffer.numpy())], self.offset + start * self.row_bytes)
-                if got != buffer.numel():
-                    raise StoreError(f"{self.path}: file ends early (truncated?)")
-                return buffer.view(self.dtype).view(n, *self.shape[1:])
-            pending = pool.submit(read, 0) if starts else None
-            for i, start in enumerate(starts):
-                block = pending.result()
-                pending = pool.submit(read, i + 1) if i + 1 < len(starts) else None
-                yield start, block  # valid until the next-but-one chunk is read into its buffer
+    return (None if where == "features" else method(name).feature_set), array
 
 
 CHUNK_BYTES = 8 << 20  # a chunk that stays in the CPU's caches while it is scored (measured best here)
@@ -111,17 +49,15 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
                 chunk_rows: int | None = None, device: str | torch.device = "cpu") -> TopK:
     """Top-k training rows of each query (``query_features`` (queries, k), one method's feature set).
     ``chunk_rows``: rows scored at a time (default: about ``CHUNK_BYTES`` of the file)."""
-    files, array = train_files(store, name)
+    index_set, array = _train_source(name)
     q = query_features.float().to(device)
     best = torch.empty(q.shape[0], 0, device=device)
     best_t = torch.empty_like(best)
     best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
     offset = 0
-    buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]
-    for path in files:
+    for reader in store.array_chunks(array, index_set, chunk_rows, CHUNK_BYTES):
         try:
-            reader = _ChunkReader(path, array, chunk_rows, buffers)
-            side = _side_arrays(path, array, reader.dtype) if reader.dtype in (torch.float16, torch.int8) else {}
+            side = reader.side_arrays() if reader.dtype in (torch.float16, torch.int8) else {}
             scales = side["scale"].to(device) if reader.dtype == torch.int8 else None
             norms = side.get("norm") if torch.device(device).type == "cpu" else None
             for start, block in reader:
@@ -141,21 +77,11 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(f"{path}: cannot read it ({exc})") from exc
-        offset += reader.shape[0]
+            raise StoreError(f"{reader.path}: cannot read it ({exc})") from exc
+        offset += reader.rows
     if offset != len(store):
         raise StoreError(f"{store.root}: {array} holds {offset} rows for {len(store)} samples")
     return TopK(best, torch.sign(best_t), best_i)
-
-
-def _side_arrays(path: Path, array: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The per-row arrays stored beside low-precision train-side vectors: {"norm", "scale"}, as present
-    (row norms bound the rounding error; int8 rows need their scales)."""
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        side = {kind: fh.get_tensor(f"{kind}.{array}") for kind in ("norm", "scale") if f"{kind}.{array}" in fh.keys()}
-    if "scale" not in side and dtype == torch.int8:
-        raise StoreError(f"{path}: 'scale.{array}' is missing (an int8 index stores one scale per row)")
-    return side
 
 
 def _floor(name: str, best: torch.Tensor, top_k: int) -> torch.Tensor | None:

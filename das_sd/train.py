@@ -22,10 +22,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data.datasets import Dataset
+from .featurize.gradients import lora_parameters
 from .io import atomic_write_json, json_error
 from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
+from .models.modes import restored_modes
+from .noising import noisy_latents
+from .seeds import generator, seeded_global_rng
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RECORD_NAME = "lora_record.json"
@@ -87,12 +91,8 @@ def add_text_encoder_adapter(text_encoder, recipe: LoraRecipe) -> list[torch.nn.
     return _trainable_lora_parameters(text_encoder)
 
 
-def _lora_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n]
-
-
 def _trainable_lora_parameters(model) -> list[torch.nn.Parameter]:
-    params = _lora_parameters(model)
+    params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     return params
@@ -106,9 +106,7 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     unchanged, unless ``keep_adapter``: then the trained adapter stays active on ``pipe.unet`` as
     "default" (the in-memory trained model, e.g. to compare with the saved file).
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+    from diffusers import DDPMScheduler
 
     from .models.loading import load_pipeline
 
@@ -129,9 +127,41 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     alphas = noise_scheduler.alphas_cumprod.to(latents.device)
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    if getattr(unet, "peft_config", None) or _lora_parameters(text_encoder):
+    if getattr(unet, "peft_config", None) or lora_parameters(text_encoder, required=False):
         raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
-    torch.manual_seed(recipe.seed)  # the LoRA A init draws from the global generator
+    out = Path(out).expanduser().resolve()
+    # peft draws the LoRA A init from torch's global generator: seeded for the call only, and the
+    # caller's generator state and module modes are theirs again after it
+    with seeded_global_rng(recipe.seed), restored_modes(unet, text_encoder):
+        losses = _fit(pipe, dataset, recipe, latents, tokens if train_text_encoder else embeddings, alphas, out,
+                      progress, keep_adapter)
+
+    record = {
+        "das_sd_version": __version__,
+        "recipe": asdict(recipe) | {"resolution": resolution},
+        "base": str(base_path),
+        "base_fingerprint": model_fingerprint(base_path),
+        "dataset_root": str(dataset.root),
+        "dataset_fingerprint": dataset.fingerprint(),
+        "sample_keys": dataset.keys,
+        "lora_fingerprint": lora_fingerprint(out / LORA_WEIGHT_NAME),
+        "train_seconds": round(time.time() - start, 2),
+        "loss_ema": losses,
+    }
+    atomic_write_json(out / RECORD_NAME, record)
+    return record
+
+
+def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, conditioning: torch.Tensor,
+         alphas: torch.Tensor, out: Path, progress: bool, keep_adapter: bool) -> list[list]:
+    """Add the adapters, train them and save them in ``out``; the loss curve. ``conditioning``: the
+    captions' token ids when the text encoder trains too (encoded every step), else their embeddings."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    train_text_encoder = recipe.text_encoder_rank > 0
     params = add_lora_adapter(unet, recipe)
     groups = [{"params": params, "lr": recipe.learning_rate}]
     if train_text_encoder:
@@ -141,19 +171,18 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
         groups.append({"params": text_params, "lr": recipe.text_encoder_learning_rate or recipe.learning_rate})
         text_encoder.train()
     unet.train()
-    generator = torch.Generator().manual_seed(recipe.seed)
-    schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, generator)
+    rng = generator(recipe.seed)
+    schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, rng)
     opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     losses, ema = [], None
     bar = tqdm(schedule, desc="train-lora", unit="step", disable=not progress)
     try:
         for step, idx in enumerate(bar):
             x0 = latents[idx]
-            t = torch.randint(0, len(alphas), (len(idx),), generator=generator)
-            eps = torch.randn(x0.shape, generator=generator)
-            a = alphas[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            cond = text_encoder(tokens[idx])[0] if train_text_encoder else embeddings[idx]
+            t = torch.randint(0, len(alphas), (len(idx),), generator=rng)
+            eps = torch.randn(x0.shape, generator=rng)
+            xt = noisy_latents(x0, eps, t, alphas)
+            cond = text_encoder(conditioning[idx])[0] if train_text_encoder else conditioning[idx]
             pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample
             loss = F.mse_loss(pred.float(), eps.to(pred.device))
             opt.zero_grad(set_to_none=True)
@@ -166,7 +195,6 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
             bar.set_postfix(loss=f"{ema:.4f}")
         unet.eval()
         text_encoder.eval()
-        out = Path(out).expanduser().resolve()
         out.mkdir(parents=True, exist_ok=True)
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         text_encoder_state = text_encoder_config = None
@@ -192,20 +220,7 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
         if keep_adapter and train_text_encoder:
             pipe.text_encoder = text_encoder.eval().requires_grad_(False)
 
-    record = {
-        "das_sd_version": __version__,
-        "recipe": asdict(recipe) | {"resolution": resolution},
-        "base": str(base_path),
-        "base_fingerprint": model_fingerprint(base_path),
-        "dataset_root": str(dataset.root),
-        "dataset_fingerprint": dataset.fingerprint(),
-        "sample_keys": dataset.keys,
-        "lora_fingerprint": lora_fingerprint(out / LORA_WEIGHT_NAME),
-        "train_seconds": round(time.time() - start, 2),
-        "loss_ema": losses,
-    }
-    atomic_write_json(out / RECORD_NAME, record)
-    return record
+    return losses
 
 
 def recipe_from_record(record: dict) -> LoraRecipe:

@@ -149,3 +149,25 @@ def test_feature_sets_sharing_a_forward_pass_equal_separate_ones(lora_pipe64):
         for i in range(3):
             assert relative_error(phi[i], alone[i]) < ALGEBRAIC_RTOL, featurizer.settings
     assert not torch.allclose(together[0], together[4])  # another noise seed: other rows
+
+
+def test_featurizing_puts_the_unet_in_eval_mode_for_the_call_only(lora_pipe):
+    """The UNet is the caller's: eval mode (no dropout, independent rows) while features and
+    residuals are computed, the caller's own (here mixed) modes before and after."""
+    unet = lora_pipe.unet
+    during = []
+    handle = unet.register_forward_pre_hook(lambda m, _: during.append(any(x.training for x in m.modules())))
+    unet.train()
+    unet.conv_in.eval()
+    modes = [(m, m.training) for m in unet.modules()]
+    try:
+        featurizer = Featurizer(lora_pipe, FeaturizerSettings(num_timesteps=2, projection_dim=8, residual_timesteps=2))
+        assert [m.training for m, _ in modes] == [t for _, t in modes]  # constructing switches nothing
+        x0, cond, keys = _queries(lora_pipe, 1)
+        featurizer.features(x0, cond, keys)
+        featurizer.residuals(x0, cond, keys)
+        assert len(during) == 2 and not any(during)
+        assert [m.training for m, _ in modes] == [t for _, t in modes]
+    finally:
+        handle.remove()
+        unet.eval()

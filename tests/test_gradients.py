@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from das_sd.featurize.gradients import (LoraGradientCapture, lora_parameters, noisy_latents, num_lora_parameters,
-                                        per_row_gradients)
+from das_sd.featurize.gradients import LoraGradientCapture, lora_parameters, num_lora_parameters, per_row_gradients
 from das_sd.featurize.settings import OUTPUT_FUNCTIONS, noise_for, output_function
+from das_sd.noising import noisy_latents
 from das_sd.projection import BlockProjector, ProjectorSpec
 from tolerances import ALGEBRAIC_RTOL, relative_error
 

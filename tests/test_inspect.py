@@ -179,6 +179,23 @@ def test_cli_writes_reports_from_a_folder_of_generations(demo, trigger_inspectio
     assert html.count("data:image/png;base64,") >= 32
 
 
+def test_report_is_rebuilt_from_inspection_json_alone(trigger_inspection, tmp_path):
+    """report.html is a function of inspection.json: the report module needs nothing else (and so
+    imports nothing of inspection.py); the group sections appear exactly when groups were asked for."""
+    from dataclasses import replace
+
+    from das_sd.inspect.report import html_report
+
+    inspection, _ = trigger_inspection
+    for grouped in (True, False):
+        shown = inspection if grouped else replace(inspection, group_by=None, groups=None, group_credits=[])
+        files = shown.save(tmp_path / f"report-{grouped}")
+        html = files["html"].read_text()
+        assert html_report(json.loads(files["json"].read_text())) == html
+        assert ("Credit by group" in html) == grouped and ("<th>group</th>" in html) == grouped
+        assert f"in no generation's top-{inspection.settings.top_k}." in html
+
+
 def test_bad_inspect_inputs_get_clear_errors(demo, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

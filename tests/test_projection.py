@@ -62,3 +62,44 @@ def test_bad_spec_is_refused():
         BlockProjector(ProjectorSpec(dim=8), 10).project(torch.zeros(1, 11))
     with pytest.raises(ValueError, match="outside"):
         BlockProjector(ProjectorSpec(dim=8), 10).project_range(torch.zeros(1, 5), 8)
+
+
+def test_shared_projectors_are_a_bounded_lru_and_clearable():
+    from das_sd.projection import SharedProjectors
+
+    specs = [ProjectorSpec("gaussian", 8, seed) for seed in range(4)]
+    shared = SharedProjectors(max_entries=3, max_bytes=10_000, cache_bytes=1_000)
+    a = shared.get(specs[0], 50)
+    assert shared.get(specs[0], 50) is a and shared.get(specs[0], 50, "cpu") is a  # one per (spec, p, device)
+    a51 = shared.get(specs[0], 51)
+    assert a51 is not a
+    assert shared.get(specs[0], 50) is a  # used again: now a51 is the least recently used
+    b, c = shared.get(specs[1], 50), shared.get(specs[2], 50)  # a third and a fourth: a51 dropped
+    assert len(shared) == 3 and shared.get(specs[0], 50) is a and shared.get(specs[2], 50) is c
+    assert shared.get(specs[0], 51) is not a51  # rebuilt, dropping b, the least recently used
+    assert len(shared) == 3 and shared.get(specs[2], 50) is c and shared.get(specs[1], 50) is not b
+    assert shared.budget() == 3 * 1_000 <= shared.max_bytes
+
+    by_bytes = SharedProjectors(max_entries=10, max_bytes=2_500, cache_bytes=1_000)  # room for two
+    first = by_bytes.get(specs[0], 50)
+    dense = first.dense()
+    by_bytes.get(specs[1], 50), by_bytes.get(specs[2], 50)
+    assert len(by_bytes) == 2 and by_bytes.budget() <= 2_500
+    again = by_bytes.get(specs[0], 50)
+    assert again is not first and torch.equal(again.dense(), dense)  # rebuilt, same P
+    by_bytes.clear()
+    assert len(by_bytes) == 0 and by_bytes.budget() == 0
+    with pytest.raises(ValueError, match="cache_bytes"):
+        SharedProjectors(max_entries=2, max_bytes=100, cache_bytes=1_000)
+
+
+def test_the_process_cache_behind_blockprojector_shared():
+    from das_sd.projection import SHARED, clear_shared_projectors
+
+    clear_shared_projectors()
+    spec = ProjectorSpec("sparse", 8, 1)
+    p = BlockProjector.shared(spec, 40)
+    assert BlockProjector.shared(spec, 40) is p and len(SHARED) == 1
+    assert SHARED.max_entries == 4 and SHARED.max_bytes == 4 << 30 and p.cache_budget == 1 << 30
+    clear_shared_projectors()
+    assert len(SHARED) == 0 and BlockProjector.shared(spec, 40) is not p

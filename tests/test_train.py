@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from das_sd.data.datasets import open_dataset
+from das_sd.featurize.gradients import lora_parameters
 from das_sd.models.loading import load_lora, load_pipeline
 from das_sd.train import (LORA_WEIGHT_NAME, LoraRecipe, batch_schedule, read_record, read_subset_file,
                           recipe_from_record, train_lora)
@@ -92,6 +94,35 @@ def test_alpha_different_from_rank_survives_save_and_load(base_path, small_set, 
     fresh = load_pipeline(base_path, device="cpu")
     load_lora(fresh, tmp_path / "l")
     assert torch.allclose(unet_outputs(fresh), trained, atol=FLOAT32_FORWARD_ATOL, rtol=FLOAT32_FORWARD_RTOL)
+
+
+def test_training_leaves_the_callers_rng_state_and_modes_as_it_found_them(base_path, small_set, tmp_path):
+    """peft's LoRA init draws from torch's global generator: train_lora seeds it for the call only.
+    The trained LoRA does not depend on the caller's RNG state, and the caller's (here mixed) module
+    modes are back after the call; the LoRA parameters are the ones whose names say lora_."""
+    recipe = LoraRecipe(seed=3, **(FAST | {"steps": 2}))
+    weights = []
+    for caller_seed, text_encoder_rank in ((11, 8), (99, 8), (11, 0)):
+        pipe = load_pipeline(base_path, device="cpu")
+        unet, text_encoder = pipe.unet, pipe.text_encoder
+        unet.train()
+        unet.conv_in.eval()
+        text_encoder.train()
+        modes = [(m, m.training) for m in (*unet.modules(), *text_encoder.modules())]
+        torch.manual_seed(caller_seed)
+        torch.rand(3)
+        state = torch.random.get_rng_state()
+        train_lora(base_path, small_set, tmp_path / f"{caller_seed}-{text_encoder_rank}",
+                   LoraRecipe(**(asdict(recipe) | {"text_encoder_rank": text_encoder_rank})), pipe=pipe,
+                   progress=False, keep_adapter=True)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        assert [m.training for m, _ in modes] == [training for _, training in modes]
+        weights.append(load_file(str(tmp_path / f"{caller_seed}-{text_encoder_rank}" / LORA_WEIGHT_NAME)))
+        for model in (unet, pipe.text_encoder) if text_encoder_rank else (unet,):
+            by_name = [p for n, p in model.named_parameters() if "lora_" in n]
+            assert len(by_name) > 0 and len(lora_parameters(model)) == len(by_name)
+            assert all(a is b for a, b in zip(lora_parameters(model), by_name))
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_batch_schedule_respects_repeats_and_seed():

@@ -25,6 +25,8 @@ import torch
 
 from ..featurize.settings import uniform_grid
 from ..io import atomic_write_json
+from ..noising import noisy_latents
+from ..seeds import generator
 from .retrain import attributed_recipe_and_data, run_training_jobs, training_job
 
 
@@ -124,8 +126,7 @@ def model_outputs(pipe, latents: torch.Tensor, cond: torch.Tensor, keys: list[st
         noise = torch.cat([_output_noise(settings.output_seed, keys[q], t, draws, latents.shape[1:]) for q, t in chunk])
         q_idx = torch.tensor([q for q, _ in chunk]).repeat_interleave(draws)
         t_idx = torch.tensor([t for _, t in chunk]).repeat_interleave(draws)
-        a = alphas[t_idx].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents[q_idx] + (1 - a).sqrt() * noise
+        noisy = noisy_latents(latents[q_idx], noise, t_idx, alphas)
         pred = unet(noisy.to(device), t_idx.to(device), encoder_hidden_states=cond[q_idx].to(device)).sample
         per_row = ((pred.float().cpu() - noise) ** 2).mean(dim=(1, 2, 3)).view(len(chunk), draws).mean(1)
         for (q, t), value in zip(chunk, per_row.tolist()):
@@ -134,9 +135,7 @@ def model_outputs(pipe, latents: torch.Tensor, cond: torch.Tensor, keys: list[st
 
 
 def _output_noise(seed: int, key: str, t: int, draws: int, shape) -> torch.Tensor:
-    digest = hashlib.sha256(f"das-sd-lds:{seed}:{key}:{t}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.randn((draws, *shape), generator=gen)
+    return torch.randn((draws, *shape), generator=generator(f"das-sd-lds:{seed}:{key}:{t}", drop_low_bit=True))
 
 
 def cached_outputs(path: Path, compute) -> np.ndarray:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from ..models.modes import eval_mode
+from ..noising import noisy_latents
 from ..projection import BlockProjector, ProjectorSpec
-from .gradients import accumulation_dtype, noisy_latents, num_lora_parameters, projected_row_gradients
+from .gradients import accumulation_dtype, num_lora_parameters, projected_row_gradients
 from .settings import FeaturizerSettings, noise_for
 
 
@@ -54,7 +56,7 @@ class Featurizer:
     """Computes features for batches of (latent, caption embedding, key) with a pipeline's LoRA."""
 
     def __init__(self, pipe, settings: FeaturizerSettings, autocast_dtype: torch.dtype | None = None):
-        self.unet = pipe.unet.eval()
+        self.unet = pipe.unet  # switched to eval mode only while it computes (the caller's model)
         self.settings = settings
         self.device = self.unet.device
         self.alphas = alphas_cumprod_of(pipe).to(self.device)
@@ -96,18 +98,19 @@ class Featurizer:
         x0 = x0.to(self.device, torch.float32)
         cond = cond.to(self.device)
         r = torch.zeros(n, len(grid))
-        for start in range(0, len(grid), chunk):
-            ts = grid[start:start + chunk]
-            m = len(ts)
-            noise = self._noise(keys, ts, tuple(x0.shape[1:])).to(self.device)
-            rows_t = torch.tensor(ts, device=self.device).repeat(n)
-            xt = noisy_latents(x0.repeat_interleave(m, dim=0), noise, rows_t, self.alphas)
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
-                                enabled=self.autocast_dtype is not None):
-                pred = self.unet(xt.to(self.unet.dtype), rows_t,
-                                 encoder_hidden_states=cond.repeat_interleave(m, dim=0).to(self.unet.dtype)).sample
-            err = (pred.float() - noise).pow(2).flatten(1).mean(dim=1).sqrt()
-            r[:, start:start + m] = err.view(n, m).cpu()
+        with eval_mode(self.unet):
+            for start in range(0, len(grid), chunk):
+                ts = grid[start:start + chunk]
+                m = len(ts)
+                noise = self._noise(keys, ts, tuple(x0.shape[1:])).to(self.device)
+                rows_t = torch.tensor(ts, device=self.device).repeat(n)
+                xt = noisy_latents(x0.repeat_interleave(m, dim=0), noise, rows_t, self.alphas)
+                with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    pred = self.unet(xt.to(self.unet.dtype), rows_t,
+                                     encoder_hidden_states=cond.repeat_interleave(m, dim=0).to(self.unet.dtype)).sample
+                err = (pred.float() - noise).pow(2).flatten(1).mean(dim=1).sqrt()
+                r[:, start:start + m] = err.view(n, m).cpu()
         if self.settings.residual == "magnitude":
             return r.mean(dim=1)
         return (r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)).mean(dim=1)
@@ -127,7 +130,7 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
     for members in groups.values():
         first = featurizers[members[0]]
         k = len(first.timesteps)
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(first.unet):
             # tensors made under inference_mode cannot enter autograd: take plain copies
             x0_rows = x0.clone().to(first.device, accumulation_dtype(first.unet.dtype))
             rows_x0 = x0_rows.repeat_interleave(k, dim=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..noising import noisy_latents
 from .settings import output_function
 
 
@@ -24,17 +25,20 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lora_modules(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The LoRA A / B linear layers of the active adapters, in parameter order."""
+def lora_modules(unet: nn.Module, required: bool = True) -> list[tuple[str, nn.Linear]]:
+    """The LoRA A / B linear layers of the active adapters, in parameter order. ``required``: none
+    is an error (featurizing a model without a LoRA)."""
     found = [(name, m) for name, m in unet.named_modules()
              if isinstance(m, nn.Linear) and (".lora_A." in name or ".lora_B." in name)]
-    if not found:
+    if not found and required:
         raise ValueError("the UNet has no LoRA layers: load a LoRA before featurizing")
     return found
 
 
-def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [m.weight for _, m in lora_modules(unet)]
+def lora_parameters(model: nn.Module, required: bool = True) -> list[nn.Parameter]:
+    """The LoRA parameters, in parameter order: the weights of the LoRA A / B layers. The one
+    definition of what `das-sd train-lora` trains and what attribution differentiates."""
+    return [m.weight for _, m in lora_modules(model, required)]
 
 
 def num_lora_parameters(unet: nn.Module) -> int:
@@ -126,13 +130,6 @@ class LoraGradientCapture:
             group_size += layer.numel() * layer.element_size()
         flush()
         return out, sq_norm.to(out.device)
-
-
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, row by row."""
-    a = alphas_cumprod.to(x0.device)[timesteps].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,

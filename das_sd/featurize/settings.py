@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from ..seeds import generator
 
 OUTPUT_FUNCTIONS = ("mean", "l1", "square", "loss")
 RESIDUAL_FORMS = ("scale-free", "magnitude", "none")
@@ -56,9 +57,7 @@ def uniform_grid(count: int, num_train_timesteps: int) -> list[int]:
 
 def noise_for(seed: int, key: str, timestep: int, shape: tuple[int, ...]) -> torch.Tensor:
     """eps_{z,t}: a function of (seed, sample key, t) only, never of batch size or position."""
-    digest = hashlib.sha256(f"das-sd-noise:{seed}:{key}:{timestep}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=generator(f"das-sd-noise:{seed}:{key}:{timestep}"))
 
 
 def output_function(name: str, prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

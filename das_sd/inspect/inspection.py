@@ -123,7 +123,7 @@ class Inspection:
                                                     data["groups"]))
         generation_rows = [{**g, "top_keys": " ".join(t["key"] for t in g["top"])} for g in data["generations"]]
         atomic_write_text(files["generations_csv"], _csv(["id", "prompt", "seed", "image", "top_keys"], generation_rows))
-        atomic_write_text(files["html"], html_report(self, data))
+        atomic_write_text(files["html"], html_report(data))
         return files
 
 

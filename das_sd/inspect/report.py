@@ -7,14 +7,10 @@ import base64
 import functools
 import html
 import io
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data.images import ImageError, open_image
-
-if TYPE_CHECKING:
-    from .inspection import Inspection
 
 THUMB = 72
 LISTED = 16  # images per leaderboard table
@@ -112,10 +108,12 @@ def _image_table(rows: list[dict], with_group: bool) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def html_report(inspection: "Inspection", data: dict) -> str:
-    rows = data["images"]
-    with_group = inspection.groups is not None
-    n, q = len(rows), len(inspection.generations)
+def html_report(data: dict) -> str:
+    """The report of an inspection from its JSON record (``Inspection.to_json()``, as saved in
+    inspection.json), which holds everything shown: the report can be rebuilt from that file."""
+    rows, settings = data["images"], data["settings"]
+    with_group = bool(data["group_by"])  # an inspection has groups exactly when it was given a group_by
+    n, q = len(rows), data["num_generations"]
     flagged = [r for r in rows if r.get("duplicate") or r.get("outlier")]
     never = sum(1 for r in rows if r["top_k_count"] == 0)
     groups = data["groups"]
@@ -131,7 +129,7 @@ def html_report(inspection: "Inspection", data: dict) -> str:
         f"<h1>das-sd inspection: {n} training images, {q} generations</h1>",
         f'<p class="note">Method <b>{html.escape(data["method"])}</b>, store <code>{html.escape(data["store_id"])}</code>. '
         f'Share: {html.escape(data["normalisation"])}; signed: {html.escape(data["signed_normalisation"])}. '
-        f'{never} of {n} images are in no generation\'s top-{inspection.settings.top_k}.</p>',
+        f'{never} of {n} images are in no generation\'s top-{settings["top_k"]}.</p>',
     ]
     if groups:
         sections += [f"<h2>Credit by group ({html.escape(str(data['group_by']))})</h2>",
@@ -145,8 +143,8 @@ def html_report(inspection: "Inspection", data: dict) -> str:
         "<h2>Distribution of mean shares</h2>", histogram(np.array([r["mean_share"] for r in rows])),
         f"<h2>Near-duplicates and outliers ({len(flagged)})</h2>",
         '<p class="note">Near-duplicate: cosine of the stored latents to another training image at least '
-        f'{inspection.settings.duplicate_threshold}; outlier: robust z-score of self-influence above '
-        f'{inspection.settings.outlier_threshold}.</p>',
+        f'{settings["duplicate_threshold"]}; outlier: robust z-score of self-influence above '
+        f'{settings["outlier_threshold"]}.</p>',
         _image_table(flagged, with_group) if flagged else "<p>None flagged.</p>",
         "<h2>Generations</h2>", f'<div class="gens">{generations}</div>',
     ]

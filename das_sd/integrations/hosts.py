@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,18 +65,32 @@ def plain_prompt(prompt: str) -> str:
 
 
 class AttributorCache:
-    """One Attributor per store folder for the life of the host process (loading is the slow part)."""
+    """The Attributors of the most recently used (store folder, device) pairs, kept between a host's
+    calls (loading one is the slow part). Each holds a whole pipeline (GBs for SD 1.x), so at most
+    ``max_entries`` are kept: the least recently used one is dropped when another is loaded, and its
+    memory is freed once no caller holds it. ``clear()`` drops them all."""
 
-    def __init__(self):
+    def __init__(self, max_entries: int = 2):
+        if max_entries < 1:
+            raise ValueError(f"AttributorCache: max_entries must be >= 1, not {max_entries}")
+        self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str | None], Attributor] = {}
+        self._cache: OrderedDict[tuple[str, str | None], Attributor] = OrderedDict()
 
     def get(self, store: str | Path, device: str | None = None) -> Attributor:
         key = (str(Path(store).expanduser().resolve()), device)
         with self._lock:
-            if key not in self._cache:
-                self._cache[key] = Attributor(key[0], device=device)
-            return self._cache[key]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            attributor = Attributor(key[0], device=device)
+            self._cache[key] = attributor
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            return attributor
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def clear(self) -> None:
         with self._lock:

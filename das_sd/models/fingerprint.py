@@ -12,11 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ..io import atomic_write_text, check_regular_file, open_regular
-
-# safetensors refuses a header longer than this (its MAX_HEADER_SIZE); a length field beyond it, or
-# beyond the file, is damage, and reading it would ask for up to 2^64 bytes of memory
-MAX_HEADER_BYTES = 100_000_000
+from ..io import atomic_write_text, check_regular_file, open_regular, read_safetensors_header
 
 # Files that describe a pipeline folder; anything else (READMEs, images, our build log) is ignored.
 MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
@@ -97,18 +93,7 @@ def tensors_sha256(path: str | Path) -> str:
     excluded: safetensors writes metadata keys in no fixed order, so raw file bytes are not stable."""
     path = Path(path)
     with open_regular(path, "safetensors file") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < 8:
-            raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
-        header_len = int.from_bytes(fh.read(8), "little")
-        if header_len > min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"its header length field says {header_len} bytes, more than "
-                             + (f"the {size - 8} bytes after it" if size - 8 < MAX_HEADER_BYTES
-                                else f"safetensors' limit of {MAX_HEADER_BYTES}"))
-        header = json.loads(fh.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
-        base = 8 + header_len
+        header, base = read_safetensors_header(fh)
         h = hashlib.sha256()
         for name in sorted(k for k in header if k != "__metadata__"):
             entry = header[name]

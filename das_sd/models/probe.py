@@ -10,19 +10,19 @@ a different model or LoRA differs at order one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 from torch import nn
+
+from ..seeds import generator
 
 PAIRS = 4
 TOLERANCE = 2e-2  # relative, per layer; fp16 weights land near 1e-3
 
 
 def _vectors(name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seed = int.from_bytes(hashlib.sha256(f"das-sd-probe:{name}".encode()).digest()[:8], "little") >> 1
-    g = torch.Generator().manual_seed(seed)
+    g = generator(f"das-sd-probe:{name}", drop_low_bit=True)
     u = torch.randn(PAIRS, rows, generator=g, dtype=torch.float64) / math.sqrt(rows)
     v = torch.randn(PAIRS, cols, generator=g, dtype=torch.float64) / math.sqrt(cols)
     return u, v

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..noising import noisy_latents
+from ..seeds import generator
 from .render import MOTIFS, PATTERNS, all_combinations, random_spec, render
 from . import tiny_sd
 from .tokenizer import build_clip_tokenizer
@@ -166,7 +168,7 @@ def train_unet_and_text_encoder(recipe: BaseRecipe, vae, tokenizer, log: dict):
     alphas = noise_scheduler.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(recipe.seed)
+    gen = generator(recipe.seed)
     ema = None
     bar = tqdm(range(recipe.unet_steps), desc="UNet+text encoder", unit="step")
     for step in bar:
@@ -180,8 +182,7 @@ def train_unet_and_text_encoder(recipe: BaseRecipe, vae, tokenizer, log: dict):
         ids[drop] = empty
         t = torch.randint(0, len(alphas), (len(idx),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        xt = noisy_latents(x0, eps, t, alphas)
         cond = text_encoder(ids)[0]
         loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, eps)
         opt.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..seeds import generator
 from .classify import classify
 
 
@@ -21,7 +22,7 @@ def text_to_image_accuracy(pipe, combos: list[tuple[str, str, str]], seeds: list
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
         prompts = [f"a {fg} {shape} on a {bg} background" for (shape, fg, bg), _ in chunk]
-        generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
+        generators = [generator(seed) for _, seed in chunk]
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
                       generator=generators, output_type="np").images
         for ((shape, fg, bg), seed), image in zip(chunk, images):

@@ -1,0 +1,34 @@
+"""Train / eval modes of a caller's modules, left as they were found.
+
+Training switches a model to train mode and featurizing needs eval mode (no dropout, rows
+independent). Both work on models a caller owns (a host's pipeline, a notebook's UNet): the switch
+lasts for the call only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def restored_modes(*modules: nn.Module) -> Iterator[None]:
+    """Every submodule's train/eval mode as it is now, put back when the block ends (on an error
+    too). Submodules added inside the block (an adapter) keep the mode they were given."""
+    saved = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """``modules`` in eval mode inside the block, their own modes back after it."""
+    with restored_modes(*modules):
+        for module in modules:
+            module.eval()
+        yield
