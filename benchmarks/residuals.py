@@ -2,7 +2,7 @@
 
     DAS_SD_HOME=... python benchmarks/residuals.py [--timesteps 10,25,50,100,200] [--truth 1000]
 
-The residual weight e_i (METHOD.md section 5) is a forward-only average over T_E timesteps; with
+The residual weight e_i (docs/method.md §9) is a forward-only average over T_E timesteps; with
 the default T_E = 100 it takes a third to a half of a demo store build. For every T_E given, on all
 demo images: seconds per image, the spread of e across images (std / mean), its Pearson and
 Spearman correlation with e at T_E = --truth, and what it does to the das rankings of the planted

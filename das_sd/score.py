@@ -1,6 +1,6 @@
 """Scores from stored features: kernel, lambda rule, leverage, train-side vectors, methods.
 
-METHOD.md section 6:
+docs/method.md §10-§11:
     G     = Phi^T Phi + lambda I                (float64, accumulated shard by shard)
     h_i   = phi_i^T G^-1 phi_i                  (leverage, 0 <= h_i < 1)
     psi_i = G^-1 phi_i * e_i / (1 - h_i)        (train-side vector, stored by `das-sd index`)

@@ -1,4 +1,4 @@
-"""Scores equal a direct float64 numpy implementation of METHOD.md section 6 on the same features."""
+"""Scores equal a direct float64 numpy implementation of docs/method.md §10-§11 on the same features."""
 
 from __future__ import annotations
 

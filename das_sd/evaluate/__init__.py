@@ -1,1 +1,1 @@
-"""Evaluation of attribution methods: ground truth, LDS, counterfactuals (METHOD.md section 9)."""
+"""Evaluation of attribution methods: ground truth, LDS, counterfactuals (docs/method.md §14-§16)."""

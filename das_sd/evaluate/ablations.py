@@ -1,4 +1,4 @@
-"""Ablations of DAS's options (METHOD.md, the points marked open) through the same instruments.
+"""Ablations of DAS's options (docs/method.md §17, the options) through the same instruments.
 
 Each featurizer variant changes one setting of the store's das feature set and gets its own
 das-only store (featurized once, cached under the run folder, indexed with the store's lambda rule);

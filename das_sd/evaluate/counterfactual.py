@@ -1,4 +1,4 @@
-"""Counterfactual removal (METHOD.md section 9): remove a method's top-k training images, retrain,
+"""Counterfactual removal (docs/method.md §16): remove a method's top-k training images, retrain,
 regenerate with the same seed, and see how far the generation moves.
 
 For every sampled generation (prompt, seed) of the attributed LoRA and every method, the k

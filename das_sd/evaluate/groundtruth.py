@@ -1,5 +1,5 @@
 """Planted ground truth: images generated with a group's trigger word should be attributed to that
-group's exemplars (METHOD.md section 9). Reports Recall@K and mAP per method.
+group's exemplars (docs/method.md §14). Reports Recall@K and mAP per method.
 
 Queries come in two disjoint splits, so that settings are chosen on one and reported on the other:
 ``tune`` (subjects and seeds used to choose f, lambda, ...) and ``test`` (what the README reports).

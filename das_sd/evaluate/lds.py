@@ -1,4 +1,4 @@
-"""Linear Datamodeling Score (METHOD.md section 9): do summed attributions predict retrained models?
+"""Linear Datamodeling Score (docs/method.md §15): do summed attributions predict retrained models?
 
 M random subsets S_j (half of the training set each) are drawn from a seed; the LoRA is retrained
 on each with the attributed LoRA's own recipe (its seed rule: subset j, repeat r trains with seed

@@ -1,7 +1,7 @@
 """Featurize a dataset into a feature store: resumable, incremental, refusing a mismatched store.
 
 A store holds several feature sets computed in one pass over the data, one per output function the
-methods need (das: f = mean with per-timestep normalisation and residual weights; dtrak: f = square;
+methods need (das: f = l1 with per-timestep normalisation and residual weights; dtrak: f = square;
 trak: f = loss), plus each sample's latent for the latent-similarity baseline.
 """
 

@@ -1,7 +1,7 @@
 """The featurizer: latents + caption embeddings -> projected LoRA-gradient features and residual weights.
 
-phi(z) = P^T (1/K) sum_t g_{z,t} / ||g_{z,t}||   (normalisation optional)      METHOD.md section 4
-e_z    = residual weight over T_E timesteps                                      METHOD.md section 5
+phi(z) = P^T (1/K) sum_t g_{z,t} / ||g_{z,t}||   (normalisation optional)      docs/method.md §8
+e_z    = residual weight over T_E timesteps                                      docs/method.md §9
 
 Rows are independent and the noise of (z, t) depends only on (seed, key(z), t), so a feature does
 not depend on the batch it was computed in (up to float rounding of batched matmuls).
@@ -90,7 +90,7 @@ class Featurizer:
 
     @torch.no_grad()
     def residuals(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str], chunk: int = 25) -> torch.Tensor:
-        """e (n,): residual weights, per METHOD.md section 5 and ``settings.residual``."""
+        """e (n,): residual weights, per docs/method.md §9 and ``settings.residual``."""
         n = len(keys)
         if self.settings.residual == "none":
             return torch.ones(n)

@@ -1,4 +1,4 @@
-"""Featurizer settings (METHOD.md sections 3-5), recorded in every feature store's manifest."""
+"""Featurizer settings (docs/method.md §4-§9), recorded in every feature store's manifest."""
 
 from __future__ import annotations
 
