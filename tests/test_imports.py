@@ -126,3 +126,15 @@ if __name__ == "__main__":
         print(" <-> ".join(component))
     print(f"{len(found)} import cycle(s)")
     sys.exit(1 if found else 0)
+
+
+# The demo entry points may start the embedded toy world; nothing else of the product imports it.
+TOY_ENTRY_POINTS = {"das_sd.cli", "das_sd.app", "das_sd.app.session"}
+
+
+def test_product_modules_import_the_toy_world_only_from_the_demo_entry_points():
+    graph = import_graph()
+    is_toy = lambda m: m == "das_sd.toy" or m.startswith("das_sd.toy.")  # noqa: E731
+    importers = {m for m, targets in graph.items() if not is_toy(m) and any(is_toy(t) for t in targets)}
+    assert importers <= TOY_ENTRY_POINTS, sorted(importers - TOY_ENTRY_POINTS)
+    assert "das_sd.cli" in importers  # the graph does see the toy imports it allows
