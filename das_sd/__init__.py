@@ -29,6 +29,20 @@ _API = {
     "save_png": "das_sd.generation",
     "read_png_metadata": "das_sd.generation",
     "prepare_demo": "das_sd.toy.demo",
+    # dataset -> store -> scores: the attribution API
+    "FeaturizerSettings": "das_sd.featurize.settings",
+    "featurize_dataset": "das_sd.featurize.build",
+    "build_store": "das_sd.featurize.service",
+    "index_store": "das_sd.featurize.service",
+    "FeatureStore": "das_sd.store",
+    "StoreError": "das_sd.store",
+    "LambdaRule": "das_sd.score",
+    "build_indexes": "das_sd.score",
+    "METHODS": "das_sd.score",
+    "Attributor": "das_sd.attribute",
+    "Attribution": "das_sd.attribute",
+    "AttributionRow": "das_sd.attribute",
+    "attribute_file": "das_sd.attribute",
 }
 
 __all__ = ["__version__", *_API]
