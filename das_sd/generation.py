@@ -151,6 +151,8 @@ def png_bytes(image: Image.Image, meta: dict, attribution: dict | None = None) -
 
 
 def save_png(image: Image.Image, path: str | Path, meta: dict, attribution: dict | None = None) -> Path:
+    """Write ``image`` atomically as a PNG carrying its generation parameters ``meta`` (and, when
+    given, its ``attribution``) as text chunks; returns the path. Raises OSError if it cannot write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, png_bytes(image, meta, attribution))

@@ -71,6 +71,15 @@ def blocks_of(rows: list[Row], shard_size: int) -> list[list[Row]]:
 
 
 class FeatureStore:
+    """A folder of safetensors feature shards with its ``manifest.json``: the identity it was built
+    for (model, LoRA, dataset, featurizer settings), the shards and index files with their sha256,
+    and the current index generation.
+
+    Open one with ``FeatureStore.open(path)`` (raises StoreError naming the file and field when it
+    is missing, damaged or of another format version); ``FeatureStore.create`` starts a new one.
+    Files are checked against their checksums on first read in a process.
+    """
+
     def __init__(self, root: Path, manifest: dict):
         self.root = root
         self.manifest = manifest

@@ -15,6 +15,12 @@ GROUND_TRUTH_VERSION = 1
 
 
 def load_ground_truth(dataset_root: str | Path) -> dict:
+    """Read ``ground_truth.json`` from a dataset folder.
+
+    Returns the parsed record (``version``, ``groups``: each a ``trigger`` and its ``files``).
+    Raises FileNotFoundError when the folder has none, ValueError naming the file and field when it
+    is malformed or of another version.
+    """
     path = Path(dataset_root) / "ground_truth.json"
     try:
         truth = json.loads(path.read_text())

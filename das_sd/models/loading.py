@@ -32,6 +32,7 @@ class ModelError(ValueError):
 
 
 def embedded_base_path() -> Path:
+    """The folder of the embedded tiny Stable Diffusion shipped in the package (the offline default)."""
     return Path(str(resources.files("das_sd") / "assets" / "tiny-sd"))
 
 
