@@ -123,5 +123,5 @@ def infotext_value(result: Attribution, n: int = 3) -> str:
 
 
 def captioned(result: Attribution) -> list[tuple[str, str]]:
-    """(image path, caption) pairs for a host gallery."""
+    """(image path, caption) pairs for a gallery (hosts' and the app's)."""
     return [(r.path, r.label()) for r in result.results]
