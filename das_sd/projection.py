@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("sparse", "rademacher", "gaussian")
+from .registry import PROJECTOR_KINDS, check_choice
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,7 @@ class ProjectorSpec:
     block_rows: int = 4096
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"projector kind {self.kind!r}: expected one of {KINDS}")
+        check_choice("projector kind", self.kind, PROJECTOR_KINDS)
         if self.dim < 1 or self.block_rows < 1 or self.nonzeros < 1:
             raise ValueError("projector dim, nonzeros and block_rows must be positive")
         if self.kind == "sparse" and self.dim % self.nonzeros:

@@ -25,7 +25,7 @@ from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.images import open_image
 from ..generation import GenerationSettings, shorten
 from ..integrations.hosts import captioned
-from ..score import METHODS
+from ..registry import DEFAULT_METHOD, METHOD_NAMES
 from .session import AppError, Query, Workbench
 from .views import (EFFECT_COLOURS, api_json, detail_of, groups_markdown, leaderboard, md_text, score_plot,
                     status_markdown)
@@ -84,7 +84,7 @@ def upload_note(query: Query) -> str:
 # ---- the app -------------------------------------------------------------------------------------
 
 def build_app(bench: Workbench) -> gr.Blocks:
-    methods = list(METHODS)
+    methods = list(METHOD_NAMES)
 
     def ensure_ready(progress: gr.Progress) -> None:
         """The demo builds its store on first use; other stores are built from the Index tab."""
@@ -110,7 +110,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
                     "Generate with the LoRA; beside each image are the LoRA training images that most "
                     "influenced it (Diffusion Attribution Score). Click a training image to see it large.")
         with gr.Row():
-            method = gr.Dropdown(methods, value="das", label="Attribution method", scale=2)
+            method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Attribution method", scale=2)
             top_k = gr.Slider(1, MAX_TOP_K, value=8, step=1, label="Top-k training images", scale=3)
 
         with gr.Tab("Generate"):
