@@ -152,6 +152,7 @@ def ranking_effect(attributor, data: str, generations: dict, methods: list[str],
     """Ground truth per split and method, and each method's top-10 against ``reference`` (filled with
     this attributor's own scores when empty): the yardstick of the low-precision benchmarks."""
     from das_sd.evaluate.groundtruth import evaluate_ground_truth
+    from das_sd.score import ranking
 
     row = {"groundtruth": {}, "vs_reference": {}}
     for split, gens in generations.items():
@@ -162,7 +163,7 @@ def ranking_effect(attributor, data: str, generations: dict, methods: list[str],
     prompts = [q.prompt for split in generations.values() for q, _ in split]
     features = attributor.query_features(latents, prompts, None, sorted(attributor.store.identity["feature_sets"]))
     for m in methods:
-        score, _ = attributor.scores(latents, prompts, m, features)
+        score = ranking(m, attributor.scores(latents, prompts, m, features))
         top = torch.topk(score, 10, dim=1).indices
         reference.setdefault(m, (score, top))
         ref_score, ref_top = reference[m]

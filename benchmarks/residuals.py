@@ -59,6 +59,7 @@ def main() -> None:
     from das_sd.data.ground_truth import load_ground_truth
     from das_sd.evaluate.metrics import recall_at_k
     from das_sd.featurize.featurizer import Featurizer
+    from das_sd.score import ranking
 
     demo = prepare_demo()
     attributor = Attributor(demo["store"])
@@ -77,8 +78,7 @@ def main() -> None:
     generations = ground_truth_generations(attributor.pipe, demo["data"])
     latents = torch.cat([lat for split in generations.values() for _, lat in split])
     queries = [q for split in generations.values() for q, _ in split]
-    score, _ = attributor.scores(latents, [q.prompt for q in queries], "das")
-    score = score.double()
+    score = ranking("das", attributor.scores(latents, [q.prompt for q in queries], "das")).double()
     key_of = {s.relpath: s.key for s in open_dataset(demo["data"])}
     relevant = {g["trigger"]: {key_of[f] for f in g["files"]} for g in load_ground_truth(demo["data"])["groups"]}
     keys = store.keys()

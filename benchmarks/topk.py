@@ -112,7 +112,7 @@ def worker(spec: dict) -> dict:
 
 def verify(root: Path, streamed: dict, dim: int, queries: int) -> bool:
     """In-memory scoring of the whole matrix (float32 products, chunked only to bound the float32 copy)."""
-    from das_sd.score import dequantize, rank_scores
+    from das_sd.score import dequantize, ranking
     from das_sd.store import FeatureStore
 
     index = FeatureStore.open(root).load_index("das")
@@ -122,7 +122,7 @@ def verify(root: Path, streamed: dict, dim: int, queries: int) -> bool:
     def rows(i: int) -> torch.Tensor:  # float32 rows i .. i + 65536 (int8: times their scale)
         part = {k: index[k][i:i + 65536] for k in ("psi_das", "scale.psi_das") if k in index}
         return dequantize(part, "psi_das").float()
-    score = torch.cat([rank_scores("das", q @ rows(i).T)[0] for i in range(0, n, 65536)], 1)
+    score = torch.cat([ranking("das", q @ rows(i).T) for i in range(0, n, 65536)], 1)
     top = torch.topk(score, 10, dim=1)
     return top.indices.tolist() == streamed["indices"] and torch.allclose(
         top.values, torch.tensor(streamed["scores"]), rtol=1e-5)

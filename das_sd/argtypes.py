@@ -36,3 +36,15 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite positive number")
     return value
+
+
+def method_list(text: str) -> list[str]:
+    """Comma-separated attribution methods, each one of das_sd.registry.METHOD_NAMES."""
+    from .registry import METHOD_NAMES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHOD_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'no method'}; "
+                                         f"expected some of {', '.join(METHOD_NAMES)}")
+    return names

@@ -26,7 +26,8 @@ from .latents import encode_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import load_lora, load_pipeline
 from .models.probe import pipeline_probes, probe_differences
-from .score import METHODS, latent_similarity, method, rank_scores, raw_scores, train_vectors
+from .registry import DEFAULT_METHOD, METHODS, Method, method
+from .score import latent_similarity, ranking, raw_scores, train_vectors
 from .topk import TopK, stream_topk
 from .store import FeatureStore, StoreError
 
@@ -45,7 +46,7 @@ class AttributionRow:
     key: str
     path: str  # absolute path of the training image
     caption: str
-    score: float  # the method's ranking score (t^2 for das)
+    score: float  # the method's ranking score (das_sd.score.ranking: t^2 for das)
     sign: int  # sign of the signed effect t (+1 / -1 / 0)
 
     def label(self) -> str:
@@ -141,6 +142,14 @@ class Attributor:
         sets = set(self.featurizers)
         return [name for name, m in METHODS.items() if m.feature_set is None or m.feature_set in sets]
 
+    def require_method(self, name: str) -> Method:
+        """The method ``name``, or ValueError when it is unknown or needs a feature set this store lacks."""
+        m = method(name)
+        if name not in self.methods:
+            raise ValueError(f"method {name!r} needs feature set {m.feature_set!r}, which this store lacks "
+                             f"(it supports {', '.join(self.methods)})")
+        return m
+
     # ---- queries -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -177,11 +186,9 @@ class Attributor:
 
     def scores(self, latents: torch.Tensor, prompts: list[str], name: str,
                features: dict[str, torch.Tensor] | None = None,
-               cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ranking scores, signs), each (queries, N)."""
-        m = method(name)
-        if name not in self.methods:
-            raise ValueError(f"method {name!r} needs feature set {m.feature_set!r}, which this store lacks")
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The signed effects t (queries, N) of method ``name``; rank by ``das_sd.score.ranking(name, t)``."""
+        m = self.require_method(name)
         if m.feature_set is None:
             t = latent_similarity(latents.cpu(), self._train_latents())
         else:
@@ -189,14 +196,14 @@ class Attributor:
             if name not in self._train:
                 self._train[name] = train_vectors(self.store, name)
             t = raw_scores(features[m.feature_set], self._train[name])
-        return rank_scores(name, t)
+        return t
 
     def _train_latents(self) -> torch.Tensor:
         if "latents" not in self._train:
             self._train["latents"] = self.store.load("latents")
         return self._train["latents"]
 
-    def attribute_latents(self, latents: torch.Tensor, prompts: str | list[str], method: str = "das",
+    def attribute_latents(self, latents: torch.Tensor, prompts: str | list[str], method: str = DEFAULT_METHOD,
                           top_k: int = 10, query_info: list[dict] | None = None,
                           features: dict[str, torch.Tensor] | None = None,
                           cond: torch.Tensor | None = None) -> list[Attribution]:
@@ -218,11 +225,12 @@ class Attributor:
                              f"({expected[0]}, {expected[1]}, {expected[1]})")
         if self.streams(method):
             features = self._features_for(method, latents, prompts, features, cond)
-            top = stream_topk(self.store, method, features[METHODS[method].feature_set], top_k)
+            top = stream_topk(self.store, method, features[self.require_method(method).feature_set], top_k)
         else:
-            score, sign = self.scores(latents, prompts, method, features, cond)
+            t = self.scores(latents, prompts, method, features, cond)
+            score = ranking(method, t)
             best = torch.topk(score, min(top_k, score.shape[1]), dim=1)
-            top = TopK(best.values, sign.gather(1, best.indices), best.indices)
+            top = TopK(best.values, torch.sign(t).gather(1, best.indices), best.indices)
         out = []
         for q in range(len(prompts)):
             info = {"prompt": prompts[q], **((query_info or [{}] * len(prompts))[q])}
@@ -234,7 +242,7 @@ class Attributor:
 
     def streams(self, name: str) -> bool:
         """Whether ``name`` is scored by streaming over the files (its vectors exceed the memory cap)."""
-        m = method(name)
+        m = self.require_method(name)
         if m.feature_set is None or name in self._train:
             return False
         k = int(self.store.identity["feature_sets"][m.feature_set]["projection_dim"])
@@ -263,7 +271,7 @@ class Attributor:
             raise MissingPromptError(f"{source}: no prompt given and none found in the image metadata; pass --prompt")
         return self.encode_image(image, source), prompt, source
 
-    def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = "das",
+    def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = DEFAULT_METHOD,
                         top_k: int = 10) -> Attribution:
         """Attribute one image; its prompt comes from ``prompt`` or else from its PNG metadata."""
         latents, prompt, source = self.image_query(image, prompt)

@@ -10,6 +10,8 @@ from pathlib import Path
 from . import __version__
 from .argtypes import non_negative_int, positive_float, positive_int
 from .io import printable
+from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, DEFAULT_METHOD, DEFAULT_RHO, INDEX_DTYPES,
+                       METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
 
 
 def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
@@ -257,17 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-sets", default="das,dtrak,trak", type=feature_set_names,
                    help="comma-separated: das, dtrak, trak")
     defaults = FeaturizerSettings  # one place for the defaults: the settings dataclass
-    p.add_argument("--output", default=defaults.output, choices=["mean", "l1", "square", "loss"], help="f of the das set")
+    p.add_argument("--output", default=defaults.output, choices=OUTPUT_FUNCTIONS, help="f of the das set")
     p.add_argument("--timesteps", type=positive_int, default=defaults.num_timesteps, help="K, timesteps per sample (uniform grid)")
     p.add_argument("--dim", type=positive_int, default=defaults.projection_dim, help="k, projected feature dimension")
-    p.add_argument("--projector", default=defaults.projector, choices=["sparse", "rademacher", "gaussian"],
+    p.add_argument("--projector", default=defaults.projector, choices=PROJECTOR_KINDS,
                    help="random projection P (sparse: O(s p) per row, the dense kinds O(k p))")
     p.add_argument("--projection-nonzeros", type=positive_int, default=defaults.projection_nonzeros,
                    help="s, nonzeros per coordinate of the sparse projector (k must be a multiple)")
     p.add_argument("--projection-seed", type=int, default=defaults.projection_seed)
     p.add_argument("--noise-seed", type=int, default=defaults.noise_seed)
     p.add_argument("--no-normalize", action="store_true", help="no per-timestep unit normalisation (das set)")
-    p.add_argument("--residual", default=defaults.residual, choices=["scale-free", "magnitude", "none"])
+    p.add_argument("--residual", default=defaults.residual, choices=RESIDUAL_FORMS)
     p.add_argument("--residual-timesteps", type=positive_int, default=defaults.residual_timesteps, help="T_E for the residual weights")
     p.add_argument("--batch-size", type=positive_int, default=16)
     mode = p.add_mutually_exclusive_group()  # one process (none of them), one part, the merge, or Ray
@@ -280,15 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=positive_int, default=None, help="parts for --ray (default: the cluster's CPUs/GPUs)")
     p.add_argument("--shard-size", type=positive_int, default=256, help="rows per safetensors shard")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--autocast", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--autocast", default=DEFAULT_AUTOCAST, choices=tuple(AUTOCAST_DTYPES),
                    help="autocast for the forward / backward passes (gradients accumulate in fp32); fp16 on CUDA only")
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")
     p.add_argument("--store", required=True)
     p.add_argument("--lambda", dest="lambda_", type=positive_float, default=None, help="explicit ridge lambda")
-    p.add_argument("--rho", type=positive_float, default=100.0, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"],
+    p.add_argument("--rho", type=positive_float, default=DEFAULT_RHO, help="lambda = rho * trace(Phi^T Phi) / k when --lambda is not given")
+    p.add_argument("--dtype", default=DEFAULT_INDEX_DTYPE, choices=INDEX_DTYPES,
                    help="storage of the train-side vectors (float16: half the bytes a query reads, same "
                         "rankings; int8: a quarter, per-row scaled, approximate scores)")
     p.set_defaults(func=cmd_index)
@@ -302,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--image", required=True, help="generated PNG (its prompt is read from the metadata)")
     p.add_argument("--prompt", default=None, help="prompt, when the image has none in its metadata")
-    p.add_argument("--method", default="das", choices=["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"])
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHOD_NAMES)
     p.add_argument("--top-k", type=positive_int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
     p.add_argument("--base", default=None, help="base model folder, if it moved since featurizing")

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .registry import PROJECTOR_KINDS, check_choice
 from .seeds import generator
-
-KINDS = ("sparse", "rademacher", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,7 @@ class ProjectorSpec:
     block_rows: int = 4096
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"projector kind {self.kind!r}: expected one of {KINDS}")
+        check_choice("projector kind", self.kind, PROJECTOR_KINDS)
         if self.dim < 1 or self.block_rows < 1 or self.nonzeros < 1:
             raise ValueError("projector dim, nonzeros and block_rows must be positive")
         if self.kind == "sparse" and self.dim % self.nonzeros:

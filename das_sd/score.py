@@ -1,4 +1,5 @@
-"""Scores from stored features: kernel, lambda rule, leverage, train-side vectors, methods.
+"""Scores from stored features: kernel, lambda rule, leverage, train-side vectors, and what each
+method (das_sd.registry) ranks by.
 
 docs/method.md §10-§11:
     G     = Phi^T Phi + lambda I                (float64, accumulated shard by shard)
@@ -16,42 +17,15 @@ from typing import Iterator
 
 import torch
 
+# METHODS and Method are re-exported for callers written before das_sd.registry
+from .registry import DEFAULT_RHO, METHODS, Method, method  # noqa: F401
 from .store import FeatureStore, StoreError
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    feature_set: str | None  # None: latent similarity, no gradient features
-    kernel: bool  # use G^-1
-    residual: bool
-    leverage: bool
-    squared: bool
-    description: str
-
-
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("das", "das", True, True, True, True, "DAS: (phi_q^T G^-1 phi_i e_i / (1 - h_i))^2, sign reported"),
-    Method("das-signed", "das", True, True, True, False, "DAS without squaring: the signed leave-one-out effect"),
-    Method("das-noleverage", "das", True, True, False, True, "DAS without the 1 / (1 - h_i) leverage factor"),
-    Method("dtrak", "dtrak", True, False, False, False, "D-TRAK: phi_q^T G^-1 phi_i with f = mean(eps^2)"),
-    Method("trak", "trak", True, False, False, False, "TRAK for diffusion: phi_q^T G^-1 phi_i with f = L_simple"),
-    Method("tracin", "das", False, False, False, False, "TracIn / gradient dot product phi_q^T phi_i"),
-    Method("latent-sim", None, False, False, False, False, "cosine similarity of the latents (no gradients)"),
-)}
-
-
-def method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
 
 
 @dataclass(frozen=True)
 class LambdaRule:
     """lambda = rho * trace(Phi^T Phi) / k, or an explicit value."""
-    rho: float = 100.0  # chosen on a tuning split of demo queries, disjoint from the tested ones
+    rho: float = DEFAULT_RHO
     value: float | None = None
 
     def resolve(self, kernel: torch.Tensor) -> float:
@@ -242,7 +216,18 @@ def latent_similarity(query_latents: torch.Tensor, train_latents: torch.Tensor) 
     return q @ t.T
 
 
-def rank_scores(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score to rank by, sign) for a method's raw t."""
-    m = method(name)
-    return (t.pow(2) if m.squared else t), torch.sign(t)
+def ranking(name: str, t: torch.Tensor) -> torch.Tensor:
+    """What method ``name`` ranks by, from its signed effects t: t^2 for the squared methods (das,
+    das-noleverage; the sign of t is reported beside), t itself for the others."""
+    return t.pow(2) if method(name).squared else t
+
+
+def ranking_key(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A key that orders like ``ranking`` and moves by at most |dt| when t moves by dt (|t| for the
+    squared methods, t otherwise): a bound on the error of t bounds the error of the key."""
+    return t.abs() if method(name).squared else t
+
+
+def key_of_ranking(name: str, score: torch.Tensor) -> torch.Tensor:
+    """``ranking_key`` of the effects whose ``ranking`` is ``score`` (sqrt of t^2 for the squared methods)."""
+    return score.clamp_min(0).sqrt() if method(name).squared else score

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from .io import file_sha256, json_error
+from .registry import AUTOCAST_DTYPES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS
 
 
 class StoreError(ValueError):
@@ -220,7 +221,7 @@ def check_manifest(path: Path, manifest: dict) -> None:
 
 # ---- identity ------------------------------------------------------------------------------------
 
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+COMPUTE_DTYPES = tuple(AUTOCAST_DTYPES.values())
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 # what `das-sd attribute` reads from the identity (a store made by das-sd featurize has them all)
 ATTRIBUTE_FIELDS = ("feature_sets", "base_fingerprint", "lora_fingerprint", "resolution")
@@ -250,11 +251,10 @@ def check_identity(f: _Fields, identity: dict) -> None:
 
 def check_featurizer_settings(f: _Fields, at: str, settings) -> None:
     """A feature set's recorded FeaturizerSettings: each field present has its type and range."""
-    from .featurize.settings import OUTPUT_FUNCTIONS, RESIDUAL_FORMS, FeaturizerSettings
-    from .projection import KINDS
+    from .featurize.settings import FeaturizerSettings
 
     f.dict(at, settings)
-    choices = {"output": OUTPUT_FUNCTIONS, "projector": KINDS, "residual": RESIDUAL_FORMS}
+    choices = {"output": OUTPUT_FUNCTIONS, "projector": PROJECTOR_KINDS, "residual": RESIDUAL_FORMS}
     minimum = {"num_timesteps": 1, "projection_dim": 1, "projection_nonzeros": 1, "residual_timesteps": 1}
     for name, value in settings.items():
         if name in choices:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .score import method, rank_scores, train_array
+from .score import key_of_ranking, method, ranking, ranking_key, train_array
 from .store import FeatureStore, StoreError
 
 
@@ -72,7 +72,7 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
                     t = q @ block.float().T
                     if scales is not None:  # int8 rows: q . (scale_i * row_i)
                         t *= scales[rows]
-                    score, _ = rank_scores(name, t)
+                    score = ranking(name, t)
                 best, best_t, best_i = _merge(best, best_t, best_i, score, t, index, top_k)
         except StoreError:
             raise
@@ -85,12 +85,11 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
 
 
 def _floor(name: str, best: torch.Tensor, top_k: int) -> torch.Tensor | None:
-    """The k-th best exact key so far (|t| for squared methods), per query: no row below it can
-    enter the final top-k. None until k rows have been seen."""
+    """The k-th best exact key so far (``ranking_key``), per query: no row below it can enter the
+    final top-k. None until k rows have been seen."""
     if best.shape[1] < top_k:
         return None
-    kth = best[:, top_k - 1:top_k]
-    return kth.clamp_min(0).sqrt() if method(name).squared else kth
+    return key_of_ranking(name, best[:, top_k - 1:top_k])
 
 
 def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: torch.Tensor, index: torch.Tensor,
@@ -102,9 +101,7 @@ def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: to
     the block's exact top-k has key_approx >= (the block's k-th best approximate key) - 2 delta, and a
     row of the final top-k has key_approx >= ``floor`` (the running k-th best exact key) - delta."""
     approx_t, error = _approximate_int8(q, block, scales) if scales is not None else _approximate_float16(q, block)
-    approx, _ = rank_scores(name, approx_t)
-    squared = method(name).squared
-    key = approx_t.abs() if squared else approx  # |t| orders like t^2
+    key = ranking_key(name, approx_t)
     delta = error * norms.float().max()
     threshold = torch.topk(key, min(top_k, key.shape[1]), dim=1).values[:, -1:] - 2 * delta
     if floor is not None:
@@ -114,8 +111,7 @@ def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: to
     t = q @ block[columns].float().T
     if scales is not None:
         t *= scales[columns]
-    score, _ = rank_scores(name, t)
-    score = score.masked_fill(~keep[:, columns], float("-inf"))
+    score = ranking(name, t).masked_fill(~keep[:, columns], float("-inf"))
     return score, t, index[columns]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -12,7 +13,7 @@ from das_sd.cli import main
 from das_sd.data.ground_truth import load_ground_truth
 from das_sd.evaluate.groundtruth import SPLITS, evaluate_ground_truth, queries_for
 from das_sd.generation import GenerationSettings, generate, save_png
-from das_sd.score import METHODS
+from das_sd.registry import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,29 @@ def test_bad_queries_get_clear_errors(attributor, tmp_path):
     (tmp_path / "bomb.png").write_bytes(png_header(22000, 22000))
     with pytest.raises(QueryError, match="bomb.png: image of 484,000,000 pixels, over das-sd's limit"):
         attributor.attribute_image(tmp_path / "bomb.png", prompt="x")
+
+
+def test_a_method_whose_feature_set_the_store_lacks_is_refused_by_every_path(attributor, monkeypatch):
+    """Attributor.require_method, the one check: scoring, attribution in memory or streamed, inspection."""
+    import torch
+
+    from das_sd.inspect import InspectSettings, inspect_generations
+
+    monkeypatch.delitem(attributor.featurizers, "dtrak")  # as if the store had been featurized without it
+    assert "dtrak" not in attributor.methods and "das" in attributor.methods
+    side = attributor.resolution // attributor.pipe.vae_scale_factor
+    latents = torch.zeros(1, attributor.pipe.unet.config.in_channels, side, side)
+    lacks = ("method 'dtrak' needs feature set 'dtrak', which this store lacks "
+             "(it supports das, das-signed, das-noleverage, trak, tracin, latent-sim)")
+    with pytest.raises(ValueError, match=re.escape(lacks)):
+        attributor.scores(latents, ["x"], "dtrak")
+    with pytest.raises(ValueError, match=re.escape(lacks)):
+        attributor.attribute_latents(latents, "x", "dtrak")
+    monkeypatch.setattr(attributor, "max_in_memory_bytes", 0)  # the streamed path
+    with pytest.raises(ValueError, match=re.escape(lacks)):
+        attributor.attribute_latents(latents, "x", "dtrak")
+    with pytest.raises(ValueError, match=re.escape(lacks)):
+        inspect_generations(attributor, iter([]), 0, InspectSettings(method="dtrak"))
 
 
 def test_weights_that_load_differently_from_the_store_are_refused(demo, monkeypatch):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from das_sd.featurize.gradients import LoraGradientCapture, lora_parameters, num_lora_parameters, per_row_gradients
-from das_sd.featurize.settings import OUTPUT_FUNCTIONS, noise_for, output_function
+from das_sd.featurize.settings import noise_for, output_function
 from das_sd.noising import noisy_latents
 from das_sd.projection import BlockProjector, ProjectorSpec
+from das_sd.registry import OUTPUT_FUNCTIONS
 from tolerances import ALGEBRAIC_RTOL, relative_error
 
 pytestmark = pytest.mark.numerics

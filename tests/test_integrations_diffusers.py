@@ -78,3 +78,8 @@ def test_a_pipeline_the_store_was_not_built_for_is_refused(demo):
         changed.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight.mul_(1.5)
     with pytest.raises(StoreError, match="base model is not the one"):
         AttributingPipeline(changed, demo["store"])
+
+
+def test_an_unknown_method_is_refused_naming_the_choices(attributing, demo):
+    with pytest.raises(ValueError, match="unknown method 'nope'; expected one of das, das-signed"):
+        AttributingPipeline(attributing.pipe, demo["store"], method="nope")

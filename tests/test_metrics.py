@@ -33,15 +33,20 @@ def test_metrics_match_brute_force_on_random_rankings():
         recall_at_k(["a"], set(), 1)
 
 
+# the scorer's two methods take the names of methods ranked by t itself (das_sd.score.ranking), so
+# that the effects t it returns are the ranking
+PLANTED, INVERSE = "das-signed", "tracin"
+
+
 class PlantedScorer:
-    """The real demo attributor with one extra method that knows the answer: 1 for the exemplars of
-    the query's trigger word, 0 elsewhere ("inverse": the other way round)."""
+    """The real demo attributor with methods that know the answer: t = 1 for the exemplars of the
+    query's trigger word, 0 elsewhere (PLANTED), or the other way round (INVERSE)."""
 
     def __init__(self, attributor, data):
         self._inner = attributor
         key_of = {s.relpath: s.key for s in open_dataset(data)}
         self._exemplars = {g["trigger"]: {key_of[f] for f in g["files"]} for g in load_ground_truth(data)["groups"]}
-        self.methods = ["planted", "inverse"]
+        self.methods = [PLANTED, INVERSE]
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -52,7 +57,7 @@ class PlantedScorer:
     def scores(self, latents, prompts, name, features=None):
         trigger = prompts[0].split(",")[0]
         hit = torch.tensor([float(r.key in self._exemplars[trigger]) for r in self._inner.rows])
-        return (hit if name == "planted" else 1 - hit)[None], None
+        return (hit if name == PLANTED else 1 - hit)[None]
 
 
 def test_a_scorer_that_ranks_the_exemplars_first_gets_map_1(demo):
@@ -61,8 +66,8 @@ def test_a_scorer_that_ranks_the_exemplars_first_gets_map_1(demo):
     scorer = PlantedScorer(Attributor(demo["store"], device="cpu"), demo["data"])
     report = evaluate_ground_truth(scorer, demo["data"], split="test", steps=2)
     n, per_group = len(scorer.rows), 8
-    assert report["methods"]["planted"] == {"recall@5": 5 / per_group, "recall@10": 1.0, "ap": 1.0}
+    assert report["methods"][PLANTED] == {"recall@5": 5 / per_group, "recall@10": 1.0, "ap": 1.0}
     # exemplars ranked last: ranks n - 7 .. n, the smallest AP there is
     worst = np.mean([(i + 1) / (n - per_group + i + 1) for i in range(per_group)])
-    assert report["methods"]["inverse"]["ap"] == pytest.approx(worst, abs=1e-4)
-    assert report["methods"]["inverse"]["recall@10"] == 0.0
+    assert report["methods"][INVERSE]["ap"] == pytest.approx(worst, abs=1e-4)
+    assert report["methods"][INVERSE]["recall@10"] == 0.0

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from das_sd.cli import main
-from das_sd.score import (LambdaRule, build_index, index_arrays, latent_similarity, rank_scores, raw_scores,
-                          train_vectors)
+from das_sd.score import (LambdaRule, build_index, index_arrays, key_of_ranking, latent_similarity, ranking,
+                          ranking_key, raw_scores, train_vectors)
 from das_sd.store import FeatureStore, Row
 from tolerances import FLOAT32_STORE_RTOL, float32_dot_bound
 
@@ -49,7 +49,7 @@ def test_das_and_baselines_match_numpy(store):
     got_t = raw_scores(torch.from_numpy(q).float(), train_vectors(s, "das")).double().numpy()
     bound = float32_dot_bound(q, psi)
     assert np.all(np.abs(got_t - t) <= bound)
-    score, sign = rank_scores("das", torch.from_numpy(got_t))
+    score, sign = ranking("das", torch.from_numpy(got_t)), torch.sign(torch.from_numpy(got_t))
     assert np.all(np.abs(score.numpy() - t ** 2) <= bound * (2 * np.abs(t) + bound) * (1 + 1e-12))
     decided = np.abs(t) > bound  # below the bound float32 does not determine the sign
     assert decided.mean() > 0.9 and np.array_equal(sign.numpy()[decided], np.sign(t)[decided])
@@ -82,7 +82,21 @@ def test_latent_similarity_is_cosine(store):
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
-        rank_scores("magic", torch.zeros(1))
+        ranking("magic", torch.zeros(1))
+
+
+@pytest.mark.parametrize("name, squared", [("das", True), ("das-noleverage", True), ("das-signed", False),
+                                           ("dtrak", False), ("trak", False), ("tracin", False), ("latent-sim", False)])
+def test_ranking_squares_t_for_das_and_keeps_it_signed_otherwise(name, squared):
+    """DAS ranks by t^2 (METHOD.md section 6), the baselines and das-signed by t; the streaming key
+    (|t| for t^2) orders alike and is recovered from a ranking score."""
+    t = torch.tensor([[-3.0, -0.5, 0.0, 2.0]], dtype=torch.float64)
+    expected = torch.tensor([[9.0, 0.25, 0.0, 4.0]], dtype=torch.float64) if squared else t
+    assert torch.equal(ranking(name, t), expected)
+    key = ranking_key(name, t)
+    assert torch.equal(key, t.abs() if squared else t)
+    assert torch.equal(torch.argsort(key, descending=True), torch.argsort(ranking(name, t), descending=True))
+    assert torch.equal(key_of_ranking(name, ranking(name, t)), key)
 
 
 @pytest.mark.parametrize("rule, flag, says", [

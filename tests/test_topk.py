@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from das_sd.score import METHODS, LambdaRule, build_index, rank_scores, raw_scores, train_vectors
+from das_sd.registry import METHODS
+from das_sd.score import LambdaRule, build_index, ranking, raw_scores, train_vectors
 from das_sd.store import FeatureStore, Row
 from das_sd.topk import stream_topk
 from tolerances import U32, assert_ranked_up_to_rounding, float32_dot_bound, score_slack
@@ -32,11 +33,11 @@ def store(tmp_path):
 def assert_streamed_equals_in_memory(store, name: str, q: torch.Tensor, chunk_rows: int):
     """Streamed and in-memory scoring run other float32 matrix shapes: equal up to rounding."""
     psi = train_vectors(store, name)
-    score, sign = rank_scores(name, raw_scores(q, psi))
+    score = ranking(name, raw_scores(q, psi))
     expected = torch.topk(score, 10, dim=1)
     got = stream_topk(store, name, q, top_k=10, chunk_rows=chunk_rows)
     slack = score_slack(name, q, psi)
-    exact = rank_scores(name, q.double() @ psi.double().T)[0]
+    exact = ranking(name, q.double() @ psi.double().T)
     assert_ranked_up_to_rounding(got.indices, exact, slack)
     assert ((got.scores.double() - expected.values.double()).abs() <= 2 * slack).all()
     t = q.double() @ psi.double().T
@@ -126,7 +127,7 @@ def test_attributor_streams_past_its_memory_cap_with_the_same_results(demo):
         b = streaming.attribute_latents(latents, prompt, name, top_k=8, features=features)[0]
         # both equal exact float64 scoring of the same vectors, up to float32 rounding
         q, psi = features[METHODS[name].feature_set], train_vectors(in_memory.store, name)
-        exact, slack = rank_scores(name, q.double() @ psi.double().T)[0], score_slack(name, q, psi)
+        exact, slack = ranking(name, q.double() @ psi.double().T), score_slack(name, q, psi)
         for result in (a, b):
             assert_ranked_up_to_rounding(torch.tensor([[index[r.key] for r in result.results]]), exact, slack)
         assert all(abs(x.score - y.score) <= 2 * slack.item() for x, y in zip(a.results, b.results))

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from das_sd.score import METHODS
+from das_sd.registry import METHODS
 
 U32 = 2.0 ** -24
 ALGEBRAIC_RTOL = 1e-10

@@ -24,10 +24,11 @@ from ..attribute import Attribution
 from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.images import open_image
 from ..generation import GenerationSettings, shorten
-from ..score import METHODS
+from ..integrations.hosts import captioned
+from ..registry import DEFAULT_METHOD, METHOD_NAMES
 from .session import AppError, Query, Workbench
-from .views import (EFFECT_COLOURS, api_json, detail_of, gallery_items, groups_markdown, leaderboard, md_text,
-                    score_plot, status_markdown)
+from .views import (EFFECT_COLOURS, api_json, detail_of, groups_markdown, leaderboard, md_text, score_plot,
+                    status_markdown)
 
 MAX_IMAGES = 4  # generation slots shown side by side with their attributions
 MAX_TOP_K = 32
@@ -83,7 +84,7 @@ def upload_note(query: Query) -> str:
 # ---- the app -------------------------------------------------------------------------------------
 
 def build_app(bench: Workbench) -> gr.Blocks:
-    methods = list(METHODS)
+    methods = list(METHOD_NAMES)
 
     def ensure_ready(progress: gr.Progress) -> None:
         """The demo builds its store on first use; other stores are built from the Index tab."""
@@ -96,7 +97,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
         for slot in range(MAX_IMAGES):
             if slot < len(queries):
                 image = open_image(queries[slot].image_path)  # keeps the PNG text: downloads carry it
-                out += [gr.update(value=image, visible=True), gr.update(value=gallery_items(results[slot]), visible=True),
+                out += [gr.update(value=image, visible=True), gr.update(value=captioned(results[slot]), visible=True),
                         gr.update(value=score_plot(results[slot]), visible=True)]
             else:
                 out += [gr.update(value=None, visible=False), gr.update(value=[], visible=False),
@@ -109,7 +110,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
                     "Generate with the LoRA; beside each image are the LoRA training images that most "
                     "influenced it (Diffusion Attribution Score). Click a training image to see it large.")
         with gr.Row():
-            method = gr.Dropdown(methods, value="das", label="Attribution method", scale=2)
+            method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Attribution method", scale=2)
             top_k = gr.Slider(1, MAX_TOP_K, value=8, step=1, label="Top-k training images", scale=3)
 
         with gr.Tab("Generate"):
@@ -222,7 +223,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
             note = upload_note(query)
             if query.info.get("prompt_note"):
                 warn(query.info["prompt_note"])
-            return image, gallery_items(result), score_plot(result), note, api_json(result.to_json()), state
+            return image, captioned(result), score_plot(result), note, api_json(result.to_json()), state
 
         @guarded
         def on_rerank(method_, k_, state):
@@ -233,7 +234,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
             if state.get("upload") is not None:
                 upload_result = bench.rank(state["upload"], method_, k_)
                 state["upload_result"] = upload_result.to_json()
-                out += [gallery_items(upload_result), score_plot(upload_result)]
+                out += [captioned(upload_result), score_plot(upload_result)]
             else:
                 out += [gr.update(), gr.update()]
             shown = [api_json(r) for r in state["generated_results"]] or \

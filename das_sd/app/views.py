@@ -25,10 +25,6 @@ def md_text(text) -> str:
     return re.sub(r"[&<>]", lambda m: _HTML_SPECIALS[m[0]], text)
 
 
-def gallery_items(result: Attribution) -> list[tuple[str, str]]:
-    return [(r.path, r.label()) for r in result.results]
-
-
 def api_json(record: dict) -> dict:
     """An attribution for the JSON output: ``path`` is renamed ``file``, because Gradio takes any
     dict with a ``path`` key for a file to transfer and would replace the whole row by it."""

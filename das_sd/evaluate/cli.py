@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..argtypes import positive_int
+from ..argtypes import method_list, positive_int
 
 
 def cmd_eval_groundtruth(args) -> None:
@@ -13,7 +13,7 @@ def cmd_eval_groundtruth(args) -> None:
 
     attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
     data = args.data or attributor.store.manifest.get("info", {}).get("dataset_root")
-    methods = args.methods.split(",") if args.methods else None
+    methods = args.methods
     report = evaluate_ground_truth(attributor, data, split=args.split, methods=methods, progress=True)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -59,7 +59,7 @@ def cmd_eval_lds(args) -> None:
     settings = _lds_settings(args)
     attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
     query_sets = _lds_query_sets(args, attributor)
-    methods = args.methods.split(",") if args.methods else None
+    methods = args.methods
     results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers,
                       ray_address=args.ray)
     if args.json:
@@ -100,7 +100,7 @@ def cmd_eval_counterfactual(args) -> None:
 
     attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
     settings = CounterfactualSettings(top_k=args.top_k, random_draws=args.random_draws)
-    methods = args.methods.split(",") if args.methods else None
+    methods = args.methods
     results = run_counterfactual(attributor, args.workdir, read_prompt_file(args.prompts), args.seeds, settings,
                                  methods, workers=args.workers, ray_address=args.ray)
     if args.json:
@@ -116,7 +116,8 @@ def cmd_eval_counterfactual(args) -> None:
 def _store_flags(p) -> None:
     """Flags every evaluation shares: the store, its model overrides, the methods, JSON output."""
     p.add_argument("--store", required=True)
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: all the store supports)")
+    p.add_argument("--methods", type=method_list, default=None,
+                   help="comma-separated methods (default: all the store supports)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--base", default=None)
     p.add_argument("--lora", default=None)

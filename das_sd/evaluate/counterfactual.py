@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write_json
+from ..registry import GRADIENT_METHOD_NAMES
 from .retrain import attributed_recipe_and_data, run_training_jobs, training_job
 
 RANDOM = "random"
@@ -66,7 +67,7 @@ def run_counterfactual(attributor, workdir: str | Path, prompts: list[str], seed
 
     workdir = Path(workdir)
     recipe, dataset = attributed_recipe_and_data(attributor)
-    methods = methods or [m for m in attributor.methods if m != "latent-sim"]
+    methods = methods or [m for m in attributor.methods if m in GRADIENT_METHOD_NAMES]
     plan = json.loads(json.dumps({"settings": asdict(settings), "recipe": asdict(recipe), "prompts": prompts,
                                   "seeds": seeds, "methods": methods, "store_id": attributor.store.store_id}))
     plan_file = workdir / "plan.json"

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..data.datasets import open_dataset
 from ..data.ground_truth import load_ground_truth
 from ..generation import GenerationSettings, generate
+from ..score import ranking
 from .metrics import average_precision, recall_at_k
 
 SPLITS: dict[str, dict] = {
@@ -82,7 +83,7 @@ def evaluate_ground_truth(attributor, data: str | Path, split: str = "test", met
     for q, latents in tqdm(generations, desc="ground truth", unit="query", disable=not progress):
         features = attributor.query_features(latents, [q.prompt])
         for name in methods:
-            score, _ = attributor.scores(latents, [q.prompt], name, features)
+            score = ranking(name, attributor.scores(latents, [q.prompt], name, features))
             ranked = [attributor.rows[i].key for i in torch.argsort(score[0], descending=True).tolist()]
             relevant = relevant_of[q.trigger]
             metrics = {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in ks}

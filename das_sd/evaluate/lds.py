@@ -27,6 +27,8 @@ from ..featurize.settings import uniform_grid
 from ..io import atomic_write_json
 from ..noising import noisy_latents
 from ..seeds import generator
+from ..registry import GRADIENT_METHOD_NAMES
+from ..score import ranking
 from .retrain import attributed_recipe_and_data, run_training_jobs, training_job
 
 
@@ -232,7 +234,7 @@ def lambda_curves(attributor, parts: list[tuple], masks: np.ndarray, methods: li
     sets) and on the reported ones, and the rho with the best tune LDS. ``parts``: per query set
     (tune features or None, their outputs, reported features, their outputs, set name), features
     as from ``Attributor.query_features``."""
-    from ..score import LambdaRule, gram, index_in_memory, method, rank_scores, raw_scores, train_array
+    from ..score import LambdaRule, gram, index_in_memory, method, raw_scores, train_array
 
     kernel_methods = [m for m in methods if method(m).kernel]
     kernels = {fs: gram(attributor.store, fs) for fs in {method(m).feature_set for m in kernel_methods}}
@@ -247,9 +249,9 @@ def lambda_curves(attributor, parts: list[tuple], masks: np.ndarray, methods: li
             tune_values, point = [], {"rho": rho, "lambda": info["lambda"], "report": {}}
             for t_feat, t_out, r_feat, r_out, set_name in parts:
                 if t_feat is not None:
-                    tune = lds(rank_scores(name, raw_scores(t_feat[fs], psi))[0].double().numpy(), masks, t_out, 10)
+                    tune = lds(ranking(name, raw_scores(t_feat[fs], psi)).double().numpy(), masks, t_out, 10)
                     tune_values += [v for v in tune["per_query"] if not np.isnan(v)]
-                point["report"][set_name] = lds(rank_scores(name, raw_scores(r_feat[fs], psi))[0].double().numpy(),
+                point["report"][set_name] = lds(ranking(name, raw_scores(r_feat[fs], psi)).double().numpy(),
                                                 masks, r_out, settings.bootstrap)
             point["tune"] = float(np.mean(tune_values)) if tune_values else float("nan")
             curves[name]["points"].append(point)
@@ -265,7 +267,7 @@ def evaluate_lds(attributor, queries: LDSQueries, masks: np.ndarray, outputs: np
     queries' features when the caller has them)."""
     out = {}
     for name in methods:
-        score, _ = attributor.scores(queries.latents, queries.prompts, name, features)
+        score = ranking(name, attributor.scores(queries.latents, queries.prompts, name, features))
         out[name] = lds(score.double().cpu().numpy(), masks, outputs, settings.bootstrap)
     return out
 
@@ -309,7 +311,7 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
     check_retraining_plan(workdir, retraining_plan(attributor, recipe, settings))
     folders = retrain_subsets(attributor.base_path, dataset, masks, recipe, workdir, settings.repeats, workers, progress,
                               ray_address)
-    methods = methods or [m for m in attributor.methods if m != "latent-sim"]
+    methods = methods or [m for m in attributor.methods if m in GRADIENT_METHOD_NAMES]
     plan = json.loads(json.dumps({"settings": asdict(settings), "recipe": asdict(recipe),
                                   "store_id": attributor.store.store_id}))
     results = {"plan": plan, "methods": methods, "query_sets": {}}

@@ -39,12 +39,17 @@ def cpu_has_fast_bfloat16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
+def autocast_dtype(compute_dtype: str) -> torch.dtype | None:
+    """The autocast dtype of a compute dtype (das_sd.registry.AUTOCAST_DTYPES' values): None for float32."""
+    return None if compute_dtype == "float32" else getattr(torch, compute_dtype)
+
+
 def store_autocast(compute_dtype: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype for featurizing queries on ``device`` against a store computed in
     ``compute_dtype`` (its identity's field): the store's own where the device runs it natively,
     else float32 (a bfloat16 store built on a GPU stays usable, and fast, on a laptop's CPU; the
     features differ by about 1.5 %, see benchmarks/precision.py)."""
-    dtype = None if compute_dtype == "float32" else getattr(torch, compute_dtype)
+    dtype = autocast_dtype(compute_dtype)
     if not autocast_supported(dtype, device):
         return None
     if dtype is not None and torch.device(device).type == "cpu" and not cpu_has_fast_bfloat16():

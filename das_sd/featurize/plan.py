@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from ..data.datasets import Dataset, open_dataset
+from ..registry import AUTOCAST_DTYPES, DEFAULT_AUTOCAST, check_choice
 from ..store import MANIFEST, FeatureStore, Row, StoreError, blocks_of
 from .settings import FeaturizerSettings
 
 PARTS = "parts"
-AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # --autocast
 FEATURE_SETS = ("das", "dtrak", "trak")
 
 
@@ -47,7 +47,7 @@ class FeaturizeJob:
     batch_size: int = 16
     shard_size: int = 256
     device: str | None = None
-    autocast: str = "fp32"  # a key of AUTOCAST
+    autocast: str = DEFAULT_AUTOCAST  # a key of registry.AUTOCAST_DTYPES
 
     def feature_sets(self) -> dict[str, FeaturizerSettings]:
         every = default_feature_sets(self.settings)
@@ -68,9 +68,8 @@ class FeaturizeJob:
 
 def autocast_dtype(name: str) -> torch.dtype | None:
     """--autocast fp32 | fp16 | bf16 -> None (no autocast) or the dtype."""
-    if name not in AUTOCAST:
-        raise ValueError(f"--autocast {name!r}: expected one of {sorted(AUTOCAST)}")
-    return AUTOCAST[name]
+    check_choice("--autocast", name, AUTOCAST_DTYPES)
+    return None if AUTOCAST_DTYPES[name] == "float32" else getattr(torch, AUTOCAST_DTYPES[name])
 
 
 def feature_set_names(text: str) -> tuple[str, ...]:

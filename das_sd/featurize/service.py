@@ -17,6 +17,7 @@ import torch
 
 from ..data.datasets import Dataset
 from ..io import printable
+from ..registry import INDEX_DTYPES, check_choice
 from ..score import LambdaRule, build_indexes, refresh_indexes
 from ..store import MANIFEST, FeatureStore
 from .build import featurize_dataset
@@ -24,7 +25,6 @@ from .plan import FeaturizeJob, autocast_dtype, parse_part
 from .settings import FeaturizerSettings
 
 Notify = Callable[[str], None]
-INDEX_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}  # das-sd index --dtype
 
 
 def _say(notify: Notify | None, message: str) -> None:
@@ -127,12 +127,11 @@ def index_store(store_dir: str | Path, rule: LambdaRule | None = None, dtype: st
     one generation (``dtype``: storage of the train-side vectors, a key of INDEX_DTYPES)."""
     from ..store_integrity import require_identity
 
-    if dtype not in INDEX_DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(INDEX_DTYPES)}")
+    check_choice("--dtype", dtype, INDEX_DTYPES)
     store = FeatureStore.open(store_dir)
     require_identity(store.root / MANIFEST, store.identity, ("feature_sets",), "das-sd index")
     orphans = store.remove_orphan_indexes()
     if orphans:
         _say(notify, f"removed {len(orphans)} index file(s) an interrupted `das-sd index` left")
-    return build_indexes(store, sorted(store.identity["feature_sets"]), rule or LambdaRule(), INDEX_DTYPES[dtype])
+    return build_indexes(store, sorted(store.identity["feature_sets"]), rule or LambdaRule(), getattr(torch, dtype))
 

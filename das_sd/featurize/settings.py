@@ -7,10 +7,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..registry import OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS, check_choice
 from ..seeds import generator
-
-OUTPUT_FUNCTIONS = ("mean", "l1", "square", "loss")
-RESIDUAL_FORMS = ("scale-free", "magnitude", "none")
 
 
 @dataclass
@@ -28,10 +26,9 @@ class FeaturizerSettings:
     residual_timesteps: int = 100  # T_E
 
     def __post_init__(self):
-        if self.output not in OUTPUT_FUNCTIONS:
-            raise ValueError(f"output function {self.output!r}: expected one of {OUTPUT_FUNCTIONS}")
-        if self.residual not in RESIDUAL_FORMS:
-            raise ValueError(f"residual form {self.residual!r}: expected one of {RESIDUAL_FORMS}")
+        check_choice("output function", self.output, OUTPUT_FUNCTIONS)
+        check_choice("projector kind", self.projector, PROJECTOR_KINDS)
+        check_choice("residual form", self.residual, RESIDUAL_FORMS)
         if self.num_timesteps < 1 or self.projection_dim < 1:
             raise ValueError("num_timesteps and projection_dim must be positive")
         if self.projector == "sparse" and (self.projection_nonzeros < 1 or self.projection_dim % self.projection_nonzeros):
@@ -71,4 +68,5 @@ def output_function(name: str, prediction: torch.Tensor, noise: torch.Tensor) ->
         return prediction.pow(2).mean(dim=dims)
     if name == "loss":
         return (prediction - noise).pow(2).mean(dim=dims)
-    raise ValueError(f"output function {name!r}: expected one of {OUTPUT_FUNCTIONS}")
+    check_choice("output function", name, OUTPUT_FUNCTIONS)
+    raise NotImplementedError(f"output function {name!r} is listed in das_sd.registry but not implemented here")

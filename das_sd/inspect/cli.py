@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..argtypes import positive_int
 from ..io import printable
+from ..registry import DEFAULT_METHOD, GRADIENT_METHOD_NAMES
 
 
 def cmd_inspect(args) -> None:
@@ -54,7 +55,7 @@ def add_inspect_command(sub) -> None:
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds 0..N-1 per prompt (with --prompts)")
     p.add_argument("--images", default=None, help="folder of generated PNGs (prompts from their metadata)")
     p.add_argument("--out", required=True, help="report folder: inspection.json, *.csv, report.html")
-    p.add_argument("--method", default="das", choices=["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin"])
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=GRADIENT_METHOD_NAMES)
     p.add_argument("--top-k", type=positive_int, default=10, help="k for the top-k counts")
     p.add_argument("--group-by", default=None, help="folder, column:NAME (metadata column) or file:PATH (JSON/CSV mapping)")
     p.add_argument("--batch-size", type=positive_int, default=8)

@@ -23,7 +23,8 @@ from ..data.datasets import open_dataset
 from ..io import json_error
 from ..generation import GenerationSettings, generate, save_png
 from ..models.fingerprint import provenance
-from ..score import method as method_named
+from ..registry import DEFAULT_METHOD, METHOD_NAMES, check_choice
+from ..score import ranking
 from .rollup import (NORMALISATION, SIGNED_NORMALISATION, GroupCredit, ImageCredit, credit_shares,
                      group_credits, image_credits, signed_shares)
 from .signals import DUPLICATE_SIMILARITY, OUTLIER_Z, ImageSignals, image_signals
@@ -34,7 +35,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 @dataclass
 class InspectSettings:
-    method: str = "das"
+    method: str = DEFAULT_METHOD
     top_k: int = 10  # for the top-k counts
     batch_size: int = 8  # generations featurized together
     bootstrap: int = 1000  # resamples of the generations for the group intervals
@@ -44,6 +45,9 @@ class InspectSettings:
     outlier_threshold: float = OUTLIER_Z
     steps: int = GenerationSettings.steps
     guidance: float = GenerationSettings.guidance
+
+    def __post_init__(self):
+        check_choice("method", self.method, METHOD_NAMES)
 
 
 @dataclass
@@ -295,9 +299,7 @@ def inspect_generations(attributor: Attributor, queries: Iterator[tuple[Generati
     """Attribute every generation (batched) and roll the credit up per training image and group
     (``mapping``: a ``file:`` group mapping the caller has read, see ``training_groups``)."""
     settings = settings or InspectSettings()
-    m = method_named(settings.method)
-    if settings.method not in attributor.methods:
-        raise ValueError(f"method {settings.method!r} needs feature set {m.feature_set!r}, which this store lacks")
+    m = attributor.require_method(settings.method)
     groups = training_groups(attributor, group_by, mapping) if group_by else None
     generations, score_rows, effect_rows = [], [], []
     batch: list[tuple[Generation, torch.Tensor]] = []
@@ -305,9 +307,9 @@ def inspect_generations(attributor: Attributor, queries: Iterator[tuple[Generati
     def flush():
         latents = torch.cat([lat for _, lat in batch])
         prompts = [g.prompt for g, _ in batch]
-        score, sign = attributor.scores(latents, prompts, settings.method)
-        score_rows.append(score.double().cpu().numpy())
-        effect_rows.append((score.sqrt() * sign if m.squared else score).double().cpu().numpy())
+        t = attributor.scores(latents, prompts, settings.method)
+        score_rows.append(ranking(settings.method, t).double().cpu().numpy())
+        effect_rows.append(t.double().cpu().numpy())
         generations.extend(g for g, _ in batch)
         batch.clear()
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..attribute import Attribution, Attributor
 from ..generation import save_png
+from ..registry import DEFAULT_METHOD
 from ..store import FeatureStore
 
 
@@ -40,14 +41,13 @@ class AttributedOutput:
 class AttributingPipeline:
     """Wraps a ``StableDiffusionPipeline`` (LoRA loaded) and a das-sd store built for that base + LoRA."""
 
-    def __init__(self, pipe, store: str | Path | FeatureStore, method: str = "das", top_k: int = 10):
+    def __init__(self, pipe, store: str | Path | FeatureStore, method: str = DEFAULT_METHOD, top_k: int = 10):
         # Attributor compares the pipeline's own weights with the store's probes (base and LoRA)
         self.attributor = Attributor(store, pipe=pipe)
         self.pipe = pipe
         self.method = method
         self.top_k = top_k
-        if method not in self.attributor.methods:
-            raise ValueError(f"method {method!r}: this store supports {', '.join(self.attributor.methods)}")
+        self.attributor.require_method(method)
 
     @property
     def store_id(self) -> str:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..attribute import Attribution, Attributor
 from ..models.fingerprint import lora_fingerprint
+from ..registry import DEFAULT_METHOD
 
 # The webui family's extra-network syntax: <lora:name:weight>, <lyco:...>, <hypernet:...>
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
@@ -100,7 +101,7 @@ class AttributorCache:
 CACHE = AttributorCache()
 
 
-def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, method: str = "das",
+def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, method: str = DEFAULT_METHOD,
                   top_k: int = 8, info: dict | None = None) -> Attribution:
     """Attribute a host's PIL image with its prompt (as plain text: the text encoder of the store's
     pipeline never saw extra-network tags or weighting syntax)."""
@@ -138,5 +139,5 @@ def infotext_value(result: Attribution, n: int = 3) -> str:
 
 
 def captioned(result: Attribution) -> list[tuple[str, str]]:
-    """(image path, caption) pairs for a host gallery."""
+    """(image path, caption) pairs for a gallery (hosts' and the app's)."""
     return [(r.path, r.label()) for r in result.results]

@@ -11,7 +11,9 @@ import os
 
 import numpy as np
 
-METHODS = ["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"]
+from das_sd.registry import METHOD_NAMES  # torch-free: the node list loads without torch
+
+METHODS = list(METHOD_NAMES)
 LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")
 
 

@@ -25,9 +25,9 @@ from invokeai.invocation_api import (
 )
 from das_sd.data.images import load_image
 from das_sd.integrations.hosts import CACHE, attribute_pil, attribution_json, lora_mismatch
-from das_sd.score import METHODS
+from das_sd.registry import DEFAULT_METHOD, METHOD_NAMES
 
-MethodName = Literal[tuple(METHODS)]
+MethodName = Literal[METHOD_NAMES]
 
 
 @invocation_output("das_attribution_output")
@@ -78,7 +78,7 @@ class DASAttributionInvocation(BaseInvocation, WithBoard):
     store_path: str = InputField(default=os.environ.get("DAS_SD_STORE", ""),
                                  description="das-sd feature store folder (built for the LoRA used)")
     prompt: str = InputField(default="", description="Prompt of the image; blank: read it from the image metadata")
-    method: MethodName = InputField(default="das", description="Attribution method")
+    method: MethodName = InputField(default=DEFAULT_METHOD, description="Attribution method")
     top_k: int = InputField(default=8, ge=1, le=64, description="How many training images to return")
     device: Literal["auto", "cpu", "cuda"] = InputField(default="auto", description="Device das-sd runs on")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from das_sd.registry import METHOD_NAMES
+
 PYTHONS = [p for p in os.environ.get("DAS_SD_HOST_GRADIO_PYTHONS", "").split(":") if p]
 
 
@@ -28,3 +30,4 @@ def test_extension_ui_builds_under_host_gradio(python):
     assert report["ui"] == ["Checkbox", "Slider", "Dropdown", "Textbox"]
     assert report["tabs"] == ["DAS attribution"] and "das_store" in report["settings"]
     assert report["torch_loaded"] is False
+    assert report["methods"] == report["settings_methods"] == list(METHOD_NAMES)

@@ -7,8 +7,9 @@ The webui's own model object differs per host, so it is never touched: das-sd lo
 LoRA that the store's manifest names. A failure here never breaks generation; it is reported in the
 console, in the infotext ("DAS error") and in the tab.
 
-Only gradio APIs present in 3.41 (A1111), 3.43 (SD.Next) and 4.40 (Forge) are used, and das_sd
-(torch) is imported only when attribution runs.
+Only gradio APIs present in 3.41 (A1111), 3.43 (SD.Next) and 4.40 (Forge) are used, and das_sd's
+torch-using modules are imported only when attribution runs (das_sd.registry, imported at start-up,
+is torch-free).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 
-METHODS = ["das", "das-signed", "das-noleverage", "dtrak", "trak", "tracin", "latent-sim"]
+from das_sd.registry import DEFAULT_METHOD, METHOD_NAMES
+
+METHODS = list(METHOD_NAMES)
 TITLE = "DAS attribution"
 
 _last = {"images": [], "errors": []}  # the last run, shown in the tab and served by the REST route
@@ -74,7 +77,7 @@ class DASAttributionScript(scripts.Script):
             with gr.Row():
                 top_k = gr.Slider(minimum=1, maximum=32, step=1, value=int(_opt("das_top_k", 8)), label="Top-k",
                                   elem_id=self.elem_id("top_k"))
-                method = gr.Dropdown(choices=METHODS, value=_opt("das_method", "das"), label="Method",
+                method = gr.Dropdown(choices=METHODS, value=_opt("das_method", DEFAULT_METHOD), label="Method",
                                      elem_id=self.elem_id("method"))
             store = gr.Textbox(value=_default_store(), label="das-sd feature store folder",
                                elem_id=self.elem_id("store"))
@@ -169,7 +172,7 @@ def on_ui_settings():
     shared.opts.add_option("das_store", shared.OptionInfo("", "das-sd feature store folder", section=section))
     shared.opts.add_option("das_top_k", shared.OptionInfo(8, "Top-k training images", gr.Slider,
                                                           {"minimum": 1, "maximum": 32, "step": 1}, section=section))
-    shared.opts.add_option("das_method", shared.OptionInfo("das", "Attribution method", gr.Dropdown,
+    shared.opts.add_option("das_method", shared.OptionInfo(DEFAULT_METHOD, "Attribution method", gr.Dropdown,
                                                            {"choices": METHODS}, section=section))
     shared.opts.add_option("das_device", shared.OptionInfo("", "Device (empty: cuda if available)", section=section))
 

@@ -1,0 +1,67 @@
+"""The choices and defaults that several faces offer, each written once: the attribution methods,
+the featurizer's output functions, projector kinds and residual forms, index storage dtypes,
+autocast flags and the lambda rule's default rho.
+
+Torch-free (standard library only): the webui and ComfyUI plugins read their method lists from here
+at start-up, when loading torch would slow down or break the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    feature_set: str | None  # None: latent similarity, no gradient features
+    kernel: bool  # use G^-1
+    residual: bool
+    leverage: bool
+    squared: bool  # ranked by t^2 (the sign of t reported beside it); otherwise by the signed t
+    description: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("das", "das", True, True, True, True, "DAS: (phi_q^T G^-1 phi_i e_i / (1 - h_i))^2, sign reported"),
+    Method("das-signed", "das", True, True, True, False, "DAS without squaring: the signed leave-one-out effect"),
+    Method("das-noleverage", "das", True, True, False, True, "DAS without the 1 / (1 - h_i) leverage factor"),
+    Method("dtrak", "dtrak", True, False, False, False, "D-TRAK: phi_q^T G^-1 phi_i with f = mean(eps^2)"),
+    Method("trak", "trak", True, False, False, False, "TRAK for diffusion: phi_q^T G^-1 phi_i with f = L_simple"),
+    Method("tracin", "das", False, False, False, False, "TracIn / gradient dot product phi_q^T phi_i"),
+    Method("latent-sim", None, False, False, False, False, "cosine similarity of the latents (no gradients)"),
+)}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+# the methods that score with projected LoRA gradients (every one but the latent-similarity baseline)
+GRADIENT_METHOD_NAMES: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.feature_set is not None)
+DEFAULT_METHOD = "das"
+
+OUTPUT_FUNCTIONS: tuple[str, ...] = ("mean", "l1", "square", "loss")  # f of a feature set
+PROJECTOR_KINDS: tuple[str, ...] = ("sparse", "rademacher", "gaussian")  # das_sd.projection
+RESIDUAL_FORMS: tuple[str, ...] = ("scale-free", "magnitude", "none")  # e_i
+
+INDEX_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")  # storage of the train-side vectors
+DEFAULT_INDEX_DTYPE = "float32"
+# --autocast flag -> the compute dtype a store records (float32: no autocast)
+AUTOCAST_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_AUTOCAST = "fp32"
+
+# lambda = rho * trace(Phi^T Phi) / k; chosen on a tuning split of demo queries, disjoint from the tested ones
+DEFAULT_RHO = 100.0
+
+
+def check_choice(flag_or_field: str, value: object, choices: Iterable[str]) -> None:
+    """ValueError naming ``flag_or_field`` (a CLI flag, a settings field) and the choices when
+    ``value`` is not one of them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{flag_or_field} {value!r}: expected one of {', '.join(choices)}")
+
+
+def method(name: str) -> Method:
+    """The method called ``name``; ValueError naming the choices for any other name."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
