@@ -38,7 +38,7 @@ _API = {
     "StoreError": "das_sd.store",
     "LambdaRule": "das_sd.score",
     "build_indexes": "das_sd.score",
-    "METHODS": "das_sd.score",
+    "METHODS": "das_sd.registry",
     "Attributor": "das_sd.attribute",
     "Attribution": "das_sd.attribute",
     "AttributionRow": "das_sd.attribute",

@@ -17,8 +17,7 @@ from typing import Iterator
 
 import torch
 
-# METHODS and Method are re-exported for callers written before das_sd.registry
-from .registry import DEFAULT_RHO, METHODS, Method, method  # noqa: F401
+from .registry import DEFAULT_RHO, method
 from .store import FeatureStore, StoreError
 
 

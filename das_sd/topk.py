@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .score import key_of_ranking, method, ranking, ranking_key, train_array
+from .registry import method
+from .score import key_of_ranking, ranking, ranking_key, train_array
 from .store import FeatureStore, StoreError
 
 

@@ -234,7 +234,8 @@ def lambda_curves(attributor, parts: list[tuple], masks: np.ndarray, methods: li
     sets) and on the reported ones, and the rho with the best tune LDS. ``parts``: per query set
     (tune features or None, their outputs, reported features, their outputs, set name), features
     as from ``Attributor.query_features``."""
-    from ..score import LambdaRule, gram, index_in_memory, method, raw_scores, train_array
+    from ..registry import method
+    from ..score import LambdaRule, gram, index_in_memory, raw_scores, train_array
 
     kernel_methods = [m for m in methods if method(m).kernel]
     kernels = {fs: gram(attributor.store, fs) for fs in {method(m).feature_set for m in kernel_methods}}
