@@ -48,3 +48,24 @@ def method_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"{text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'no method'}; "
                                          f"expected some of {', '.join(METHOD_NAMES)}")
     return names
+
+
+def positive_float_list(text: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers > 0, e.g. a grid of rho values ``1,10,100``.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The numbers, in the order given.
+
+    Raises:
+        argparse.ArgumentTypeError: when the list is empty or an item is not a finite positive number.
+    """
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        if items:
+            return tuple(positive_float(item) for item in items)
+    except argparse.ArgumentTypeError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated finite positive numbers, e.g. 1,10,100")

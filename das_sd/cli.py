@@ -22,7 +22,7 @@ def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images / captions instead of failing; they are listed")
 
 
-def _dataset_options(args) -> dict:
+def _dataset_options(args: argparse.Namespace) -> dict:
     return {"format": args.format, "caption_column": args.caption_column,
             "caption_extension": args.caption_extension, "skip_bad": args.skip_bad}
 
@@ -32,18 +32,22 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _open_dataset(args):
-    from .data.datasets import open_dataset
+def _open_dataset(args: argparse.Namespace):
+    from .data.datasets import open_dataset, skipped_note
 
     dataset = open_dataset(args.data, **_dataset_options(args))
-    if dataset.skipped:
-        print(f"skipped {len(dataset.skipped)} bad sample(s):", file=sys.stderr)
-        for item in dataset.skipped:
-            print(f"  {printable(item)}", file=sys.stderr)
+    note = skipped_note(dataset)
+    if note:
+        _note(note)
     return dataset
 
 
-def cmd_build_base(args) -> None:
+def cmd_build_base(args: argparse.Namespace) -> None:
+    """``das-sd build-base``: train the embedded tiny SD from scratch and print its quality check.
+
+    Args:
+        args: the parsed command line.
+    """
     from .toy.build_base import BaseRecipe, build_base
 
     overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
@@ -54,37 +58,54 @@ def cmd_build_base(args) -> None:
                       "held_out_accuracy": {k: acc[k] for k in ("n", "all", "shape", "fg", "bg")}}, indent=2))
 
 
-def cmd_make_demo_data(args) -> None:
+def cmd_make_demo_data(args: argparse.Namespace) -> None:
+    """``das-sd make-demo-data``: write the demo fine-tuning set with its planted ground truth.
+
+    Args:
+        args: the parsed command line.
+    """
     from .toy.demo_data import DemoConfig, make_demo_data
 
     out = make_demo_data(args.out, DemoConfig(seed=args.seed), overwrite=args.overwrite)
     print(out)
 
 
-def cmd_check_data(args) -> None:
+def cmd_check_data(args: argparse.Namespace) -> None:
+    """``das-sd check-data``: read a dataset and print its samples, fingerprint and bad files.
+
+    Args:
+        args: the parsed command line.
+    """
     dataset = _open_dataset(args)
     print(json.dumps({"root": str(dataset.root), "format": dataset.format, "samples": len(dataset),
                       "skipped": [str(s) for s in dataset.skipped], "fingerprint": dataset.fingerprint()}, indent=2))
 
 
-def cmd_train_lora(args) -> None:
-    from .train import LoraRecipe, read_subset_file, train_lora
+def cmd_train_lora(args: argparse.Namespace) -> None:
+    """``das-sd train-lora``: fine-tune a LoRA on a dataset folder.
 
-    dataset = _open_dataset(args)
-    if args.subset:
-        dataset = dataset.subset(read_subset_file(args.subset))
-    recipe = LoraRecipe(rank=args.rank, alpha=args.alpha if args.alpha is not None else float(args.rank),
-                        steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
-                        resolution=args.resolution, seed=args.seed,
-                        text_encoder_rank=LoraRecipe.text_encoder_rank if args.text_encoder_rank is None
-                        else args.text_encoder_rank, text_encoder_learning_rate=args.text_encoder_lr)
-    record = train_lora(args.base, dataset, args.out, recipe)
+    Args:
+        args: the parsed command line.
+    """
+    from .train import LoraRecipe, train_lora_on_folder
+
+    optional = {"alpha": args.alpha, "text_encoder_rank": args.text_encoder_rank}
+    recipe = LoraRecipe(rank=args.rank, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
+                        resolution=args.resolution, seed=args.seed, text_encoder_learning_rate=args.text_encoder_lr,
+                        **{"alpha": float(args.rank)} | {k: v for k, v in optional.items() if v is not None})
+    record = train_lora_on_folder(args.data, args.out, recipe, base=args.base, subset=args.subset,
+                                  dataset_options=_dataset_options(args), notify=_note)
     print(json.dumps({"out": str(Path(args.out).resolve()), "samples": len(record["sample_keys"]),
                       "train_seconds": record["train_seconds"], "final_loss_ema": record["loss_ema"][-1][1],
                       "lora_fingerprint": record["lora_fingerprint"]}, indent=2))
 
 
-def cmd_generate(args) -> None:
+def cmd_generate(args: argparse.Namespace) -> None:
+    """``das-sd generate``: generate images and save them with their provenance in the PNG metadata.
+
+    Args:
+        args: the parsed command line.
+    """
     from .generation import GenerationSettings, generate_to_files
 
     settings = GenerationSettings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
@@ -94,13 +115,23 @@ def cmd_generate(args) -> None:
     print("\n".join(map(str, paths)))
 
 
-def cmd_export_lora(args) -> None:
+def cmd_export_lora(args: argparse.Namespace) -> None:
+    """``das-sd export-lora``: convert a LoRA file to kohya or peft format.
+
+    Args:
+        args: the parsed command line.
+    """
     from .models.loading import export_lora
 
     print(export_lora(args.lora, args.to, args.out))
 
 
-def cmd_featurize(args) -> None:
+def cmd_featurize(args: argparse.Namespace) -> None:
+    """``das-sd featurize``: compute the training set's attribution features into a store (resumable).
+
+    Args:
+        args: the parsed command line.
+    """
     from .featurize.plan import FeaturizeJob
     from .featurize.service import featurize
     from .featurize.settings import FeaturizerSettings
@@ -121,7 +152,12 @@ def _print_store(store) -> None:
                       "complete": store.manifest["complete"], "last_run": store.manifest["info"].get("last_run")}, indent=2))
 
 
-def cmd_index(args) -> None:
+def cmd_index(args: argparse.Namespace) -> None:
+    """``das-sd index``: solve the kernel and store the scorer's train-side vectors.
+
+    Args:
+        args: the parsed command line.
+    """
     from .featurize.service import index_store
     from .score import LambdaRule
 
@@ -129,7 +165,15 @@ def cmd_index(args) -> None:
     print(json.dumps(index_store(args.store, rule, args.dtype, notify=_note), indent=2))
 
 
-def cmd_verify(args) -> None:
+def cmd_verify(args: argparse.Namespace) -> None:
+    """``das-sd verify``: check a store's manifest and every file against its recorded checksum.
+
+    Args:
+        args: the parsed command line.
+
+    Raises:
+        StoreError: when the store has problems (each is printed first).
+    """
     from .store import StoreError
     from .store_verify import verify_store
 
@@ -143,7 +187,12 @@ def cmd_verify(args) -> None:
         raise StoreError(f"{report.root}: {len(report.problems)} problem(s) found (listed above)")
 
 
-def cmd_attribute(args) -> None:
+def cmd_attribute(args: argparse.Namespace) -> None:
+    """``das-sd attribute``: print the training images that most influenced a generated image.
+
+    Args:
+        args: the parsed command line.
+    """
     from .attribute import attribute_file
     from .generation import shorten
 
@@ -160,27 +209,40 @@ def cmd_attribute(args) -> None:
               f"[{printable(r.path)}]")
 
 
-def cmd_demo(args) -> None:
-    from .toy.demo import prepare_demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    """``das-sd demo``: prepare the embedded demo and open the app on it (or only prepare it).
 
-    paths = prepare_demo(args.workdir)
+    Args:
+        args: the parsed command line.
+    """
     if args.no_launch:
-        print(json.dumps(paths, indent=2))
+        from .toy.demo import prepare_demo
+
+        print(json.dumps(prepare_demo(args.workdir), indent=2))
         return
-    from .app import demo_config, launch_app
-    from .toy.demo_samples import show_demo
+    from .app import launch_demo
 
-    print(json.dumps(paths | show_demo(paths), indent=2))
-    launch_app(demo_config(paths, args.device), args.host, args.port)
+    launch_demo(args.workdir, args.device, args.host, args.port,
+                announce=lambda paths: print(json.dumps(paths, indent=2), flush=True))
 
 
-def cmd_app(args) -> None:
+def cmd_app(args: argparse.Namespace) -> None:
+    """``das-sd app``: serve the Gradio app.
+
+    Args:
+        args: the parsed command line.
+    """
     from .app import config_from_args, launch_app
 
     launch_app(config_from_args(args), args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``das-sd`` argument parser: every command, its flags, their choices and defaults.
+
+    Returns:
+        The parser; each command's ``func`` default is the function that runs it.
+    """
     from .featurize.plan import feature_set_names
     from .featurize.settings import FeaturizerSettings
 
@@ -327,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``das-sd`` command.
+
+    Args:
+        argv: the arguments after the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for a bad input or a failed check (one line on stderr), 130
+        when interrupted. Bad flags exit with status 2 from argparse.
+    """
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

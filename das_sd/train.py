@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -256,3 +257,31 @@ def read_subset_file(path: str | Path) -> list[str]:
     if not keys:
         raise ValueError(f"{path}: the subset is empty")
     return keys
+
+
+def train_lora_on_folder(data: str | Path, out: str | Path, recipe: LoraRecipe | None = None,
+                         base: str | Path | None = None, subset: str | Path | None = None,
+                         dataset_options: dict | None = None, notify: Callable[[str], None] | None = None) -> dict:
+    """Read a dataset folder and fine-tune a LoRA on it (``das-sd train-lora``).
+
+    Args:
+        data: dataset folder (imagefolder with metadata.jsonl, or kohya ``N_name`` folders).
+        out: output folder (pytorch_lora_weights.safetensors and lora_record.json).
+        recipe: rank, steps, learning rates, seed ... (None: ``LoraRecipe()``).
+        base: diffusers SD 1.x folder (None: the embedded tiny SD).
+        subset: file with the sample keys to train on (JSON list or one per line); None: all.
+        dataset_options: ``open_dataset`` keywords (format, caption column, caption extension, skip_bad).
+        notify: called with notes for the user (the samples a ``skip_bad`` read left out).
+
+    Returns:
+        The training record, as ``train_lora`` returns it.
+    """
+    from .data.datasets import open_dataset, skipped_note
+
+    dataset = open_dataset(data, **(dataset_options or {}))
+    note = skipped_note(dataset)
+    if note and notify:
+        notify(note)
+    if subset is not None:
+        dataset = dataset.subset(read_subset_file(subset))
+    return train_lora(base, dataset, out, recipe)

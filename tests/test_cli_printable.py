@@ -9,7 +9,7 @@ import pytest
 
 import das_sd.attribute
 import das_sd.generation
-import das_sd.inspect
+import das_sd.inspect.jobs
 import das_sd.store
 from das_sd.attribute import Attribution, AttributionRow
 from das_sd.cli import main
@@ -61,8 +61,8 @@ def test_inspect_prints_captions_and_group_names_escaped(fake_attributor, monkey
         generations=[1], keys=["k"], image_rows=lambda: [{"mean_share": 0.5, "top_k_count": 1, "caption": EVIL}],
         group_credits=[SimpleNamespace(name=EVIL, mean_share=0.5, ci_low=0.1, ci_high=0.9, size=1, size_share=0.1)],
         save=lambda out: {"report": f"{out}/{EVIL}.html"})
-    monkeypatch.setattr(das_sd.inspect, "image_queries", lambda *a, **k: iter(()))
-    monkeypatch.setattr(das_sd.inspect, "inspect_generations", lambda *a, **k: inspection)
+    monkeypatch.setattr(das_sd.inspect.jobs, "image_queries", lambda *a, **k: iter(()))
+    monkeypatch.setattr(das_sd.inspect.jobs, "inspect_generations", lambda *a, **k: inspection)
     code = main(["inspect", "--store", "S", "--images", str(images), "--out", str(tmp_path / "out")])
     out, _ = capsys.readouterr()
     assert code == 0 and "\x1b" not in out and "\x07" not in out and "\x9b" not in out

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from das_sd.data.datasets import DatasetError, open_dataset, sample_key
-from das_sd.io import json_error
+from das_sd.data.datasets import DatasetError, open_dataset, sample_key, skipped_note
+from das_sd.io import json_error, printable
 from das_sd.data.images import ImageError, load_image, resize_center_crop, to_model_input
 
 
@@ -153,6 +153,9 @@ def test_skip_bad_records_every_skipped_file(tmp_path):
     reasons = " | ".join(str(s) for s in ds.skipped)
     for needle in ("malformed JSON", "truncated.png", "corrupt.png", "missing.png", "outside"):
         assert needle in reasons
+    note = skipped_note(ds).splitlines()
+    assert note[0] == "skipped 7 bad sample(s):" and note[1:] == [f"  {printable(s)}" for s in ds.skipped]
+    assert skipped_note(type(ds)(ds.root, ds.format, ds.samples)) is None  # nothing skipped, nothing to say
 
 
 def test_kohya_folders_captions_fallback_and_repeats(tmp_path):

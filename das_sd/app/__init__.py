@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "demo_config", "launch_app", "main"]
+__all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "demo_config", "launch_app", "launch_demo", "main"]
 
 
 def __getattr__(name: str):
@@ -68,3 +69,24 @@ def main(argv: list[str] | None = None) -> None:
     add_app_flags(parser)
     args = parser.parse_args(argv)
     launch_app(config_from_args(args), args.host, args.port)
+
+
+def launch_demo(workdir: str | Path | None, device: str | None, host: str, port: int | None,
+                announce: Callable[[dict], None] | None = None) -> None:
+    """Prepare the embedded demo, write its sample grid and example attribution, and serve the app on it.
+
+    Args:
+        workdir: demo folder (None: ``$DAS_SD_HOME/demo``).
+        device: "cpu", "cuda", ... (None: CUDA when available).
+        host: address to listen on.
+        port: port (None: 7860 or the next free one).
+        announce: called with the demo's paths (data, LoRA, store, samples ...) before the app starts.
+    """
+    from ..toy.demo import prepare_demo
+    from ..toy.demo_samples import show_demo
+
+    paths = prepare_demo(workdir)
+    paths |= show_demo(paths)
+    if announce:
+        announce(paths)
+    launch_app(demo_config(paths, device), host, port)

@@ -259,3 +259,20 @@ def read_kohya(root: Path, caption_extension: str | None = None, skip_bad: bool 
     if not out.samples:
         raise DatasetError(f"{root}: no usable images in the kohya folders")
     return Dataset(root, "kohya", out.samples, out.skipped)
+
+
+def skipped_note(dataset: Dataset) -> str | None:
+    """What to tell the user about the samples a ``skip_bad`` read left out, one per line, escaped.
+
+    Args:
+        dataset: a dataset as ``open_dataset`` returns it.
+
+    Returns:
+        The note, or None when nothing was skipped.
+    """
+    if not dataset.skipped:
+        return None
+    from ..io import printable
+
+    return "\n".join([f"skipped {len(dataset.skipped)} bad sample(s):",
+                      *(f"  {printable(item)}" for item in dataset.skipped)])

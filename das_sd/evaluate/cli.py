@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import TYPE_CHECKING
 
-from ..argtypes import method_list, positive_int
+from ..argtypes import method_list, positive_float_list, positive_int
+from .jobs import QuerySources, StoreTarget, ablations_report, counterfactual_report, ground_truth_report, lds_report
+
+if TYPE_CHECKING:
+    from .lds import LDSSettings
 
 
-def cmd_eval_groundtruth(args) -> None:
-    from ..attribute import Attributor
-    from .groundtruth import evaluate_ground_truth
+def _target(args: argparse.Namespace) -> StoreTarget:
+    return StoreTarget(args.store, base=args.base, lora=args.lora, device=args.device)
 
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
-    data = args.data or attributor.store.manifest.get("info", {}).get("dataset_root")
-    methods = args.methods
-    report = evaluate_ground_truth(attributor, data, split=args.split, methods=methods, progress=True)
+
+def _sources(args: argparse.Namespace) -> QuerySources:
+    return QuerySources(val=args.val, val_limit=args.val_limit, prompts=args.prompts, seeds=args.seeds)
+
+
+def _lds_settings(args: argparse.Namespace) -> LDSSettings:
+    from .lds import LDSSettings
+
+    return LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
+                       tune_fraction=args.tune_fraction, rho_grid=args.rho_grid or LDSSettings.rho_grid,
+                       output_noise_draws=args.output_noise_draws)
+
+
+def cmd_eval_groundtruth(args: argparse.Namespace) -> None:
+    """``das-sd eval groundtruth``: Recall@k and mAP of the planted exemplar groups, per method.
+
+    Args:
+        args: the parsed command line.
+    """
+    report = ground_truth_report(_target(args), args.data, split=args.split, methods=args.methods)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -25,43 +46,14 @@ def cmd_eval_groundtruth(args) -> None:
         print(f"{name:16s} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['ap']:7.3f}")
 
 
-def _lds_query_sets(args, attributor) -> list:
-    from ..io import read_prompt_file
-    from .lds import gen_queries, val_queries
+def cmd_eval_lds(args: argparse.Namespace) -> None:
+    """``das-sd eval lds``: the Linear Datamodeling Score of each method, with its confidence interval.
 
-    if not args.val and not args.prompts:
-        raise ValueError("give --val DIR (held-out real images) and/or --prompts FILE (generations)")
-    query_sets = []
-    if args.val:
-        query_sets.append(val_queries(attributor, args.val, args.val_limit))
-    if args.prompts:
-        query_sets.append(gen_queries(attributor, read_prompt_file(args.prompts), args.seeds))
-    return query_sets
-
-
-def _lds_settings(args):
-    from .lds import LDSSettings
-
-    try:
-        grid = tuple(float(x) for x in args.rho_grid.split(",")) if args.rho_grid else LDSSettings.rho_grid
-    except ValueError:
-        raise ValueError(f"--rho-grid {args.rho_grid!r}: expected comma-separated numbers, e.g. 1,10,100") from None
-    if not grid or min(grid) <= 0:
-        raise ValueError(f"--rho-grid {args.rho_grid!r}: rho values must be positive")
-    return LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
-                       tune_fraction=args.tune_fraction, rho_grid=grid, output_noise_draws=args.output_noise_draws)
-
-
-def cmd_eval_lds(args) -> None:
-    from ..attribute import Attributor
-    from .lds import run_lds
-
-    settings = _lds_settings(args)
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
-    query_sets = _lds_query_sets(args, attributor)
-    methods = args.methods
-    results = run_lds(attributor, args.workdir, query_sets, settings, methods, workers=args.workers,
-                      ray_address=args.ray)
+    Args:
+        args: the parsed command line.
+    """
+    results = lds_report(_target(args), args.workdir, _sources(args), _lds_settings(args), args.methods,
+                         workers=args.workers, ray_address=args.ray)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -74,35 +66,35 @@ def cmd_eval_lds(args) -> None:
             print(f"  {method_name:32s} {r['lds']:+.3f}  [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]{note}")
 
 
-def cmd_eval_ablations(args) -> None:
-    from ..attribute import Attributor
-    from .ablations import ablation_table, run_ablations
+def cmd_eval_ablations(args: argparse.Namespace) -> None:
+    """``das-sd eval ablations``: one option of das changed at a time, measured like the base store.
 
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    Args:
+        args: the parsed command line.
+    """
+    from .ablations import ablation_table
+
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    lds_run = None
-    if args.lds_workdir:
-        lds_run = {"workdir": args.lds_workdir, "queries": _lds_query_sets(args, attributor),
-                   "settings": _lds_settings(args), "workers": args.workers}
-    data = None if args.no_groundtruth else (args.data or attributor.store.manifest["info"].get("dataset_root"))
-    results = run_ablations(attributor, args.workdir, variants, data, lds_run,
-                            method_variants=not args.no_method_variants)
+    results = ablations_report(_target(args), args.workdir, variants, args.data, not args.no_groundtruth,
+                               args.lds_workdir, _sources(args), _lds_settings(args), args.workers,
+                               method_variants=not args.no_method_variants)
     if args.json:
         print(json.dumps(results, indent=2))
         return
     print(ablation_table(results))
 
 
-def cmd_eval_counterfactual(args) -> None:
-    from ..attribute import Attributor
-    from ..io import read_prompt_file
-    from .counterfactual import CounterfactualSettings, run_counterfactual
+def cmd_eval_counterfactual(args: argparse.Namespace) -> None:
+    """``das-sd eval counterfactual``: remove each method's top-k, retrain, regenerate, measure the change.
 
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    Args:
+        args: the parsed command line.
+    """
+    from .counterfactual import CounterfactualSettings
+
     settings = CounterfactualSettings(top_k=args.top_k, random_draws=args.random_draws)
-    methods = args.methods
-    results = run_counterfactual(attributor, args.workdir, read_prompt_file(args.prompts), args.seeds, settings,
-                                 methods, workers=args.workers, ray_address=args.ray)
+    results = counterfactual_report(_target(args), args.workdir, args.prompts, args.seeds, settings, args.methods,
+                                    workers=args.workers, ray_address=args.ray)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -113,7 +105,7 @@ def cmd_eval_counterfactual(args) -> None:
         print(f"  {name:32s} {r['pixel']:10.4f} {r['latent']:10.4f}")
 
 
-def _store_flags(p) -> None:
+def _store_flags(p: argparse.ArgumentParser) -> None:
     """Flags every evaluation shares: the store, its model overrides, the methods, JSON output."""
     p.add_argument("--store", required=True)
     p.add_argument("--methods", type=method_list, default=None,
@@ -124,14 +116,14 @@ def _store_flags(p) -> None:
     p.add_argument("--device", default=None)
 
 
-def _retraining_flags(p, results: str) -> None:
+def _retraining_flags(p: argparse.ArgumentParser, results: str) -> None:
     p.add_argument("--workdir", required=True, help=f"retrained LoRAs and {results} (cached: a rerun resumes)")
     p.add_argument("--workers", type=positive_int, default=1, help="retraining processes")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="retrain as tasks on a Ray cluster (no ADDRESS: a local one with --workers CPUs)")
 
 
-def _lds_flags(p) -> None:
+def _lds_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
     p.add_argument("--val-limit", type=positive_int, default=None, help="use only the first N val images")
     p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
@@ -140,13 +132,18 @@ def _lds_flags(p) -> None:
     p.add_argument("--repeats", type=positive_int, default=1, help="LoRAs per subset (seeds), outputs averaged")
     p.add_argument("--tune-fraction", type=float, default=0.5,
                    help="share of each query set held out to choose lambda (never reported)")
-    p.add_argument("--rho-grid", default=None, help="comma-separated rho values for lambda = rho trace / k "
+    p.add_argument("--rho-grid", type=positive_float_list, default=None, help="comma-separated rho values for lambda = rho trace / k "
                    "(default 0.1,1,10,100,1000,10000)")
     p.add_argument("--output-timesteps", type=positive_int, default=50)
     p.add_argument("--output-noise-draws", type=positive_int, default=4)
 
 
-def add_eval_commands(sub) -> None:
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``das-sd eval`` and its evaluations to the command line.
+
+    Args:
+        sub: the ``das-sd`` parser's subcommands.
+    """
     p = sub.add_parser("eval", help="evaluate attribution methods (ground truth, LDS, counterfactuals)")
     evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")

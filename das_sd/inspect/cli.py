@@ -2,45 +2,61 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..argtypes import positive_int
 from ..io import printable
 from ..registry import DEFAULT_METHOD, GRADIENT_METHOD_NAMES
 
+if TYPE_CHECKING:
+    from .inspection import Inspection
 
-def cmd_inspect(args) -> None:
+
+@contextmanager
+def _progress_bar(desc: str, unit: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A ``progress(done, total, what)`` callback drawing a tqdm bar, opened on its first call."""
     from tqdm import tqdm
 
-    from ..attribute import Attributor
-    from ..generation import warn_truncated_prompts
-    from ..io import read_prompt_file
-    from . import InspectSettings, generate_queries, image_queries, inspect_generations
+    bar = None
 
-    if bool(args.prompts) == bool(args.images):
-        raise ValueError("give exactly one of --prompts FILE and --images DIR")
-    attributor = Attributor(args.store, device=args.device, base=args.base, lora=args.lora)
+    def progress(done: int, total: int, _what: str) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc=desc, unit=unit)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """``das-sd inspect``: credit per training image and group over many generations.
+
+    Args:
+        args: the parsed command line.
+    """
+    from .inspection import InspectSettings
+    from .jobs import inspect_store
+
     settings = InspectSettings(method=args.method, top_k=args.top_k, batch_size=args.batch_size,
                                bootstrap=args.bootstrap, duplicate_threshold=args.duplicate_threshold)
-    out = Path(args.out)
-    if args.prompts:
-        prompts = read_prompt_file(args.prompts)
-        warn_truncated_prompts(attributor.pipe.tokenizer, prompts)
-        if args.seeds < 1:
-            raise ValueError("--seeds must be at least 1")
-        total, queries = len(prompts) * args.seeds, generate_queries(attributor, prompts, args.seeds,
-                                                                     out / "generations", settings)
-    else:
-        files = [f for f in Path(args.images).glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
-        total, queries = len(files), image_queries(attributor, args.images)
-    with tqdm(total=total, desc="inspect", unit="gen") as bar:
-        inspection = inspect_generations(attributor, queries, total, settings, args.group_by,
-                                         progress=lambda done, _total, _what: bar.update(done - bar.n))
-    files = inspection.save(out)
-    top = inspection.image_rows()[:5]
-    print(f"{len(inspection.generations)} generations x {len(inspection.keys)} training images ({args.method})")
-    for row in top:
-        print(f"  {100 * row['mean_share']:6.2f}%  top-{args.top_k} in {row['top_k_count']:3d}  "
+    with _progress_bar("inspect", "gen") as progress:
+        inspection, files = inspect_store(args.store, args.out, settings, prompts=args.prompts, images=args.images,
+                                          seeds=args.seeds, group_by=args.group_by, base=args.base, lora=args.lora,
+                                          device=args.device, progress=progress)
+    _print_summary(inspection, files, args.method, args.top_k)
+
+
+def _print_summary(inspection: Inspection, files: dict[str, Path], method: str, top_k: int) -> None:
+    print(f"{len(inspection.generations)} generations x {len(inspection.keys)} training images ({method})")
+    for row in inspection.image_rows()[:5]:
+        print(f"  {100 * row['mean_share']:6.2f}%  top-{top_k} in {row['top_k_count']:3d}  "
               f"{printable(row['caption'])}")
     for g in inspection.group_credits[:10]:
         print(f"  group {printable(g.name)}: {100 * g.mean_share:.1f}% [{100 * g.ci_low:.1f}, {100 * g.ci_high:.1f}] "
@@ -48,7 +64,12 @@ def cmd_inspect(args) -> None:
     print("\n".join(f"{name}: {printable(path)}" for name, path in files.items()))
 
 
-def add_inspect_command(sub) -> None:
+def add_inspect_command(sub: argparse._SubParsersAction) -> None:
+    """Add ``das-sd inspect`` to the command line.
+
+    Args:
+        sub: the ``das-sd`` parser's subcommands.
+    """
     p = sub.add_parser("inspect", help="credit per training image and group over many generations; duplicates and outliers")
     p.add_argument("--store", required=True)
     p.add_argument("--prompts", default=None, help="text file, one prompt per line: generate prompts x seeds")
