@@ -15,7 +15,17 @@ def _number(text: str, kind, what: str):
 
 
 def positive_int(text: str) -> int:
-    """An integer >= 1 (counts, sizes, k of top-k)."""
+    """An integer >= 1 (counts, sizes, k of top-k).
+
+    Args:
+        text: The flag's value as typed.
+
+    Returns:
+        The integer.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not an integer, or is below 1.
+    """
     value = _number(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer (must be >= 1)")
@@ -23,7 +33,17 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """An integer >= 0 (0 meaning none, e.g. a text-encoder rank of 0: UNet only)."""
+    """An integer >= 0 (0 meaning none, e.g. a text-encoder rank of 0: UNet only).
+
+    Args:
+        text: The flag's value as typed.
+
+    Returns:
+        The integer.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not an integer, or is negative.
+    """
     value = _number(text, int, "an integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative (must be >= 0)")
@@ -31,7 +51,17 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """A finite number > 0 (no nan, inf or 0)."""
+    """A finite number > 0 (no nan, inf or 0).
+
+    Args:
+        text: The flag's value as typed.
+
+    Returns:
+        The number.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not a number, or is not finite and positive.
+    """
     value = _number(text, float, "a number")
     if not math.isfinite(value) or not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite positive number")
@@ -39,7 +69,18 @@ def positive_float(text: str) -> float:
 
 
 def method_list(text: str) -> list[str]:
-    """Comma-separated attribution methods, each one of das_sd.registry.METHOD_NAMES."""
+    """Comma-separated attribution methods, each one of das_sd.registry.METHOD_NAMES.
+
+    Args:
+        text: The flag's value as typed, e.g. ``"das,dtrak"``; blanks around names and empty items
+            are ignored.
+
+    Returns:
+        The method names, in the order given.
+
+    Raises:
+        argparse.ArgumentTypeError: a name is not a known method, or ``text`` names none.
+    """
     from .registry import METHOD_NAMES
 
     names = [name.strip() for name in text.split(",") if name.strip()]

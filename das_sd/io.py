@@ -9,10 +9,16 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, and rename it into place."""
+    """Write ``data`` to a temp file beside ``path``, fsync it, and rename it into place.
+
+    Args:
+        path: The file to create or replace; its directory must exist.
+        data: The file's whole new content.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -27,22 +33,53 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically (see ``atomic_write_bytes``).
+
+    Args:
+        path: The file to create or replace.
+        text: The file's whole new content.
+    """
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON (keys in their given order, a final newline) to ``path``
+    atomically (see ``atomic_write_bytes``).
+
+    Args:
+        path: The file to create or replace.
+        obj: A JSON-serialisable value.
+    """
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def json_error(exc: json.JSONDecodeError) -> str:
     """Where and why JSON failed to parse: some of json's messages already end in "at"
-    ("Unterminated string starting at"), which a plain "at column N" would double."""
+    ("Unterminated string starting at"), which a plain "at column N" would double.
+
+    Args:
+        exc: The error ``json`` raised.
+
+    Returns:
+        The message and position, e.g. ``"Expecting value at line 3 column 5"`` (no line on line 1).
+    """
     where = f"line {exc.lineno} column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
     return f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
 
 
 def read_prompt_file(path: str | Path, flag: str = "--prompts") -> list[str]:
-    """Prompts from a text file: one per line, blank lines and ``#`` comments skipped."""
+    """Prompts from a text file: one per line, blank lines and ``#`` comments skipped.
+
+    Args:
+        path: A UTF-8 text file.
+        flag: The option that named the file, quoted in error messages.
+
+    Returns:
+        The prompts, stripped, in file order.
+
+    Raises:
+        ValueError: The file cannot be read or decoded, or holds no prompt.
+    """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -58,17 +95,46 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCH
 
 
 def file_kind(mode: int) -> str:
-    """'a directory', 'a FIFO', ... for an ``st_mode`` (what a path is when it is not a plain file)."""
+    """'a directory', 'a FIFO', ... for an ``st_mode`` (what a path is when it is not a plain file).
+
+    Args:
+        mode: An ``os.stat_result.st_mode``.
+
+    Returns:
+        The kind with its article, or ``"not a plain file"`` for any other non-regular kind.
+    """
     return next((name for test, name in _KINDS if test(mode)), "not a plain file")
 
 
 def not_regular_message(path: str | Path, mode: int, what: str = "file") -> str:
+    """The error text for a path that is not a regular file.
+
+    Args:
+        path: The path, named first in the message.
+        mode: Its ``st_mode``, which says what it is instead.
+        what: What was expected there, e.g. ``"store file"``.
+
+    Returns:
+        ``"<path>: not a regular file (<kind>); expected a <what>"``.
+    """
     return f"{path}: not a regular file ({file_kind(mode)}); expected a {what}"
 
 
 def check_regular_file(path: str | Path, what: str = "file") -> os.stat_result:
     """``os.stat(path)`` when ``path`` is a regular file; else ValueError naming it (a FIFO or a
-    device would block or never end when read; stat itself never blocks)."""
+    device would block or never end when read; stat itself never blocks).
+
+    Args:
+        path: The path to check (symlinks followed).
+        what: What the file is to the caller, e.g. ``"prompt file"``; named in the errors.
+
+    Returns:
+        The file's ``os.stat`` result.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` cannot be stat'ed, or is not a regular file.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -80,10 +146,23 @@ def check_regular_file(path: str | Path, what: str = "file") -> os.stat_result:
     return st
 
 
-def open_regular(path: str | Path, what: str = "file", buffering: int = -1):
+def open_regular(path: str | Path, what: str = "file", buffering: int = -1) -> BinaryIO:
     """``open(path, "rb")`` for a regular file only: opened with O_NONBLOCK (opening a FIFO never
     waits for a writer) and refused after fstat unless it is a regular file, so a path swapped for a
-    FIFO or a device between a check and the open cannot hang the reader either."""
+    FIFO or a device between a check and the open cannot hang the reader either.
+
+    Args:
+        path: The file to open.
+        what: What the file is to the caller; named in the errors.
+        buffering: As ``open``'s: -1 (default) buffered, 0 unbuffered.
+
+    Returns:
+        The file, open for binary reading (blocking again once known to be regular).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` cannot be opened, or is (or became) not a regular file.
+    """
     check_regular_file(path, what)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -101,10 +180,17 @@ def open_regular(path: str | Path, what: str = "file", buffering: int = -1):
         raise
 
 
-def printable(text) -> str:
+def printable(text: object) -> str:
     """``text`` safe to print on a terminal: control characters (C0, DEL, C1, and the other
     non-printing format / separator characters) shown escaped as \\x1b, \\n, \\u2028, ...; a caption
-    or file name read from a dataset can then not clear the screen or retitle the window."""
+    or file name read from a dataset can then not clear the screen or retitle the window.
+
+    Args:
+        text: Any value; ``str(text)`` is what gets escaped.
+
+    Returns:
+        The text, unchanged when it is all printable.
+    """
     text = str(text)
     if text.isprintable():
         return text
@@ -122,10 +208,22 @@ def printable(text) -> str:
 MAX_HEADER_BYTES = 100_000_000
 
 
-def read_safetensors_header(fh) -> tuple[dict, int]:
+def read_safetensors_header(fh: BinaryIO) -> tuple[dict, int]:
     """(JSON header, byte offset where the data starts) of the safetensors file open as ``fh``
     (binary, at its start). The length field is checked against the file size and safetensors' own
-    limit before anything is read. ValueError (json's on bad JSON); callers name the file."""
+    limit before anything is read. ValueError (json's on bad JSON); callers name the file.
+
+    Args:
+        fh: The file, open in binary mode and positioned at its start; left after the header.
+
+    Returns:
+        The parsed header (array name -> ``{"dtype", "shape", "data_offsets"}``, maybe
+        ``"__metadata__"``) and the absolute offset that ``data_offsets`` count from.
+
+    Raises:
+        ValueError: The file is under 8 bytes, the length field exceeds the file or safetensors'
+            limit, the header is not JSON (``json.JSONDecodeError``) or not a JSON object.
+    """
     size = os.fstat(fh.fileno()).st_size
     if size < 8:
         raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
@@ -141,7 +239,19 @@ def read_safetensors_header(fh) -> tuple[dict, int]:
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks so that memory stays flat on multi-GB files."""
+    """sha256 hex digest of a file, read in chunks so that memory stays flat on multi-GB files.
+
+    Args:
+        path: A regular file (see ``open_regular``).
+        chunk_bytes: Bytes read at a time.
+
+    Returns:
+        The 64-character lowercase hex digest.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` cannot be opened or is not a regular file.
+    """
     digest = hashlib.sha256()
     with open_regular(path, buffering=0) as fh:
         buffer = bytearray(chunk_bytes)

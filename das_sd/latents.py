@@ -6,21 +6,48 @@ sample's latent is deterministic); c = text_encoder(tokens)[0] padded to the tok
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .data.datasets import Dataset, Sample
 from .data.images import to_model_input
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
-def native_resolution(pipe) -> int:
+
+def native_resolution(pipe: StableDiffusionPipeline) -> int:
+    """The image size in pixels the pipeline's UNet was built for (its sample size times the VAE's
+    downscaling factor, e.g. 512 for SD 1.5).
+
+    Args:
+        pipe: A loaded Stable Diffusion pipeline.
+
+    Returns:
+        The side length of a square model input, in pixels.
+    """
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
 @torch.no_grad()
-def encode_images(pipe, dataset: Dataset, resolution: int, batch_size: int = 64,
+def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: int, batch_size: int = 64,
                   samples: list[Sample] | None = None) -> torch.Tensor:
-    """Latents x_0 of ``samples`` (default: all of ``dataset``), in order."""
+    """Latents x_0 of ``samples`` (default: all of ``dataset``), in order: the VAE posterior's mode
+    times its scaling factor (``docs/method.md §2``).
+
+    Args:
+        pipe: The pipeline whose VAE encodes; images go to its device and dtype.
+        dataset: The dataset that loads each sample's image.
+        resolution: Side in pixels each image is resized and center-cropped to.
+        batch_size: Images per VAE call.
+        samples: The samples to encode, from ``dataset``; None (default): all of them.
+
+    Returns:
+        (N, C, resolution / f, resolution / f) float32 latents on the VAE's device, f the VAE's
+        downscaling factor (8 for SD).
+    """
     samples = dataset.samples if samples is None else samples
     device, dtype = pipe.vae.device, pipe.vae.dtype
     out = []
@@ -32,14 +59,34 @@ def encode_images(pipe, dataset: Dataset, resolution: int, batch_size: int = 64,
     return torch.cat(out).float()
 
 
-def tokenize_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+def tokenize_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Token ids of ``prompts``, padded (or truncated) to the tokenizer's maximum length.
+
+    Args:
+        pipe: The pipeline whose tokenizer and text encoder are used.
+        prompts: The captions or prompts.
+
+    Returns:
+        (N, L) token ids on the text encoder's device, L the tokenizer's ``model_max_length``.
+    """
     tok = pipe.tokenizer
     return tok(prompts, padding="max_length", max_length=tok.model_max_length,
                truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Text embeddings c = text_encoder(tokens)[0] of ``prompts`` (``docs/method.md §2``).
+
+    Args:
+        pipe: The pipeline whose tokenizer and text encoder (with any LoRA loaded) are used.
+        prompts: The captions or prompts.
+        batch_size: Prompts per text-encoder call.
+
+    Returns:
+        (N, L, D) float32 embeddings on the text encoder's device, L the tokenizer's length and D
+        the encoder's hidden size.
+    """
     out = []
     for i in range(0, len(prompts), batch_size):
         out.append(pipe.text_encoder(tokenize_prompts(pipe, prompts[i:i + batch_size]))[0])

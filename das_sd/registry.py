@@ -14,6 +14,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Method:
+    """One attribution method: which stored features it scores and how (``docs/method.md §11``).
+
+    Attributes:
+        name: The method's name, as CLI flags and settings spell it (e.g. ``"das"``).
+        feature_set: The feature set it scores with (``"das"``, ``"dtrak"``, ``"trak"``), or
+            None for latent similarity (no gradient features).
+        kernel: Whether the train-side vectors are solved with G^-1 (False: no kernel, as tracin).
+        residual: Whether they carry the residual weight e_i.
+        leverage: Whether they carry the leverage factor 1 / (1 - h_i).
+        squared: Whether images rank by t^2 (the sign of t reported beside it); otherwise by signed t.
+        description: One line for help texts.
+    """
+
     name: str
     feature_set: str | None  # None: latent similarity, no gradient features
     kernel: bool  # use G^-1
@@ -53,14 +66,33 @@ DEFAULT_RHO = 100.0
 
 def check_choice(flag_or_field: str, value: object, choices: Iterable[str]) -> None:
     """ValueError naming ``flag_or_field`` (a CLI flag, a settings field) and the choices when
-    ``value`` is not one of them."""
+    ``value`` is not one of them.
+
+    Args:
+        flag_or_field: What the value was given as, e.g. ``"--dtype"``; starts the error message.
+        value: The value to check.
+        choices: The allowed values.
+
+    Raises:
+        ValueError: ``value`` is not one of ``choices``.
+    """
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{flag_or_field} {value!r}: expected one of {', '.join(choices)}")
 
 
 def method(name: str) -> Method:
-    """The method called ``name``; ValueError naming the choices for any other name."""
+    """The method called ``name``; ValueError naming the choices for any other name.
+
+    Args:
+        name: A method name, one of ``METHOD_NAMES``.
+
+    Returns:
+        The registry's ``Method``.
+
+    Raises:
+        ValueError: ``name`` is not a known method (or not a string key at all).
+    """
     try:
         return METHODS[name]
     except (KeyError, TypeError):

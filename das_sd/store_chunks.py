@@ -54,10 +54,22 @@ def _layout(path: Path, name: str) -> tuple[torch.dtype, list[int], int]:
 class ArrayChunks:
     """One array of one file, read in row chunks: iterating yields (first row, block), each block
     valid until the next-but-one chunk is read into its buffer. ``buffers`` (two uint8 tensors,
-    grown on demand) are shared by the files of one scan."""
+    grown on demand) are shared by the files of one scan.
+
+    Args:
+        path: A safetensors file of the store, already checked against its checksum.
+        name: The array to read, e.g. ``"psi_das"``; its first dimension is the row.
+        chunk_rows: Rows per chunk; None: as many as fit in ``chunk_bytes`` (at least one).
+        chunk_bytes: Bytes per chunk when ``chunk_rows`` is None.
+        buffers: Two uint8 CPU tensors, replaced in place by larger ones when too small for a chunk.
+
+    Raises:
+        StoreError: The file cannot be read, lacks the array, or its header entry is damaged or has
+            an unsupported dtype.
+    """
 
     def __init__(self, path: Path, name: str, chunk_rows: int | None, chunk_bytes: int,
-                 buffers: list[torch.Tensor]):
+                 buffers: list[torch.Tensor]) -> None:
         self.path, self.name = path, name
         self.dtype, self.shape, self.offset = _layout(path, name)
         self.row_bytes = int(torch.tensor([], dtype=self.dtype).element_size() * max(1, math.prod(self.shape[1:])))
@@ -69,11 +81,20 @@ class ArrayChunks:
 
     @property
     def rows(self) -> int:
+        """The array's row count (its first dimension)."""
         return self.shape[0]
 
     def side_arrays(self) -> dict[str, torch.Tensor]:
         """The per-row arrays stored beside low-precision vectors, {"norm", "scale"} as present (row
-        norms bound the rounding error; int8 rows need their scales), whole (one float per row)."""
+        norms bound the rounding error; int8 rows need their scales), whole (one float per row).
+
+        Returns:
+            ``{"norm": (rows,), "scale": (rows,)}`` CPU tensors, each key only where the file has
+            ``norm.<name>`` / ``scale.<name>``.
+
+        Raises:
+            StoreError: An int8 array has no ``scale.<name>`` beside it.
+        """
         with safe_open(str(self.path), framework="pt", device="cpu") as fh:
             names = set(fh.keys())
             side = {kind: fh.get_tensor(f"{kind}.{self.name}") for kind in SIDE_KINDS if f"{kind}.{self.name}" in names}
@@ -105,7 +126,17 @@ class ArrayChunks:
 
 
 def array_chunks(paths: list[Path], name: str, chunk_rows: int | None, chunk_bytes: int) -> Iterator[ArrayChunks]:
-    """``ArrayChunks`` of ``name`` for each file in turn, sharing two buffers (paths already checked)."""
+    """``ArrayChunks`` of ``name`` for each file in turn, sharing two buffers (paths already checked).
+
+    Args:
+        paths: The store's files holding the array, in row order.
+        name: The array to read from each.
+        chunk_rows: Rows per chunk; None: derived from ``chunk_bytes``.
+        chunk_bytes: Bytes per chunk when ``chunk_rows`` is None.
+
+    Yields:
+        One ``ArrayChunks`` per file, opened when reached (a damaged file raises ``StoreError`` then).
+    """
     buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]
     for path in paths:
         yield ArrayChunks(path, name, chunk_rows, chunk_bytes, buffers)

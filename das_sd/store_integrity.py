@@ -15,9 +15,13 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .io import file_sha256, json_error
 from .registry import AUTOCAST_DTYPES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 class StoreError(ValueError):
@@ -37,12 +41,27 @@ def _stat_key(path: Path) -> tuple:
 
 
 def remember_verified(path: Path, sha256: str) -> None:
-    """Mark a file this process has just written (its bytes hashed in memory) as checked."""
+    """Mark a file this process has just written (its bytes hashed in memory) as checked.
+
+    Args:
+        path: The file, as it is now on disk (its inode, size and times are part of the record).
+        sha256: Its hex digest; later checks against the same digest skip rehashing.
+    """
     _VERIFIED[_stat_key(path)] = sha256
 
 
 def checksum_problem(path: Path, expected: dict | None) -> str | None:
-    """Why ``path`` does not match its recorded checksum, or None (also when none is recorded)."""
+    """Why ``path`` does not match its recorded checksum, or None (also when none is recorded).
+
+    The file is hashed once per process and stat key; a size mismatch is reported without hashing.
+
+    Args:
+        path: The file to check; must exist.
+        expected: The manifest's ``{"sha256", "bytes"}`` for it, or None when none was recorded.
+
+    Returns:
+        A short description of the mismatch (sizes or digest prefixes), or None when it matches.
+    """
     if expected is None:
         return None
     key = _stat_key(path)
@@ -58,6 +77,17 @@ def checksum_problem(path: Path, expected: dict | None) -> str | None:
 
 
 def damaged_message(path: Path, root: Path, problem: str) -> str:
+    """The error text for a store file whose contents changed after it was written, with the fix
+    (reindex for an index file, a new store for a feature shard).
+
+    Args:
+        path: The damaged file; a name starting ``index-`` marks an index file.
+        root: The store directory, quoted in the suggested commands.
+        problem: What does not match, as ``checksum_problem`` says it.
+
+    Returns:
+        The message, naming ``path`` first.
+    """
     index = path.name.startswith("index-")
     fix = (f"`das-sd index --store {root}` rewrites the index" if index
            else "a damaged feature shard cannot be rebuilt in place: featurize into a new --store folder")
@@ -67,7 +97,17 @@ def damaged_message(path: Path, root: Path, problem: str) -> str:
 
 
 def check_file(path: Path, expected: dict | None, root: Path) -> None:
-    """Raise StoreError naming ``path`` and `das-sd verify` when it does not match its checksum."""
+    """Raise StoreError naming ``path`` and `das-sd verify` when it does not match its checksum.
+    Skipped when ``DAS_SD_VERIFY_ON_READ=0`` was set when das-sd was imported.
+
+    Args:
+        path: The file about to be read.
+        expected: Its recorded ``{"sha256", "bytes"}``, or None (an older store: not checked).
+        root: The store directory, for the message.
+
+    Raises:
+        StoreError: The file's size or sha256 differs from the recorded one.
+    """
     problem = checksum_problem(path, expected) if VERIFY_ON_READ else None
     if problem:
         raise StoreError(damaged_message(path, root, problem))
@@ -136,7 +176,21 @@ def _short(value) -> str:
 
 
 def read_manifest(path: Path, format_version: int) -> dict:
-    """The manifest at ``path``, or StoreError naming the file and, for a bad field, the field."""
+    """The manifest at ``path``, or StoreError naming the file and, for a bad field, the field.
+
+    Args:
+        path: The store's ``manifest.json``.
+        format_version: The only format version accepted.
+
+    Returns:
+        The parsed manifest, with absent optional fields (``info``, ``complete``, ``indexes``,
+        ``checksums``) filled with their empty defaults.
+
+    Raises:
+        StoreError: The file cannot be read, is not UTF-8 JSON holding an object, has another
+            format version, lacks ``identity``, ``shards`` or ``shard_size``, or has a bad field
+            (see ``check_manifest``).
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -166,7 +220,18 @@ def read_manifest(path: Path, format_version: int) -> dict:
 
 
 def check_manifest(path: Path, manifest: dict) -> None:
-    """Types and consistency of every field das-sd reads; raises on the first bad one."""
+    """Types and consistency of every field das-sd reads; raises on the first bad one. Absent
+    optional fields are set to their defaults in ``manifest`` as a side effect.
+
+    Args:
+        path: The manifest's path, named in the errors.
+        manifest: The parsed manifest, holding ``identity``, ``shards`` and ``shard_size``.
+
+    Raises:
+        StoreError: A field is missing or has the wrong type or range, a shard's lists do not
+            match its row count, a key appears in two shards, or a file name is not a plain name
+            inside the store.
+    """
     f = _Fields(path)
     check_identity(f, f.dict("identity", manifest["identity"]))
     info = f.dict("info", manifest.setdefault("info", {}))
@@ -229,7 +294,15 @@ ATTRIBUTE_FIELDS = ("feature_sets", "base_fingerprint", "lora_fingerprint", "res
 
 def check_identity(f: _Fields, identity: dict) -> None:
     """Types of the identity fields das-sd reads, where present (stores made by hand for tests
-    hold other, minimal identities; ``require_identity`` asks for those a command cannot do without)."""
+    hold other, minimal identities; ``require_identity`` asks for those a command cannot do without).
+
+    Args:
+        f: The manifest's field checker, which names the manifest in its errors.
+        identity: The manifest's ``identity`` object.
+
+    Raises:
+        StoreError: A present field has the wrong type or an unknown value.
+    """
     if "feature_sets" in identity:
         sets = f.dict("identity.feature_sets", identity["feature_sets"])
         if not sets:
@@ -249,8 +322,18 @@ def check_identity(f: _Fields, identity: dict) -> None:
         f.choice("identity.store_dtype", identity["store_dtype"], STORE_DTYPES)
 
 
-def check_featurizer_settings(f: _Fields, at: str, settings) -> None:
-    """A feature set's recorded FeaturizerSettings: each field present has its type and range."""
+def check_featurizer_settings(f: _Fields, at: str, settings: object) -> None:
+    """A feature set's recorded FeaturizerSettings: each field present has its type and range, and
+    a sparse projector's k is a multiple of its nonzeros s (absent fields take their defaults).
+
+    Args:
+        f: The manifest's field checker, which names the manifest in its errors.
+        at: The settings' field path, e.g. ``"identity.feature_sets.das"``.
+        settings: The recorded settings; must be an object.
+
+    Raises:
+        StoreError: ``settings`` is not an object, or a field has the wrong type or range.
+    """
     from .featurize.settings import FeaturizerSettings
 
     f.dict(at, settings)
@@ -279,8 +362,19 @@ def check_featurizer_settings(f: _Fields, at: str, settings) -> None:
         f.fail(f"{at}.projection_dim", f"a multiple of projection_nonzeros ({nonzeros}) for the sparse projector", dim)
 
 
-def require_identity(path: Path, identity: dict, fields=ATTRIBUTE_FIELDS, needed_by: str = "das-sd") -> None:
-    """StoreError naming the manifest and the first identity field ``needed_by`` cannot do without."""
+def require_identity(path: Path, identity: dict, fields: Iterable[str] = ATTRIBUTE_FIELDS,
+                     needed_by: str = "das-sd") -> None:
+    """StoreError naming the manifest and the identity fields ``needed_by`` cannot do without.
+
+    Args:
+        path: The manifest's path, named in the error.
+        identity: The store's identity.
+        fields: The fields that must be present; default: those ``das-sd attribute`` reads.
+        needed_by: The command that needs them, named in the error.
+
+    Raises:
+        StoreError: Any of ``fields`` is absent from ``identity`` (all missing ones are named).
+    """
     missing = [name for name in fields if name not in identity]
     if missing:
         raise StoreError(f"{path}: damaged manifest: no {', '.join('identity.' + m for m in missing)} "

@@ -11,6 +11,18 @@ from .store_integrity import StoreError, checksum_problem, damaged_message, requ
 
 @dataclass
 class Report:
+    """What ``verify_store`` found in one store.
+
+    Attributes:
+        root: The store directory, resolved.
+        problems: Damage, one line each naming the file; empty when the store is sound.
+        notes: Worth knowing but not damage (out-of-date indexes, files the manifest does not list).
+        files: How many files the manifest lists.
+        checked: How many of them matched their checksum and row count.
+        unverified: Files with no checksum recorded (written by an older das-sd).
+        bytes_read: Bytes of the files read for checking.
+    """
+
     root: Path
     problems: list[str] = field(default_factory=list)  # one line each, naming the file
     notes: list[str] = field(default_factory=list)  # worth knowing, not damage
@@ -21,9 +33,15 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """Whether no problem was found (notes and unverified files do not count)."""
         return not self.problems
 
     def summary(self) -> str:
+        """One line for the terminal: the store, files checked, unverified files and problem count.
+
+        Returns:
+            The line, starting with ``root``.
+        """
         parts = [f"{self.checked} of {self.files} file(s) match their checksums"]
         if self.unverified:
             parts.append(f"{len(self.unverified)} unverified (no checksum recorded: written by an older das-sd; "
@@ -34,7 +52,15 @@ class Report:
 
 def verify_store(root: str | Path, progress: bool = True) -> Report:
     """Check a whole store: the manifest's schema, then every file it lists against its checksum
-    and its row count; notes out-of-date indexes and files the manifest does not list."""
+    and its row count; notes out-of-date indexes and files the manifest does not list.
+
+    Args:
+        root: The store directory (``~`` expanded).
+        progress: Show a progress bar (only when the files total 256 MiB or more).
+
+    Returns:
+        The ``Report``; a store that cannot be opened is a report with that one problem, not an error.
+    """
     from safetensors import safe_open
     from tqdm.auto import tqdm
 

@@ -32,6 +32,14 @@ from .store import FeatureStore, StoreError
 
 @dataclass
 class TopK:
+    """The best training rows of each query, as ``stream_topk`` returns them.
+
+    Attributes:
+        scores: (queries, top_k) float32 ranking scores (t^2 or t by method), best first.
+        signs: (queries, top_k) sign of each row's raw score t (-1, 0 or 1).
+        indices: (queries, top_k) int64 row numbers in the store.
+    """
+
     scores: torch.Tensor  # (queries, top_k) ranking scores, best first
     signs: torch.Tensor  # (queries, top_k) sign of the raw score t
     indices: torch.Tensor  # (queries, top_k) row numbers in the store
@@ -49,7 +57,26 @@ CHUNK_BYTES = 8 << 20  # a chunk that stays in the CPU's caches while it is scor
 def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, top_k: int = 10,
                 chunk_rows: int | None = None, device: str | torch.device = "cpu") -> TopK:
     """Top-k training rows of each query (``query_features`` (queries, k), one method's feature set).
-    ``chunk_rows``: rows scored at a time (default: about ``CHUNK_BYTES`` of the file)."""
+    ``chunk_rows``: rows scored at a time (default: about ``CHUNK_BYTES`` of the file). Low-precision
+    files on the CPU are prefiltered with an error bound, then rescored exactly (``docs/method.md §12``).
+
+    Args:
+        store: The store; indexed already for methods with a kernel.
+        name: A gradient method (``das_sd.registry.GRADIENT_METHOD_NAMES``; not ``latent-sim``).
+        query_features: (queries, k) query features of the method's feature set.
+        top_k: Rows kept per query (fewer when the store has fewer rows).
+        chunk_rows: Rows scored at a time; None (default): about ``CHUNK_BYTES`` of the file.
+        device: Where the scoring runs; the results live there.
+
+    Returns:
+        A ``TopK`` of (queries, min(top_k, N)) tensors, equal to in-memory scoring up to the order of
+        exact ties.
+
+    Raises:
+        StoreError: A file cannot be read or is damaged, or the files' rows do not add up to the
+            store's sample count.
+        ValueError: ``name`` is not a gradient method.
+    """
     index_set, array = _train_source(name)
     q = query_features.float().to(device)
     best = torch.empty(q.shape[0], 0, device=device)
