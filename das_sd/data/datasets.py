@@ -32,6 +32,18 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
+    """One training example: an image file and its caption.
+
+    Attributes:
+        key: Stable key from the image bytes and caption (``sample_key``), with ``~2``, ``~3``, ...
+            appended for repeated pairs.
+        path: The image file, absolute.
+        relpath: The image path relative to the dataset root, with forward slashes.
+        caption: The caption, stripped.
+        repeats: kohya repeat count of its folder (1 for imagefolder).
+        group: The kohya folder name, or "".
+        metadata: The imagefolder metadata row's other columns; not part of equality or hash.
+    """
     key: str
     path: Path  # absolute
     relpath: str  # relative to the dataset root, with forward slashes
@@ -43,6 +55,13 @@ class Sample:
 
 @dataclass(frozen=True)
 class Skipped:
+    """A sample left out by ``skip_bad``, and why; ``str()`` gives "path (line N): reason".
+
+    Attributes:
+        path: The file at fault (the metadata file, the image or its caption file).
+        line: The metadata line number, or None.
+        reason: What is wrong with it.
+    """
     path: str
     line: int | None
     reason: str
@@ -54,6 +73,14 @@ class Skipped:
 
 @dataclass
 class Dataset:
+    """A fine-tuning dataset: its samples in order, iterable and sized like a list of ``Sample``.
+
+    Attributes:
+        root: The dataset folder, absolute.
+        format: "imagefolder" or "kohya".
+        samples: The usable samples, in dataset order.
+        skipped: The samples left out by ``skip_bad``.
+    """
     root: Path
     format: str
     samples: list[Sample]
@@ -67,18 +94,38 @@ class Dataset:
 
     @property
     def keys(self) -> list[str]:
+        """The sample keys, in dataset order."""
         return [s.key for s in self.samples]
 
     def fingerprint(self) -> str:
-        """Hash of the ordered sample keys: changes when any image or caption changes."""
+        """Hash of the ordered sample keys: changes when any image or caption changes.
+
+        Returns:
+            "sha256:" followed by the hex digest.
+        """
         digest = hashlib.sha256("\n".join(self.keys).encode()).hexdigest()
         return f"sha256:{digest}"
 
     def by_key(self) -> dict[str, Sample]:
+        """The samples by key.
+
+        Returns:
+            Key -> sample, in dataset order.
+        """
         return {s.key: s for s in self.samples}
 
     def subset(self, keys: Iterable[str]) -> "Dataset":
-        """The samples named by ``keys``, in dataset order. Unknown keys are an error."""
+        """The samples named by ``keys``, in dataset order. Unknown keys are an error.
+
+        Args:
+            keys: Sample keys; order and repeats do not matter.
+
+        Returns:
+            A dataset with the same root and format, those samples, and no skipped list.
+
+        Raises:
+            DatasetError: When some key is not in the dataset.
+        """
         wanted = set(keys)
         unknown = wanted - set(self.keys)
         if unknown:
@@ -87,10 +134,27 @@ class Dataset:
         return Dataset(self.root, self.format, [s for s in self.samples if s.key in wanted], [])
 
     def load_image(self, sample: Sample) -> Image.Image:
+        """A sample's image, EXIF-rotated, as RGB (see ``images.load_image``).
+
+        Args:
+            sample: One of the dataset's samples.
+
+        Returns:
+            The 8-bit RGB image at full size.
+        """
         return load_image(sample.path)
 
 
 def sample_key(image_bytes: bytes, caption: str) -> str:
+    """A sample's stable key: sha256 of the image bytes, a zero byte and the caption (docs/method.md §4).
+
+    Args:
+        image_bytes: The image file's bytes, as stored.
+        caption: The caption, as read.
+
+    Returns:
+        The first 20 hex characters of the digest.
+    """
     h = hashlib.sha256(image_bytes)
     h.update(b"\0")
     h.update(caption.encode("utf-8"))
@@ -99,7 +163,23 @@ def sample_key(image_bytes: bytes, caption: str) -> str:
 
 def open_dataset(root: str | Path, format: str = "auto", caption_column: str = "text",
                  caption_extension: str | None = None, skip_bad: bool = False) -> Dataset:
-    """Read a dataset folder. ``format``: auto, imagefolder or kohya."""
+    """Read a dataset folder. ``format``: auto, imagefolder or kohya.
+
+    Args:
+        root: The dataset folder.
+        format: "auto" (detect), "imagefolder" or "kohya".
+        caption_column: The imagefolder metadata column holding captions.
+        caption_extension: The kohya caption file suffix; None tries ".caption", then ".txt".
+        skip_bad: Leave out unreadable images and bad metadata rows (listed in ``skipped``)
+            instead of raising.
+
+    Returns:
+        The dataset, its samples in dataset order.
+
+    Raises:
+        DatasetError: When the folder is missing, its format is unknown or undetectable, it has
+            no usable sample, or (without ``skip_bad``) a sample is bad; the message names the file.
+    """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
@@ -113,6 +193,18 @@ def open_dataset(root: str | Path, format: str = "auto", caption_column: str = "
 
 
 def detect_format(root: Path) -> str:
+    """The format of a dataset folder.
+
+    Args:
+        root: The dataset folder.
+
+    Returns:
+        "imagefolder" when it (or its ``train/``) has a metadata.jsonl / metadata.csv, else "kohya"
+        when it has a subfolder named N_name.
+
+    Raises:
+        DatasetError: When it is neither.
+    """
     if _metadata_file(root) is not None:
         return "imagefolder"
     if any(d.is_dir() and KOHYA_FOLDER.match(d.name) for d in root.iterdir()):
@@ -191,6 +283,23 @@ def _metadata_rows(meta: Path) -> Iterator[tuple[int, dict | None, str | None]]:
 
 
 def read_imagefolder(root: Path, caption_column: str = "text", skip_bad: bool = False) -> Dataset:
+    """Hugging Face imagefolder layout: images listed with their captions in metadata.jsonl / .csv.
+
+    The metadata file may sit in ``root`` or ``root/train``; each row names its image in
+    ``file_name`` (relative to the metadata file, inside ``root``).
+
+    Args:
+        root: The dataset folder, absolute.
+        caption_column: The column holding captions (a list column: its first non-empty string).
+        skip_bad: Leave out bad rows and images (listed in ``skipped``) instead of raising.
+
+    Returns:
+        The dataset, its samples in metadata order; the other columns in ``Sample.metadata``.
+
+    Raises:
+        DatasetError: When there is no metadata file, no usable sample, or (without ``skip_bad``)
+            a bad row or image; the message names the file and line.
+    """
     meta = _metadata_file(root)
     if meta is None:
         raise DatasetError(f"{root}: no metadata.jsonl or metadata.csv")
@@ -224,7 +333,23 @@ def read_imagefolder(root: Path, caption_column: str = "text", skip_bad: bool = 
 
 
 def read_kohya(root: Path, caption_extension: str | None = None, skip_bad: bool = False) -> Dataset:
-    """kohya sd-scripts DreamBooth layout: ``N_name/img.png`` with ``img.caption`` or ``img.txt``."""
+    """kohya sd-scripts DreamBooth layout: ``N_name/img.png`` with ``img.caption`` or ``img.txt``.
+
+    N is the folder's repeat count; an image without a caption file takes the folder's name (its
+    underscores as spaces) as caption.
+
+    Args:
+        root: The dataset folder, absolute.
+        caption_extension: The caption file suffix; None tries ".caption", then ".txt".
+        skip_bad: Leave out bad images and caption files (listed in ``skipped``) instead of raising.
+
+    Returns:
+        The dataset, its samples by folder, then file name.
+
+    Raises:
+        DatasetError: When there is no N_name folder, a repeat count is below 1, no image is usable,
+            or (without ``skip_bad``) an image or caption file is bad.
+    """
     out = _Collector(root, skip_bad)
     extensions = [caption_extension] if caption_extension else [".caption", ".txt"]
     folders = sorted(d for d in root.iterdir() if d.is_dir() and KOHYA_FOLDER.match(d.name))

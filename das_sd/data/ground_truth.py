@@ -17,9 +17,15 @@ GROUND_TRUTH_VERSION = 1
 def load_ground_truth(dataset_root: str | Path) -> dict:
     """Read ``ground_truth.json`` from a dataset folder.
 
-    Returns the parsed record (``version``, ``groups``: each a ``trigger`` and its ``files``).
-    Raises FileNotFoundError when the folder has none, ValueError naming the file and field when it
-    is malformed or of another version.
+    Args:
+        dataset_root: The dataset folder.
+
+    Returns:
+        The parsed record: ``version`` and ``groups``, each a ``trigger`` and its ``files``.
+
+    Raises:
+        FileNotFoundError: When the folder has no ``ground_truth.json``.
+        ValueError: Naming the file and field, when it is malformed or of another version.
     """
     path = Path(dataset_root) / "ground_truth.json"
     try:

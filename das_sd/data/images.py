@@ -52,6 +52,19 @@ def open_image(source: str | Path | bytes, name: str | Path | None = None,
     prompt; a truncated file fails here, not later. ``name`` is what error messages call the image
     (default: the path, or "the uploaded image" for bytes). ``load=False``: only the header is read
     (no pixel is decoded; see ``image_size``), and the caller closes the image.
+
+    Args:
+        source: A file path, or the file's bytes.
+        name: What error messages call the image; None for the path or "the uploaded image".
+        max_pixels: Most pixels (width * height) accepted; None for ``MAX_IMAGE_PIXELS``.
+        load: Decode the pixels now; False reads the header only.
+
+    Returns:
+        The opened PIL image, in its own mode.
+
+    Raises:
+        ImageError: When the image is over ``max_pixels``, missing, not an image, or truncated or
+            otherwise undecodable; the message names it.
     """
     label = str(name) if name is not None else ("the uploaded image" if isinstance(source, bytes) else str(source))
     cap = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
@@ -87,7 +100,19 @@ def open_image(source: str | Path | bytes, name: str | Path | None = None,
 
 def image_size(source: str | Path | bytes, name: str | Path | None = None,
                max_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding a pixel; refusals as ``open_image``."""
+    """(width, height) from the image's header, without decoding a pixel; refusals as ``open_image``.
+
+    Args:
+        source: A file path, or the file's bytes.
+        name: What error messages call the image; None for the path or "the uploaded image".
+        max_pixels: Most pixels accepted; None for ``MAX_IMAGE_PIXELS``.
+
+    Returns:
+        (width, height) in pixels.
+
+    Raises:
+        ImageError: As ``open_image``.
+    """
     image = open_image(source, name, max_pixels, load=False)
     try:
         return image.size
@@ -97,7 +122,15 @@ def image_size(source: str | Path | bytes, name: str | Path | None = None,
 
 def verify_image(data: bytes, name: str | Path | None = None) -> None:
     """Refuse (``ImageError``) an image that cannot be decoded; nothing is kept. Decoding once at full
-    size is the cost of finding a truncated file; no converted copy of it is made."""
+    size is the cost of finding a truncated file; no converted copy of it is made.
+
+    Args:
+        data: The image file's bytes.
+        name: What error messages call the image; None for "the uploaded image".
+
+    Raises:
+        ImageError: As ``open_image``.
+    """
     open_image(data, name).close()
 
 
@@ -112,7 +145,14 @@ def _clean(exc: BaseException) -> str:
 
 
 def is_fully_transparent(image: Image.Image) -> bool:
-    """True when every pixel has alpha 0 (nothing would be left of it after compositing)."""
+    """True when every pixel has alpha 0 (nothing would be left of it after compositing).
+
+    Args:
+        image: A PIL image of any mode; palette transparency counts.
+
+    Returns:
+        False for an image without alpha.
+    """
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if "A" not in image.getbands():
@@ -121,12 +161,33 @@ def is_fully_transparent(image: Image.Image) -> bool:
 
 
 def decode(data: bytes, source: str | Path | None = None) -> Image.Image:
-    """``data`` decoded (see ``open_image``), EXIF-rotated, as RGB."""
+    """``data`` decoded (see ``open_image``), EXIF-rotated, as RGB.
+
+    Args:
+        data: The image file's bytes.
+        source: What error messages call the image; None for "the uploaded image".
+
+    Returns:
+        An 8-bit RGB image (transparency composited on white).
+
+    Raises:
+        ImageError: As ``open_image``.
+    """
     return _upright_rgb(open_image(data, source))
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """The image file at ``path`` (see ``open_image``), EXIF-rotated, as RGB."""
+    """The image file at ``path`` (see ``open_image``), EXIF-rotated, as RGB.
+
+    Args:
+        path: The image file.
+
+    Returns:
+        An 8-bit RGB image (transparency composited on white).
+
+    Raises:
+        ImageError: As ``open_image``.
+    """
     return _upright_rgb(open_image(Path(path)))
 
 
@@ -156,6 +217,17 @@ def _strips(image: Image.Image):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB; transparency is composited on white.
+
+    16-bit grey scales 0..65535 to 0..255; 32-bit integer and float grey ("I", "F") do the same when
+    their maximum is over 255, else keep 0..255. Large images are converted a strip at a time.
+
+    Args:
+        image: A PIL image.
+
+    Returns:
+        ``image`` itself when already RGB, else a converted copy.
+    """
     mode = image.mode
     if mode == "RGB":
         return image
@@ -182,7 +254,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize the short side to ``resolution`` and crop the centre square (diffusers' recipe)."""
+    """Resize the short side to ``resolution`` and crop the centre square (diffusers' recipe).
+
+    Args:
+        image: A PIL image.
+        resolution: Side of the square result in pixels.
+
+    Returns:
+        A ``resolution`` x ``resolution`` image (bicubic), or ``image`` itself when already that size.
+    """
     w, h = image.size
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)
@@ -194,6 +274,14 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def to_model_input(image: Image.Image, resolution: int) -> np.ndarray:
-    """HxWx3 float32 in [-1, 1] at the model resolution."""
+    """HxWx3 float32 in [-1, 1] at the model resolution.
+
+    Args:
+        image: A PIL image of any mode (converted with ``to_rgb``).
+        resolution: The model's image side in pixels (resized and centre-cropped).
+
+    Returns:
+        (resolution, resolution, 3) float32 in [-1, 1].
+    """
     arr = np.asarray(resize_center_crop(to_rgb(image), resolution), dtype=np.float32)
     return arr / 127.5 - 1.0

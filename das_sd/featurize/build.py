@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -24,10 +25,35 @@ from .gradients import num_lora_parameters
 from .plan import default_feature_sets, part_work, rows_of, whole_work
 from .settings import FeaturizerSettings
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[str, FeaturizerSettings],
-                   resolution: int, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Everything a stored feature depends on; a store opened with a different identity is refused."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..data.datasets import Sample
+
+
+def store_identity(pipe: StableDiffusionPipeline, base_path: Path, lora_path: Path,
+                   feature_sets: dict[str, FeaturizerSettings], resolution: int,
+                   autocast_dtype: torch.dtype | None = None) -> dict:
+    """Everything a stored feature depends on; a store opened with a different identity is refused.
+
+    Args:
+        pipe: The base pipeline with the LoRA loaded.
+        base_path: The base pipeline folder (fingerprinted).
+        lora_path: The LoRA file (fingerprinted).
+        feature_sets: Feature set name -> settings.
+        resolution: Image side in pixels the latents are encoded at.
+        autocast_dtype: The featurizing autocast dtype; None for float32.
+
+    Returns:
+        The identity: base and LoRA fingerprints, p, resolution, compute and store dtypes, and per
+        feature set its settings with the resolved timesteps.
+
+    Raises:
+        ValueError: When the base folder or the LoRA file cannot be read, or the UNet has no LoRA.
+        FileNotFoundError: When the LoRA file does not exist.
+    """
     num_train = len(alphas_cumprod_of(pipe))
     return {
         "base_fingerprint": model_fingerprint(base_path),
@@ -42,16 +68,39 @@ def store_identity(pipe, base_path: Path, lora_path: Path, feature_sets: dict[st
     }
 
 
-def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: Path, lora_path: Path,
-                      feature_sets: dict[str, FeaturizerSettings] | None = None, batch_size: int = 16,
+def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir: str | Path, base_path: Path,
+                      lora_path: Path, feature_sets: dict[str, FeaturizerSettings] | None = None, batch_size: int = 16,
                       shard_size: int = 256, resolution: int | None = None, progress: bool = True,
-                      autocast_dtype: torch.dtype | None = None, on_shard=None,
+                      autocast_dtype: torch.dtype | None = None,
+                      on_shard: Callable[[FeatureStore], None] | None = None,
                       part: tuple[int, int] | None = None) -> FeatureStore:
     """Compute the features of every dataset sample missing from the store and append them.
 
     With ``part = (i, n)`` only every n-th block of the work (blocks i, i + n, ...) is done, into the
     partial store ``STORE/parts/part-i-of-n`` (see ``das_sd.featurize.parallel``); the parts are
     merged afterwards into a store identical to one built in a single process.
+
+    Args:
+        pipe: The base pipeline with the LoRA trained on ``dataset`` loaded.
+        dataset: The training dataset.
+        store_dir: Folder of the feature store, created or resumed.
+        base_path: The base pipeline folder, for the store identity.
+        lora_path: The LoRA file, for the store identity.
+        feature_sets: Feature set name -> settings; None: ``default_feature_sets()``.
+        batch_size: Samples per forward / backward pass (each takes K rows).
+        shard_size: Samples per shard (a new store's; an existing store keeps its own).
+        resolution: Image side in pixels; None: the model's native resolution.
+        progress: Show a tqdm bar.
+        autocast_dtype: Run the UNet under autocast to this dtype; None for float32.
+        on_shard: Called with the store after each shard is written.
+        part: (I, N) to do only part I of N; None for all the work.
+
+    Returns:
+        The store (or the part's partial store), marked complete when it holds every sample.
+
+    Raises:
+        StoreError: When the store (or part) has another identity or holds samples no longer in
+            ``dataset``.
     """
     feature_sets = feature_sets or default_feature_sets()
     resolution = resolution or native_resolution(pipe)
@@ -81,9 +130,24 @@ def featurize_dataset(pipe, dataset: Dataset, store_dir: str | Path, base_path: 
     return store
 
 
-def featurize_samples(pipe, dataset: Dataset, samples, featurizers: dict[str, Featurizer], resolution: int,
-                      batch_size: int, bar=None) -> dict[str, torch.Tensor]:
-    """Arrays of one shard: latents, and features + residuals per feature set."""
+def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: list[Sample],
+                      featurizers: dict[str, Featurizer], resolution: int,
+                      batch_size: int, bar: tqdm | None = None) -> dict[str, torch.Tensor]:
+    """Arrays of one shard: latents, and features + residuals per feature set.
+
+    Args:
+        pipe: The base pipeline with the LoRA loaded.
+        dataset: The dataset the samples come from (their images are read through it).
+        samples: The shard's samples, in order.
+        featurizers: Feature set name -> featurizer.
+        resolution: Image side in pixels the latents are encoded at.
+        batch_size: Samples per forward / backward pass.
+        bar: Progress bar advanced by the samples done; None for none.
+
+    Returns:
+        On the CPU, one row per sample: "latents" (n, C, H, W), and per feature set NAME
+        "features.NAME" (n, k) and "residuals.NAME" (n,).
+    """
     latents = encode_images(pipe, dataset, resolution, samples=samples)
     cond = encode_prompts(pipe, [s.caption for s in samples])
     keys = [s.key for s in samples]

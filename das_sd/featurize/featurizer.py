@@ -9,6 +9,8 @@ not depend on the batch it was computed in (up to float rounding of batched matm
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..models.modes import eval_mode
@@ -17,8 +19,21 @@ from ..projection import BlockProjector, ProjectorSpec
 from .gradients import accumulation_dtype, num_lora_parameters, projected_row_gradients
 from .settings import FeaturizerSettings, noise_for
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
-def alphas_cumprod_of(pipe) -> torch.Tensor:
+
+def alphas_cumprod_of(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    """abar_t of the training schedule: a DDPMScheduler built from the pipeline's scheduler config.
+
+    See docs/method.md §2; the pipeline's own (sampling) scheduler is not used for it.
+
+    Args:
+        pipe: The Stable Diffusion pipeline.
+
+    Returns:
+        (T,) float32 on the CPU, T the number of training timesteps (1000 for SD 1.x).
+    """
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
@@ -27,20 +42,39 @@ def alphas_cumprod_of(pipe) -> torch.Tensor:
 def autocast_supported(dtype: torch.dtype | None, device: torch.device | str) -> bool:
     """Whether featurizing under autocast to ``dtype`` is offered on ``device``: bfloat16 anywhere,
     float16 on CUDA only (CPUs have no fast float16 matmuls; bfloat16 ones where AVX-512 BF16 or AMX
-    is present)."""
+    is present).
+
+    Args:
+        dtype: The autocast dtype; None (no autocast) is offered everywhere.
+        device: The device featurizing runs on.
+
+    Returns:
+        True when offered.
+    """
     kind = torch.device(device).type
     return dtype is None or dtype == torch.bfloat16 or (dtype == torch.float16 and kind == "cuda")
 
 
 def cpu_has_fast_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); elsewhere bfloat16
-    autocast is emulated and slower than float32. (torch.cpu's probes are private: absent = no.)"""
+    autocast is emulated and slower than float32. (torch.cpu's probes are private: absent = no.)
+
+    Returns:
+        True when either probe says so.
+    """
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe is not None and probe() for probe in probes)
 
 
 def autocast_dtype(compute_dtype: str) -> torch.dtype | None:
-    """The autocast dtype of a compute dtype (das_sd.registry.AUTOCAST_DTYPES' values): None for float32."""
+    """The autocast dtype of a compute dtype (das_sd.registry.AUTOCAST_DTYPES' values): None for float32.
+
+    Args:
+        compute_dtype: "float32", "float16" or "bfloat16", as a store's identity records it.
+
+    Returns:
+        None for "float32" (no autocast), else the torch dtype of that name.
+    """
     return None if compute_dtype == "float32" else getattr(torch, compute_dtype)
 
 
@@ -48,7 +82,15 @@ def store_autocast(compute_dtype: str, device: torch.device | str) -> torch.dtyp
     """The autocast dtype for featurizing queries on ``device`` against a store computed in
     ``compute_dtype`` (its identity's field): the store's own where the device runs it natively,
     else float32 (a bfloat16 store built on a GPU stays usable, and fast, on a laptop's CPU; the
-    features differ by about 1.5 %, see benchmarks/precision.py)."""
+    features differ by about 1.5 %, see benchmarks/precision.py).
+
+    Args:
+        compute_dtype: The store identity's ``compute_dtype``: "float32", "float16" or "bfloat16".
+        device: The device the queries are featurized on.
+
+    Returns:
+        The autocast dtype to use, or None for float32 (no autocast).
+    """
     dtype = autocast_dtype(compute_dtype)
     if not autocast_supported(dtype, device):
         return None
@@ -58,9 +100,22 @@ def store_autocast(compute_dtype: str, device: torch.device | str) -> torch.dtyp
 
 
 class Featurizer:
-    """Computes features for batches of (latent, caption embedding, key) with a pipeline's LoRA."""
+    """Computes features for batches of (latent, caption embedding, key) with a pipeline's LoRA.
 
-    def __init__(self, pipe, settings: FeaturizerSettings, autocast_dtype: torch.dtype | None = None):
+    The UNet is the caller's: it is switched to eval mode only while a method computes.
+
+    Args:
+        pipe: The base pipeline with the LoRA loaded; its UNet and scheduler config are used.
+        settings: The feature set's settings (timesteps, output function, projection, residual).
+        autocast_dtype: Run the UNet under autocast to this dtype (bfloat16 / float16); None for
+            none (float32).
+
+    Raises:
+        ValueError: When the UNet has no LoRA layers.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, settings: FeaturizerSettings,
+                 autocast_dtype: torch.dtype | None = None):
         self.unet = pipe.unet  # switched to eval mode only while it computes (the caller's model)
         self.settings = settings
         self.device = self.unet.device
@@ -81,7 +136,18 @@ class Featurizer:
         """phi (n, k) = P^T gbar_z (float32; float64 for a float64 UNet), gbar_z the (optionally unit-normalised) LoRA gradients
         averaged over T_K. P is linear, so each row is projected first and normalised after, by the
         norm of its unprojected gradient. Works when called under no_grad or inference_mode, as hosts
-        do (ComfyUI runs nodes under inference_mode; diffusers pipelines under no_grad)."""
+        do (ComfyUI runs nodes under inference_mode; diffusers pipelines under no_grad).
+
+        See docs/method.md §8.
+
+        Args:
+            x0: Clean latents x_0, (n, C, H, W), on any device.
+            cond: Caption embeddings c, (n, tokens, dim).
+            keys: Sample keys, n of them; they fix the noise (docs/method.md §4).
+
+        Returns:
+            phi, (n, k) float32 (float64 for a float64 UNet), on the UNet's device.
+        """
         return features_together([self], x0, cond, keys)[0]
 
     def _rows_key(self) -> tuple:
@@ -95,7 +161,17 @@ class Featurizer:
 
     @torch.no_grad()
     def residuals(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str], chunk: int = 25) -> torch.Tensor:
-        """e (n,): residual weights, per docs/method.md §9 and ``settings.residual``."""
+        """e (n,): residual weights, per docs/method.md §9 and ``settings.residual``.
+
+        Args:
+            x0: Clean latents x_0, (n, C, H, W).
+            cond: Caption embeddings c, (n, tokens, dim).
+            keys: Sample keys, n of them; they fix the noise.
+            chunk: Timesteps of the T_E grid per forward pass (n * chunk rows at a time).
+
+        Returns:
+            e, (n,) float32 on the CPU; all ones when ``settings.residual`` is "none".
+        """
         n = len(keys)
         if self.settings.residual == "none":
             return torch.ones(n)
@@ -126,7 +202,17 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
     """``featurizer.features(x0, cond, keys)`` for each featurizer, with one forward pass per group
     of featurizers that feed the UNet the same rows (same model, timesteps, noise seed, autocast): a
     store's das, dtrak and trak sets differ only in f and normalisation, so they share the forward
-    and take one backward each."""
+    and take one backward each.
+
+    Args:
+        featurizers: The featurizers, e.g. one per feature set of a store.
+        x0: Clean latents x_0, (n, C, H, W).
+        cond: Caption embeddings c, (n, tokens, dim).
+        keys: Sample keys, n of them; they fix the noise.
+
+    Returns:
+        phi of each featurizer, in order: (n, k) each (see ``Featurizer.features``).
+    """
     groups: dict[tuple, list[int]] = {}
     for i, featurizer in enumerate(featurizers):
         groups.setdefault(featurizer._rows_key(), []).append(i)

@@ -12,22 +12,46 @@ after lora_B, so it is already inside the captured output gradients.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..noising import noisy_latents
 from .settings import output_function
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ..projection import BlockProjector
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype gradients and projections are accumulated in: float64 for a float64 model (exact
-    comparisons, e.g. against a brute-force reference), float32 for float32 and half-precision ones."""
+    comparisons, e.g. against a brute-force reference), float32 for float32 and half-precision ones.
+
+    Args:
+        dtype: The model's (or a gradient's) dtype.
+
+    Returns:
+        torch.float64 or torch.float32.
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lora_modules(unet: nn.Module, required: bool = True) -> list[tuple[str, nn.Linear]]:
-    """The LoRA A / B linear layers of the active adapters, in parameter order. ``required``: none
-    is an error (featurizing a model without a LoRA)."""
+    """The LoRA A / B linear layers of a model, in module (= parameter) order.
+
+    Args:
+        unet: The model with peft LoRA layers (modules named ``*.lora_A.*`` / ``*.lora_B.*``).
+        required: Raise when there is none (featurizing a model without a LoRA); False returns [].
+
+    Returns:
+        (module name, linear layer) pairs.
+
+    Raises:
+        ValueError: When ``required`` and the model has no LoRA layers.
+    """
     found = [(name, m) for name, m in unet.named_modules()
              if isinstance(m, nn.Linear) and (".lora_A." in name or ".lora_B." in name)]
     if not found and required:
@@ -37,17 +61,45 @@ def lora_modules(unet: nn.Module, required: bool = True) -> list[tuple[str, nn.L
 
 def lora_parameters(model: nn.Module, required: bool = True) -> list[nn.Parameter]:
     """The LoRA parameters, in parameter order: the weights of the LoRA A / B layers. The one
-    definition of what `das-sd train-lora` trains and what attribution differentiates."""
+    definition of what `das-sd train-lora` trains and what attribution differentiates.
+
+    Args:
+        model: The UNet (or text encoder) with LoRA layers.
+        required: Raise ValueError when there is none (see ``lora_modules``); False returns [].
+
+    Returns:
+        The weight parameters theta (docs/method.md §1), in module order.
+    """
     return [m.weight for _, m in lora_modules(model, required)]
 
 
 def num_lora_parameters(unet: nn.Module) -> int:
+    """p, the number of LoRA parameters attribution differentiates (the length of g_{z,t}).
+
+    Args:
+        unet: The UNet with a LoRA loaded.
+
+    Returns:
+        The total element count of ``lora_parameters(unet)``.
+
+    Raises:
+        ValueError: When the UNet has no LoRA layers.
+    """
     return sum(p.numel() for p in lora_parameters(unet))
 
 
 class LoraGradientCapture:
     """Context manager: while active, the forward records each LoRA linear's input and the autograd
-    edge of its output; ``backward(scalar)`` then fetches the gradients at those edges."""
+    edge of its output; ``backward(scalar)`` then fetches the gradients at those edges.
+
+    See docs/method.md §6. Leaving the block removes the hooks and drops what was captured.
+
+    Args:
+        unet: The UNet with a LoRA loaded.
+
+    Raises:
+        ValueError: When the UNet has no LoRA layers.
+    """
 
     def __init__(self, unet: nn.Module):
         self.modules = lora_modules(unet)
@@ -78,15 +130,28 @@ class LoraGradientCapture:
         return hook
 
     def backward(self, scalar: torch.Tensor, retain_graph: bool = False) -> None:
-        """Gradients of ``scalar`` at every captured LoRA output (the weights' .grad stay untouched)."""
+        """Gradients of ``scalar`` at every captured LoRA output (the weights' .grad stay untouched).
+
+        Args:
+            scalar: The summed output function of all rows, sum_rows f(row), from the captured forward.
+            retain_graph: Keep the autograd graph for another backward (another output function).
+        """
         indices = sorted(self._edges)
         grads = torch.autograd.grad(scalar, [self._edges[i] for i in indices], retain_graph=retain_graph,
                                     allow_unused=True)
         self._grads = {i: g.detach() for i, g in zip(indices, grads) if g is not None}
 
-    def layer_gradients(self):
+    def layer_gradients(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(offset, (rows, p_layer)) per LoRA layer, in ``accumulation_dtype``, in parameter order: each row's gradient
-        of one layer at a time, so that the whole (rows, p) matrix never has to exist."""
+        of one layer at a time, so that the whole (rows, p) matrix never has to exist.
+
+        Yields:
+            (offset, gradients): the layer's first coordinate in g, and its per-row gradients
+            dF/dW flattened, (rows, p_layer).
+
+        Raises:
+            RuntimeError: When no gradient reached some LoRA layer in the last ``backward``.
+        """
         offset = 0
         for i, (name, _) in enumerate(self.modules):
             if i not in self._grads:
@@ -100,14 +165,28 @@ class LoraGradientCapture:
             offset += layer.shape[1]
 
     def per_row_gradients(self) -> torch.Tensor:
-        """(rows, p): each row's gradient, layers concatenated in parameter order."""
+        """Each row's full LoRA gradient g, layers concatenated in parameter order.
+
+        Returns:
+            (rows, p) in ``accumulation_dtype``.
+        """
         return torch.cat([layer for _, layer in self.layer_gradients()], dim=1)
 
-    def projected_gradients(self, projector, group_bytes: int = 16 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    def projected_gradients(self, projector: BlockProjector,
+                            group_bytes: int = 16 << 20) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, k) projected gradients and (rows,) squared gradient norms. Consecutive layers are
         projected together up to ``group_bytes`` of gradients at a time: one projection call per
         group instead of one per layer (a UNet has hundreds of small LoRA layers), while the whole
-        (rows, p) matrix still never exists."""
+        (rows, p) matrix still never exists.
+
+        Args:
+            projector: The projection P, built for p = ``num_lora_parameters`` (docs/method.md §7).
+            group_bytes: Most bytes of layer gradients per projection call (default 16 MiB).
+
+        Returns:
+            (P^T g per row, (rows, k); ||g||^2 per row, (rows,)), both in ``accumulation_dtype``
+            on the projector's device.
+        """
         out, sq_norm = None, None
         group: list[torch.Tensor] = []
         group_start, group_size = 0, 0
@@ -145,20 +224,52 @@ def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timest
 def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                       cond: torch.Tensor, alphas_cumprod: torch.Tensor, output: str,
                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row."""
+    """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row.
+
+    Unprojected: the reference for tests (docs/method.md §6).
+
+    Args:
+        unet: The UNet with a LoRA loaded, in eval mode.
+        x0: Clean latents, (rows, C, H, W).
+        noise: The noise eps of each row, same shape.
+        timesteps: t of each row, (rows,) integer.
+        cond: Caption embeddings, (rows, tokens, dim).
+        alphas_cumprod: abar of the training schedule, (T,).
+        output: The output function f: "mean", "l1", "square" or "loss".
+        autocast_dtype: Run the UNet under autocast to this dtype; None for none.
+
+    Returns:
+        (rows, p) in ``accumulation_dtype``.
+    """
     with LoraGradientCapture(unet) as capture:
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
         capture.backward(output_function(output, pred, noise.to(pred.dtype)).sum())
         return capture.per_row_gradients()
 
 
-def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, object]], x0: torch.Tensor,
+def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProjector]], x0: torch.Tensor,
                             noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
                             alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None = None
                             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (output function f, projector) head: P^T g per row and ||g||^2 per row, without ever
     holding all rows' full gradients. The heads share one forward pass (a store's feature sets feed
-    the UNet the same rows and differ only in f) and take one backward each."""
+    the UNet the same rows and differ only in f) and take one backward each.
+
+    See docs/method.md §6-§7.
+
+    Args:
+        unet: The UNet with a LoRA loaded, in eval mode.
+        heads: (output function name, projector) pairs, one per feature set.
+        x0: Clean latents, (rows, C, H, W).
+        noise: The noise eps of each row, same shape.
+        timesteps: t of each row, (rows,) integer.
+        cond: Caption embeddings, (rows, tokens, dim).
+        alphas_cumprod: abar of the training schedule, (T,).
+        autocast_dtype: Run the UNet under autocast to this dtype; None for none.
+
+    Returns:
+        Per head, in order: (P^T g, (rows, k); ||g||^2, (rows,)), in ``accumulation_dtype``.
+    """
     with LoraGradientCapture(unet) as capture:
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
         results = []

@@ -19,7 +19,24 @@ from .plan import PARTS, FeaturizeJob, rows_of
 
 
 def merge_parts(store_dir: str | Path, dataset: Dataset | None = None) -> FeatureStore:
-    """Move the shards of every part into the store, in block order, and remove the parts."""
+    """Move the shards of every part into the store, in block order, and remove the parts.
+
+    Resumable: shards an interrupted merge already moved are recognised and kept.
+
+    Args:
+        store_dir: Folder of the feature store whose ``parts/`` are merged (the store is created
+            when it does not exist yet).
+        dataset: The dataset, to mark the store complete when it holds every sample; None leaves
+            the completeness flag as it is.
+
+    Returns:
+        The merged store.
+
+    Raises:
+        StoreError: When there are no parts, they come from different I/N splits, some part is
+            missing or unfinished, the parts' blocks are not 0..n-1, the parts or the store have
+            another identity, or the store changed since the parts were planned.
+    """
     store_dir = Path(store_dir).expanduser().resolve()
     found = sorted((store_dir / PARTS).glob("part-*-of-*"))
     if not found:
@@ -65,6 +82,17 @@ def featurize_on_ray(address: str | None, workers: int | None, job: FeaturizeJob
     The workers load the model and open the dataset themselves: ``job`` must name its base and LoRA
     as paths they can read, and they must see ``job.store`` (a shared filesystem on a multi-machine
     cluster). ``address`` None starts a local cluster.
+
+    Args:
+        address: Address of a running Ray cluster; None starts a local one (when Ray is not
+            initialised yet).
+        workers: Number of parts (and of a local cluster's CPUs); None: one part per GPU of the
+            cluster when it has GPUs and ``job.device`` allows CUDA, else one per CPU.
+        job: The featurization; its base and LoRA must be paths the workers can read.
+        progress: Show a tqdm bar of the parts done.
+
+    Returns:
+        The merged store.
     """
     import ray
     from tqdm.auto import tqdm

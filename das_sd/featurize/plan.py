@@ -24,7 +24,15 @@ FEATURE_SETS = ("das", "dtrak", "trak")
 
 
 def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, FeaturizerSettings]:
-    """das, dtrak and trak feature sets sharing K, k, seeds and projector of ``base``."""
+    """The das, dtrak and trak feature sets of one store (docs/method.md §8).
+
+    Args:
+        base: Settings of the das set; the dtrak (f = square) and trak (f = loss) sets share its
+            timesteps, seeds and projector, without normalisation or residual. None: the defaults.
+
+    Returns:
+        Feature set name -> settings, in the order das, dtrak, trak.
+    """
     base = base or FeaturizerSettings()
     return {
         "das": base,
@@ -36,7 +44,21 @@ def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, Fe
 @dataclass(frozen=True)
 class FeaturizeJob:
     """One featurization as plain values: what `das-sd featurize` was asked, and everything a Ray
-    worker needs to redo it in its own process (it opens the dataset and loads the model itself)."""
+    worker needs to redo it in its own process (it opens the dataset and loads the model itself).
+
+    Attributes:
+        store: Folder of the feature store.
+        data: Folder of the training dataset.
+        base: Base pipeline folder; None for the embedded tiny SD.
+        lora: LoRA file or folder; needed to compute features, not to merge parts.
+        settings: Settings of the das feature set; the other sets derive from it.
+        sets: Names of the feature sets to compute, some of "das", "dtrak", "trak".
+        dataset_options: Keyword arguments of ``open_dataset`` (format, caption_column, ...).
+        batch_size: Samples per forward / backward pass.
+        shard_size: Samples per store shard (and per block of work).
+        device: Torch device name; None for CUDA when available, else the CPU.
+        autocast: The --autocast flag, a key of das_sd.registry.AUTOCAST_DTYPES ("fp32": none).
+    """
     store: str | Path
     data: str | Path
     base: str | Path | None = None  # None: the embedded tiny SD
@@ -50,6 +72,14 @@ class FeaturizeJob:
     autocast: str = DEFAULT_AUTOCAST  # a key of registry.AUTOCAST_DTYPES
 
     def feature_sets(self) -> dict[str, FeaturizerSettings]:
+        """The settings of the job's feature sets (``sets``), derived from ``settings``.
+
+        Returns:
+            Feature set name -> settings, in the order of ``sets``.
+
+        Raises:
+            ValueError: When ``sets`` is empty or names an unknown feature set.
+        """
         every = default_feature_sets(self.settings)
         unknown = [s for s in self.sets if s not in every]
         if not self.sets:
@@ -60,29 +90,68 @@ class FeaturizeJob:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of ``autocast``: None for fp32 (no autocast)."""
         return autocast_dtype(self.autocast)
 
     def open_dataset(self) -> Dataset:
+        """Open the job's dataset with its ``dataset_options``.
+
+        Returns:
+            The dataset at ``data``.
+        """
         return open_dataset(self.data, **self.dataset_options)
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:
-    """--autocast fp32 | fp16 | bf16 -> None (no autocast) or the dtype."""
+    """The dtype of an --autocast flag.
+
+    Args:
+        name: "fp32", "fp16" or "bf16" (the keys of das_sd.registry.AUTOCAST_DTYPES).
+
+    Returns:
+        None for fp32 (no autocast), else torch.float16 or torch.bfloat16.
+
+    Raises:
+        ValueError: When ``name`` is not a known flag (raised by ``check_choice``).
+    """
     check_choice("--autocast", name, AUTOCAST_DTYPES)
     return None if AUTOCAST_DTYPES[name] == "float32" else getattr(torch, AUTOCAST_DTYPES[name])
 
 
 def feature_set_names(text: str) -> tuple[str, ...]:
-    """'das, trak' (--feature-sets) -> ('das', 'trak')."""
+    """Split a --feature-sets value: 'das, trak' -> ('das', 'trak').
+
+    Args:
+        text: Comma-separated feature set names; blanks around and between them are dropped.
+
+    Returns:
+        The names, in the order given (not checked here; see ``FeaturizeJob.feature_sets``).
+    """
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
 def rows_of(dataset: Dataset) -> list[Row]:
+    """The store rows of a dataset's samples.
+
+    Args:
+        dataset: The training dataset.
+
+    Returns:
+        One ``Row(key, relpath, caption)`` per sample, in dataset order.
+    """
     return [Row(s.key, s.relpath, s.caption) for s in dataset]
 
 
 def check_dataset(store: FeatureStore, dataset: Dataset) -> None:
-    """Every stored row must still be in the dataset (same bytes and caption)."""
+    """Check that every stored row is still in the dataset (same image bytes and caption).
+
+    Args:
+        store: The feature store (or partial store) to be extended.
+        dataset: The dataset being featurized into it.
+
+    Raises:
+        StoreError: When some stored sample's key is not in ``dataset`` (removed or changed).
+    """
     have = set(dataset.keys)
     gone = [r for r in store.rows() if r.key not in have]
     if gone:
@@ -94,14 +163,39 @@ def check_dataset(store: FeatureStore, dataset: Dataset) -> None:
 
 def whole_work(store_dir: str | Path, identity: dict, info: dict, dataset: Dataset,
                shard_size: int) -> tuple[FeatureStore, list[tuple[int, list[Row]]]]:
-    """The store (created, or resumed if its identity matches) and its blocks still to do."""
+    """The store (created, or resumed if its identity matches) and its blocks still to do.
+
+    Args:
+        store_dir: Folder of the feature store.
+        identity: The store identity (``build.store_identity``) the store must have.
+        info: Descriptive manifest fields (paths, versions) written into the store's ``info``.
+        dataset: The dataset to featurize.
+        shard_size: Samples per shard and per block.
+
+    Returns:
+        The store and its blocks as (block number, rows), the samples it lacks in dataset order.
+
+    Raises:
+        StoreError: When an existing store has another identity or holds samples no longer in
+            ``dataset``.
+    """
     store = FeatureStore.open_or_create(store_dir, identity, shard_size=shard_size, info=info)
     check_dataset(store, dataset)
     return store, list(enumerate(store.plan(rows_of(dataset))))
 
 
 def parse_part(text: str) -> tuple[int, int]:
-    """'I/N' (0 <= I < N) -> (I, N)."""
+    """Parse a --shard value: 'I/N' (0 <= I < N) -> (I, N).
+
+    Args:
+        text: The value, e.g. "0/4"; blanks around the numbers are allowed.
+
+    Returns:
+        (I, N): this part's number and the number of parts.
+
+    Raises:
+        ValueError: When ``text`` is not of the form I/N with 0 <= I < N.
+    """
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
     if not m or not int(m[1]) < int(m[2]):
         raise ValueError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
@@ -109,6 +203,15 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def part_dir(store_dir: str | Path, part: tuple[int, int]) -> Path:
+    """The folder of a part's partial store.
+
+    Args:
+        store_dir: Folder of the (main) feature store.
+        part: (I, N) as from ``parse_part``.
+
+    Returns:
+        ``STORE/parts/part-III-of-NNN`` (numbers zero-padded to 3 digits), absolute.
+    """
     return Path(store_dir).expanduser().resolve() / PARTS / f"part-{part[0]:03d}-of-{part[1]:03d}"
 
 
@@ -121,7 +224,25 @@ def _main_store_rows(store_dir: Path, identity: dict) -> tuple[set[str], int]:
 
 def part_work(store_dir: str | Path, identity: dict, info: dict, dataset: Dataset, shard_size: int,
               part: tuple[int, int]) -> tuple[FeatureStore, list[tuple[int, list[Row]]]]:
-    """The partial store of ``part`` and its blocks still to do, as (block number, rows)."""
+    """The partial store of ``part`` and its blocks still to do, as (block number, rows).
+
+    Blocks are cut from the samples the main store lacks; part I of N takes blocks I, I + N, ...
+
+    Args:
+        store_dir: Folder of the main feature store (it need not exist yet).
+        identity: The store identity the main store and the part must have.
+        info: Descriptive manifest fields; the part adds ``part`` and ``base_rows``.
+        dataset: The dataset to featurize.
+        shard_size: Samples per shard and per block.
+        part: (I, N) as from ``parse_part``.
+
+    Returns:
+        The partial store and its blocks not yet done, as (block number, rows).
+
+    Raises:
+        StoreError: When the main store or the part has another identity, or the part holds
+            samples no longer in ``dataset``.
+    """
     store_dir = Path(store_dir).expanduser().resolve()
     have, base_rows = _main_store_rows(store_dir, identity)
     rows = [r for r in rows_of(dataset) if r.key not in have]

@@ -20,6 +20,11 @@ IGNORED_NAMES = {"das_sd_build.json", "README.md"}
 
 
 def das_sd_home() -> Path:
+    """das-sd's cache folder: ``$DAS_SD_HOME``, else ``~/.cache/das-sd`` (not created here).
+
+    Returns:
+        The folder, with ``~`` expanded.
+    """
     return Path(os.environ.get("DAS_SD_HOME") or Path.home() / ".cache" / "das-sd").expanduser()
 
 
@@ -68,11 +73,35 @@ def _file_bytes_sha256(path: Path) -> str:
 
 
 def file_sha256(path: str | Path, cache: dict | None = None) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) in ``$DAS_SD_HOME/file-hashes.json``.
+
+    Args:
+        path: The file; only a regular file is read.
+        cache: A cache dict loaded by the caller, who saves it (to batch many files); None loads and
+            saves the cache file here.
+
+    Returns:
+        The hex digest (64 characters, no prefix).
+    """
     return _cached_digest(Path(path).resolve(), "bytes", _file_bytes_sha256, cache)
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """Hash of every config and weight file of a diffusers pipeline folder (names and contents)."""
+    """Hash of every config and weight file of a diffusers pipeline folder (names and contents).
+
+    Files ending in .safetensors, .json, .txt or .model count, except ``das_sd_build.json``,
+    ``README.md`` and hidden (dot) files and folders; their sorted relative paths and byte digests
+    are hashed.
+
+    Args:
+        folder: The pipeline folder.
+
+    Returns:
+        "sha256:" followed by the hex digest.
+
+    Raises:
+        ValueError: When ``folder`` is missing or not a folder.
+    """
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder; expected a diffusers pipeline folder" if folder.exists()
@@ -90,7 +119,14 @@ def model_fingerprint(folder: str | Path) -> str:
 
 def tensors_sha256(path: str | Path) -> str:
     """Hash of a safetensors file's tensors (sorted names, dtypes, shapes, bytes), header metadata
-    excluded: safetensors writes metadata keys in no fixed order, so raw file bytes are not stable."""
+    excluded: safetensors writes metadata keys in no fixed order, so raw file bytes are not stable.
+
+    Args:
+        path: The safetensors file; only a regular file is read.
+
+    Returns:
+        The hex digest (64 characters, no prefix).
+    """
     path = Path(path)
     with open_regular(path, "safetensors file") as fh:
         header, base = read_safetensors_header(fh)
@@ -105,6 +141,19 @@ def tensors_sha256(path: str | Path) -> str:
 
 
 def lora_fingerprint(path: str | Path) -> str:
+    """Fingerprint of a LoRA file: ``tensors_sha256`` of its tensors, cached like ``file_sha256``.
+
+    Args:
+        path: The LoRA .safetensors file.
+
+    Returns:
+        "sha256:" followed by the hex digest.
+
+    Raises:
+        FileNotFoundError: When the file does not exist.
+        ValueError: When it is not a regular file, cannot be read, or is not a readable
+            safetensors file; the message names the path.
+    """
     path = Path(path).resolve()
     check_regular_file(path, "LoRA .safetensors file")  # a FIFO would block, a device never end
     try:
@@ -118,11 +167,34 @@ def lora_fingerprint(path: str | Path) -> str:
 
 
 def short(fingerprint: str, n: int = 10) -> str:
+    """The first characters of a fingerprint's digest, for names and display.
+
+    Args:
+        fingerprint: A fingerprint such as "sha256:ab12..." (a bare digest works too).
+        n: How many hex characters to keep.
+
+    Returns:
+        The first ``n`` characters after the "sha256:" prefix.
+    """
     return fingerprint.split(":", 1)[-1][:n]
 
 
 def provenance(base: str | Path, lora: str | Path | None = None) -> dict:
-    """Names and fingerprints of a base model folder and an optional LoRA file, for metadata."""
+    """Names and fingerprints of a base model folder and an optional LoRA file, for metadata.
+
+    Args:
+        base: The base pipeline folder.
+        lora: The LoRA file; None for a base model alone.
+
+    Returns:
+        ``base_name``, ``base_fingerprint`` and ``base_hash`` (its ``short`` form), and with a
+        LoRA ``lora_name`` (its folder's name for ``pytorch_lora_weights.safetensors``, else the
+        file stem), ``lora_fingerprint`` and ``lora_hash``.
+
+    Raises:
+        ValueError: When the base folder or the LoRA file cannot be read (FileNotFoundError when
+            the LoRA file does not exist).
+    """
     base = Path(base)
     info = {"base_name": base.name, "base_fingerprint": model_fingerprint(base)}
     info["base_hash"] = short(info["base_fingerprint"])

@@ -16,12 +16,19 @@ import json
 import stat
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..io import not_regular_message
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -32,15 +39,36 @@ class ModelError(ValueError):
 
 
 def embedded_base_path() -> Path:
-    """The folder of the embedded tiny Stable Diffusion shipped in the package (the offline default)."""
+    """The folder of the embedded tiny Stable Diffusion shipped in the package (the offline default).
+
+    Returns:
+        ``das_sd/assets/tiny-sd`` inside the installed package.
+    """
     return Path(str(resources.files("das_sd") / "assets" / "tiny-sd"))
 
 
 def embedded_demo_lora_path() -> Path:
+    """The folder of the demo LoRA shipped in the package (trained on the demo dataset).
+
+    Returns:
+        ``das_sd/assets/demo-lora`` inside the installed package.
+    """
     return Path(str(resources.files("das_sd") / "assets" / "demo-lora"))
 
 
 def resolve_base(base: str | Path | None) -> Path:
+    """The diffusers pipeline folder ``base`` names, checked before anything is loaded from it.
+
+    Args:
+        base: A pipeline folder; None, "" or "embedded" for the embedded tiny SD.
+
+    Returns:
+        The folder, absolute.
+
+    Raises:
+        ModelError: When ``base`` is a single-file checkpoint, has no ``model_index.json``, or has a
+            component with pickled weights only.
+    """
     path = embedded_base_path() if base in (None, "", "embedded") else Path(base).expanduser().resolve()
     if path.is_file():
         raise ModelError(f"{path}: a single-file checkpoint; das-sd needs a diffusers pipeline folder "
@@ -58,7 +86,14 @@ def refuse_pickled_components(path: Path) -> None:
 
     Left to themselves, diffusers and transformers fall back to ``pytorch_model.bin`` /
     ``diffusion_pytorch_model.bin`` when a folder has no safetensors file, and unpickling runs code
-    from the file: das-sd never does that, whatever torch's weights-only loader would catch."""
+    from the file: das-sd never does that, whatever torch's weights-only loader would catch.
+
+    Args:
+        path: The pipeline folder; each subfolder is a component.
+
+    Raises:
+        ModelError: Naming the first pickled file of a component that has no .safetensors file.
+    """
     for component in sorted(p for p in path.iterdir() if p.is_dir()):
         suffixes = {f.suffix.lower() for f in component.iterdir() if f.is_file()}
         pickled = sorted(f for f in component.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
@@ -80,12 +115,32 @@ def quiet_libraries() -> None:
 
 
 def default_device() -> torch.device:
+    """The device das-sd runs on when none is given.
+
+    Returns:
+        CUDA when available, else the CPU.
+    """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_pipeline(base: str | Path | None = None, device: str | torch.device | None = None,
-                  dtype: torch.dtype = torch.float32):
-    """Load a SD 1.x pipeline folder with ``from_pretrained(local_files_only=True)``."""
+                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a SD 1.x pipeline folder with ``from_pretrained(local_files_only=True)``.
+
+    Safetensors only, without safety checker or feature extractor, progress bars off.
+
+    Args:
+        base: The pipeline folder; None, "" or "embedded" for the embedded tiny SD.
+        device: Where to put it; None for ``default_device()``.
+        dtype: The weights' dtype.
+
+    Returns:
+        The pipeline on ``device``.
+
+    Raises:
+        ModelError: When the folder is refused (see ``resolve_base``) or diffusers / transformers
+            cannot load it, or the text encoder misses weights.
+    """
     from diffusers import StableDiffusionPipeline
 
     path = resolve_base(base)
@@ -101,11 +156,21 @@ def load_pipeline(base: str | Path | None = None, device: str | torch.device | N
     return pipe.to(device or default_device())
 
 
-def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32):
+def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> CLIPTextModel:
     """The pipeline's CLIPTextModel, refused when any weight is missing from its file.
 
     transformers only logs missing keys and initialises them at random; a key layout written by a
     newer (or older) release than the one installed would give a random text encoder without error.
+
+    Args:
+        folder: The pipeline's ``text_encoder`` folder (safetensors weights).
+        dtype: The weights' dtype.
+
+    Returns:
+        The text encoder, on the CPU.
+
+    Raises:
+        ModelError: When the file lacks any of the model's weights.
     """
     from transformers import CLIPTextModel
 
@@ -125,6 +190,19 @@ def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32):
 # LoRA files
 
 def resolve_lora_file(path: str | Path) -> Path:
+    """The LoRA weights file a path names, checked before it is read.
+
+    Args:
+        path: A .safetensors file, or a folder holding ``pytorch_lora_weights.safetensors``,
+            ``adapter_model.safetensors`` or a single .safetensors file.
+
+    Returns:
+        The file, absolute.
+
+    Raises:
+        ModelError: When no weights file is found, the path is missing, unreadable or not a regular
+            file, or the file is a pickled checkpoint or not .safetensors.
+    """
     path = Path(path).expanduser().resolve()
     if path.is_dir():
         for name in LORA_WEIGHT_NAMES:
@@ -149,7 +227,19 @@ def resolve_lora_file(path: str | Path) -> Path:
     return path
 
 
-def lora_format(keys) -> str:
+def lora_format(keys: Iterable[str]) -> str:
+    """The format of a LoRA state dict, from its key names.
+
+    Args:
+        keys: The state dict's keys.
+
+    Returns:
+        "kohya" (``lora_unet_*`` / ``lora_te_*``), "peft" (``base_model.model.*``) or "diffusers"
+        (``unet.*`` / ``text_encoder.*``).
+
+    Raises:
+        ModelError: When no key has any of those prefixes.
+    """
     keys = list(keys)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
         return "kohya"
@@ -174,14 +264,32 @@ def _lora_file_format(file: Path) -> str:
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, format) of a LoRA file or folder."""
+    """(state dict, format) of a LoRA file or folder.
+
+    Args:
+        path: A LoRA file or folder (see ``resolve_lora_file``).
+
+    Returns:
+        The tensors by key name, on the CPU, and the format ("diffusers", "peft" or "kohya").
+
+    Raises:
+        ModelError: When the path is refused or the file is not a readable LoRA.
+    """
     file = resolve_lora_file(path)
     fmt = _lora_file_format(file)
     return load_file(str(file)), fmt
 
 
 def peft_to_diffusers(state: dict[str, torch.Tensor], config: dict | None) -> dict[str, torch.Tensor]:
-    """Rename peft keys to diffusers' and fold the lora_alpha / r scale into lora_B."""
+    """Rename peft keys to diffusers' and fold the lora_alpha / r scale into lora_B.
+
+    Args:
+        state: A peft UNet adapter's state dict (``base_model.model.*`` keys).
+        config: Its ``adapter_config.json``; None or without ``r`` / ``lora_alpha``: no scaling.
+
+    Returns:
+        The state dict with ``unet.*`` keys.
+    """
     config = config or {}
     out = {}
     for key, value in state.items():
@@ -192,8 +300,20 @@ def peft_to_diffusers(state: dict[str, torch.Tensor], config: dict | None) -> di
     return out
 
 
-def load_lora(pipe, path: str | Path, adapter_name: str = "default") -> str:
-    """Load a LoRA into ``pipe`` under ``adapter_name``; returns the detected format."""
+def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str = "default") -> str:
+    """Load a LoRA into ``pipe`` under ``adapter_name``; returns the detected format.
+
+    Args:
+        pipe: The base pipeline; the LoRA is added to it in place.
+        path: A LoRA file or folder (see ``resolve_lora_file``).
+        adapter_name: The peft adapter name.
+
+    Returns:
+        The detected format: "diffusers", "peft" or "kohya".
+
+    Raises:
+        ModelError: When the path is refused or the file is not a readable LoRA.
+    """
     file = resolve_lora_file(path)
     fmt = _lora_file_format(file)
     if fmt == "peft":
@@ -226,7 +346,17 @@ def _split_lora_key(key: str) -> tuple[str, str, str]:
 
 def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a diffusers LoRA state dict (UNet and text encoder) to kohya / A1111 naming
-    (alpha = rank, scale 1)."""
+    (alpha = rank, scale 1).
+
+    Args:
+        state: A diffusers LoRA state dict (``unet.*`` / ``text_encoder.*`` keys).
+
+    Returns:
+        The state dict with ``lora_unet_*`` / ``lora_te_*`` keys and an ``alpha`` per layer.
+
+    Raises:
+        ModelError: When a key is not a diffusers LoRA key.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         model, module, kind = _split_lora_key(key)
@@ -238,7 +368,17 @@ def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers UNet LoRA state dict to peft ``adapter_model.safetensors`` naming."""
+    """Convert a diffusers UNet LoRA state dict to peft ``adapter_model.safetensors`` naming.
+
+    Args:
+        state: A diffusers LoRA state dict with UNet keys only.
+
+    Returns:
+        The state dict with ``base_model.model.*.lora_A`` / ``lora_B`` keys.
+
+    Raises:
+        ModelError: When the LoRA also has text-encoder layers, or a key is not a diffusers LoRA key.
+    """
     out = {}
     for key, value in state.items():
         model, module, kind = _split_lora_key(key)
@@ -251,7 +391,20 @@ def to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export_lora(lora: str | Path, to: str, out: str | Path) -> Path:
     """`das-sd export-lora`: write a diffusers-format LoRA (as das-sd trains them) in kohya naming
-    (A1111, ComfyUI) or as a peft adapter file, atomically; returns ``out``."""
+    (A1111, ComfyUI) or as a peft adapter file, atomically; returns ``out``.
+
+    Args:
+        lora: The diffusers-format LoRA file or folder.
+        to: The target naming: "kohya" or "peft".
+        out: The file to write; its folder is created.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        ValueError: When ``to`` is neither "kohya" nor "peft".
+        ModelError: When the LoRA is not a readable diffusers-format LoRA, or cannot be converted.
+    """
     from safetensors.torch import save
 
     from ..io import atomic_write_bytes

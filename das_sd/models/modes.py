@@ -16,7 +16,14 @@ from torch import nn
 @contextlib.contextmanager
 def restored_modes(*modules: nn.Module) -> Iterator[None]:
     """Every submodule's train/eval mode as it is now, put back when the block ends (on an error
-    too). Submodules added inside the block (an adapter) keep the mode they were given."""
+    too). Submodules added inside the block (an adapter) keep the mode they were given.
+
+    Args:
+        modules: The root modules whose submodules' modes are saved.
+
+    Yields:
+        None, once: the block runs with the modules as they are.
+    """
     saved = [(m, m.training) for root in modules for m in root.modules()]
     try:
         yield
@@ -27,7 +34,14 @@ def restored_modes(*modules: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """``modules`` in eval mode inside the block, their own modes back after it."""
+    """``modules`` in eval mode inside the block, their own modes back after it.
+
+    Args:
+        modules: The modules to switch to eval mode (with all their submodules).
+
+    Yields:
+        None, once: the block runs with the modules in eval mode.
+    """
     with restored_modes(*modules):
         for module in modules:
             module.eval()

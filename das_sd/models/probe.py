@@ -11,11 +11,15 @@ a different model or LoRA differs at order one.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..seeds import generator
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 PAIRS = 4
 TOLERANCE = 2e-2  # relative, per layer; fp16 weights land near 1e-3
@@ -51,6 +55,18 @@ def _lora_layers(unet: nn.Module):
 
 
 def lora_probe(unet: nn.Module) -> dict[str, list[float]]:
+    """Probes of the active LoRA's effective updates, scaling * B A, one entry per LoRA layer.
+
+    Args:
+        unet: The UNet with peft LoRA layers (layers without an active adapter are left out).
+
+    Returns:
+        Layer name -> ``PAIRS`` bilinear forms u^T (scaling B A) v, rounded to 6 significant digits;
+        empty without a LoRA.
+
+    Raises:
+        ValueError: When a layer has more than one active adapter.
+    """
     out = {}
     for name, module, active in _lora_layers(unet):
         if len(active) > 1:
@@ -64,7 +80,19 @@ def lora_probe(unet: nn.Module) -> dict[str, list[float]]:
 
 def base_probe(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, list[float]]:
     """Probes of the UNet's attention projections (the layers a LoRA wraps) and the text encoder's
-    linears and embeddings."""
+    linears and embeddings.
+
+    LoRA layers are left out, and wrapped layers are named as unwrapped, so the probes of a base
+    model are the same with or without a LoRA loaded.
+
+    Args:
+        unet: The UNet.
+        text_encoder: The text encoder; None leaves it out.
+
+    Returns:
+        "unet.<layer>" and "text_encoder.<layer>" -> ``PAIRS`` bilinear forms u^T W v, rounded to
+        6 significant digits.
+    """
     out = {}
     for name, module in unet.named_modules():
         clean = name.removesuffix(".base_layer")
@@ -80,12 +108,32 @@ def base_probe(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[s
     return out
 
 
-def pipeline_probes(pipe) -> dict[str, dict[str, list[float]]]:
+def pipeline_probes(pipe: StableDiffusionPipeline) -> dict[str, dict[str, list[float]]]:
+    """The probes a feature store records for the pipeline it was built with.
+
+    Args:
+        pipe: The base pipeline with the LoRA loaded.
+
+    Returns:
+        {"base": ``base_probe`` of the UNet and text encoder, "lora": ``lora_probe`` of the UNet}.
+
+    Raises:
+        ValueError: When more than one LoRA adapter is active.
+    """
     return {"base": base_probe(pipe.unet, getattr(pipe, "text_encoder", None)), "lora": lora_probe(pipe.unet)}
 
 
 def probe_differences(expected: dict[str, list[float]], found: dict[str, list[float]]) -> list[str]:
-    """Layers whose probes disagree (or that only one side has)."""
+    """Layers whose probes disagree (or that only one side has).
+
+    Args:
+        expected: Layer name -> probes, as recorded (e.g. in a store's manifest).
+        found: Layer name -> probes of the pipeline at hand.
+
+    Returns:
+        One "<layer>: missing | unexpected | weights differ" line per disagreeing layer; empty when
+        they agree within ``TOLERANCE`` (relative).
+    """
     diffs = [f"{n}: missing" for n in sorted(set(expected) - set(found))]
     diffs += [f"{n}: unexpected" for n in sorted(set(found) - set(expected))]
     for name in sorted(set(expected) & set(found)):
