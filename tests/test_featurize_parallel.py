@@ -97,6 +97,15 @@ def test_bad_part_specs_are_refused(setup):
         merge_parts(root / "reference")
 
 
+def test_a_part_planned_before_the_main_store_grew_is_refused(setup):
+    root, data, lora, reference, run = setup
+    store = root / "grown"
+    run(store, (0, 2))  # planned against an empty main store: its blocks are cut from all 10 samples
+    shutil.copytree(reference, store, dirs_exist_ok=True)  # meanwhile the main store got every row
+    with pytest.raises(StoreError, match=r"part-000-of-002: this part was planned when .* held 0 rows, it now holds 10"):
+        run(store, (0, 2))
+
+
 def test_ray_local_cluster_with_two_workers_equals_single_process(setup):
     pytest.importorskip("ray")
     root, data, lora, _, run = setup

@@ -240,19 +240,21 @@ def part_work(store_dir: str | Path, identity: dict, info: dict, dataset: Datase
         The partial store and its blocks not yet done, as (block number, rows).
 
     Raises:
-        StoreError: When the main store or the part has another identity, or the part holds
-            samples no longer in ``dataset``.
+        StoreError: When the main store or the part has another identity, the main store's row
+            count changed since the part was planned, or the part holds samples no longer in ``dataset``.
     """
     store_dir = Path(store_dir).expanduser().resolve()
     have, base_rows = _main_store_rows(store_dir, identity)
     rows = [r for r in rows_of(dataset) if r.key not in have]
     mine = [(j, block) for j, block in enumerate(blocks_of(rows, shard_size)) if j % part[1] == part[0]]
-    store = FeatureStore.open_or_create(part_dir(store_dir, part), identity, shard_size=shard_size,
+    folder = part_dir(store_dir, part)
+    if (folder / MANIFEST).is_file():  # read before open_or_create records today's count over it
+        planned = FeatureStore.open(folder, identity).manifest["info"].get("base_rows")
+        if planned != base_rows:
+            raise StoreError(f"{folder}: this part was planned when {store_dir} held {planned} rows, it now "
+                             f"holds {base_rows}; delete {folder.parent} and featurize the parts again")
+    store = FeatureStore.open_or_create(folder, identity, shard_size=shard_size,
                                         info=info | {"part": list(part), "base_rows": base_rows})
-    if store.manifest["info"].get("base_rows") != base_rows:
-        raise StoreError(f"{store.root}: this part was planned when {store_dir} held "
-                         f"{store.manifest['info'].get('base_rows')} rows, it now holds {base_rows}; "
-                         f"delete {store.root.parent} and featurize the parts again")
     check_dataset(store, dataset)
     done = set(store.keys())
     return store, [(j, block) for j, block in mine if block[0].key not in done]
