@@ -10,8 +10,8 @@ from pathlib import Path
 from . import __version__
 from .argtypes import non_negative_int, positive_float, positive_int
 from .io import printable
-from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, DEFAULT_METHOD, DEFAULT_RHO, INDEX_DTYPES,
-                       METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
+from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, DEFAULT_METHOD, DEFAULT_RHO, FEATURE_SETS,
+                       INDEX_DTYPES, METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
 
 
 def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "except with --merge (the parts carry the model)")
     _add_dataset_flags(p)
     p.add_argument("--store", required=True, help="feature store folder (created, resumed or extended)")
-    p.add_argument("--feature-sets", default="das,dtrak,trak", type=feature_set_names,
-                   help="comma-separated: das, dtrak, trak")
+    p.add_argument("--feature-sets", default=",".join(FEATURE_SETS), type=feature_set_names,
+                   help=f"comma-separated, some of: {', '.join(FEATURE_SETS)}")
     defaults = FeaturizerSettings  # one place for the defaults: the settings dataclass
     p.add_argument("--output", default=defaults.output, choices=OUTPUT_FUNCTIONS, help="f of the das set")
     p.add_argument("--timesteps", type=positive_int, default=defaults.num_timesteps, help="K, timesteps per sample (uniform grid)")

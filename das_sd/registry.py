@@ -49,6 +49,8 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 # the methods that score with projected LoRA gradients (every one but the latent-similarity baseline)
 GRADIENT_METHOD_NAMES: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.feature_set is not None)
 DEFAULT_METHOD = "das"
+# the gradient feature sets a store can hold, each scored by one or more methods
+FEATURE_SETS: tuple[str, ...] = tuple(dict.fromkeys(m.feature_set for m in METHODS.values() if m.feature_set))
 
 OUTPUT_FUNCTIONS: tuple[str, ...] = ("mean", "l1", "square", "loss")  # f of a feature set
 PROJECTOR_KINDS: tuple[str, ...] = ("sparse", "rademacher", "gaussian")  # das_sd.projection

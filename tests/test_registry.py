@@ -170,3 +170,21 @@ def test_settings_dataclasses_validate_against_the_registry():
     with pytest.raises(ValueError, match=re.escape("method 'nope': expected one of das, das-signed")):
         InspectSettings(method="nope")
     assert InspectSettings().method == DEFAULT_METHOD
+
+
+def test_the_feature_sets_are_those_the_featurizer_builds_and_the_cli_offers():
+    from das_sd.cli import build_parser
+    from das_sd.featurize.build import default_feature_sets
+    from das_sd.featurize.settings import FeaturizerSettings
+    from das_sd.registry import FEATURE_SETS
+
+    assert tuple(default_feature_sets(FeaturizerSettings())) == FEATURE_SETS == ("das", "dtrak", "trak")
+    args = build_parser().parse_args(["featurize", "--lora", "l", "--data", "d", "--store", "s"])
+    assert args.feature_sets == FEATURE_SETS
+
+
+def test_the_featurizer_settings_default_to_the_projectors_own_defaults():
+    from das_sd.featurize.settings import FeaturizerSettings
+    from das_sd.projection import ProjectorSpec
+
+    assert FeaturizerSettings().projector_spec() == ProjectorSpec()

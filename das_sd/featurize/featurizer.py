@@ -15,7 +15,7 @@ import torch
 
 from ..models.modes import eval_mode
 from ..noising import noisy_latents
-from ..projection import BlockProjector, ProjectorSpec
+from ..projection import BlockProjector
 from .gradients import accumulation_dtype, num_lora_parameters, projected_row_gradients
 from .settings import FeaturizerSettings, noise_for
 
@@ -123,10 +123,7 @@ class Featurizer:
         self.num_train_timesteps = len(self.alphas)
         self.timesteps = settings.feature_timesteps(self.num_train_timesteps)
         self.num_params = num_lora_parameters(self.unet)
-        self.projector = BlockProjector.shared(
-            ProjectorSpec(settings.projector, settings.projection_dim, settings.projection_seed,
-                          settings.projection_nonzeros),
-            self.num_params, device=self.device)
+        self.projector = BlockProjector.shared(settings.projector_spec(), self.num_params, device=self.device)
         self.autocast_dtype = autocast_dtype
 
     def _noise(self, keys: list[str], timesteps: list[int], shape: tuple[int, ...]) -> torch.Tensor:

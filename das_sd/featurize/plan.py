@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from ..data.datasets import Dataset, open_dataset
-from ..registry import AUTOCAST_DTYPES, DEFAULT_AUTOCAST, check_choice
+from ..registry import AUTOCAST_DTYPES, DEFAULT_AUTOCAST, FEATURE_SETS, check_choice
 from ..store import MANIFEST, FeatureStore, Row, StoreError, blocks_of
 from .settings import FeaturizerSettings
 
 PARTS = "parts"
-FEATURE_SETS = ("das", "dtrak", "trak")
 
 
 def default_feature_sets(base: FeaturizerSettings | None = None) -> dict[str, FeaturizerSettings]:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..projection import ProjectorSpec
 from ..registry import OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS, check_choice
 from ..seeds import generator
 
@@ -42,10 +43,11 @@ class FeaturizerSettings:
     timesteps: list[int] | None = None  # explicit T_K; None: a uniform grid over the schedule
     noise_seed: int = 0
     normalize: bool = True  # per-timestep unit normalisation of g_{z,t} (open)
-    projector: str = "sparse"  # sparse | rademacher | gaussian (das_sd.projection)
-    projection_dim: int = 2048  # k
-    projection_seed: int = 0
-    projection_nonzeros: int = 4  # s, nonzeros per input coordinate of the sparse projector
+    # P's defaults are the projector's own (das_sd.projection.ProjectorSpec)
+    projector: str = ProjectorSpec.kind  # sparse | rademacher | gaussian
+    projection_dim: int = ProjectorSpec.dim  # k
+    projection_seed: int = ProjectorSpec.seed
+    projection_nonzeros: int = ProjectorSpec.nonzeros  # s, nonzeros per input coordinate of the sparse projector
     residual: str = "scale-free"  # e_i form: scale-free | magnitude | none (open)
     residual_timesteps: int = 100  # T_E
 
@@ -82,6 +84,15 @@ class FeaturizerSettings:
             ``uniform_grid(residual_timesteps, num_train_timesteps)``.
         """
         return uniform_grid(self.residual_timesteps, num_train_timesteps)
+
+    def projector_spec(self) -> ProjectorSpec:
+        """The random projection P these settings describe (docs/method.md §7).
+
+        Returns:
+            A ``ProjectorSpec`` of kind ``projector``, dim ``projection_dim``, seed ``projection_seed``
+            and ``projection_nonzeros`` nonzeros.
+        """
+        return ProjectorSpec(self.projector, self.projection_dim, self.projection_seed, self.projection_nonzeros)
 
     def to_dict(self) -> dict:
         """The settings as a plain, JSON-ready dict of field name to value (as a store records them).
