@@ -47,7 +47,7 @@ class AppConfig:
         data: Dataset to build or extend the store from; None: the one the manifest names.
         device: Torch device ("cpu", "cuda", "cuda:1", ...); None: cuda when available.
         outdir: Where generated PNGs (one folder per day) and inspection reports are saved
-            (default: ``~/.cache/das-sd/outputs``).
+            (default: ``outputs`` under ``$DAS_SD_HOME``, else ``~/.cache/das-sd``).
         demo: The embedded demo: base, LoRA and data come from ``prepare_demo`` and the store is a
             cache, rebuilt when the demo LoRA was retrained.
     """

@@ -71,7 +71,8 @@ class AttributingPipeline:
         ValueError: When ``method`` is unknown or needs a feature set the store lacks.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, store: str | Path | FeatureStore, method: str = DEFAULT_METHOD, top_k: int = 10):
+    def __init__(self, pipe: StableDiffusionPipeline, store: str | Path | FeatureStore, method: str = DEFAULT_METHOD,
+                 top_k: int = 10):
         # Attributor compares the pipeline's own weights with the store's probes (base and LoRA)
         self.attributor = Attributor(store, pipe=pipe)
         self.pipe = pipe
