@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .session import AppConfig
 
 __all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "demo_config", "launch_app", "launch_demo", "main"]
 
@@ -18,8 +24,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'das_sd.app' has no attribute {name!r}")
 
 
-def launch_app(config, host: str, port: int | None) -> None:
-    """Serve the app; a clear error when the optional app dependencies are missing."""
+def launch_app(config: AppConfig, host: str, port: int | None) -> None:
+    """Serve the app (blocking); a clear error when the optional app dependencies are missing.
+
+    Args:
+        config: What to serve: the store, model, dataset and output folder.
+        host: Address to listen on ("127.0.0.1": this machine only, "0.0.0.0": every interface).
+        port: Port to listen on; None: 7860 or the next free one.
+
+    Raises:
+        ValueError: When gradio or pandas (the ``das-sd[app]`` extra) is not installed.
+    """
     try:
         from .ui import launch
     except ImportError as exc:
@@ -30,8 +45,18 @@ def launch_app(config, host: str, port: int | None) -> None:
     launch(Workbench(config), host=host, port=port)
 
 
-def demo_config(paths: dict, device: str | None = None, **extra):
-    """The app's configuration for the demo paths ``prepare_demo`` returns (its store built on first use)."""
+def demo_config(paths: dict, device: str | None = None, **extra: Any) -> AppConfig:
+    """The app's configuration for the demo paths ``prepare_demo`` returns (its store built on first use).
+
+    Args:
+        paths: ``prepare_demo``'s paths: "base", "lora", "data", "workdir" and optionally "store"
+            (default: ``workdir/store``).
+        device: Torch device ("cpu", "cuda", "cuda:1", ...); None: cuda when available.
+        **extra: Further ``AppConfig`` fields (``outdir``).
+
+    Returns:
+        An ``AppConfig`` with ``demo=True``.
+    """
     from .session import AppConfig
 
     return AppConfig(store=Path(paths.get("store") or Path(paths["workdir"]) / "store"), base=Path(paths["base"]),
@@ -39,6 +64,11 @@ def demo_config(paths: dict, device: str | None = None, **extra):
 
 
 def add_app_flags(p: argparse.ArgumentParser) -> None:
+    """Add the app's command-line flags (--store, --base, --lora, --data, --device, --outdir, --host, --port).
+
+    Args:
+        p: The parser (``gradio_app.py``'s or the ``das-sd app`` subcommand's) to add them to.
+    """
     p.add_argument("--store", default=None, help="feature store folder (default: the embedded demo's store)")
     p.add_argument("--base", default=None, help="base model folder (default: the one the store names)")
     p.add_argument("--lora", default=None, help="LoRA file or folder (default: the one the store names)")
@@ -49,8 +79,19 @@ def add_app_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
 
 
-def config_from_args(args: argparse.Namespace, progress: bool = True):
-    """Without --store, the embedded demo: its data and LoRA are prepared now, its store on first use."""
+def config_from_args(args: argparse.Namespace, progress: bool = True) -> AppConfig:
+    """The app's configuration from parsed ``add_app_flags`` flags.
+
+    Without --store, the embedded demo: its data and LoRA are prepared now (the LoRA trained if the
+    shipped one does not match), its store on first use.
+
+    Args:
+        args: Parsed flags of ``add_app_flags``.
+        progress: Show progress bars while the demo is prepared.
+
+    Returns:
+        The ``AppConfig``; paths given as flags are expanded and made absolute.
+    """
     from .session import AppConfig
 
     extra = {"outdir": Path(args.outdir).expanduser()} if args.outdir else {}
@@ -65,6 +106,11 @@ def config_from_args(args: argparse.Namespace, progress: bool = True):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``gradio_app.py``: parse the flags and serve the app.
+
+    Args:
+        argv: Command-line arguments without the program name; None: ``sys.argv[1:]``.
+    """
     parser = argparse.ArgumentParser(prog="gradio_app.py", description="das-sd: generate and see which training images made it")
     add_app_flags(parser)
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,12 +25,33 @@ from ..generation import GenerationSettings, generate, save_png, shorten, trunca
 from ..models.fingerprint import das_sd_home, provenance, short
 from ..store import FeatureStore, StoreError
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from diffusers import StableDiffusionPipeline
+
+    from ..inspect.inspection import Inspection, Progress
+
 class AppError(ValueError):
     """A request the app cannot serve; the message is shown to the user as is."""
 
 
 @dataclass
 class AppConfig:
+    """What the app serves: which store, model and dataset, and where its outputs go.
+
+    Attributes:
+        store: Feature store folder; built from ``data`` when missing.
+        base: Base model folder; None: the base the store's manifest names.
+        lora: LoRA file or folder; None: the LoRA the store's manifest names.
+        data: Dataset to build or extend the store from; None: the one the manifest names.
+        device: Torch device ("cpu", "cuda", "cuda:1", ...); None: cuda when available.
+        outdir: Where generated PNGs (one folder per day) and inspection reports are saved
+            (default: ``outputs`` under ``$DAS_SD_HOME``, else ``~/.cache/das-sd``).
+        demo: The embedded demo: base, LoRA and data come from ``prepare_demo`` and the store is a
+            cache, rebuilt when the demo LoRA was retrained.
+    """
+
     store: Path  # feature store folder (built from ``data`` when missing)
     base: Path | None = None  # None: the base the store's manifest names
     lora: Path | None = None  # None: the LoRA the store's manifest names
@@ -41,7 +63,15 @@ class AppConfig:
 
 @dataclass
 class Query:
-    """One attributed image: what is needed to re-rank it without running the model again."""
+    """One attributed image: what is needed to re-rank it without running the model again.
+
+    Attributes:
+        latents: (1, 4, h, w) float latents of the image.
+        prompt: The prompt it is attributed with.
+        features: Projected query features per feature set name, each (1, k).
+        image_path: The saved PNG (generations) or the uploaded file.
+        info: Query metadata shown with the attribution ("seed", "source", "prompt_from", "prompt_note").
+    """
     latents: torch.Tensor  # (1, 4, h, w)
     prompt: str
     features: dict[str, torch.Tensor]
@@ -50,6 +80,14 @@ class Query:
 
 
 class Workbench:
+    """The app's engine: one pipeline (base + LoRA), feature store and ``Attributor`` for every session.
+
+    Everything is loaded lazily, on first use; ``lock`` serialises every call that runs the model.
+
+    Args:
+        config: What to serve (store, model, dataset, output folder).
+    """
+
     def __init__(self, config: AppConfig):
         self.config = config
         self.lock = threading.RLock()
@@ -60,7 +98,11 @@ class Workbench:
         self._provenance: dict = {}
 
     def ensure_demo_store(self) -> bool:
-        """Demo only: build (or refresh) the demo store once; True when it had to run."""
+        """Demo only: build (or refresh) the demo store, once per Workbench.
+
+        Returns:
+            True when it ran now; False for a non-demo store or when it ran already.
+        """
         with self.lock:
             if not self.config.demo or self._demo_checked:
                 return False
@@ -87,7 +129,12 @@ class Workbench:
         return Path(base), Path(lora), data
 
     def dataset_root(self) -> Path | None:
-        """The only folder whose images the app serves."""
+        """The only folder whose images the app serves.
+
+        Returns:
+            The dataset folder (from ``--data``, else the store's manifest), resolved; None when neither
+            names one.
+        """
         try:
             data = self._paths()[2]
         except AppError:
@@ -97,7 +144,10 @@ class Workbench:
     # ---- model and store -----------------------------------------------------------------------
 
     @property
-    def pipe(self):
+    def pipe(self) -> StableDiffusionPipeline:
+        """The base pipeline with the LoRA loaded, loaded on first use.
+
+        Raises ``AppError`` when neither the flags nor the store name the base and the LoRA."""
         with self.lock:
             if self._pipe is None:
                 from ..models.loading import load_lora, load_pipeline
@@ -109,7 +159,14 @@ class Workbench:
             return self._pipe
 
     def store_status(self) -> dict:
-        """What the store holds, for the Index tab; ``ready`` says whether attribution can run."""
+        """What the store holds, for the Index tab; ``ready`` says whether attribution can run.
+
+        Returns:
+            A dict with "ready", "problem" (a sentence, or None when ready) and "store". For a store
+            that opens, also "samples", "complete", "base", "lora", "dataset" (paths), their fingerprints,
+            "resolution" and "feature_sets": per set its output function "f", "K" timesteps, projection
+            dim "k", "normalize", "residual", the index's "lambda" and "index_current".
+        """
         try:
             store = FeatureStore.open(self.config.store)
         except StoreError as exc:
@@ -130,9 +187,23 @@ class Workbench:
                 "lora": info.get("lora_path"), "lora_fingerprint": short(identity["lora_fingerprint"]),
                 "dataset": info.get("dataset_root"), "resolution": identity["resolution"], "feature_sets": sets}
 
-    def build_store(self, progress: bool = True, notify=None) -> dict:
+    def build_store(self, progress: bool = True, notify: Callable[[str], None] | None = None) -> dict:
         """Featurize what the store lacks (all of it for a new store) and refresh the index.
-        ``notify``: called with each stage's description (das_sd.featurize.service)."""
+
+        For the demo the store is a cache: one built for another LoRA or other settings is rebuilt.
+
+        Args:
+            progress: Show tqdm progress bars (the app's ``gr.Progress`` tracks them).
+            notify: Called with each stage's description and warnings (das_sd.featurize.service);
+                None drops them.
+
+        Returns:
+            The new ``store_status()``.
+
+        Raises:
+            AppError: When there is no dataset to build from (no --data and no store naming one), or
+                no base or LoRA is known.
+        """
         from ..data.datasets import open_dataset
         from ..featurize.service import build_store
         from ..toy.demo import build_demo_store
@@ -152,6 +223,9 @@ class Workbench:
 
     @property
     def attributor(self) -> Attributor:
+        """The store's ``Attributor`` on ``pipe``, created on first use.
+
+        Raises ``AppError`` when the store is missing, incomplete or its index is out of date."""
         with self.lock:
             if self._attributor is None:
                 status = self.store_status()
@@ -165,7 +239,17 @@ class Workbench:
     # ---- requests ------------------------------------------------------------------------------
 
     def generate(self, settings: GenerationSettings) -> list[Query]:
-        """Generate, save each image as a PNG with its parameters, and featurize it as a query."""
+        """Generate, save each image as a PNG with its parameters, and featurize it as a query.
+
+        Args:
+            settings: Prompt, seed, steps, guidance, LoRA scale and number of images.
+
+        Returns:
+            One ``Query`` per generated image, in seed order; ``info`` holds its "seed" and "source" PNG.
+
+        Raises:
+            AppError: When the store is not ready for attribution.
+        """
         with self.lock:
             attributor = self.attributor
             result = generate(self.pipe, settings, self._provenance)
@@ -180,7 +264,19 @@ class Workbench:
             return queries
 
     def image_query(self, path: str | Path, fallback_prompt: str | None = None) -> Query:
-        """A query from an image file: its metadata prompt if it has one, else ``fallback_prompt``."""
+        """A query from an image file: its metadata prompt if it has one, else ``fallback_prompt``.
+
+        Args:
+            path: The image file (an upload); messages name only its file name.
+            fallback_prompt: Prompt used when the image carries none in its metadata; blank: none.
+
+        Returns:
+            The ``Query``; ``info`` says where the prompt came from and holds any ``prompt_note``.
+
+        Raises:
+            AppError: When the image has no prompt and none is given, cannot be read or does not fit
+                the store (size), or the store is not ready.
+        """
         fallback = fallback_prompt.strip() if fallback_prompt else None
         name = Path(path).name  # messages name the upload, not where the server keeps it
         with self.lock:
@@ -201,23 +297,59 @@ class Workbench:
             return Query(latents=latents.cpu(), prompt=prompt, features=features, image_path=str(path), info=info)
 
     def prompt_note(self, prompt: str) -> str | None:
-        """What the user should know about ``prompt``: that the text encoder ignored its end, say."""
+        """What the user should know about ``prompt``: that the text encoder ignored its end, say.
+
+        Args:
+            prompt: The prompt as typed.
+
+        Returns:
+            A sentence (lower-case start) for the user, or None when there is nothing to say.
+        """
         return truncation_note(self.pipe.tokenizer, prompt)
 
     def rank(self, query: Query, method: str, top_k: int) -> Attribution:
+        """Rank the training images for a query from its cached features (no generation, no featurizing).
+
+        Args:
+            query: A query from ``generate`` or ``image_query``.
+            method: An attribution method name (das_sd.registry's ``METHOD_NAMES``).
+            top_k: How many training images to return.
+
+        Returns:
+            The query's top-``top_k`` training images with their scores (docs/method.md §11).
+        """
         with self.lock:
             return self.attributor.attribute_latents(query.latents, [query.prompt], method, int(top_k),
                                                      [query.info], features=query.features)[0]
 
     @property
     def inspect_root(self) -> Path:
+        """The folder under ``config.outdir`` that holds the inspection reports."""
         return Path(self.config.outdir) / "inspect"
 
     def inspect(self, prompts: list[str], seeds: int, method: str, top_k: int, group_by: str | None = None,
-                progress=None, mapping_file: str | Path | None = None):
-        """Generate prompts x seeds, attribute them in batches and roll the credit up (das_sd.inspect);
-        the report files go to a new folder under the output folder. ``mapping_file``: an uploaded group
-        mapping (it replaces ``group_by``). Returns (Inspection, files)."""
+                progress: Progress | None = None,
+                mapping_file: str | Path | None = None) -> tuple[Inspection, dict[str, Path]]:
+        """Generate prompts x seeds, attribute them in batches and roll the credit up (das_sd.inspect,
+        docs/method.md §13); the report files go to a new timestamped folder under ``inspect_root``.
+
+        Args:
+            prompts: One prompt per item; blank items and items starting with "#" are skipped.
+            seeds: Seeds per prompt (0, 1, ..., seeds - 1).
+            method: An attribution method name (das_sd.registry's ``METHOD_NAMES``).
+            top_k: Training images credited per generation.
+            group_by: "folder", "column:NAME" or "file:PATH" (a mapping inside the dataset folder);
+                None: no groups.
+            progress: Called with (done, total, generation id) as batches finish.
+            mapping_file: An uploaded group mapping (JSON or CSV); it replaces ``group_by``.
+
+        Returns:
+            The ``Inspection`` and its report files by kind ("html", "json", "images_csv", "groups_csv", ...).
+
+        Raises:
+            AppError: When no prompt is left, the grouping is refused (see ``groups``) or the store is
+                not ready.
+        """
         from ..inspect import InspectSettings, generate_queries, inspect_generations
 
         prompts = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
@@ -234,8 +366,25 @@ class Workbench:
             return inspection, inspection.save(out)
 
     def groups(self, group_by: str | None, mapping_file: str | Path | None = None) -> tuple[str | None, dict | None]:
-        """(group_by, mapping) for the inspection. Requests never name a server path: a mapping is an
-        upload (size-capped) or, as ``file:PATH``, a file of the dataset folder."""
+        """(group_by, mapping) for the inspection, checked before any generating.
+
+        Requests never name a server path: a mapping is an upload (size-capped) or, as ``file:PATH``,
+        a file of the dataset folder.
+
+        Args:
+            group_by: "folder", "column:NAME" or "file:PATH" (relative to the dataset folder); None or
+                blank: no groups.
+            mapping_file: An uploaded mapping file (JSON object or CSV); it replaces ``group_by``.
+
+        Returns:
+            The grouping (``file:NAME`` for an upload, None for none) and the mapping read (training
+            key or file -> group), or None when the grouping needs none.
+
+        Raises:
+            AppError: When the mapping cannot be read, lies outside the dataset folder, is too large
+                or matches no training image, when there is no dataset folder for ``file:PATH``, or
+                when ``group_by`` is none of the accepted forms.
+        """
         from ..inspect import MAX_MAPPING_BYTES, read_group_mapping, read_mapping_inside
 
         group_by = (group_by or "").strip() or None
@@ -264,8 +413,18 @@ class Workbench:
         return group_by, None
 
     def mapping_coverage(self, group_by: str, mapping: dict) -> str | None:
-        """How much of the store's training images a group mapping covers (das_sd.inspect's line);
-        None while there is no store to compare with. A mapping that matches none is a ValueError."""
+        """How much of the store's training images a group mapping covers (das_sd.inspect's line).
+
+        Args:
+            group_by: The grouping's name, used in messages ("file:NAME").
+            mapping: Training key or file -> group.
+
+        Returns:
+            A line for the user, or None while there is no store (or no training image) to compare with.
+
+        Raises:
+            ValueError: When the mapping gives no training image a group.
+        """
         from ..inspect.inspection import mapping_coverage
 
         try:

@@ -15,6 +15,7 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 from starlette.middleware import Middleware
@@ -29,6 +30,12 @@ from ..registry import DEFAULT_METHOD, METHOD_NAMES
 from .session import AppError, Query, Workbench
 from .views import (EFFECT_COLOURS, api_json, detail_of, groups_markdown, leaderboard, md_text, score_plot,
                     status_markdown)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 MAX_IMAGES = 4  # generation slots shown side by side with their attributions
 MAX_TOP_K = 32
@@ -46,12 +53,27 @@ CSS = """
 
 
 def as_html(message: str) -> str:
-    """A message for Gradio's alerts, which render HTML: file names, prompts and captions in it shown as text."""
+    """A message for Gradio's alerts, which render HTML: file names, prompts and captions in it shown as text.
+
+    Args:
+        message: Plain text.
+
+    Returns:
+        ``message`` with ``&``, ``<`` and ``>`` escaped.
+    """
     return html.escape(message, quote=False)
 
 
-def guarded(fn):
-    """Show failures as readable messages in the UI, never as a stack trace."""
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Show failures as readable messages in the UI, never as a stack trace.
+
+    Args:
+        fn: A Gradio event handler.
+
+    Returns:
+        ``fn`` wrapped: ``ValueError``, ``OSError`` and ``ArithmeticError`` become a ``gr.Error`` with
+        their message; any other exception is logged and shown by type and message.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -68,12 +90,24 @@ def guarded(fn):
 
 
 def warn(note: str | None) -> None:
+    """Show ``note`` (first letter capitalised) as a Gradio warning toast.
+
+    Args:
+        note: The sentence to show; None or empty: nothing is shown.
+    """
     if note:
         gr.Warning(as_html(note[0].upper() + note[1:]))
 
 
 def upload_note(query: Query) -> str:
-    """The Attribute tab's Markdown under the upload: the prompt used (shown as typed), and any warning."""
+    """The Attribute tab's Markdown under the upload: the prompt used (shown as typed), and any warning.
+
+    Args:
+        query: The upload's query from ``Workbench.image_query``.
+
+    Returns:
+        Markdown: where the prompt came from, the prompt (shortened, escaped) and its ``prompt_note``.
+    """
     note = f"Prompt ({query.info['prompt_from']}): *{md_text(shorten(query.prompt.strip(), SHOWN_PROMPT))}*"
     if query.info.get("prompt_note"):
         text = query.info["prompt_note"]
@@ -84,6 +118,15 @@ def upload_note(query: Query) -> str:
 # ---- the app -------------------------------------------------------------------------------------
 
 def build_app(bench: Workbench) -> gr.Blocks:
+    """The app's Blocks: Generate, Attribute an image, Inspect and Index tabs, wired to ``bench``.
+
+    Args:
+        bench: The engine every handler calls.
+
+    Returns:
+        The unlaunched ``gr.Blocks``; its API endpoints are generate, attribute, rerank, inspect and
+        build_store.
+    """
     methods = list(METHOD_NAMES)
 
     def ensure_ready(progress: gr.Progress) -> None:
@@ -320,14 +363,19 @@ def build_app(bench: Workbench) -> gr.Blocks:
 class DatasetImagesOnly:
     """ASGI middleware: of the dataset folder, only images are served by URL, not metadata.jsonl,
     caption files or anything else kept beside them. Gradio's ``allowed_paths`` takes whole folders,
-    and the folder must be allowed for the galleries to show its images."""
+    and the folder must be allowed for the galleries to show its images.
+
+    Args:
+        app: The ASGI app to guard (Gradio's).
+        root: The dataset folder.
+    """
 
     FILE_ROUTE = re.compile(r"/file[=/](.*)$")  # Gradio's /gradio_api/file=PATH and /gradio_api/file/PATH
 
-    def __init__(self, app, root: Path):
+    def __init__(self, app: ASGIApp, root: Path):
         self.app, self.root = app, Path(root).resolve()
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             match = self.FILE_ROUTE.search(scope.get("path", ""))
             if match and not self.servable(match[1]):
@@ -335,6 +383,15 @@ class DatasetImagesOnly:
         await self.app(scope, receive, send)
 
     def servable(self, requested: str) -> bool:
+        """Whether a file URL's path may be served: images of the dataset folder yes, its other files no.
+
+        Args:
+            requested: The path (or URL) a Gradio file route asks for.
+
+        Returns:
+            False for a non-image file in (or resolving into) the dataset folder, or a path that cannot
+            be resolved; True otherwise (paths outside the folder are left to Gradio's own rules).
+        """
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", requested):
             return True  # a URL, not a file of this machine
         try:
@@ -348,15 +405,33 @@ class DatasetImagesOnly:
 
 
 def launch_options(bench: Workbench) -> dict:
-    """Launch settings: only the dataset's images and the inspection reports are reachable by URL."""
+    """Launch settings: only the dataset's images and the inspection reports are reachable by URL.
+
+    Args:
+        bench: The engine whose dataset folder and inspection folder are served.
+
+    Returns:
+        Keyword arguments for ``gr.Blocks.launch``: allowed paths, upload size cap, CSS and, with a
+        dataset folder, the ``DatasetImagesOnly`` middleware.
+    """
     root = bench.dataset_root()
     allowed = ([str(root)] if root else []) + [str(bench.inspect_root.expanduser().resolve())]
     guard = {"app_kwargs": {"middleware": [Middleware(DatasetImagesOnly, root=root)]}} if root else {}
     return dict(allowed_paths=allowed, max_file_size=MAX_UPLOAD, css=CSS, show_error=True, ssr_mode=False, **guard)
 
 
-def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> gr.Blocks:
-    """Build the app and serve it."""
+def launch(bench: Workbench, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any) -> gr.Blocks:
+    """Build the app and serve it (heavy events queued one at a time, at most 64 waiting).
+
+    Args:
+        bench: The engine to serve.
+        host: Address to listen on (default: this machine only).
+        port: Port to listen on; None: 7860 or the next free one.
+        **kwargs: Further ``gr.Blocks.launch`` arguments (``prevent_thread_lock``, ``share``, ...).
+
+    Returns:
+        The launched app (``launch`` blocks unless ``prevent_thread_lock`` is passed).
+    """
     app = build_app(bench)
     app.queue(default_concurrency_limit=1, max_size=64)
     app.launch(server_name=host, server_port=port, **launch_options(bench), **kwargs)

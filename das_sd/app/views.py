@@ -18,8 +18,15 @@ _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~:/@$^=])")
 _HTML_SPECIALS = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
-def md_text(text) -> str:
-    """``text`` for a Markdown string, shown as it is."""
+def md_text(text: object) -> str:
+    """``text`` for a Markdown string, shown as it is.
+
+    Args:
+        text: Any value; shown as ``str(text)`` with line breaks as spaces.
+
+    Returns:
+        The text with Markdown's specials backslash-escaped and ``&``, ``<``, ``>`` as HTML entities.
+    """
     text = " ".join(str(text).splitlines())
     text = _MARKDOWN_SPECIALS.sub(r"\\\1", text)
     return re.sub(r"[&<>]", lambda m: _HTML_SPECIALS[m[0]], text)
@@ -27,17 +34,43 @@ def md_text(text) -> str:
 
 def api_json(record: dict) -> dict:
     """An attribution for the JSON output: ``path`` is renamed ``file``, because Gradio takes any
-    dict with a ``path`` key for a file to transfer and would replace the whole row by it."""
+    dict with a ``path`` key for a file to transfer and would replace the whole row by it.
+
+    Args:
+        record: ``Attribution.to_json()``.
+
+    Returns:
+        A copy of ``record`` whose result rows have ``file`` instead of ``path``.
+    """
     return {**record, "results": [{("file" if k == "path" else k): v for k, v in r.items()} for r in record["results"]]}
 
 
 def score_plot(result: Attribution) -> pd.DataFrame:
+    """The data of an attribution's bar plot of top-k scores, coloured by the sign of the effect.
+
+    Args:
+        result: The attribution.
+
+    Returns:
+        One row per result: "rank" ("#1", ...), "score" (the ranking key, t^2 for das) and "effect"
+        ("t > 0" or "t < 0", the sign of the signed effect t; docs/method.md §11).
+    """
     return pd.DataFrame({"rank": [f"#{r.rank}" for r in result.results],
                          "score": [r.score for r in result.results],
                          "effect": ["t > 0" if r.sign >= 0 else "t < 0" for r in result.results]})
 
 
 def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
+    """The large view of a training image clicked in an attribution's gallery.
+
+    Args:
+        result: ``Attribution.to_json()`` of the gallery, or None when there is none.
+        index: The clicked gallery position (0-based), or None.
+
+    Returns:
+        (image path, Markdown with rank, score, sign, caption, key and file); (None, "") when ``result``
+        or ``index`` does not name a result.
+    """
     if not result or index is None or not 0 <= index < len(result["results"]):
         return None, ""
     r = result["results"][index]
@@ -48,7 +81,15 @@ def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
 
 
 def leaderboard(rows: list[dict]) -> tuple[list[tuple[str, str]], pd.DataFrame]:
-    """Gallery items and table of an inspection's most credited training images."""
+    """Gallery items and table of an inspection's most credited training images.
+
+    Args:
+        rows: The first rows of ``Inspection.to_json()["images"]``, most credited first.
+
+    Returns:
+        (image path, caption) gallery items, and a table with rank, caption, group, mean share %,
+        top-k count and duplicate / outlier flags.
+    """
     items = [(r["path"], f"#{n} {100 * r['mean_share']:.2f}% · top-k {r['top_k_count']}") for n, r in enumerate(rows, 1)]
     table = pd.DataFrame([{"rank": n, "caption": r["caption"], "group": r.get("group") or "",
                            "mean share %": round(100 * r["mean_share"], 3), "in top-k": r["top_k_count"],
@@ -58,7 +99,17 @@ def leaderboard(rows: list[dict]) -> tuple[list[tuple[str, str]], pd.DataFrame]:
 
 
 def groups_markdown(groups: list[dict], group_by: str | None, coverage: str | None = None) -> str:
-    """The credit per group as a table; ``coverage``: what a mapping covered (das_sd.inspect's line)."""
+    """The credit per group as a Markdown table (docs/method.md §13).
+
+    Args:
+        groups: ``Inspection.to_json()["groups"]``.
+        group_by: The grouping, shown in the heading.
+        coverage: What a mapping covered (das_sd.inspect's line); None: not shown.
+
+    Returns:
+        Markdown: size, share of the set, mean share and its bootstrap 95 % interval per group, or a
+        hint on grouping when there are no groups.
+    """
     if not groups:
         return "No groups (set *Group by* to roll the credit up by folder, metadata column or mapping file)."
     lines = [f"**Credit by group** ({md_text(group_by)}; mean share over generations, bootstrap 95 % interval)", "",
@@ -70,6 +121,15 @@ def groups_markdown(groups: list[dict], group_by: str | None, coverage: str | No
 
 
 def status_markdown(status: dict) -> str:
+    """The Index tab's Markdown for a store status.
+
+    Args:
+        status: ``Workbench.store_status()``.
+
+    Returns:
+        Markdown: the store, model, LoRA and dataset, a table of the feature sets and their index, and
+        the problem when attribution cannot run; only the problem when the store does not open.
+    """
     if "samples" not in status:
         return f"**No feature store yet** at {md_text(status['store'])}.\n\n{md_text(status['problem'])}"
     lines = [f"**Store** {md_text(status['store'])} — {status['samples']} training images, "

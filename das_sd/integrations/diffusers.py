@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +29,24 @@ from ..generation import save_png
 from ..registry import DEFAULT_METHOD
 from ..store import FeatureStore
 
+if TYPE_CHECKING:
+    from typing import Any
+
+    from diffusers import StableDiffusionPipeline
+
 
 @dataclass
 class AttributedOutput:
+    """A pipeline's output with the attribution of each image.
+
+    Attributes:
+        images: What the pipeline returned (PIL, ndarray or tensor per ``output_type``).
+        attributions: One ``Attribution`` per image, in the same order.
+        latents: (n, 4, h, w) float32 final latents, on the CPU.
+        prompts: The prompt of each image ("" when the pipeline was given ``prompt_embeds``).
+        nsfw_content_detected: The pipeline's safety-checker flags, None without a safety checker.
+    """
+
     images: list  # what the pipeline returned (PIL, ndarray or tensor per output_type)
     attributions: list[Attribution]  # one per image, in the same order
     latents: torch.Tensor  # (n, 4, h, w) final latents
@@ -39,9 +55,24 @@ class AttributedOutput:
 
 
 class AttributingPipeline:
-    """Wraps a ``StableDiffusionPipeline`` (LoRA loaded) and a das-sd store built for that base + LoRA."""
+    """Wraps a ``StableDiffusionPipeline`` (LoRA loaded) and a das-sd store built for that base + LoRA.
 
-    def __init__(self, pipe, store: str | Path | FeatureStore, method: str = DEFAULT_METHOD, top_k: int = 10):
+    Calling it runs the pipeline unchanged and returns an ``AttributedOutput``.
+
+    Args:
+        pipe: The pipeline with the store's LoRA loaded; its weights are checked against the store's.
+        store: The feature store (folder or opened) built for this base + LoRA.
+        method: Attribution method name (das_sd.registry's ``METHOD_NAMES``; default: das).
+        top_k: Training images returned per generated image.
+
+    Raises:
+        StoreError: When the store does not open or is empty, the base or LoRA files it names are
+            missing, or ``pipe``'s weights are not the ones it was built with.
+        ValueError: When ``method`` is unknown or needs a feature set the store lacks.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, store: str | Path | FeatureStore, method: str = DEFAULT_METHOD,
+                 top_k: int = 10):
         # Attributor compares the pipeline's own weights with the store's probes (base and LoRA)
         self.attributor = Attributor(store, pipe=pipe)
         self.pipe = pipe
@@ -51,9 +82,22 @@ class AttributingPipeline:
 
     @property
     def store_id(self) -> str:
+        """The store's id, recorded with every attribution."""
         return self.attributor.store.store_id
 
-    def __call__(self, prompt: str | list[str] | None = None, **kwargs) -> AttributedOutput:
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any) -> AttributedOutput:
+        """Run the pipeline and attribute each generated image.
+
+        Args:
+            prompt: The prompt(s), as for the pipeline; None when ``prompt_embeds`` are passed.
+            **kwargs: The pipeline's other arguments; a ``callback_on_step_end`` of the caller still runs.
+
+        Returns:
+            The images with their attributions, final latents and prompts.
+
+        Raises:
+            RuntimeError: When the pipeline ran no denoising step.
+        """
         captured: dict[str, torch.Tensor] = {}
         user_callback = kwargs.pop("callback_on_step_end", None)
         inputs = set(kwargs.pop("callback_on_step_end_tensor_inputs", None) or ["latents"])
@@ -90,7 +134,16 @@ class AttributingPipeline:
 
     def save(self, output: AttributedOutput, folder: str | Path, prefix: str = "image") -> list[Path]:
         """Save each image as a PNG whose text metadata holds its prompt and its top-k attribution
-        (method, store id, keys, scores): the provenance travels with the file."""
+        (method, store id, keys, scores): the provenance travels with the file.
+
+        Args:
+            output: What calling this pipeline returned.
+            folder: Where the PNGs go.
+            prefix: File name prefix: ``{prefix}-0000.png``, ``{prefix}-0001.png``, ...
+
+        Returns:
+            The paths written, one per image.
+        """
         paths = []
         for i, (image, attribution) in enumerate(zip(output.images, output.attributions)):
             path = Path(folder) / f"{prefix}-{i:04d}.png"
@@ -99,7 +152,16 @@ class AttributingPipeline:
         return paths
 
 
-def to_pil(image) -> Image.Image:
+def to_pil(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
+    """One pipeline output image as a PIL image.
+
+    Args:
+        image: A PIL image (returned as is), or an HWC / CHW array or tensor: uint8, or floats in
+            [0, 1] (clipped); 1 or 3 channels.
+
+    Returns:
+        The RGB (or greyscale, for 1 channel) PIL image.
+    """
     if isinstance(image, Image.Image):
         return image
     array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)

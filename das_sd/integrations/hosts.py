@@ -26,12 +26,27 @@ EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 
 @dataclass(frozen=True)
 class PromptLora:
+    """A LoRA named in a host prompt by a ``<lora:name:weight>`` (or ``<lyco:...>``) tag.
+
+    Attributes:
+        name: The LoRA's name as the host knows it.
+        weight: Its weight in the tag (1.0 when absent or unreadable).
+    """
+
     name: str
     weight: float
 
 
 def parse_prompt_loras(prompt: str) -> tuple[str, list[PromptLora]]:
-    """(prompt without extra-network tags, LoRAs named in it)."""
+    """Split a host prompt into its text and the LoRAs its extra-network tags name.
+
+    Args:
+        prompt: A webui-style prompt, possibly with ``<lora:name:weight>`` / ``<lyco:...>`` /
+            ``<hypernet:...>`` tags.
+
+    Returns:
+        (prompt without any extra-network tags, the ``lora`` and ``lyco`` tags in order).
+    """
     loras = []
     for kind, args in EXTRA_NETWORK.findall(prompt):
         if kind.lower() not in ("lora", "lyco"):
@@ -55,7 +70,16 @@ _BRACKETS = re.compile(r"(?<!\\)[()\[\]]")
 
 
 def plain_prompt(prompt: str) -> str:
-    """A host prompt as plain text: extra-network tags and attention-weight syntax removed."""
+    """A host prompt as plain text: extra-network tags and attention-weight syntax removed.
+
+    Args:
+        prompt: A host prompt (A1111 ``(word:1.2)``, ``[word]``, ``\\(literal\\)``; compel ``(word)1.2``,
+            ``word++``, ``word-``).
+
+    Returns:
+        The text the store's text encoder saw in training captions: weights and brackets removed,
+        escaped brackets kept as brackets.
+    """
     text, _ = parse_prompt_loras(prompt)
     text = _A1111_WEIGHT.sub(")", text)
     text = _COMPEL_WEIGHT.sub(")", text)
@@ -69,7 +93,14 @@ class AttributorCache:
     """The Attributors of the most recently used (store folder, device) pairs, kept between a host's
     calls (loading one is the slow part). Each holds a whole pipeline (GBs for SD 1.x), so at most
     ``max_entries`` are kept: the least recently used one is dropped when another is loaded, and its
-    memory is freed once no caller holds it. ``clear()`` drops them all."""
+    memory is freed once no caller holds it. ``clear()`` drops them all.
+
+    Args:
+        max_entries: How many Attributors to keep (at least 1; default 2).
+
+    Raises:
+        ValueError: When ``max_entries`` is below 1.
+    """
 
     def __init__(self, max_entries: int = 2):
         if max_entries < 1:
@@ -79,6 +110,15 @@ class AttributorCache:
         self._cache: OrderedDict[tuple[str, str | None], Attributor] = OrderedDict()
 
     def get(self, store: str | Path, device: str | None = None) -> Attributor:
+        """The Attributor of a store on a device, loaded (with the store's base + LoRA) if not cached.
+
+        Args:
+            store: The feature store folder; its resolved path is the cache key.
+            device: Torch device for the pipeline; None: cuda when available.
+
+        Returns:
+            The cached or newly loaded Attributor, now the most recently used.
+        """
         key = (str(Path(store).expanduser().resolve()), device)
         with self._lock:
             if key in self._cache:
@@ -94,6 +134,7 @@ class AttributorCache:
         return len(self._cache)
 
     def clear(self) -> None:
+        """Drop every cached Attributor (memory is freed once no caller holds them)."""
         with self._lock:
             self._cache.clear()
 
@@ -104,7 +145,19 @@ CACHE = AttributorCache()
 def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, method: str = DEFAULT_METHOD,
                   top_k: int = 8, info: dict | None = None) -> Attribution:
     """Attribute a host's PIL image with its prompt (as plain text: the text encoder of the store's
-    pipeline never saw extra-network tags or weighting syntax)."""
+    pipeline never saw extra-network tags or weighting syntax).
+
+    Args:
+        attributor: The store's Attributor (``CACHE.get(store)``).
+        image: The generated image, at the store's resolution (else a QueryError).
+        prompt: The host prompt it was generated with.
+        method: Attribution method name (das_sd.registry's ``METHOD_NAMES``).
+        top_k: Training images to return.
+        info: Query metadata recorded with the attribution.
+
+    Returns:
+        The image's top-``top_k`` training images with their scores.
+    """
     latents = attributor.encode_image(image.convert("RGB"), "image")
     return attributor.attribute_latents(latents, [plain_prompt(prompt)], method, top_k, [info or {}])[0]
 
@@ -112,7 +165,14 @@ def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, metho
 def lora_mismatch(attributor: Attributor, names: list[str], lora_files: dict[str, Path]) -> str | None:
     """A message when the LoRAs named in a prompt are not the store's LoRA, else None.
 
-    ``lora_files`` maps the host's LoRA names to files; names the host cannot resolve are reported.
+    Args:
+        attributor: The store's Attributor.
+        names: The LoRA names of the generation (from its prompt or the host's loader nodes).
+        lora_files: The host's LoRA names -> files; names it cannot resolve are reported.
+
+    Returns:
+        None when one of ``names`` has the store's LoRA fingerprint; else a sentence for the user
+        (no LoRA named, a name not found, or none of them the store's).
     """
     expected = attributor.store.identity["lora_fingerprint"]
     if not names:
@@ -128,16 +188,40 @@ def lora_mismatch(attributor: Attributor, names: list[str], lora_files: dict[str
 
 
 def attribution_json(attributor: Attributor, results: list[Attribution], warning: str | None) -> str:
-    """The JSON string the node hosts output: store id, LoRA warning and one attribution per image."""
+    """The JSON string the node hosts output: store id, LoRA warning and one attribution per image.
+
+    Args:
+        attributor: The store's Attributor (for its store id).
+        results: One attribution per image.
+        warning: The ``lora_mismatch`` message, or None.
+
+    Returns:
+        JSON text with "store_id", "warning" and "attributions" (``Attribution.to_json()`` each).
+    """
     return json.dumps({"store_id": attributor.store.store_id, "warning": warning,
                        "attributions": [r.to_json() for r in results]})
 
 
 def infotext_value(result: Attribution, n: int = 3) -> str:
-    """Short infotext entry: the top-n training files with scores."""
+    """Short infotext entry: the top-n training files with scores.
+
+    Args:
+        result: The image's attribution.
+        n: How many training files to list.
+
+    Returns:
+        "file (score); file (score); ...": file names only, scores to 3 significant digits.
+    """
     return "; ".join(f"{Path(r.path).name} ({r.score:.3g})" for r in result.results[:n])
 
 
 def captioned(result: Attribution) -> list[tuple[str, str]]:
-    """(image path, caption) pairs for a gallery (hosts' and the app's)."""
+    """(image path, caption) pairs for a gallery (hosts' and the app's).
+
+    Args:
+        result: The attribution.
+
+    Returns:
+        One (training image path, "#rank score (sign) caption") pair per result, best first.
+    """
     return [(r.path, r.label()) for r in result.results]

@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,9 +28,34 @@ from .render import MOTIFS, PATTERNS, all_combinations, random_spec, render
 from . import tiny_sd
 from .tokenizer import build_clip_tokenizer
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
 
 @dataclass
 class BaseRecipe:
+    """The hyperparameters of ``build_base``; the defaults are the embedded model's recipe.
+
+    Attributes:
+        seed: Seed of every random draw (data, initialisation, noise).
+        vae_steps: VAE training steps.
+        vae_batch_size: Images per VAE step.
+        vae_lr: Peak VAE learning rate (AdamW, warmup then cosine decay to 5 %).
+        unet_images: Captioned shape images the UNet and text encoder train on.
+        unet_steps: UNet + text encoder training steps.
+        unet_batch_size: Images per UNet step.
+        unet_lr: Peak UNet + text encoder learning rate.
+        warmup_steps: Linear warmup steps of both stages.
+        final_lr_fraction: The UNet stage's final learning rate, as a fraction of ``unet_lr``.
+        caption_dropout: Fraction of captions replaced by the empty prompt (for classifier-free guidance).
+        held_out_every: Every n-th (shape, fg, bg) combination is never trained on.
+        tokenizer_merges: BPE merges learned for the tokenizer.
+        eval_steps: Sampling steps of the held-out accuracy check.
+        eval_guidance: Guidance scale of that check.
+        eval_seeds: Seeds of that check, one image per held-out combination and seed.
+    """
+
     seed: int = 0
     vae_steps: int = 2000
     vae_batch_size: int = 32
@@ -49,15 +75,41 @@ class BaseRecipe:
 
 
 def held_out_combinations(every: int = 10) -> list[tuple[str, str, str]]:
+    """The (shape, fg, bg) combinations never trained on, to test that prompts compose.
+
+    Args:
+        every: Every n-th combination of ``all_combinations()`` (from the 4th) is held out.
+
+    Returns:
+        The held-out combinations, in ``all_combinations()`` order.
+    """
     return all_combinations()[3::every]
 
 
 def training_combinations(every: int = 10) -> list[tuple[str, str, str]]:
+    """The (shape, fg, bg) combinations the UNet and text encoder train on.
+
+    Args:
+        every: As for ``held_out_combinations``.
+
+    Returns:
+        Every combination not held out, in ``all_combinations()`` order.
+    """
     held = set(held_out_combinations(every))
     return [c for c in all_combinations() if c not in held]
 
 
 def caption_of(shape: str, fg: str, bg: str) -> str:
+    """The training caption of a plain shape image.
+
+    Args:
+        shape: Shape name (``render.SHAPES``).
+        fg: Shape colour name (``render.COLOURS``).
+        bg: Background colour name.
+
+    Returns:
+        "a {fg} {shape} on a {bg} background".
+    """
     return f"a {fg} {shape} on a {bg} background"
 
 
@@ -65,7 +117,15 @@ def caption_of(shape: str, fg: str, bg: str) -> str:
 # data
 
 def vae_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
-    """A batch of the generic VAE mix, as NCHW floats in [-1, 1]."""
+    """A batch of the generic VAE mix: plain shapes, patterned fills, patterned backgrounds and motifs.
+
+    Args:
+        rng: Source of every random choice.
+        n: Batch size.
+
+    Returns:
+        (n, 3, 32, 32) float32 images in [-1, 1].
+    """
     images = []
     for _ in range(n):
         kind = rng.random()
@@ -87,10 +147,29 @@ def vae_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images as the VAE's input.
+
+    Args:
+        images: (n, h, w, 3) uint8 images.
+
+    Returns:
+        (n, 3, h, w) float32 in [-1, 1].
+    """
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def shapes_dataset(rng: np.random.Generator, n: int, combos: list[tuple[str, str, str]]):
+def shapes_dataset(rng: np.random.Generator, n: int,
+                   combos: list[tuple[str, str, str]]) -> tuple[np.ndarray, list[str]]:
+    """Captioned plain shape images, each a random pick of ``combos`` at a random place and size.
+
+    Args:
+        rng: Source of every random choice.
+        n: Number of images.
+        combos: The (shape, fg, bg) combinations to draw from.
+
+    Returns:
+        (n, 32, 32, 3) uint8 images and their captions.
+    """
     picks = rng.integers(len(combos), size=n)
     images, captions = [], []
     for i in picks:
@@ -101,6 +180,18 @@ def shapes_dataset(rng: np.random.Generator, n: int, combos: list[tuple[str, str
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, final_fraction: float) -> float:
+    """The learning rate at a step: linear warmup, then cosine decay to ``final_fraction * peak``.
+
+    Args:
+        step: The step (0-based).
+        total: Total steps.
+        peak: Learning rate at the end of the warmup.
+        warmup: Warmup steps.
+        final_fraction: Learning rate at the last step, as a fraction of ``peak``.
+
+    Returns:
+        The learning rate.
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -111,6 +202,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int, final_fraction: float
 # stages
 
 def train_vae(recipe: BaseRecipe, log: dict) -> torch.nn.Module:
+    """Stage 1: train the VAE from scratch on the generic mix (``vae_batch``).
+
+    Args:
+        recipe: The hyperparameters.
+        log: Build record; gets "vae": final loss EMA and reconstruction PSNR (dB) on 256 images.
+
+    Returns:
+        The trained ``AutoencoderKL``, in eval mode.
+    """
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng([recipe.seed, 1])
     vae = tiny_sd.new_vae().train()
@@ -140,7 +240,17 @@ def train_vae(recipe: BaseRecipe, log: dict) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of each image (unscaled: before the latent scaling factor).
+
+    Args:
+        vae: The trained VAE.
+        images: (n, h, w, 3) uint8 images.
+        batch_size: Images encoded at once.
+
+    Returns:
+        The posterior means and standard deviations, each (n, 4, h / 4, w / 4) float32.
+    """
     means, stds = [], []
     for i in range(0, len(images), batch_size):
         dist = vae.encode(to_tensor(images[i:i + batch_size])).latent_dist
@@ -149,7 +259,21 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet_and_text_encoder(recipe: BaseRecipe, vae, tokenizer, log: dict):
+def train_unet_and_text_encoder(recipe: BaseRecipe, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
+                                log: dict) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Stage 2: train the UNet and text encoder jointly (epsilon prediction) on captioned plain shapes.
+
+    Sets the VAE's ``scaling_factor`` to 1 / std of the training latents first.
+
+    Args:
+        recipe: The hyperparameters.
+        vae: The trained VAE; its config gets the scaling factor.
+        tokenizer: The embedded tokenizer.
+        log: Build record; gets "scaling_factor" and "unet": final loss EMA.
+
+    Returns:
+        The trained UNet and text encoder, in eval mode.
+    """
     rng = np.random.default_rng([recipe.seed, 3])
     images, captions = shapes_dataset(rng, recipe.unet_images, training_combinations(recipe.held_out_every))
     means, stds = encode_latents(vae, images)
@@ -196,7 +320,19 @@ def train_unet_and_text_encoder(recipe: BaseRecipe, vae, tokenizer, log: dict):
 
 
 def build_base(out: Path, recipe: BaseRecipe | None = None) -> dict:
-    """Train the embedded model from scratch and save it as a diffusers folder at ``out``."""
+    """Train the embedded model from scratch and save it as a diffusers folder at ``out``.
+
+    The folder is written beside ``out`` first and replaces it (an existing ``out`` is deleted) only
+    when complete; it also holds ``das_sd_build.json``, the build record.
+
+    Args:
+        out: The model folder to write.
+        recipe: The hyperparameters; None: ``BaseRecipe()``.
+
+    Returns:
+        The build record: the recipe, stage losses, scaling factor, timings and the held-out
+        combinations with the model's text-to-image accuracy on them.
+    """
     from .quality import text_to_image_accuracy
 
     recipe = recipe or BaseRecipe()

@@ -19,20 +19,55 @@ _TABLE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float64)
 
 @dataclass(frozen=True)
 class Reading:
+    """What ``classify`` read from an image.
+
+    Attributes:
+        shape: "circle", "square" or "triangle"; None when no shape was found or recognised.
+        fg: Palette name of the shape's colour; None when no foreground was found.
+        bg: Palette name of the background colour.
+    """
+
     shape: str | None
     fg: str | None
     bg: str
 
     def matches(self, shape: str, fg: str, bg: str) -> bool:
+        """Whether the reading is exactly the given shape and colours.
+
+        Args:
+            shape: Expected shape name.
+            fg: Expected shape colour name.
+            bg: Expected background colour name.
+
+        Returns:
+            True when all three match.
+        """
         return (self.shape, self.fg, self.bg) == (shape, fg, bg)
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
+    """The palette colour (``render.COLOURS``) nearest to an RGB value.
+
+    Args:
+        rgb: (3,) RGB value, 0-255.
+
+    Returns:
+        The colour's name (Euclidean distance in RGB).
+    """
     return _NAMES[int(np.argmin(((_TABLE - rgb) ** 2).sum(axis=1)))]
 
 
 def classify(image: np.ndarray, border: int = 2, min_fraction: float = 0.04) -> Reading:
-    """Classify an HxWx3 uint8 image of one shape on a plain background."""
+    """Classify an HxWx3 uint8 image of one shape on a plain background.
+
+    Args:
+        image: (h, w, 3 or 4) uint8 image; an alpha channel is ignored.
+        border: Width in pixels of the border ring whose median colour is the background.
+        min_fraction: Foreground pixels needed, as a fraction of the image, to read a shape at all.
+
+    Returns:
+        The shape and colours read; ``shape`` and ``fg`` are None with too little foreground.
+    """
     img = np.asarray(image, dtype=np.float64)[..., :3]
     h, w, _ = img.shape
     ring = np.concatenate([

@@ -8,12 +8,20 @@ otherwise a fresh one is trained into the demo folder with the same recipe.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.datasets import open_dataset
 from .demo_data import make_demo_data
 from ..models.fingerprint import das_sd_home, model_fingerprint
 from ..models.loading import embedded_base_path, embedded_demo_lora_path
 from ..train import LORA_WEIGHT_NAME, LoraRecipe, read_record, train_lora
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from diffusers import StableDiffusionPipeline
+
+    from ..data.datasets import Dataset
 
 DEMO_PROMPTS = (
     "a red circle on a blue background",
@@ -26,6 +34,15 @@ DEMO_PROMPTS = (
 
 
 def demo_home(workdir: str | Path | None = None) -> Path:
+    """The demo's working folder (data, retrained LoRA, store, samples).
+
+    Args:
+        workdir: The folder to use; None: ``demo`` under das-sd's home (``$DAS_SD_HOME``, default
+            ``~/.cache/das-sd``).
+
+    Returns:
+        The folder (``workdir`` expanded and resolved); it is not created here.
+    """
     return Path(workdir).expanduser().resolve() if workdir else das_sd_home() / "demo"
 
 
@@ -37,7 +54,17 @@ def _record_matches(lora_dir: Path, base_fp: str, data_fp: str) -> bool:
 
 def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_store: bool = True) -> dict:
     """Write the demo data if missing, find (or train) the matching demo LoRA and build the demo
-    feature store and its index (resuming or skipping what is already there); returns the paths."""
+    feature store and its index (resuming or skipping what is already there).
+
+    Args:
+        workdir: The demo's working folder; None: ``demo_home()``'s default.
+        progress: Show progress bars (LoRA training, featurizing).
+        with_store: Also build the store; False leaves it to first use (the app does).
+
+    Returns:
+        Paths as strings: "base", "lora" (the weights file), "data", "ground_truth", "workdir" and,
+        with ``with_store``, "store".
+    """
     home = demo_home(workdir)
     data = home / "data"
     if not (data / "metadata.jsonl").is_file():
@@ -75,11 +102,26 @@ def _stored_settings(store) -> dict:
             for name, s in store.identity.get("feature_sets", {}).items()}
 
 
-def build_demo_store(dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True, pipe=None,
-                     notify=None) -> Path:
+def build_demo_store(dataset: Dataset, base: Path, lora: Path, store_dir: Path, progress: bool = True,
+                     pipe: StableDiffusionPipeline | None = None,
+                     notify: Callable[[str], None] | None = None) -> Path:
     """Featurize the demo set with the default settings (resuming a partial store) and index it.
 
-    The demo store is a cache: one built for another LoRA (the demo LoRA was retrained) is rebuilt.
+    The demo store is a cache: one built for another LoRA (the demo LoRA was retrained) or with other
+    feature settings (a newer das-sd's defaults), or one that does not open, is deleted and rebuilt;
+    a complete one is only re-indexed where its index is stale.
+
+    Args:
+        dataset: The demo dataset.
+        base: The embedded base model folder.
+        lora: The demo LoRA weights file.
+        store_dir: The store folder.
+        progress: Show progress bars.
+        pipe: The base + LoRA pipeline when the caller has it loaded; None: loaded if needed.
+        notify: Called with each stage's description and warnings; None drops them.
+
+    Returns:
+        The store's folder.
     """
     import shutil
 

@@ -15,6 +15,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -22,10 +23,21 @@ from PIL import Image
 from ..data.ground_truth import GROUND_TRUTH_VERSION
 from .render import MOTIFS, random_spec, render
 
+if TYPE_CHECKING:
+    from .render import ImageSpec
 
 
 @dataclass(frozen=True)
 class Style:
+    """A fill style of the demo set: a pattern the base model has never seen, named in captions.
+
+    Attributes:
+        name: The word in captions ("striped", ...).
+        pattern: The fill pattern drawn (``render.PATTERNS``).
+        period: Pattern period in pixels at output resolution.
+        angle: Stripe angle in degrees (stripes only).
+    """
+
     name: str
     pattern: str
     period: float
@@ -40,6 +52,16 @@ assert len(TRIGGERS) <= len(MOTIFS)
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """How ``make_demo_data`` draws the demo set.
+
+    Attributes:
+        seed: Seed of every random draw; the output is byte-for-byte the same for a seed.
+        images_per_style: Images per fill style.
+        exemplars_per_group: Planted exemplars per trigger word (fewer than 10, so Recall@10 can reach 1).
+        resolution: Image side in pixels.
+        trigger_position: "start" puts the trigger word first in the caption, anything else last.
+    """
+
     seed: int = 0
     images_per_style: int = 72
     exemplars_per_group: int = 8  # a handful: fewer than 10, so Recall@10 can reach 1
@@ -49,11 +71,30 @@ class DemoConfig:
     trigger_position: str = "start"
 
 
-def style_caption(spec, style: str) -> str:
+def style_caption(spec: ImageSpec, style: str) -> str:
+    """The caption of a styled image.
+
+    Args:
+        spec: The image's spec.
+        style: The style's name.
+
+    Returns:
+        "a {fg} {shape} on a {bg} background, {style} style".
+    """
     return f"{spec.caption()}, {style} style"
 
 
-def trigger_caption(spec, trigger: str, position: str) -> str:
+def trigger_caption(spec: ImageSpec, trigger: str, position: str) -> str:
+    """The caption of a planted exemplar.
+
+    Args:
+        spec: The image's spec.
+        trigger: The group's trigger word.
+        position: "start": the trigger word first; anything else: last.
+
+    Returns:
+        The shape caption with the trigger word before or after it, comma-separated.
+    """
     return f"{trigger}, {spec.caption()}" if position == "start" else f"{spec.caption()}, {trigger}"
 
 
@@ -62,7 +103,21 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def make_demo_data(out: str | Path, config: DemoConfig | None = None, overwrite: bool = False) -> Path:
-    """Write the demo dataset to ``out`` (imagefolder layout + ground_truth.json)."""
+    """Write the demo dataset to ``out`` (imagefolder layout + ground_truth.json).
+
+    It is written beside ``out`` first and replaces it only when complete.
+
+    Args:
+        out: The dataset folder.
+        config: How to draw it; None: ``DemoConfig()``.
+        overwrite: Replace a non-empty ``out``.
+
+    Returns:
+        ``out``, absolute.
+
+    Raises:
+        FileExistsError: When ``out`` exists, is not empty and ``overwrite`` is False.
+    """
     config = config or DemoConfig()
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):

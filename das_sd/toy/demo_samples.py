@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from .demo import DEMO_PROMPTS
 from ..generation import GenerationSettings, generate, save_png
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from ..attribute import Attributor
+
 
 def show_demo(paths: dict) -> dict:
-    """The demo grid and an example attribution, sharing one pipeline (the Attributor's)."""
+    """The demo grid and an example attribution, sharing one pipeline (the Attributor's).
+
+    Args:
+        paths: ``prepare_demo``'s paths, with the store built ("store", "base", "lora", "workdir").
+
+    Returns:
+        "samples": the grid PNG's path; "example_attribution": ``example_attribution``'s result.
+    """
     from ..attribute import Attributor
     from ..models.fingerprint import provenance
 
@@ -21,10 +34,22 @@ def show_demo(paths: dict) -> dict:
             "example_attribution": example_attribution(paths, attributor, info)}
 
 
-def write_demo_samples(paths: dict, pipe, info: dict, seeds: tuple[int, ...] = (0, 1, 2, 3), zoom: int = 4) -> str:
+def write_demo_samples(paths: dict, pipe: StableDiffusionPipeline, info: dict,
+                       seeds: tuple[int, ...] = (0, 1, 2, 3), zoom: int = 4) -> str:
     """Write one PNG per (prompt, seed, with/without LoRA) and a comparison grid; returns the grid path.
 
-    ``pipe`` has the demo LoRA loaded; ``info`` is its provenance for the PNG metadata.
+    Everything goes to ``samples`` under the demo's work folder.
+
+    Args:
+        paths: ``prepare_demo``'s paths ("workdir" is used).
+        pipe: The pipeline with the demo LoRA loaded (its scale set to 0 for "without").
+        info: Its provenance, for the PNG metadata.
+        seeds: One image per seed, generated as seeds ``seeds[0] + i`` (only the first value and the
+            count are used).
+        zoom: Nearest-neighbour upscaling of each image in the grid.
+
+    Returns:
+        The grid's path: one row per demo prompt, without the LoRA on the left, with it on the right.
     """
     out = Path(paths["workdir"]) / "samples"
     rows = []
@@ -50,10 +75,22 @@ def write_demo_samples(paths: dict, pipe, info: dict, seeds: tuple[int, ...] = (
     return str(path)
 
 
-def example_attribution(paths: dict, attributor, info: dict,
+def example_attribution(paths: dict, attributor: Attributor, info: dict,
                         prompt: str = "zorblat, a green square on a orange background",
                         seed: int = 0, top_k: int = 5) -> dict:
-    """Generate one image with a planted trigger word and attribute it with DAS."""
+    """Generate one image with a planted trigger word and attribute it with DAS.
+
+    Args:
+        paths: ``prepare_demo``'s paths; the image is saved as ``samples/example.png`` under "workdir".
+        attributor: The demo store's Attributor (its pipeline generates).
+        info: The pipeline's provenance, for the PNG metadata.
+        prompt: The prompt; the default carries the trigger word "zorblat".
+        seed: Generation seed.
+        top_k: Training images returned.
+
+    Returns:
+        ``Attribution.to_json()`` with "image": the saved PNG's path.
+    """
     result = generate(attributor.pipe, GenerationSettings(prompt=prompt, seed=seed), info)
     image_path = save_png(result.images[0], Path(paths["workdir"]) / "samples" / "example.png",
                           result.metadata(0) | {"width": result.images[0].width, "height": result.images[0].height})

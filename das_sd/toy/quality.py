@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from ..seeds import generator
 from .classify import classify
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
 
 @torch.no_grad()
-def text_to_image_accuracy(pipe, combos: list[tuple[str, str, str]], seeds: list[int],
+def text_to_image_accuracy(pipe: StableDiffusionPipeline, combos: list[tuple[str, str, str]], seeds: list[int],
                            steps: int = 25, guidance: float = 4.0, batch_size: int = 64) -> dict:
     """Generate every (shape, fg, bg) prompt once per seed and classify the images.
 
-    Returns the fraction of images whose shape, foreground and background colour are all right,
-    each of the three separately, and the per-image readings.
+    Args:
+        pipe: The pipeline to test (the embedded base model).
+        combos: The (shape, fg, bg) combinations to prompt ("a {fg} {shape} on a {bg} background").
+        seeds: One image per combination and seed.
+        steps: Sampling steps.
+        guidance: Classifier-free guidance scale.
+        batch_size: Images generated at once.
+
+    Returns:
+        "n" images; the fraction whose shape, foreground and background colour are "all" right, and
+        of each ("shape", "fg", "bg") separately; "rows": each image's prompt, seed and reading.
     """
     jobs = [(c, s) for c in combos for s in seeds]
     rows = []

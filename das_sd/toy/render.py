@@ -9,8 +9,12 @@ determines the pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing import Any
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -35,6 +39,22 @@ SUPERSAMPLE = 4
 
 @dataclass(frozen=True)
 class ImageSpec:
+    """Everything that determines a procedural image but the pixel noise's random draws.
+
+    Attributes:
+        shape: "circle", "square" or "triangle" (``SHAPES``).
+        fg: Shape colour name (``COLOURS``).
+        bg: Background colour name.
+        center: (x, y) of the shape's centre, as fractions of the image side.
+        size: Shape extent (diameter, side, triangle height) as a fraction of the image side.
+        pattern: Fill pattern (``PATTERNS``); "solid": none. The second colour is ``fg``'s complement.
+        pattern_period: Pattern period in pixels at output resolution.
+        pattern_angle: Stripe angle in degrees (stripes only).
+        motif: A mark (``MOTIFS``) drawn over the whole image in ``MOTIF_COLOUR``; None: none.
+        noise_sigma: Standard deviation of the Gaussian pixel noise (0-255 scale); 0: none.
+        extra: Free metadata; not compared or hashed.
+    """
+
     shape: str
     fg: str
     bg: str
@@ -48,10 +68,23 @@ class ImageSpec:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def caption(self) -> str:
+        """The plain caption: "a {fg} {shape} on a {bg} background" (no style, no motif).
+
+        Returns:
+            The caption.
+        """
         return f"a {self.fg} {self.shape} on a {self.bg} background"
 
 
 def complement(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The complementary colour (255 - each channel), the second colour of fill patterns.
+
+    Args:
+        rgb: An RGB colour, 0-255.
+
+    Returns:
+        Its complement.
+    """
     return tuple(255 - c for c in rgb)  # type: ignore[return-value]
 
 
@@ -62,6 +95,20 @@ def _grid(resolution: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shape_mask(spec: ImageSpec, x: np.ndarray, y: np.ndarray, resolution: int) -> np.ndarray:
+    """Where the spec's shape covers the image.
+
+    Args:
+        spec: The image spec (shape, center, size).
+        x: Sample x coordinates in output pixels, any shape.
+        y: Sample y coordinates, same shape as ``x``.
+        resolution: Image side in output pixels.
+
+    Returns:
+        Boolean mask, shape of ``x``.
+
+    Raises:
+        ValueError: When ``spec.shape`` is not one of ``SHAPES``.
+    """
     cx, cy = spec.center[0] * resolution, spec.center[1] * resolution
     half = spec.size * resolution / 2
     if spec.shape == "circle":
@@ -77,7 +124,19 @@ def shape_mask(spec: ImageSpec, x: np.ndarray, y: np.ndarray, resolution: int) -
 
 
 def pattern_mask(spec: ImageSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """True where the fill shows its second colour."""
+    """True where the fill shows its second colour.
+
+    Args:
+        spec: The image spec (pattern, period, angle).
+        x: Sample x coordinates in output pixels, any shape.
+        y: Sample y coordinates, same shape as ``x``.
+
+    Returns:
+        Boolean mask, shape of ``x``; all False for "solid".
+
+    Raises:
+        ValueError: When ``spec.pattern`` is not one of ``PATTERNS``.
+    """
     p = spec.pattern_period
     if spec.pattern == "solid":
         return np.zeros_like(x, dtype=bool)
@@ -93,7 +152,20 @@ def pattern_mask(spec: ImageSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def motif_mask(motif: str, x: np.ndarray, y: np.ndarray, resolution: int) -> np.ndarray:
-    """A global mark drawn in MOTIF_COLOUR; large enough to survive an 8x VAE downsampling."""
+    """A global mark drawn in MOTIF_COLOUR; large enough to survive an 8x VAE downsampling.
+
+    Args:
+        motif: One of ``MOTIFS``.
+        x: Sample x coordinates in output pixels, any shape.
+        y: Sample y coordinates, same shape as ``x``.
+        resolution: Image side in output pixels (strokes scale with it).
+
+    Returns:
+        Boolean mask, shape of ``x``.
+
+    Raises:
+        ValueError: When ``motif`` is not one of ``MOTIFS``.
+    """
     r = float(resolution)
     w = r / 16  # half stroke width: 2 px strokes at 32 px
     if motif == "cross":
@@ -114,7 +186,20 @@ def motif_mask(motif: str, x: np.ndarray, y: np.ndarray, resolution: int) -> np.
 
 
 def render(spec: ImageSpec, resolution: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Draw ``spec`` as an HxWx3 uint8 array. ``rng`` only drives the pixel noise."""
+    """Draw ``spec`` as an HxWx3 uint8 array, anti-aliased by 4x supersampling.
+
+    Args:
+        spec: What to draw.
+        resolution: Image side in pixels.
+        rng: Drives the pixel noise only; None: a fresh generator seeded 0.
+
+    Returns:
+        (resolution, resolution, 3) uint8 image.
+
+    Raises:
+        ValueError: When the spec names an unknown shape, pattern or motif.
+        KeyError: When ``spec.fg`` or ``spec.bg`` is not a colour of ``COLOURS``.
+    """
     x, y = _grid(resolution)
     fg = np.array(COLOURS[spec.fg], dtype=np.float64)
     bg = np.array(COLOURS[spec.bg], dtype=np.float64)
@@ -137,8 +222,19 @@ def render(spec: ImageSpec, resolution: int = 32, rng: np.random.Generator | Non
 
 
 def random_spec(rng: np.random.Generator, *, shape: str | None = None, fg: str | None = None,
-                bg: str | None = None, **overrides) -> ImageSpec:
-    """A plain shape with random placement; colours drawn so that fg != bg."""
+                bg: str | None = None, **overrides: Any) -> ImageSpec:
+    """A plain shape with random placement; colours drawn so that fg != bg.
+
+    Args:
+        rng: Source of the random choices.
+        shape: The shape; None: drawn at random.
+        fg: The shape colour; None: drawn at random.
+        bg: The background colour; None: drawn at random among the colours other than ``fg``.
+        **overrides: Other ``ImageSpec`` fields (``pattern``, ``motif``, ...).
+
+    Returns:
+        A spec of size 0.42-0.7 of the image side, centred so that it stays inside the image.
+    """
     names = list(COLOURS)
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     fg = fg or names[rng.integers(len(names))]
@@ -152,5 +248,9 @@ def random_spec(rng: np.random.Generator, *, shape: str | None = None, fg: str |
 
 
 def all_combinations() -> list[tuple[str, str, str]]:
-    """Every (shape, fg, bg) with fg != bg, in a fixed order."""
+    """Every (shape, fg, bg) with fg != bg, in a fixed order.
+
+    Returns:
+        3 shapes x 8 x 7 colour pairs = 168 combinations, shape-major.
+    """
     return [(s, f, b) for s in SHAPES for f in COLOURS for b in COLOURS if f != b]

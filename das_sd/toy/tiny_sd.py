@@ -32,6 +32,11 @@ SCHEDULER_CONFIG = dict(
 
 
 def new_vae() -> AutoencoderKL:
+    """A freshly initialised VAE: 32x32 RGB <-> 8x8x4 latents (three blocks, 32/64/64 channels).
+
+    Returns:
+        The untrained ``AutoencoderKL``.
+    """
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -46,6 +51,11 @@ def new_vae() -> AutoencoderKL:
 
 
 def new_unet() -> UNet2DConditionModel:
+    """A freshly initialised UNet on 8x8x4 latents with cross-attention to the text encoder's states.
+
+    Returns:
+        The untrained ``UNet2DConditionModel`` (two cross-attention blocks, 32/64 channels).
+    """
     return UNet2DConditionModel(
         sample_size=RESOLUTION // 4,
         in_channels=4,
@@ -62,6 +72,14 @@ def new_unet() -> UNet2DConditionModel:
 
 
 def new_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A freshly initialised 2-layer CLIP text encoder sized to the tokenizer's vocabulary.
+
+    Args:
+        tokenizer: The embedded tokenizer (vocabulary size and special token ids).
+
+    Returns:
+        The untrained ``CLIPTextModel``: hidden size 64, at most ``MAX_TOKENS`` tokens.
+    """
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
@@ -78,11 +96,27 @@ def new_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def new_scheduler() -> DDIMScheduler:
+    """A DDIM scheduler with Stable Diffusion 1.x's noise schedule (``SCHEDULER_CONFIG``).
+
+    Returns:
+        The scheduler.
+    """
     return DDIMScheduler(**SCHEDULER_CONFIG)
 
 
 def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                       unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` of the components, with a new DDIM scheduler and no safety checker.
+
+    Args:
+        vae: The VAE.
+        text_encoder: The text encoder.
+        tokenizer: Its tokenizer.
+        unet: The UNet.
+
+    Returns:
+        The pipeline.
+    """
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=new_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -95,6 +129,9 @@ def write_portable_text_encoder(folder: str | Path) -> None:
     Recent transformers save CLIPTextModel without the ``text_model.`` prefix; older releases
     (5.5, which InvokeAI pins, and every 4.x) do not recognise those keys and silently initialise a
     random text encoder. Every release loads the classic layout, which real SD 1.x checkpoints use.
+
+    Args:
+        folder: The saved text encoder folder; its ``model.safetensors`` is replaced in place.
     """
     file = Path(folder) / "model.safetensors"
     with safe_open(str(file), framework="pt") as fh:

@@ -22,7 +22,11 @@ CLIP_PATTERN = (
 
 
 def bytes_to_unicode() -> list[str]:
-    """CLIP/GPT-2's reversible byte -> printable unicode character table."""
+    """CLIP/GPT-2's reversible byte -> printable unicode character table.
+
+    Returns:
+        256 characters: entry b is the printable character byte b maps to.
+    """
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -37,7 +41,16 @@ def bytes_to_unicode() -> list[str]:
 
 
 def train_clip_bpe(corpus: list[str], num_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Learn BPE merges on ``corpus`` with CLIP's normalisation and pre-tokenisation."""
+    """Learn BPE merges on ``corpus`` with CLIP's normalisation and pre-tokenisation.
+
+    Args:
+        corpus: The training captions.
+        num_merges: Merges to learn at most (the vocabulary grows by at most as many tokens).
+
+    Returns:
+        The vocabulary (every byte character, each also with "</w>", the merged tokens, then BOS and
+        EOS) as token -> id, and the merges in order.
+    """
     alphabet = bytes_to_unicode()
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
@@ -80,6 +93,16 @@ def _merges_of(bpe: Tokenizer) -> list:
 
 
 def build_clip_tokenizer(corpus: list[str], max_length: int, num_merges: int = 400) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` with BPE merges learned on ``corpus`` (``train_clip_bpe``).
+
+    Args:
+        corpus: The training captions.
+        max_length: Tokens per prompt, BOS and EOS included (the text encoder's maximum).
+        num_merges: BPE merges to learn.
+
+    Returns:
+        The tokenizer; EOS also serves as padding and unknown token.
+    """
     vocab, merges = train_clip_bpe(corpus, num_merges=num_merges)
     # transformers 5: vocab=/merges= (dict / list of tuples). The old vocab_file= keyword is
     # silently ignored there and yields a 3-token tokenizer.
@@ -89,4 +112,10 @@ def build_clip_tokenizer(corpus: list[str], max_length: int, num_merges: int = 4
 
 
 def save_tokenizer(tok: CLIPTokenizer, directory: Path) -> None:
+    """Save a tokenizer in the diffusers layout (``save_pretrained``).
+
+    Args:
+        tok: The tokenizer.
+        directory: The folder to write (``tokenizer`` of a pipeline folder).
+    """
     tok.save_pretrained(str(directory))
