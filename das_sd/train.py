@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data.datasets import Dataset
-from .featurize.gradients import lora_parameters
+from .featurize.lora_layers import lora_parameters
 from .io import atomic_write_json, json_error
 from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint

@@ -44,7 +44,7 @@ def pipe(base_path):
 
 
 def _random_lora_pipe(base_path, dtype: torch.dtype):
-    from das_sd.featurize.gradients import lora_parameters
+    from das_sd.featurize.lora_layers import lora_parameters
     from das_sd.models.loading import load_pipeline
     from das_sd.train import LoraRecipe, add_lora_adapter
 

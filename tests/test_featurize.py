@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from das_sd.featurize.featurizer import Featurizer, autocast_supported, features_together, store_autocast
-from das_sd.featurize.gradients import lora_parameters
+from das_sd.featurize.lora_layers import lora_parameters
 from das_sd.featurize.settings import FeaturizerSettings, noise_for, uniform_grid
 from tolerances import ALGEBRAIC_RTOL, FLOAT32_FORWARD_RTOL, relative_error
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from das_sd.data.datasets import open_dataset
-from das_sd.featurize.gradients import lora_parameters
+from das_sd.featurize.lora_layers import lora_parameters
 from das_sd.models.loading import load_lora, load_pipeline
 from das_sd.train import (LORA_WEIGHT_NAME, LoraRecipe, batch_schedule, read_record, read_subset_file,
                           recipe_from_record, train_lora)

@@ -21,7 +21,7 @@ from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.probe import pipeline_probes
 from ..store import FeatureStore
 from .featurizer import Featurizer, alphas_cumprod_of, features_together
-from .gradients import num_lora_parameters
+from .lora_layers import num_lora_parameters
 from .plan import default_feature_sets, part_work, rows_of, whole_work
 from .settings import FeaturizerSettings
 

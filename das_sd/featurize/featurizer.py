@@ -16,7 +16,8 @@ import torch
 from ..models.modes import eval_mode
 from ..noising import noisy_latents
 from ..projection import BlockProjector
-from .gradients import accumulation_dtype, num_lora_parameters, projected_row_gradients
+from .gradients import accumulation_dtype, projected_row_gradients
+from .lora_layers import num_lora_parameters
 from .settings import FeaturizerSettings, noise_for
 
 if TYPE_CHECKING:

@@ -1,7 +1,9 @@
 """Per-row gradients of an output function w.r.t. the LoRA parameters, from one batched backward.
 
-A LoRA layer's A and B are plain linear maps, so the gradient of a row's scalar output w.r.t. a
-weight W is sum over tokens of (d out / d y_token) (x_token)^T. Forward hooks keep each LoRA linear's
+A LoRA layer's A and B are linear maps, so the gradient of a row's scalar output w.r.t. a weight W
+is sum over tokens of (d out / d y_token) (x_token)^T; for a convolution the "tokens" are the output
+positions and x_token the input patch each one reads (``F.unfold`` of the input with the layer's
+kernel, stride, padding and dilation). Forward hooks keep each LoRA linear's
 input and the autograd edge of its output, and one backward of sum_rows f(row) to those edges yields
 every row's gradient at once: rows never interact (eval mode, no dropout, GroupNorm is per sample), so
 the gradient of the sum restricted to a row is that row's own gradient. The backward asks autograd for
@@ -15,9 +17,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..noising import noisy_latents
+from .lora_layers import lora_inventory
 from .settings import output_function
 
 if TYPE_CHECKING:
@@ -39,55 +43,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lora_modules(unet: nn.Module, required: bool = True) -> list[tuple[str, nn.Linear]]:
-    """The LoRA A / B linear layers of a model, in module (= parameter) order.
-
-    Args:
-        unet: The model with peft LoRA layers (modules named ``*.lora_A.*`` / ``*.lora_B.*``).
-        required: Raise when there is none (featurizing a model without a LoRA); False returns [].
-
-    Returns:
-        (module name, linear layer) pairs.
-
-    Raises:
-        ValueError: When ``required`` and the model has no LoRA layers.
-    """
-    found = [(name, m) for name, m in unet.named_modules()
-             if isinstance(m, nn.Linear) and (".lora_A." in name or ".lora_B." in name)]
-    if not found and required:
-        raise ValueError("the UNet has no LoRA layers: load a LoRA before featurizing")
-    return found
-
-
-def lora_parameters(model: nn.Module, required: bool = True) -> list[nn.Parameter]:
-    """The LoRA parameters, in parameter order: the weights of the LoRA A / B layers. The one
-    definition of what `das-sd train-lora` trains and what attribution differentiates.
-
-    Args:
-        model: The UNet (or text encoder) with LoRA layers.
-        required: Raise ValueError when there is none (see ``lora_modules``); False returns [].
-
-    Returns:
-        The weight parameters theta (docs/method.md §1), in module order.
-    """
-    return [m.weight for _, m in lora_modules(model, required)]
-
-
-def num_lora_parameters(unet: nn.Module) -> int:
-    """p, the number of LoRA parameters attribution differentiates (the length of g_{z,t}).
-
-    Args:
-        unet: The UNet with a LoRA loaded.
-
-    Returns:
-        The total element count of ``lora_parameters(unet)``.
-
-    Raises:
-        ValueError: When the UNet has no LoRA layers.
-    """
-    return sum(p.numel() for p in lora_parameters(unet))
-
-
 class LoraGradientCapture:
     """Context manager: while active, the forward records each LoRA linear's input and the autograd
     edge of its output; ``backward(scalar)`` then fetches the gradients at those edges.
@@ -102,7 +57,7 @@ class LoraGradientCapture:
     """
 
     def __init__(self, unet: nn.Module):
-        self.modules = lora_modules(unet)
+        self.modules = [(layer.name, layer.module) for layer in lora_inventory(unet).layers]
         self._inputs: dict[int, torch.Tensor] = {}
         self._edges: dict[int, object] = {}
         self._grads: dict[int, torch.Tensor] = {}
@@ -157,10 +112,7 @@ class LoraGradientCapture:
             if i not in self._grads:
                 raise RuntimeError(f"no gradient reached LoRA layer {name}")
             dtype = accumulation_dtype(self._grads[i].dtype)
-            x, g = self._inputs[i].to(dtype), self._grads[i].to(dtype)
-            x = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
-            g = g.reshape(g.shape[0], -1, g.shape[-1])  # (rows, tokens, out)
-            layer = torch.bmm(g.transpose(1, 2), x).reshape(x.shape[0], -1)
+            layer = _weight_gradients(self.modules[i][1], self._inputs[i].to(dtype), self._grads[i].to(dtype))
             yield offset, layer
             offset += layer.shape[1]
 
@@ -209,6 +161,20 @@ class LoraGradientCapture:
             group_size += layer.numel() * layer.element_size()
         flush()
         return out, sq_norm.to(out.device)
+
+
+def _weight_gradients(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-row dF/dW of a linear or convolution factor from its input and output gradient,
+    flattened in the weight's own layout: (rows, out * in) or (rows, out * in * kh * kw)."""
+    rows = x.shape[0]
+    if isinstance(module, nn.Conv2d):
+        # (rows, in * kh * kw, positions): channel-major, then kernel offsets, as the weight is laid out
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)
+        return torch.bmm(g.flatten(2), patches.transpose(1, 2)).reshape(rows, -1)
+    x = x.reshape(rows, -1, x.shape[-1])  # (rows, tokens, in)
+    g = g.reshape(rows, -1, g.shape[-1])  # (rows, tokens, out)
+    return torch.bmm(g.transpose(1, 2), x).reshape(rows, -1)
 
 
 def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
