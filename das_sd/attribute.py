@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from .score import latent_similarity, ranking, raw_scores, train_vectors
 from .topk import TopK, stream_topk
 from .store import FeatureStore, StoreError
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
 
 class QueryError(ValueError):
     """A query that cannot be attributed; the message says why."""
@@ -42,6 +46,16 @@ class MissingPromptError(QueryError):
 
 @dataclass
 class AttributionRow:
+    """One training image in a query's ranking.
+
+    Attributes:
+        rank: 1 for the most influential image.
+        key: The training sample's key in the store.
+        path: Absolute path of the training image.
+        caption: The training caption.
+        score: The method's ranking score (``das_sd.score.ranking``: t^2 for das, t for signed methods).
+        sign: Sign of the signed effect t: +1, -1, or 0.
+    """
     rank: int
     key: str
     path: str  # absolute path of the training image
@@ -50,21 +64,44 @@ class AttributionRow:
     sign: int  # sign of the signed effect t (+1 / -1 / 0)
 
     def label(self) -> str:
-        """Caption for galleries: rank, score, sign and the training caption."""
+        """Caption for galleries: rank, score, sign and the training caption.
+
+        Returns:
+            E.g. ``"#1  0.0123 (+)  a photo of ..."``.
+        """
         return f"#{self.rank}  {self.score:.3g} ({'+' if self.sign >= 0 else '−'})  {self.caption}"
 
 
 @dataclass
 class Attribution:
+    """The ranked training images of one query.
+
+    Attributes:
+        method: The method that ranked them (``registry.METHODS``).
+        query: What was attributed: its ``prompt``, and e.g. its ``source`` file or the caller's info.
+        results: The top-k rows, best first.
+    """
     method: str
     query: dict
     results: list[AttributionRow] = field(default_factory=list)
 
     def to_json(self) -> dict:
+        """The attribution as JSON-ready data (what ``das-sd attribute --json`` prints).
+
+        Returns:
+            ``{"method": ..., "query": ..., "results": [row as a dict, ...]}``.
+        """
         return {"method": self.method, "query": self.query, "results": [asdict(r) for r in self.results]}
 
     def provenance(self, store_id: str) -> dict:
-        """The compact record written into an attributed image's metadata."""
+        """The compact record written into an attributed image's metadata.
+
+        Args:
+            store_id: The store's id (``FeatureStore.store_id``), to tell which store ranked them.
+
+        Returns:
+            ``{"method", "store_id", "top_k": [{"rank", "key", "score" (6 decimals), "sign"}, ...]}``.
+        """
         return {"method": self.method, "store_id": store_id,
                 "top_k": [{"rank": r.rank, "key": r.key, "score": round(r.score, 6), "sign": r.sign}
                           for r in self.results]}
@@ -78,13 +115,28 @@ QUERY_NOISE_KEY = "das-sd-query"
 
 
 class Attributor:
-    """Scores a feature store's training samples for query images or latents."""
+    """Scores a feature store's training samples for query images or latents.
 
-    def __init__(self, store: str | Path | FeatureStore, pipe=None, device: str | torch.device | None = None,
+    Args:
+        store: A feature store, or the folder of one.
+        pipe: The store's base pipeline with its LoRA loaded; None loads them from ``base`` and ``lora``.
+        device: Where a pipeline loaded here runs; None: CUDA when available, else the CPU.
+        base: The base model folder; None: the path the store recorded.
+        lora: The LoRA file or folder; None: the path the store recorded.
+        check_fingerprints: Refuse base / LoRA files, and a pipeline, other than those the store
+            was built with. False skips these checks.
+        max_in_memory_bytes: Train-side vectors larger than this are not loaded; attribution then
+            streams over the store's files (das_sd.topk) with memory bounded by one chunk.
+
+    Raises:
+        StoreError: If the store is empty or cannot be opened, or (with ``check_fingerprints``) the
+            model files are missing or are not the ones the store was built with.
+    """
+
+    def __init__(self, store: str | Path | FeatureStore, pipe: StableDiffusionPipeline | None = None,
+                 device: str | torch.device | None = None,
                  base: str | Path | None = None, lora: str | Path | None = None, check_fingerprints: bool = True,
                  max_in_memory_bytes: int = 2 << 30):
-        """``max_in_memory_bytes``: train-side vectors larger than this are not loaded; attribution
-        then streams over the store's files (das_sd.topk) with memory bounded by one chunk."""
         self.max_in_memory_bytes = max_in_memory_bytes
         self.store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         identity, info = self.store.identity, self.store.manifest.get("info", {})
@@ -123,8 +175,18 @@ class Attributor:
         if found != expected:
             raise StoreError(f"{self.store.root}: the store was built for {what} {expected}, but {path} is {found}")
 
-    def check_pipeline(self, pipe) -> None:
-        """Refuse a pipeline whose base or LoRA weights are not the ones the store was built with."""
+    def check_pipeline(self, pipe: StableDiffusionPipeline) -> None:
+        """Refuse a pipeline whose base or LoRA weights are not the ones the store was built with.
+
+        Compares weight probes recorded in the store with the pipeline's; a store from before
+        probes is not checked.
+
+        Args:
+            pipe: The pipeline to check, LoRA loaded.
+
+        Raises:
+            StoreError: If the base or LoRA weights differ from the store's (the first differences named).
+        """
         expected = self.store.manifest.get("probes")
         if not expected:
             return  # a store from before probes: the file fingerprints above are all there is
@@ -139,11 +201,22 @@ class Attributor:
 
     @property
     def methods(self) -> list[str]:
+        """The methods this store can score: those whose feature set it holds, and latent-sim."""
         sets = set(self.featurizers)
         return [name for name, m in METHODS.items() if m.feature_set is None or m.feature_set in sets]
 
     def require_method(self, name: str) -> Method:
-        """The method ``name``, or ValueError when it is unknown or needs a feature set this store lacks."""
+        """The method ``name``, or ValueError when it is unknown or needs a feature set this store lacks.
+
+        Args:
+            name: A method name (``registry.METHODS``).
+
+        Returns:
+            Its registry entry.
+
+        Raises:
+            ValueError: If ``name`` is unknown or its feature set is not in this store.
+        """
         m = method(name)
         if name not in self.methods:
             raise ValueError(f"method {name!r} needs feature set {m.feature_set!r}, which this store lacks "
@@ -154,6 +227,18 @@ class Attributor:
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, source: str = "image") -> torch.Tensor:
+        """The latent x_0 of an image: the VAE's mode times its scaling factor (docs/method.md §2).
+
+        Args:
+            image: An image at the store's resolution (converted to RGB).
+            source: What error messages call the image.
+
+        Returns:
+            The (1, 4, h/8, w/8) float32 latent, on the VAE's device.
+
+        Raises:
+            QueryError: If the image is not at the store's resolution.
+        """
         self._check_size(image.size, source)
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
         x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(self.pipe.vae.device, self.pipe.vae.dtype)
@@ -167,9 +252,20 @@ class Attributor:
 
     def query_features(self, latents: torch.Tensor, prompts: list[str], cond: torch.Tensor | None = None,
                        feature_sets: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Projected features of each query, per feature set (default: all of the store's, so that a
-        caller can rank with every method). ``cond``: the prompt embeddings the pipeline used
-        (default: the prompts encoded by the pipeline's text encoder)."""
+        """Projected features of each query, per feature set (docs/method.md §4, §8). Every query
+        uses the noise draws of ``QUERY_NOISE_KEY``.
+
+        Args:
+            latents: (n, 4, h, w) query latents x_0.
+            prompts: One prompt per latent.
+            cond: The (n, tokens, d) prompt embeddings the pipeline used; None encodes ``prompts``
+                with the pipeline's text encoder.
+            feature_sets: Which sets to compute; None: all of the store's, so that a caller can rank
+                with every method.
+
+        Returns:
+            ``{feature_set: (n, k) features phi_q}``, on the CPU.
+        """
         if cond is None:
             cond = encode_prompts(self.pipe, prompts)
         keys = [QUERY_NOISE_KEY] * len(prompts)
@@ -187,7 +283,25 @@ class Attributor:
     def scores(self, latents: torch.Tensor, prompts: list[str], name: str,
                features: dict[str, torch.Tensor] | None = None,
                cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The signed effects t (queries, N) of method ``name``; rank by ``das_sd.score.ranking(name, t)``."""
+        """The signed effects t (queries, N) of method ``name``; rank by ``das_sd.score.ranking(name, t)``.
+
+        Loads the method's train-side vectors whole (and keeps them); ``attribute_latents`` streams
+        instead when they exceed ``max_in_memory_bytes``.
+
+        Args:
+            latents: (n, 4, h, w) query latents x_0.
+            prompts: One prompt per latent.
+            name: The method.
+            features: Query features from ``query_features`` of the same queries, to skip
+                featurizing them again; the method's feature set is computed when absent.
+            cond: The prompt embeddings the pipeline used; None encodes ``prompts``.
+
+        Returns:
+            The (n, N) float32 signed effects, in store row order.
+
+        Raises:
+            ValueError: If the method is unknown or needs a feature set this store lacks.
+        """
         m = self.require_method(name)
         if m.feature_set is None:
             t = latent_similarity(latents.cpu(), self._train_latents())
@@ -209,9 +323,23 @@ class Attributor:
                           cond: torch.Tensor | None = None) -> list[Attribution]:
         """Attribute final latents (n, 4, h, w) generated from ``prompts`` (one per latent).
 
-        ``features`` (from ``query_features`` of the same latents and prompts) lets a caller re-rank
-        with another method or top-k without featurizing the queries again; ``cond`` gives the
-        prompt embeddings the pipeline used instead of encoding ``prompts`` again.
+        Args:
+            latents: (n, 4, h, w) final latents x_0, or one (4, h, w) latent.
+            prompts: One prompt per latent, or one prompt for all of them.
+            method: The method that ranks (``registry.METHODS``).
+            top_k: How many training images to return per query.
+            query_info: Per-query dicts added to each ``Attribution.query`` beside its prompt.
+            features: Query features from ``query_features`` of the same latents and prompts: lets a
+                caller re-rank with another method or top-k without featurizing the queries again.
+            cond: The prompt embeddings the pipeline used, instead of encoding ``prompts`` again.
+
+        Returns:
+            One ``Attribution`` per latent, its rows best first.
+
+        Raises:
+            QueryError: If the numbers of latents and prompts differ, or the latents' shape is not
+                the store model's.
+            ValueError: If the method is unknown or needs a feature set this store lacks.
         """
         latents = latents.float()
         if latents.ndim == 3:
@@ -241,7 +369,17 @@ class Attributor:
         return out
 
     def streams(self, name: str) -> bool:
-        """Whether ``name`` is scored by streaming over the files (its vectors exceed the memory cap)."""
+        """Whether ``name`` is scored by streaming over the files (its vectors exceed the memory cap).
+
+        Args:
+            name: The method.
+
+        Returns:
+            True when its N x k float32 vectors exceed ``max_in_memory_bytes`` and are not loaded yet.
+
+        Raises:
+            ValueError: If the method is unknown or needs a feature set this store lacks.
+        """
         m = self.require_method(name)
         if m.feature_set is None or name in self._train:
             return False
@@ -251,7 +389,21 @@ class Attributor:
     def image_query(self, image: str | Path | Image.Image, prompt: str | None = None,
                     fallback_prompt: str | None = None) -> tuple[torch.Tensor, str, str]:
         """(latent, prompt, source) of an image query; the prompt is ``prompt``, else the image's PNG
-        metadata prompt, else ``fallback_prompt``."""
+        metadata prompt, else ``fallback_prompt``.
+
+        Args:
+            image: An image file or a PIL image, at the store's resolution.
+            prompt: The prompt it was generated from; None reads it from the image's metadata.
+            fallback_prompt: The prompt when neither ``prompt`` nor the metadata gives one.
+
+        Returns:
+            The (1, 4, h/8, w/8) float32 latent, the prompt, and the source (the path, or ``"image"``).
+
+        Raises:
+            QueryError: If the file cannot be read, is not at the store's resolution, or is fully
+                transparent.
+            MissingPromptError: If no prompt is given or found.
+        """
         source = str(image) if not isinstance(image, Image.Image) else "image"
         if not isinstance(image, Image.Image):
             try:
@@ -273,7 +425,21 @@ class Attributor:
 
     def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = DEFAULT_METHOD,
                         top_k: int = 10) -> Attribution:
-        """Attribute one image; its prompt comes from ``prompt`` or else from its PNG metadata."""
+        """Attribute one image; its prompt comes from ``prompt`` or else from its PNG metadata.
+
+        Args:
+            image: An image file or a PIL image, at the store's resolution.
+            prompt: Its prompt; None reads it from the image's metadata.
+            method: The method that ranks (``registry.METHODS``).
+            top_k: How many training images to return.
+
+        Returns:
+            The attribution; its ``query`` holds the prompt and the source.
+
+        Raises:
+            QueryError: As ``image_query`` (``MissingPromptError`` without a prompt).
+            ValueError: If the method is unknown or needs a feature set this store lacks.
+        """
         latents, prompt, source = self.image_query(image, prompt)
         return self.attribute_latents(latents, [prompt], method, top_k, [{"source": source}])[0]
 
@@ -283,7 +449,27 @@ def attribute_file(store: str | Path, image: str | Path, prompt: str | None = No
                    lora: str | Path | None = None) -> Attribution:
     """`das-sd attribute`: the store's model attributes one image file (its prompt from ``prompt`` or
     its PNG metadata). A manifest without what attribution needs is refused before any model loads;
-    a prompt longer than the text encoder reads is warned about on stderr."""
+    a prompt longer than the text encoder reads is warned about on stderr.
+
+    Args:
+        store: The feature store's folder.
+        image: The image file.
+        prompt: Its prompt; None reads it from the image's metadata.
+        method: The method that ranks (``registry.METHODS``).
+        top_k: How many training images to return.
+        device: Where the model runs; None: CUDA when available, else the CPU.
+        base: The base model folder; None: the path the store recorded.
+        lora: The LoRA file or folder; None: the path the store recorded.
+
+    Returns:
+        The attribution of the image.
+
+    Raises:
+        StoreError: If the store cannot be opened, its manifest lacks what attribution needs, or the
+            model is not the store's.
+        QueryError: As ``Attributor.image_query``.
+        ValueError: If the method is unknown or needs a feature set this store lacks.
+    """
     from . import generation
     from .store import MANIFEST
     from .store_integrity import require_identity

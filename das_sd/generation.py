@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -23,6 +24,10 @@ from .data.images import open_image
 from .io import atomic_write_bytes
 from .seeds import generator
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from transformers import PreTrainedTokenizerBase
+
 PNG_PARAMETERS_KEY = "parameters"
 PNG_DAS_KEY = "das_sd"
 PNG_ATTRIBUTION_KEY = "das_sd_attribution"
@@ -30,6 +35,19 @@ PNG_ATTRIBUTION_KEY = "das_sd_attribution"
 
 @dataclass
 class GenerationSettings:
+    """What to generate: the parameters a generated PNG records.
+
+    Attributes:
+        prompt: The text prompt.
+        negative_prompt: The negative prompt; "" for none.
+        seed: Seed of the first image; image i uses ``seed + i``.
+        steps: Sampler steps.
+        guidance: Classifier-free guidance scale.
+        num_images: How many images, one seed each.
+        lora_scale: Strength of a loaded LoRA (1: as trained).
+        width: Image width in pixels; None: the model's native resolution.
+        height: Image height in pixels; None: the model's native resolution.
+    """
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
@@ -43,6 +61,15 @@ class GenerationSettings:
 
 @dataclass
 class GenerationResult:
+    """Images generated with ``generate``, with the latents attribution needs.
+
+    Attributes:
+        images: The decoded images, one per seed.
+        latents: (n, 4, h/8, w/8) float32 on the CPU: the final latents x_0 the images were decoded from.
+        seeds: The seed of each image.
+        settings: The settings they were generated with.
+        provenance: Base / LoRA names and fingerprints, and the scheduler's class name.
+    """
     images: list[Image.Image]
     latents: torch.Tensor  # (n, 4, h/8, w/8): the final latents x_0 the images were decoded from
     seeds: list[int]
@@ -50,13 +77,34 @@ class GenerationResult:
     provenance: dict = field(default_factory=dict)  # base / LoRA names and fingerprints
 
     def metadata(self, index: int) -> dict:
+        """What the PNG of one image records.
+
+        Args:
+            index: Which image.
+
+        Returns:
+            The settings as a dict with that image's seed and ``num_images`` 1, plus the provenance.
+        """
         return {**asdict(self.settings), "seed": self.seeds[index], "num_images": 1, **self.provenance}
 
 
 @torch.no_grad()
-def generate(pipe, settings: GenerationSettings, provenance: dict | None = None,
+def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, provenance: dict | None = None,
              progress: bool = False) -> GenerationResult:
-    """Generate ``settings.num_images`` images; image i uses seed ``settings.seed + i`` (A1111 rule)."""
+    """Generate ``settings.num_images`` images; image i uses seed ``settings.seed + i`` (A1111 rule).
+
+    The initial noise is drawn on the CPU, so a seed gives the same image on CPU and CUDA.
+
+    Args:
+        pipe: The pipeline, with its LoRA loaded if any; its own scheduler samples.
+        settings: What to generate.
+        provenance: Base / LoRA names and fingerprints to carry in the result; ``scheduler`` is
+            added when absent.
+        progress: Show a progress bar over the sampler steps.
+
+    Returns:
+        The images, their final latents and seeds.
+    """
     seeds = [settings.seed + i for i in range(settings.num_images)]
     device = pipe.unet.device
     generators = [generator(s) for s in seeds]
@@ -91,7 +139,17 @@ def generate(pipe, settings: GenerationSettings, provenance: dict | None = None,
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Images from final latents, through the pipeline's VAE.
+
+    Args:
+        pipe: The pipeline whose VAE and image processor decode.
+        latents: (n, 4, h/8, w/8) latents x_0 as the sampler returns them (scaled by the VAE's
+            scaling factor).
+
+    Returns:
+        n PIL images.
+    """
     vae = pipe.vae
     pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(pixels, output_type="pil")
@@ -102,7 +160,20 @@ def generate_to_files(settings: GenerationSettings, out: str | Path, base: str |
     """`das-sd generate`: load the base (None: the embedded tiny SD) and LoRA, generate, and save each
     image as a PNG carrying its parameters and the model fingerprints: ``out`` for one image,
     ``out`` with -NN suffixes for several. A prompt the text encoder reads only in part is warned
-    about on stderr."""
+    about on stderr.
+
+    Args:
+        settings: What to generate.
+        out: The PNG path; for several images, ``{stem}-00{suffix}``, ``{stem}-01{suffix}``, ... beside
+            it (suffix ``.png`` when ``out`` has none).
+        base: The base model folder; None: the embedded tiny SD.
+        lora: The LoRA file or folder; None: the base alone.
+        device: Where to run; None: CUDA when available, else the CPU.
+        progress: Show a progress bar over the sampler steps.
+
+    Returns:
+        The paths written, one per image.
+    """
     from .models.fingerprint import provenance
     from .models.loading import load_lora, load_pipeline, resolve_base, resolve_lora_file
 
@@ -123,7 +194,15 @@ def generate_to_files(settings: GenerationSettings, out: str | Path, base: str |
 
 
 def infotext(meta: dict) -> str:
-    """AUTOMATIC1111's ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs."""
+    """AUTOMATIC1111's ``parameters`` text: prompt, negative prompt, then ``Key: value`` pairs.
+
+    Args:
+        meta: Generation metadata (``GenerationResult.metadata``, optionally with ``width`` and
+            ``height``); ``prompt`` is required, absent keys are left out of the pairs.
+
+    Returns:
+        The text: the prompt, a ``Negative prompt:`` line if any, then e.g. ``Steps: 25, Sampler: ...``.
+    """
     lines = [meta["prompt"]]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
@@ -139,7 +218,17 @@ def infotext(meta: dict) -> str:
 
 
 def png_bytes(image: Image.Image, meta: dict, attribution: dict | None = None) -> bytes:
-    """PNG with the generation parameters and, when given, its attribution record."""
+    """PNG with the generation parameters and, when given, its attribution record.
+
+    Args:
+        image: The image.
+        meta: Its generation metadata, written as the A1111 ``parameters`` text and as ``das_sd`` JSON.
+        attribution: An attribution record (``Attribution.provenance``) for the ``das_sd_attribution``
+            chunk; None writes none.
+
+    Returns:
+        The PNG file's bytes.
+    """
     info = PngInfo()
     info.add_text(PNG_PARAMETERS_KEY, infotext(meta))
     info.add_text(PNG_DAS_KEY, json.dumps(meta, sort_keys=True))
@@ -152,7 +241,20 @@ def png_bytes(image: Image.Image, meta: dict, attribution: dict | None = None) -
 
 def save_png(image: Image.Image, path: str | Path, meta: dict, attribution: dict | None = None) -> Path:
     """Write ``image`` atomically as a PNG carrying its generation parameters ``meta`` (and, when
-    given, its ``attribution``) as text chunks; returns the path. Raises OSError if it cannot write."""
+    given, its ``attribution``) as text chunks (see ``png_bytes``); missing folders are created.
+
+    Args:
+        image: The image.
+        path: Where to write it.
+        meta: Its generation metadata.
+        attribution: Its attribution record, or None.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        OSError: If the file cannot be written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, png_bytes(image, meta, attribution))
@@ -160,27 +262,64 @@ def save_png(image: Image.Image, path: str | Path, meta: dict, attribution: dict
 
 
 def read_png_metadata(path: str | Path) -> dict:
-    """Generation parameters from a PNG file (see ``image_metadata``)."""
+    """Generation parameters from a PNG file (see ``image_metadata``).
+
+    Args:
+        path: The image file.
+
+    Returns:
+        The parameters; {} when the file records none.
+
+    Raises:
+        ImageError: If the file cannot be read as an image or is too large.
+    """
     with open_image(Path(path)) as image:  # PIL reads text chunks after the pixels: size-checked first
         return image_metadata(image)
 
 
 def read_png_attribution(path: str | Path) -> dict | None:
-    """The attribution record (method, store id, top-k keys and scores) saved with an image, if any."""
+    """The attribution record (method, store id, top-k keys and scores) saved with an image, if any.
+
+    Args:
+        path: The image file.
+
+    Returns:
+        The record (``Attribution.provenance``), or None when the image has none.
+
+    Raises:
+        ImageError: If the file cannot be read as an image or is too large.
+        json.JSONDecodeError: If the record is not valid JSON.
+    """
     with open_image(Path(path)) as image:
         text = getattr(image, "text", None) or {}
         return json.loads(text[PNG_ATTRIBUTION_KEY]) if PNG_ATTRIBUTION_KEY in text else None
 
 
-def dropped_prompt_tokens(tokenizer, prompt: str) -> int:
+def dropped_prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
     """How many tokens of ``prompt`` the text encoder never sees: CLIP reads ``model_max_length``
-    (77) tokens, start and end included, and diffusers cuts the rest silently."""
+    (77) tokens, start and end included, and diffusers cuts the rest silently.
+
+    Args:
+        tokenizer: The pipeline's tokenizer.
+        prompt: The prompt.
+
+    Returns:
+        The number of tokens cut; 0 when the prompt fits.
+    """
     ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
     return max(0, len(ids) - int(tokenizer.model_max_length))
 
 
-def truncation_note(tokenizer, prompt: str) -> str | None:
-    """A sentence for the user when the prompt is longer than the text encoder reads, else None."""
+def truncation_note(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str | None:
+    """A sentence for the user when the prompt is longer than the text encoder reads, else None.
+
+    Args:
+        tokenizer: The pipeline's tokenizer.
+        prompt: The prompt.
+
+    Returns:
+        The sentence (how many tokens had no effect), or None when the prompt fits.
+    """
     dropped = dropped_prompt_tokens(tokenizer, prompt)
     if not dropped:
         return None
@@ -188,8 +327,13 @@ def truncation_note(tokenizer, prompt: str) -> str | None:
             f"its last {dropped} token{'s' if dropped != 1 else ''} had no effect")
 
 
-def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
-    """Say on stderr which prompts the text encoder reads only in part (diffusers cuts them silently)."""
+def warn_truncated_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> None:
+    """Say on stderr which prompts the text encoder reads only in part (diffusers cuts them silently).
+
+    Args:
+        tokenizer: The pipeline's tokenizer.
+        prompts: The prompts; each distinct one is checked once.
+    """
     for prompt in dict.fromkeys(prompts):
         note = truncation_note(tokenizer, prompt)
         if note:
@@ -197,13 +341,29 @@ def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
 
 
 def shorten(text: str, limit: int = 200) -> str:
-    """``text`` cut to ``limit`` characters with an ellipsis, for echoing user input in messages."""
+    """``text`` cut to ``limit`` characters with an ellipsis, for echoing user input in messages.
+
+    Args:
+        text: The text.
+        limit: The most characters returned, ellipsis included.
+
+    Returns:
+        ``text`` unchanged when it fits; else with runs of whitespace made single spaces and cut.
+    """
     text = " ".join(text.split()) if len(text) > limit else text
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def image_metadata(image: Image.Image) -> dict:
-    """Our ``das_sd`` chunk if present, else the prompt and settings of an A1111 ``parameters`` text."""
+    """Our ``das_sd`` chunk if present, else the prompt and settings of an A1111 ``parameters`` text.
+
+    Args:
+        image: An image opened from a file, its text chunks / info read.
+
+    Returns:
+        The parameters (a malformed ``das_sd`` chunk falls back to the ``parameters`` text); {}
+        when the image records none.
+    """
     text = {k: v for k, v in {**image.info, **(getattr(image, "text", None) or {})}.items() if isinstance(v, str)}
     if PNG_DAS_KEY in text:
         try:
@@ -216,7 +376,16 @@ def image_metadata(image: Image.Image) -> dict:
 
 
 def parse_infotext(text: str) -> dict:
-    """Prompt, negative prompt and seed/steps from an A1111 ``parameters`` text."""
+    """Prompt, negative prompt and seed/steps from an A1111 ``parameters`` text.
+
+    Args:
+        text: The text (as ``infotext`` writes it).
+
+    Returns:
+        ``prompt``, ``negative_prompt`` when present, ``seed`` and ``steps`` (int) and ``guidance``
+        (float) when they parse (dropped when not), and any other ``Key: value`` pair as text under
+        its A1111 key.
+    """
     lines = text.strip().split("\n")
     meta: dict = {}
     if lines and ": " in lines[-1] and ("Steps: " in lines[-1] or "Seed: " in lines[-1]):

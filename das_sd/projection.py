@@ -29,6 +29,19 @@ from .seeds import generator
 
 @dataclass(frozen=True)
 class ProjectorSpec:
+    """Which P: kind, output dimension and seed (docs/method.md §7); the same spec gives the same P.
+
+    Attributes:
+        kind: ``"sparse"`` (default), ``"rademacher"`` or ``"gaussian"`` (``registry.PROJECTOR_KINDS``).
+        dim: k, the projected dimension (``--dim``).
+        seed: Seed of P (``--projection-seed``).
+        nonzeros: s, the nonzeros per input coordinate (``--projection-nonzeros``); sparse kind only,
+            where k must be a multiple of it.
+        block_rows: Rows of P (input coordinates) generated per block, each block from its own seed.
+
+    Raises:
+        ValueError: If ``kind`` is unknown, a size is not positive, or (sparse) k is not a multiple of s.
+    """
     kind: str = "sparse"
     dim: int = 2048
     seed: int = 0
@@ -45,7 +58,15 @@ class ProjectorSpec:
 
 
 class BlockProjector:
-    """Projects rows of a (n x p) matrix with the P defined by ``spec`` (p = ``num_params``)."""
+    """Projects rows of a (n x p) matrix with the P defined by ``spec`` (p = ``num_params``).
+
+    Args:
+        spec: Which P.
+        num_params: p, the input dimension (the number of LoRA parameters projected).
+        device: Where the products run and cached blocks live.
+        cache_bytes: The most bytes of P kept cached (dense blocks or sparse pieces, 1 GiB by
+            default); the rest is regenerated at each use.
+    """
 
     def __init__(self, spec: ProjectorSpec, num_params: int, device: torch.device | str = "cpu",
                  cache_bytes: int = 1 << 30):
@@ -63,7 +84,16 @@ class BlockProjector:
 
     @classmethod
     def shared(cls, spec: ProjectorSpec, num_params: int, device: torch.device | str = "cpu") -> "BlockProjector":
-        """The process's projector for (spec, p, device), from ``SHARED`` (see ``SharedProjectors``)."""
+        """The process's projector for (spec, p, device), from ``SHARED`` (see ``SharedProjectors``).
+
+        Args:
+            spec: Which P.
+            num_params: p, the input dimension.
+            device: Where the products run.
+
+        Returns:
+            The shared projector, built on first use.
+        """
         return SHARED.get(spec, num_params, device)
 
     @property
@@ -74,9 +104,17 @@ class BlockProjector:
     def _rows_in_block(self, index: int) -> int:
         return min(self.spec.block_rows, self.num_params - index * self.spec.block_rows)
 
-    def block(self, index: int):
+    def block(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows [index * block_rows, ...) of P: dense (rows, k) float32 on ``self.device``, or for
-        the sparse kind (buckets, signs), each (rows, s)."""
+        the sparse kind (buckets, signs), each (rows, s).
+
+        Args:
+            index: The block number, 0 to ``num_blocks`` - 1.
+
+        Returns:
+            The dense block, or for the sparse kind the output column of each nonzero (int64) and
+            its value +-1/sqrt(s) (float32), both on the CPU.
+        """
         if index in self._cache:
             return self._cache[index]
         rows, k = self._rows_in_block(index), self.spec.dim
@@ -121,7 +159,19 @@ class BlockProjector:
     def project_range(self, grads: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Add grads (n x m), the coordinates [start, start + m) of each row, projected, to ``out`` (n x k).
         Accumulated in float32, or in float64 for float64 gradients (P's entries are float32 numbers,
-        exact in either)."""
+        exact in either).
+
+        Args:
+            grads: (n, m) gradients: coordinates [start, start + m) of each row.
+            start: The first coordinate, 0-based.
+            out: An (n, k) accumulator, added to in place; None starts from zeros on ``self.device``.
+
+        Returns:
+            ``out``: (n, k), float32 (float64 for float64 ``grads``) when created here.
+
+        Raises:
+            ValueError: If the coordinates fall outside [0, ``num_params``).
+        """
         stop = start + grads.shape[-1]
         if start < 0 or stop > self.num_params:
             raise ValueError(f"coordinates [{start}, {stop}) outside the {self.num_params} projected ones")
@@ -146,13 +196,27 @@ class BlockProjector:
         return out
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """(n x p) -> (n x k) = grads @ P, accumulated in float32 (float64 for float64 grads)."""
+        """(n x p) -> (n x k) = grads @ P, accumulated in float32 (float64 for float64 grads).
+
+        Args:
+            grads: (n, p) gradients, all coordinates.
+
+        Returns:
+            The (n, k) projections on ``self.device``.
+
+        Raises:
+            ValueError: If ``grads`` does not have ``num_params`` columns.
+        """
         if grads.shape[-1] != self.num_params:
             raise ValueError(f"expected {self.num_params} columns, got {grads.shape[-1]}")
         return self.project_range(grads, 0)
 
     def dense(self) -> torch.Tensor:
-        """The whole P (p x k). For tests and small problems only."""
+        """The whole P (p x k). For tests and small problems only.
+
+        Returns:
+            P, (p, k) float32 on ``self.device``.
+        """
         return self.project(torch.eye(self.num_params, device=self.device))
 
 
@@ -165,6 +229,14 @@ class SharedProjectors:
     default); the least recently used projectors are dropped first. A dropped projector is rebuilt
     on its next use, with the same P (regenerated from its seed): only time is lost, never results.
     ``clear()`` drops them all (to free their memory, or in tests).
+
+    Args:
+        max_entries: The most projectors held (at least 1).
+        max_bytes: The most cache budget of all held projectors together.
+        cache_bytes: The cache budget of each projector built here (at most ``max_bytes``).
+
+    Raises:
+        ValueError: If ``max_entries`` < 1 or ``cache_bytes`` > ``max_bytes``.
     """
 
     def __init__(self, max_entries: int = 4, max_bytes: int = 4 << 30, cache_bytes: int = 1 << 30):
@@ -176,6 +248,17 @@ class SharedProjectors:
         self._lock = threading.Lock()  # hosts featurize from several threads
 
     def get(self, spec: ProjectorSpec, num_params: int, device: torch.device | str = "cpu") -> BlockProjector:
+        """The projector for (spec, p, device), built on first use; the least recently used ones
+        beyond the bounds are dropped. Thread-safe.
+
+        Args:
+            spec: Which P.
+            num_params: p, the input dimension.
+            device: Where the products run.
+
+        Returns:
+            The projector.
+        """
         key = (spec, int(num_params), str(torch.device(device)))
         with self._lock:
             projector = self._entries.pop(key, None) or BlockProjector(spec, num_params, device, self.cache_bytes)
@@ -185,13 +268,18 @@ class SharedProjectors:
             return projector
 
     def budget(self) -> int:
-        """Bytes the held projectors may cache, in all."""
+        """Bytes the held projectors may cache, in all.
+
+        Returns:
+            The sum of their ``cache_budget``.
+        """
         return sum(p.cache_budget for p in self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
+        """Drop every held projector and its cached blocks."""
         with self._lock:
             self._entries.clear()
 

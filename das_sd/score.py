@@ -23,27 +23,65 @@ from .store import FeatureStore, StoreError
 
 @dataclass(frozen=True)
 class LambdaRule:
-    """lambda = rho * trace(Phi^T Phi) / k, or an explicit value."""
+    """How ``das-sd index`` picks the ridge term: lambda = rho * trace(Phi^T Phi) / k, or an
+    explicit value (docs/method.md §10).
+
+    Attributes:
+        rho: Scale-free ridge, in units of the kernel's mean eigenvalue trace(Phi^T Phi) / k
+            (``--rho``, default ``registry.DEFAULT_RHO`` = 100). Unused when ``value`` is set.
+        value: An explicit lambda (``--lambda``); None: lambda follows ``rho``.
+    """
     rho: float = DEFAULT_RHO
     value: float | None = None
 
     def resolve(self, kernel: torch.Tensor) -> float:
+        """The lambda this rule gives for ``kernel`` (not range-checked here; indexing refuses a bad one).
+
+        Args:
+            kernel: Phi^T Phi, (k, k) float64, without the ridge term.
+
+        Returns:
+            ``value`` when set, else rho * trace(kernel) / k.
+        """
         if self.value is not None:
             return float(self.value)
         return float(self.rho * torch.trace(kernel).item() / kernel.shape[0])
 
     def describe(self) -> dict:
+        """The rule as recorded in an index's info (``lambda_rule``); ``from_description`` reads it back.
+
+        Returns:
+            ``{"rule": "explicit", "value": lambda}`` or ``{"rule": "rho * trace(Phi^T Phi) / k", "rho": rho}``.
+        """
         return {"rule": "explicit", "value": self.value} if self.value is not None else \
             {"rule": "rho * trace(Phi^T Phi) / k", "rho": self.rho}
 
     @classmethod
     def from_description(cls, description: dict) -> "LambdaRule":
-        """The rule an index recorded (``describe``), to index another store the same way."""
+        """The rule an index recorded (``describe``), to index another store the same way.
+
+        Args:
+            description: A dict written by ``describe``; a missing ``rho`` means the default one.
+
+        Returns:
+            The recorded rule.
+        """
         return cls(rho=description.get("rho", cls.rho), value=description.get("value"))
 
 
 def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
-    """Phi^T Phi in float64, streamed over the shards."""
+    """Phi^T Phi in float64, streamed over the shards (docs/method.md §10).
+
+    Args:
+        store: The feature store; its ``features.<feature_set>`` arrays are read.
+        feature_set: The feature set, e.g. ``"das"``, ``"dtrak"`` or ``"trak"``.
+
+    Returns:
+        The (k, k) float64 kernel C = Phi^T Phi (no ridge term).
+
+    Raises:
+        StoreError: If the store holds no rows, or a shard is damaged or lacks the feature set.
+    """
     kernel = None
     for _, arrays in store.iter_shards([f"features.{feature_set}"]):
         phi = arrays[f"features.{feature_set}"].double()
@@ -90,7 +128,30 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
                  kernel: torch.Tensor | None = None) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
     """Solve the kernel once; returns the index info and a generator of its arrays, shard by shard
     (float64 only for one shard; the leverage range in the info is complete once it is exhausted).
-    ``kernel``: Phi^T Phi when the caller has it already (a lambda sweep)."""
+    docs/method.md §10.
+
+    Args:
+        store: The feature store; ``features.<feature_set>`` and ``residuals.<feature_set>`` are read.
+        feature_set: The feature set to index.
+        rule: How lambda is chosen.
+        dtype: Storage of the train-side vectors: ``torch.float32``, ``torch.float16``, or
+            ``torch.int8`` (per-row scaled, with ``scale.<array>`` arrays; see ``quantize_rows``).
+        kernel: Phi^T Phi when the caller has it already (a lambda sweep); None computes it (``gram``).
+
+    Returns:
+        ``(info, shards)``. ``info`` holds ``feature_set``, ``lambda``, ``lambda_rule``,
+        ``kernel_trace``, ``k``, ``dtype`` and ``leverage_range`` ([min, max] over the shards read so
+        far). ``shards`` yields, per feature shard of n rows, ``kernel_solved`` (G^-1 phi_i),
+        ``psi_das`` and ``psi_das_noleverage`` as (n, k) ``dtype``, their ``norm.<array>`` (n,)
+        float32 row norms, and ``leverage`` and ``residual`` (n,) float32.
+
+    Raises:
+        ValueError: If the features are all zero, lambda is not finite and > 0 or lies outside
+            ``LAMBDA_RATIO_RANGE`` times trace / k, or the Cholesky factorisation fails.
+        StoreError: If the store holds no rows or a shard cannot be read.
+        ArithmeticError: While ``shards`` is consumed, if a leverage lies outside [0, 1) (beyond
+            -1e-9 of rounding).
+    """
     kernel = gram(store, feature_set) if kernel is None else kernel
     lam = rule.resolve(kernel)
     k = kernel.shape[0]
@@ -127,7 +188,15 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
 
 def quantize_rows(vectors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Symmetric int8 per row: v_i ~ scale_i * q_i with scale_i = max |v_i| / 127, so every row keeps
-    its own range (the rows of psi differ in norm by orders of magnitude through e_i / (1 - h_i))."""
+    its own range (the rows of psi differ in norm by orders of magnitude through e_i / (1 - h_i)).
+
+    Args:
+        vectors: ``{name: (n, k) float tensor}`` of train-side vectors.
+
+    Returns:
+        ``(quantized, scales)``: ``{name: (n, k) int8}`` with values in [-127, 127], and
+        ``{"scale.<name>": (n,) float32}`` (1 for an all-zero row).
+    """
     quantized, scales = {}, {}
     for name, v in vectors.items():
         scale = v.abs().amax(dim=1) / 127.0
@@ -139,7 +208,16 @@ def quantize_rows(vectors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 
 def dequantize(index: dict[str, torch.Tensor], array: str) -> torch.Tensor:
     """A train-side array ready for ``raw_scores``: int8 rows times their scale (float32); float
-    arrays as stored (widened per product, so a float16 index stays half the memory)."""
+    arrays as stored (widened per product, so a float16 index stays half the memory).
+
+    Args:
+        index: The arrays of an index (``FeatureStore.load_index``); int8 arrays need their
+            ``scale.<array>`` beside them.
+        array: Which one, e.g. ``"psi_das"`` or ``"kernel_solved"``.
+
+    Returns:
+        The (N, k) array: float32 for int8 storage, else in its stored dtype.
+    """
     values = index[array]
     if values.dtype == torch.int8:
         return values.float() * index[f"scale.{array}"].unsqueeze(1)
@@ -148,8 +226,21 @@ def dequantize(index: dict[str, torch.Tensor], array: str) -> torch.Tensor:
 
 def build_index(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32) -> dict:
     """Solve the kernel once and store psi for every method on ``feature_set``, one index file per
-    feature shard. ``dtype``: storage of the train-side vectors (float16 halves what scoring reads and
-    stays exact through das_sd.topk's rescoring; int8 quarters it, per-row scaled and approximate)."""
+    feature shard.
+
+    Args:
+        store: The feature store to index (written in place).
+        feature_set: The feature set to index.
+        rule: How lambda is chosen.
+        dtype: Storage of the train-side vectors (float16 halves what scoring reads and stays exact
+            through das_sd.topk's rescoring; int8 quarters it, per-row scaled and approximate).
+
+    Returns:
+        The index info (as ``index_arrays``, plus its ``generation``).
+
+    Raises:
+        ValueError: If lambda is unusable (see ``index_arrays``).
+    """
     return build_indexes(store, [feature_set], rule, dtype)[feature_set]
 
 
@@ -157,7 +248,20 @@ def build_indexes(store: FeatureStore, feature_sets: list[str], rule: LambdaRule
                   dtype: torch.dtype = torch.float32) -> dict[str, dict]:
     """``build_index`` for several feature sets as one generation: every set's files are written
     first, then one manifest write switches all of them, so a kill never leaves the sets indexed
-    with different lambdas. Index files left by an earlier killed run are deleted first."""
+    with different lambdas. Index files left by an earlier killed run are deleted first.
+
+    Args:
+        store: The feature store to index (written in place).
+        feature_sets: The feature sets to index, all with the same rule.
+        rule: How lambda is chosen (resolved per feature set, against its own kernel).
+        dtype: Storage of the train-side vectors (see ``build_index``).
+
+    Returns:
+        ``{feature_set: index info}``, each info as ``index_arrays`` plus the shared ``generation``.
+
+    Raises:
+        ValueError: If lambda is unusable for a set (see ``index_arrays``); no set is switched then.
+    """
     store.remove_orphan_indexes()
     generation = store.new_generation()
     built = {}
@@ -170,14 +274,34 @@ def build_indexes(store: FeatureStore, feature_sets: list[str], rule: LambdaRule
 
 
 def refresh_indexes(store: FeatureStore, rule: LambdaRule | None = None) -> dict[str, dict]:
-    """Index, as one generation, every feature set of ``store`` whose index is missing or out of date."""
+    """Index, as one generation, every feature set of ``store`` whose index is missing or out of date.
+
+    Args:
+        store: The feature store (written in place).
+        rule: How lambda is chosen; None: the default rule (rho = ``DEFAULT_RHO``), not the one an
+            earlier index recorded.
+
+    Returns:
+        ``{feature_set: index info}`` of the sets indexed now; empty when every index is current.
+    """
     stale = [name for name in store.identity["feature_sets"] if not store.index_is_current(name)]
     return build_indexes(store, stale, rule or LambdaRule()) if stale else {}
 
 
 def index_in_memory(store: FeatureStore, feature_set: str, rule: LambdaRule,
                     kernel: torch.Tensor | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The index arrays for another lambda without writing them (e.g. to sweep lambda)."""
+    """The index arrays for another lambda without writing them (e.g. to sweep lambda).
+
+    Args:
+        store: The feature store (only read).
+        feature_set: The feature set.
+        rule: How lambda is chosen.
+        kernel: Phi^T Phi when the caller has it already; None computes it (``gram``).
+
+    Returns:
+        ``(info, arrays)``: the info as ``index_arrays`` gives it, and every index array (float32)
+        concatenated over all N rows.
+    """
     info, shards = index_arrays(store, feature_set, rule, kernel=kernel)
     parts: dict[str, list[torch.Tensor]] = {}
     for arrays in shards:
@@ -187,7 +311,18 @@ def index_in_memory(store: FeatureStore, feature_set: str, rule: LambdaRule,
 
 
 def train_array(name: str) -> tuple[str, str]:
-    """Where a gradient method's train-side vectors live: ("features" | "index", array name)."""
+    """Where a gradient method's train-side vectors live: ("features" | "index", array name).
+
+    Args:
+        name: A method of ``registry.METHODS`` other than ``latent-sim``.
+
+    Returns:
+        ``("features", "features.<set>")`` for a method without kernel (tracin), else ``("index",
+        a)`` with ``a`` one of ``kernel_solved``, ``psi_das``, ``psi_das_noleverage``.
+
+    Raises:
+        ValueError: If ``name`` is unknown or has no gradient vectors (latent-sim).
+    """
     m = method(name)
     if m.feature_set is None:
         raise ValueError(f"{name} has no train-side gradient vectors")
@@ -197,7 +332,21 @@ def train_array(name: str) -> tuple[str, str]:
 
 
 def train_vectors(store: FeatureStore, name: str, device: str = "cpu") -> torch.Tensor:
-    """The (N, k) train-side matrix of a gradient method: scores are query_features @ it.T."""
+    """The (N, k) train-side matrix of a gradient method: scores are query_features @ it.T.
+
+    Args:
+        store: The feature store (indexed, for the kernel methods).
+        name: A gradient method (not ``latent-sim``).
+        device: Where to load the matrix.
+
+    Returns:
+        The (N, k) matrix: float32 features, or the index array dequantized (float32 for int8,
+        else as stored).
+
+    Raises:
+        ValueError: If ``name`` is unknown or has no gradient vectors.
+        StoreError: If the index is missing or out of date, or a file is damaged.
+    """
     where, array = train_array(name)
     if where == "features":
         return store.load(array, device)
@@ -205,11 +354,28 @@ def train_vectors(store: FeatureStore, name: str, device: str = "cpu") -> torch.
 
 
 def raw_scores(query_features: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
-    """t (q, N) = phi_q^T psi_i in float32 accumulate (float64 for small problems is not needed)."""
+    """t (q, N) = phi_q^T psi_i in float32 accumulate (float64 for small problems is not needed).
+
+    Args:
+        query_features: (q, k) query features phi_q.
+        train: (N, k) train-side vectors of the method (``train_vectors``).
+
+    Returns:
+        The (q, N) float32 signed effects t.
+    """
     return query_features.float() @ train.float().T
 
 
 def latent_similarity(query_latents: torch.Tensor, train_latents: torch.Tensor) -> torch.Tensor:
+    """The latent-sim baseline's t: cosine similarity of flattened latents x_0 (docs/method.md §11).
+
+    Args:
+        query_latents: (q, ...) query latents, e.g. (q, 4, h, w).
+        train_latents: (N, ...) training latents with as many elements per row.
+
+    Returns:
+        The (q, N) float32 cosines, in [-1, 1].
+    """
     q = torch.nn.functional.normalize(query_latents.flatten(1).float(), dim=1)
     t = torch.nn.functional.normalize(train_latents.flatten(1).float(), dim=1)
     return q @ t.T
@@ -217,16 +383,40 @@ def latent_similarity(query_latents: torch.Tensor, train_latents: torch.Tensor) 
 
 def ranking(name: str, t: torch.Tensor) -> torch.Tensor:
     """What method ``name`` ranks by, from its signed effects t: t^2 for the squared methods (das,
-    das-noleverage; the sign of t is reported beside), t itself for the others."""
+    das-noleverage; the sign of t is reported beside), t itself for the others.
+
+    Args:
+        name: A method of ``registry.METHODS``.
+        t: Signed effects, any shape.
+
+    Returns:
+        The ranking scores (larger ranks first), shaped like ``t``.
+    """
     return t.pow(2) if method(name).squared else t
 
 
 def ranking_key(name: str, t: torch.Tensor) -> torch.Tensor:
     """A key that orders like ``ranking`` and moves by at most |dt| when t moves by dt (|t| for the
-    squared methods, t otherwise): a bound on the error of t bounds the error of the key."""
+    squared methods, t otherwise): a bound on the error of t bounds the error of the key.
+
+    Args:
+        name: A method of ``registry.METHODS``.
+        t: Signed effects, any shape.
+
+    Returns:
+        The key, shaped like ``t``.
+    """
     return t.abs() if method(name).squared else t
 
 
 def key_of_ranking(name: str, score: torch.Tensor) -> torch.Tensor:
-    """``ranking_key`` of the effects whose ``ranking`` is ``score`` (sqrt of t^2 for the squared methods)."""
+    """``ranking_key`` of the effects whose ``ranking`` is ``score`` (sqrt of t^2 for the squared methods).
+
+    Args:
+        name: A method of ``registry.METHODS``.
+        score: Ranking scores (``ranking``), any shape; negatives are clamped to 0 for squared methods.
+
+    Returns:
+        The key, shaped like ``score``.
+    """
     return score.clamp_min(0).sqrt() if method(name).squared else score

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,10 @@ from .models.modes import restored_modes
 from .noising import noisy_latents
 from .seeds import generator, seeded_global_rng
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RECORD_NAME = "lora_record.json"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -40,6 +45,23 @@ TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 @dataclass
 class LoraRecipe:
+    """How `das-sd train-lora` fine-tunes a LoRA (docs/method.md §2); recorded beside the weights.
+
+    Attributes:
+        rank: Rank r of the UNet LoRA.
+        alpha: LoRA alpha; the update is scaled by alpha / r.
+        steps: Optimizer steps.
+        learning_rate: AdamW learning rate of the UNet LoRA.
+        batch_size: Samples per step.
+        resolution: Training resolution in pixels; None: the base model's native resolution.
+        seed: Seeds batch order, timesteps and noise, and the LoRA initialisation.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient clipping: the most norm of all trained parameters' gradients together.
+        target_modules: UNet attention projections that get a LoRA.
+        text_encoder_rank: Rank of a LoRA on the text encoder's attention (alpha = rank); 0: UNet only.
+            Attribution differentiates the UNet LoRA only.
+        text_encoder_learning_rate: AdamW learning rate of the text-encoder LoRA; None: ``learning_rate``.
+    """
     rank: int = 8
     alpha: float = 8.0
     steps: int = 800
@@ -60,7 +82,17 @@ class LoraRecipe:
 
 
 def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Sample indices for every step: shuffled epochs over the samples, each repeated ``repeats`` times."""
+    """Sample indices for every step: shuffled epochs over the samples, each repeated ``repeats`` times.
+
+    Args:
+        repeats: How many times each sample appears in one epoch (kohya folder repeats; 1 usually).
+        batch_size: Samples per step.
+        steps: Number of steps.
+        generator: Draws each epoch's permutation.
+
+    Returns:
+        ``steps`` int64 tensors of ``batch_size`` sample indices each.
+    """
     pool = torch.tensor([i for i, r in enumerate(repeats) for _ in range(r)])
     order: list[torch.Tensor] = []
     needed = steps * batch_size
@@ -70,7 +102,18 @@ def batch_schedule(repeats: list[int], batch_size: int, steps: int, generator: t
     return list(flat.view(steps, batch_size))
 
 
-def add_lora_adapter(unet, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
+def add_lora_adapter(unet: UNet2DConditionModel, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
+    """Freeze ``unet`` and add a trainable LoRA (peft adapter ``"default"``) to its target modules.
+
+    The LoRA init (gaussian A, zero B) draws from torch's global generator: seed it first.
+
+    Args:
+        unet: The base UNet, without adapters; changed in place.
+        recipe: Its ``rank``, ``alpha`` and ``target_modules`` are used.
+
+    Returns:
+        The LoRA parameters, trainable, in parameter order.
+    """
     from peft import LoraConfig
 
     unet.requires_grad_(False)
@@ -79,8 +122,17 @@ def add_lora_adapter(unet, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
     return _trainable_lora_parameters(unet)
 
 
-def add_text_encoder_adapter(text_encoder, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
-    """Inject a trainable LoRA into ``text_encoder`` (a copy: the pipeline's own stays untouched)."""
+def add_text_encoder_adapter(text_encoder: CLIPTextModel, recipe: LoraRecipe) -> list[torch.nn.Parameter]:
+    """Inject a trainable LoRA into ``text_encoder`` (a copy: the pipeline's own stays untouched).
+
+    Args:
+        text_encoder: The text encoder to change in place (pass a copy); it is frozen first.
+        recipe: Its ``text_encoder_rank`` is the rank and the alpha of the LoRA on
+            ``TEXT_ENCODER_TARGET_MODULES``.
+
+    Returns:
+        The LoRA parameters, trainable, in parameter order.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     text_encoder.requires_grad_(False)
@@ -100,12 +152,28 @@ def _trainable_lora_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recipe: LoraRecipe | None = None,
-               pipe=None, progress: bool = True, keep_adapter: bool = False) -> dict:
+               pipe: StableDiffusionPipeline | None = None, progress: bool = True, keep_adapter: bool = False) -> dict:
     """Fine-tune a LoRA on ``dataset`` and save it (diffusers format) with its JSON record in ``out``.
 
-    ``pipe`` may be a loaded base pipeline (without any LoRA) to avoid reloading it. It is left
-    unchanged, unless ``keep_adapter``: then the trained adapter stays active on ``pipe.unet`` as
-    "default" (the in-memory trained model, e.g. to compare with the saved file).
+    Args:
+        base: The base model folder; None: the embedded tiny SD.
+        dataset: The training samples (images, captions, repeats).
+        out: The folder for ``LORA_WEIGHT_NAME`` and ``RECORD_NAME`` (created if missing).
+        recipe: How to train; None: ``LoraRecipe()``.
+        pipe: A loaded base pipeline (without any LoRA) to avoid reloading it. It is left
+            unchanged, unless ``keep_adapter``.
+        progress: Show a progress bar over the steps.
+        keep_adapter: Leave the trained adapter active on ``pipe.unet`` as "default" (and the trained
+            text encoder as ``pipe.text_encoder``): the in-memory trained model, e.g. to compare with
+            the saved file.
+
+    Returns:
+        The record written to ``RECORD_NAME``: the recipe (resolution filled in), base and LoRA
+        fingerprints, the dataset's root, fingerprint and sample keys, the training time and the
+        loss curve (``[step, EMA loss]`` every 50 steps and at the last).
+
+    Raises:
+        ValueError: If ``pipe`` already has LoRA adapters loaded.
     """
     from diffusers import DDPMScheduler
 
@@ -226,13 +294,30 @@ def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, cond
 
 def recipe_from_record(record: dict) -> LoraRecipe:
     """The recipe a LoRA record was trained with. Records written before ``text_encoder_rank``
-    existed come from the UNet-only recipe."""
+    existed come from the UNet-only recipe.
+
+    Args:
+        record: A LoRA record (``read_record``); its ``recipe`` is read, unknown fields ignored.
+
+    Returns:
+        The recipe; fields the record lacks take their defaults.
+    """
     recorded = {"text_encoder_rank": 0} | record["recipe"]
     return LoraRecipe(**{k: v for k, v in recorded.items() if k in LoraRecipe.__dataclass_fields__})
 
 
 def read_record(lora: str | Path) -> dict | None:
-    """The JSON record beside a LoRA trained by das-sd, or None for foreign LoRAs."""
+    """The JSON record beside a LoRA trained by das-sd, or None for foreign LoRAs.
+
+    Args:
+        lora: The LoRA weights file or its folder.
+
+    Returns:
+        The record read from ``RECORD_NAME`` in that folder, or None when there is none.
+
+    Raises:
+        ValueError: If the record is not valid JSON.
+    """
     path = Path(lora).expanduser()
     folder = path if path.is_dir() else path.parent
     record = folder / RECORD_NAME
@@ -245,7 +330,17 @@ def read_record(lora: str | Path) -> dict | None:
 
 
 def read_subset_file(path: str | Path) -> list[str]:
-    """Sample keys from a JSON list or a text file with one key per line."""
+    """Sample keys from a JSON list or a text file with one key per line.
+
+    Args:
+        path: The file; in the text form, blank lines and lines starting with ``#`` are skipped.
+
+    Returns:
+        The keys, in file order.
+
+    Raises:
+        ValueError: If the file holds JSON other than a list of strings, or no key.
+    """
     path = Path(path)
     text = path.read_text()
     try:
