@@ -1,4 +1,5 @@
-"""The public attribution API: open a store, featurize queries exactly like training samples, score.
+"""The public attribution API: open a store, featurize queries as training samples are (one fixed noise key
+for every query, docs/method.md §4), score.
 
     attributor = Attributor("my-store")
     result = attributor.attribute_image("generated.png", method="das", top_k=10)

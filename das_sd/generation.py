@@ -20,7 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from .data.images import open_image
+from .data.images import ImageError, open_image
 from .io import atomic_write_bytes
 from .seeds import generator
 
@@ -288,11 +288,16 @@ def read_png_attribution(path: str | Path) -> dict | None:
 
     Raises:
         ImageError: If the file cannot be read as an image or is too large.
-        json.JSONDecodeError: If the record is not valid JSON.
+        ImageError: If the record is not valid JSON.
     """
     with open_image(Path(path)) as image:
         text = getattr(image, "text", None) or {}
-        return json.loads(text[PNG_ATTRIBUTION_KEY]) if PNG_ATTRIBUTION_KEY in text else None
+    if PNG_ATTRIBUTION_KEY not in text:
+        return None
+    try:
+        return json.loads(text[PNG_ATTRIBUTION_KEY])
+    except json.JSONDecodeError as exc:
+        raise ImageError(f"{path}: its {PNG_ATTRIBUTION_KEY!r} record is not valid JSON ({exc})") from None
 
 
 def dropped_prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:

@@ -6,7 +6,7 @@ docs/method.md §10-§11:
     h_i   = phi_i^T G^-1 phi_i                  (leverage, 0 <= h_i < 1)
     psi_i = G^-1 phi_i * e_i / (1 - h_i)        (train-side vector, stored by `das-sd index`)
     t_i(x) = phi(x)^T psi_i ;  DAS_i(x) = t_i(x)^2, sign(t_i) reported
-Baselines (section 8) are other psi / transforms over the same code path.
+Baselines (§11) are other psi / transforms over the same code path.
 """
 
 from __future__ import annotations

@@ -301,7 +301,12 @@ def recipe_from_record(record: dict) -> LoraRecipe:
 
     Returns:
         The recipe; fields the record lacks take their defaults.
+
+    Raises:
+        ValueError: When the record has no ``recipe`` object.
     """
+    if not isinstance(record.get("recipe"), dict):
+        raise ValueError("the LoRA record has no 'recipe' object (not written by das-sd train-lora?)")
     recorded = {"text_encoder_rank": 0} | record["recipe"]
     return LoraRecipe(**{k: v for k, v in recorded.items() if k in LoraRecipe.__dataclass_fields__})
 

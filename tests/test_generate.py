@@ -81,3 +81,20 @@ def test_package_root_api_names_stay_functions_after_their_modules_load():
         first, again = getattr(das_sd, name), getattr(das_sd, name)
         assert not isinstance(first, types.ModuleType) and not isinstance(again, types.ModuleType), name
     assert das_sd.generate is das_sd.generation.generate
+
+
+def test_a_malformed_attribution_record_is_an_image_error_naming_the_file(tmp_path):
+    import pytest
+    from PIL.PngImagePlugin import PngInfo
+
+    from das_sd.data.images import ImageError
+    from das_sd.generation import PNG_ATTRIBUTION_KEY, read_png_attribution
+
+    info = PngInfo()
+    info.add_text(PNG_ATTRIBUTION_KEY, "{not json")
+    path = tmp_path / "bad-record.png"
+    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+    with pytest.raises(ImageError, match="bad-record.png: its 'das_sd_attribution' record is not valid JSON"):
+        read_png_attribution(path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "none.png")
+    assert read_png_attribution(tmp_path / "none.png") is None

@@ -150,3 +150,8 @@ def test_recipe_from_record_reads_old_records_as_unet_only(base_path, small_set,
     assert recipe_from_record(record) == LoraRecipe(seed=2, resolution=32, **FAST)
     old = {"recipe": {k: v for k, v in record["recipe"].items() if k != "text_encoder_rank"}}
     assert recipe_from_record(old).text_encoder_rank == 0
+
+
+def test_a_record_without_a_recipe_is_refused_clearly():
+    with pytest.raises(ValueError, match="no 'recipe' object"):
+        recipe_from_record({"sample_keys": []})

@@ -197,9 +197,11 @@ def render(spec: ImageSpec, resolution: int = 32, rng: np.random.Generator | Non
         (resolution, resolution, 3) uint8 image.
 
     Raises:
-        ValueError: When the spec names an unknown shape, pattern or motif.
-        KeyError: When ``spec.fg`` or ``spec.bg`` is not a colour of ``COLOURS``.
+        ValueError: When the spec names an unknown shape, pattern, motif or colour.
     """
+    for colour in (spec.fg, spec.bg):
+        if colour not in COLOURS:
+            raise ValueError(f"unknown colour {colour!r}; expected one of {sorted(COLOURS)}")
     x, y = _grid(resolution)
     fg = np.array(COLOURS[spec.fg], dtype=np.float64)
     bg = np.array(COLOURS[spec.bg], dtype=np.float64)
