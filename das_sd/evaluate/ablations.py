@@ -14,11 +14,15 @@ import json
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..featurize.featurizer import store_autocast
 from ..featurize.settings import FeaturizerSettings, uniform_grid
 from ..io import atomic_write_json
 from .groundtruth import generate_queries
+
+if TYPE_CHECKING:
+    from ..attribute import Attributor
 
 # one changed setting per variant; the base store's das settings give the rest
 FEATURIZER_VARIANTS: dict[str, dict] = {
@@ -42,9 +46,16 @@ FEATURIZER_VARIANTS: dict[str, dict] = {
 METHOD_VARIANTS: dict[str, str] = {"leverage off": "das-noleverage", "signed (t_i, not t_i^2)": "das-signed"}
 
 
-def base_das_settings(attributor) -> FeaturizerSettings:
+def base_das_settings(attributor: Attributor) -> FeaturizerSettings:
     """The das feature set's settings as recorded in the store (an explicit timestep list is kept only
-    when it is not the uniform grid that num_timesteps gives)."""
+    when it is not the uniform grid that num_timesteps gives).
+
+    Args:
+        attributor: The attributor of the base store; its pipeline gives the scheduler's timesteps.
+
+    Returns:
+        The settings the variants change one field of.
+    """
     from ..featurize.featurizer import alphas_cumprod_of
 
     recorded = attributor.store.identity["feature_sets"]["das"]
@@ -56,8 +67,20 @@ def base_das_settings(attributor) -> FeaturizerSettings:
     return settings
 
 
-def variant_rows(attributor, names: list[str] | None = None) -> list[tuple[str, dict]]:
-    """(name, overrides) of the featurizer variants that change something in this store's settings."""
+def variant_rows(attributor: Attributor, names: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(name, overrides) of the featurizer variants that change something in this store's settings.
+
+    Args:
+        attributor: The attributor of the base store.
+        names: Variant names (keys of ``FEATURIZER_VARIANTS``); None means all of them.
+
+    Returns:
+        ``(name, overrides)`` per variant that differs from the base store, in the order asked.
+
+    Raises:
+        ValueError: When a name is not a known variant, or a K= variant would replace the store's explicit
+            timestep list.
+    """
     base = base_das_settings(attributor)
     unknown = [n for n in names or [] if n not in FEATURIZER_VARIANTS]
     if unknown:
@@ -74,9 +97,19 @@ def variant_rows(attributor, names: list[str] | None = None) -> list[tuple[str, 
     return rows
 
 
-def variant_store(attributor, folder: Path, overrides: dict, progress: bool = True):
+def variant_store(attributor: Attributor, folder: Path, overrides: dict, progress: bool = True) -> Attributor:
     """An Attributor on a das-only store of the same model, LoRA and dataset with ``overrides``
-    applied (featurized and indexed once; a rerun resumes or reuses it)."""
+    applied (featurized and indexed once; a rerun resumes or reuses it).
+
+    Args:
+        attributor: The attributor of the base store; its pipeline is shared.
+        folder: Where the variant's store is built (or found).
+        overrides: ``FeaturizerSettings`` fields to change from ``base_das_settings``.
+        progress: Show a progress bar while featurizing.
+
+    Returns:
+        An Attributor on the variant store, indexed with the base store's das lambda rule.
+    """
     from ..attribute import Attributor
     from ..data.datasets import open_dataset
     from ..featurize.build import featurize_dataset
@@ -100,10 +133,23 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=-" else "-" for c in name)
 
 
-def measure(attributor, methods: list[str], data, generations: dict, lds_run: dict | None,
-            progress: bool) -> dict[str, dict]:
-    """Ground truth on both splits (``generations``: per split, from ``generate_queries``) and
-    (optionally) LDS of some methods of one store, each instrument run once for all of them."""
+def measure(attributor: Attributor, methods: list[str], data: str | Path | None, generations: dict,
+            lds_run: dict | None, progress: bool) -> dict[str, dict]:
+    """Ground truth on both splits and (optionally) LDS of some methods of one store, each
+    instrument run once for all of them.
+
+    Args:
+        attributor: The attributor of the store measured.
+        methods: Methods of that store to measure.
+        data: Dataset folder with ground_truth.json; None skips ground truth.
+        generations: Per split, the generated queries (``generate_queries``).
+        lds_run: ``{"workdir", "queries", "settings", "workers"}`` for ``run_lds``; None skips LDS.
+        progress: Show progress bars.
+
+    Returns:
+        Per method, ``{"method", "store_id", "groundtruth_<split>": metrics, "lds": {set: {"lds", "ci",
+        "queries"}}, "chosen_rho"}`` (the ground truth and LDS keys only when measured).
+    """
     from .groundtruth import evaluate_ground_truth
     from .lds import run_lds
 
@@ -125,7 +171,14 @@ def measure(attributor, methods: list[str], data, generations: dict, lds_run: di
 
 
 def ablation_table(results: dict) -> str:
-    """A markdown table of an ablation run: one row per variant, ground truth and LDS columns."""
+    """A markdown table of an ablation run: one row per variant, ground truth and LDS columns.
+
+    Args:
+        results: The run's results (``run_ablations``, as in ablations.json).
+
+    Returns:
+        The table as markdown text: Recall@10 and mAP per split, LDS with its 95 % interval per query set.
+    """
     rows = results["rows"]
     sets = sorted({s for r in rows.values() for s in r.get("lds", {})}, key=["val", "gen"].index)
     head = ["variant", "R@10 tune", "mAP tune", "R@10 test", "mAP test"] + [f"LDS {s} [95% CI]" for s in sets]
@@ -142,12 +195,28 @@ def ablation_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_ablations(attributor, workdir: str | Path, variants: list[str] | None = None, data=None,
-                  lds_run: dict | None = None, method_variants: bool = True, progress: bool = True) -> dict:
-    """Measure the base store's das, its scorer variants and each featurizer variant. ``data``: a
-    dataset with ground_truth.json (None skips ground truth); ``lds_run``: {"workdir", "queries"
-    (LDSQueries), "settings" (LDSSettings), "workers"} (None skips LDS). Results also go to
-    workdir/ablations.json."""
+def run_ablations(attributor: Attributor, workdir: str | Path, variants: list[str] | None = None,
+                  data: str | Path | None = None, lds_run: dict | None = None, method_variants: bool = True,
+                  progress: bool = True) -> dict:
+    """Measure the base store's das, its scorer variants and each featurizer variant. Results also go
+    to workdir/ablations.json.
+
+    Args:
+        attributor: The attributor of the base store.
+        workdir: Run folder; variant stores are built under ``stores/`` in it.
+        variants: Featurizer variants to run (keys of ``FEATURIZER_VARIANTS``); None means all.
+        data: A dataset with ground_truth.json; None skips ground truth.
+        lds_run: ``{"workdir", "queries" (LDSQueries), "settings" (LDSSettings), "workers"}``; None skips LDS.
+        method_variants: Also measure the scorer variants (``METHOD_VARIANTS``) the store supports.
+        progress: Show progress bars.
+
+    Returns:
+        ``{"base_store", "base_settings", "rows": {variant name: measurements (``measure``), featurizer
+        variants with "changed" and, when featurized in one go, "featurize_seconds"}, "seconds"}``.
+
+    Raises:
+        ValueError: From ``variant_rows``, for an unknown or inapplicable variant.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows_to_build = variant_rows(attributor, variants)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,12 +26,24 @@ from ..io import atomic_write_json
 from ..registry import GRADIENT_METHOD_NAMES
 from .retrain import attributed_recipe_and_data, run_training_jobs, training_job
 
+if TYPE_CHECKING:
+    from ..attribute import Attributor
+
 RANDOM = "random"
 FULL = "full set (retraining noise)"
 
 
 @dataclass
 class CounterfactualSettings:
+    """Settings of a counterfactual-removal run (docs/method.md §16).
+
+    Attributes:
+        top_k: Training images removed per method (and per random control).
+        random_draws: Random-removal controls per generation.
+        random_seed: Seed of the random removals (with the generation and draw index).
+        steps: Denoising steps of each generation.
+        guidance: Classifier-free guidance scale of each generation.
+    """
     top_k: int = 10
     random_draws: int = 1  # random-removal controls per generation
     random_seed: int = 0
@@ -38,9 +51,22 @@ class CounterfactualSettings:
     guidance: float = 4.0
 
 
-def removal_sets(attributor, prompt: str, seed: int, latents: torch.Tensor, methods: list[str],
+def removal_sets(attributor: Attributor, prompt: str, seed: int, latents: torch.Tensor, methods: list[str],
                  settings: CounterfactualSettings, generation: int) -> dict[str, list[str]]:
-    """Training keys to remove, per method and per random control, for one generation."""
+    """Training keys to remove, per method and per random control, for one generation.
+
+    Args:
+        attributor: The attributor of the store under test.
+        prompt: The generation's prompt.
+        seed: The generation's seed (not used: the random draws are seeded by ``generation``).
+        latents: (1, 4, h, w) the generation's final latents.
+        methods: Methods whose top-k are removed.
+        settings: Gives ``top_k``, ``random_draws`` and ``random_seed``.
+        generation: Index of the generation in the run; seeds its random draws.
+
+    Returns:
+        ``{method: its top-k keys, "random-<d>": k random keys (sorted), FULL: []}``.
+    """
     keys = attributor.store.keys()
     out = {}
     features = attributor.query_features(latents, [prompt])
@@ -58,10 +84,30 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).flatten().norm())
 
 
-def run_counterfactual(attributor, workdir: str | Path, prompts: list[str], seeds: int,
+def run_counterfactual(attributor: Attributor, workdir: str | Path, prompts: list[str], seeds: int,
                        settings: CounterfactualSettings, methods: list[str] | None = None, workers: int = 1,
                        progress: bool = True, ray_address: str | None = None) -> dict:
-    """Retrain without each method's top-k for every generation; results also go to workdir/counterfactual.json."""
+    """Retrain without each method's top-k for every generation, regenerate, and measure how far each
+    generation moved; results also go to workdir/counterfactual.json (docs/method.md §16).
+
+    Args:
+        attributor: The attributor of the store under test; its LoRA needs a lora_record.json.
+        workdir: Run folder: plan.json, retrained LoRAs and per-generation distances (resumable).
+        prompts: Prompts of the generations.
+        seeds: Generations per prompt, with seeds 0..seeds-1.
+        settings: The run's settings.
+        methods: Methods to test; None means the store's gradient methods.
+        workers: Parallel trainings.
+        progress: Show progress bars.
+        ray_address: Ray cluster to train on ("" for a local one); None: no Ray.
+
+    Returns:
+        The summary of ``summarize``.
+
+    Raises:
+        ValueError: When ``workdir`` holds a run with other settings (or, from
+            ``attributed_recipe_and_data``, when the LoRA's recipe or dataset cannot be recovered).
+    """
     from ..generation import GenerationSettings, generate
     from ..models.loading import load_lora, load_pipeline
 
@@ -125,7 +171,20 @@ def _folder(name: str) -> str:
 
 def summarize(rows: list[dict], methods: list[str], settings: CounterfactualSettings, plan: dict,
               workdir: Path) -> dict:
-    """Median pixel and latent distances per method; random draws pooled into one control."""
+    """Median pixel and latent distances per method; random draws pooled into one control. Also written
+    to workdir/counterfactual.json.
+
+    Args:
+        rows: Per generation, ``{"prompt", "seed", "removed", "pixel": {name: distance}, "latent": {...}}``.
+        methods: The methods tested.
+        settings: Gives ``top_k`` and ``random_draws``.
+        plan: The run's plan (as in plan.json).
+        workdir: Run folder.
+
+    Returns:
+        ``{"plan", "generations", "top_k", "median": {method, "random (control)", FULL: {"pixel", "latent"}},
+        "per_generation": rows}``; pixel distances are RMS over RGB in [0, 1], latent ones L2.
+    """
     def medians(kind: str, names: list[str]) -> float:
         return float(np.median([r[kind][n] for r in rows for n in names]))
     randoms = [f"{RANDOM}-{d}" for d in range(settings.random_draws)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from ..data.ground_truth import load_ground_truth
 from ..generation import GenerationSettings, generate
 from ..score import ranking
 from .metrics import average_precision, recall_at_k
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from ..attribute import Attributor
 
 SPLITS: dict[str, dict] = {
     "test": {"subjects": [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "white", "green")],
@@ -34,12 +40,32 @@ SPLITS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class GroundTruthQuery:
+    """One ground-truth query: a generation whose top-ranked training images should be its group's exemplars.
+
+    Attributes:
+        trigger: The group's trigger word; names the group whose exemplars are relevant.
+        prompt: The generation's prompt.
+        seed: The generation's seed.
+    """
     trigger: str
     prompt: str
     seed: int
 
 
 def queries_for(truth: dict, split: str = "test") -> list[GroundTruthQuery]:
+    """The queries of one split: per group, its own ``prompts`` or the demo vocabulary's, with seeds
+    counted up from the split's first seed (docs/method.md §14).
+
+    Args:
+        truth: The parsed ground_truth.json (``das_sd.data.ground_truth.load_ground_truth``).
+        split: "test" (seeds from 100, the reported split) or "tune" (seeds from 500, for choosing settings).
+
+    Returns:
+        The queries, group by group in file order.
+
+    Raises:
+        ValueError: When ``split`` is not one of ``SPLITS``.
+    """
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {sorted(SPLITS)}")
     spec = SPLITS[split]
@@ -51,20 +77,53 @@ def queries_for(truth: dict, split: str = "test") -> list[GroundTruthQuery]:
     return out
 
 
-def generate_queries(pipe, data: str | Path, split: str = "test", steps: int = 25,
+def generate_queries(pipe: StableDiffusionPipeline, data: str | Path, split: str = "test", steps: int = 25,
                      progress: bool = False) -> list[tuple[GroundTruthQuery, torch.Tensor]]:
     """The split's generations (final latents): what every store of the same model and LoRA is
-    evaluated on, so an ablation generates them once."""
+    evaluated on, so an ablation generates them once.
+
+    Args:
+        pipe: The pipeline with the attributed LoRA loaded.
+        data: Dataset folder holding ground_truth.json.
+        split: "test" or "tune" (see ``queries_for``).
+        steps: Denoising steps per generation (guidance is ``GenerationSettings``' default, 4.0).
+        progress: Show a progress bar.
+
+    Returns:
+        ``(query, latents)`` per query; latents are the final latents, (1, 4, h/8, w/8).
+    """
     queries = queries_for(load_ground_truth(data), split)
     return [(q, generate(pipe, GenerationSettings(prompt=q.prompt, seed=q.seed, steps=steps)).latents)
             for q in tqdm(queries, desc="generate", unit="query", disable=not progress)]
 
 
-def evaluate_ground_truth(attributor, data: str | Path, split: str = "test", methods: list[str] | None = None,
-                          ks: tuple[int, ...] = (5, 10), steps: int = 25, progress: bool = False,
+def evaluate_ground_truth(attributor: Attributor, data: str | Path, split: str = "test",
+                          methods: list[str] | None = None, ks: tuple[int, ...] = (5, 10), steps: int = 25,
+                          progress: bool = False,
                           generations: list[tuple[GroundTruthQuery, torch.Tensor]] | None = None) -> dict:
-    """Recall@k and AP of each group's exemplars, per method: ``{"methods": {name: {...}}, "groups": ...}``.
-    ``generations``: the split's queries already generated (``generate_queries``) with this LoRA."""
+    """Recall@k and AP of each group's exemplars, per method, averaged over a split's queries (docs/method.md §14).
+
+    Args:
+        attributor: The attributor of the store under test; its pipeline generates the queries.
+        data: Dataset folder holding ground_truth.json; its exemplar files must be rows of the store.
+        split: "test" or "tune" (see ``queries_for``).
+        methods: Methods to rank with; None means every method the store supports.
+        ks: The k of each reported Recall@k.
+        steps: Denoising steps when the queries are generated here.
+        progress: Show a progress bar.
+        generations: The split's queries already generated with this LoRA (``generate_queries``);
+            None generates them.
+
+    Returns:
+        ``{"split", "queries": count, "groups": {trigger: exemplar count}, "chance_ap": mean |R| / N,
+        "methods": {method: {"recall@k": ..., "ap": mAP}}, "ap_per_group": {method: {trigger: mAP}}}``,
+        values rounded to 4 decimals.
+
+    Raises:
+        ValueError: When an exemplar file of a group is not a training row of the store, or (from
+            ``load_ground_truth``) when ground_truth.json is malformed.
+        FileNotFoundError: When ``data`` holds no ground_truth.json.
+    """
     truth = load_ground_truth(data)
     key_of = {s.relpath: s.key for s in open_dataset(data)}
     stored = set(attributor.store.keys())

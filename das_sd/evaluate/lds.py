@@ -19,6 +19,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,9 +32,33 @@ from ..registry import GRADIENT_METHOD_NAMES
 from ..score import ranking
 from .retrain import attributed_recipe_and_data, run_training_jobs, training_job
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from diffusers import StableDiffusionPipeline
+
+    from ..attribute import Attributor
+    from ..data.datasets import Dataset
+    from ..train import LoraRecipe
+
 
 @dataclass
 class LDSSettings:
+    """Settings of an LDS run (docs/method.md §15).
+
+    Attributes:
+        subsets: M, the number of random training subsets retrained on.
+        fraction: Share of the training samples in each subset (round(fraction N), at least 1).
+        repeats: LoRAs retrained per subset, with different seeds; their outputs are averaged.
+        subset_seed: Seed of the subset draw.
+        output_timesteps: Timesteps of the uniform grid that L_simple is averaged over.
+        output_noise_draws: Noise draws per timestep of that average.
+        output_seed: Seed of those noise draws.
+        bootstrap: Resamples of the queries for the 95 % interval.
+        tune_fraction: Share of each query set held out to choose lambda (never reported); 0: no tune part.
+        split_seed: Seed of the tune / reported split of each query set.
+        rho_grid: The rho tried for each kernel method (lambda = rho trace / k).
+    """
     subsets: int = 16  # M (the papers use 64)
     fraction: float = 0.5
     repeats: int = 1  # LoRAs per subset (different seeds), outputs averaged
@@ -48,7 +73,17 @@ class LDSSettings:
 
 
 def draw_subsets(n: int, settings: LDSSettings) -> np.ndarray:
-    """(M, N) boolean masks, each selecting round(fraction N) training samples."""
+    """Draw the M random training subsets, seeded by ``settings.subset_seed``.
+
+    Subset j is the same draw for any M > j, so a run can grow.
+
+    Args:
+        n: Number of training samples N.
+        settings: Gives M (``subsets``), ``fraction`` and ``subset_seed``.
+
+    Returns:
+        (M, N) bool masks, each selecting round(fraction N) (at least 1) training samples.
+    """
     rng = np.random.default_rng(settings.subset_seed)
     size = max(1, round(settings.fraction * n))
     masks = np.zeros((settings.subsets, n), dtype=bool)
@@ -58,11 +93,29 @@ def draw_subsets(n: int, settings: LDSSettings) -> np.ndarray:
 
 
 def subset_seed(recipe_seed: int, subset: int, repeat: int) -> int:
+    """Training seed of one retraining: ``recipe_seed + 1000 subset + repeat`` (docs/method.md §15).
+
+    Args:
+        recipe_seed: The attributed LoRA's own training seed.
+        subset: Subset index j.
+        repeat: Repeat index r on that subset.
+
+    Returns:
+        The seed.
+    """
     return recipe_seed + 1000 * subset + repeat
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    """Spearman rank correlation, with average ranks for ties.
+
+    Args:
+        a: 1-D values.
+        b: 1-D values, as many as ``a``.
+
+    Returns:
+        The correlation in [-1, 1]; nan when either side is constant.
+    """
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
@@ -83,7 +136,22 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray, bootstrap: int = 1000,
         seed: int = 0) -> dict:
-    """LDS of one method. scores (Q, N) signed effects, masks (M, N), outputs (M, Q) -> summary."""
+    """LDS of one method on one query set (docs/method.md §15).
+
+    The prediction for subset j is ``-masks[j] @ scores[q]``; queries whose Spearman correlation is nan
+    (a constant side) are dropped.
+
+    Args:
+        scores: (Q, N) the method's ranking keys (``das_sd.score.ranking``: t^2 for das, not signed t).
+        masks: (M, N) bool subset masks (``draw_subsets``).
+        outputs: (M, Q) model outputs of the retrained LoRAs (``retrained_outputs``).
+        bootstrap: Resamples of the queries for the 95 % interval.
+        seed: Seed of the bootstrap.
+
+    Returns:
+        ``{"lds": mean over queries, "ci": [low, high] 95 % bootstrap interval, "per_query": (Q,) list with
+        nan for dropped queries, "queries": queries kept}``; lds and ci are nan when no query is kept.
+    """
     predictions = -(masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64).T)  # (M, Q)
     per_query = np.array([spearman(predictions[:, q], outputs[:, q]) for q in range(outputs.shape[1])])
     valid = per_query[~np.isnan(per_query)]
@@ -97,9 +165,17 @@ def lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray, bootstrap: i
 
 
 def oracle_scores(masks: np.ndarray, outputs: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
-    """Attributions fitted to the retrained outputs themselves (a linear datamodel per query):
-    the best any method could do on these subsets. Returns (Q, N) scores in the method convention
-    (yhat = -mask @ score)."""
+    """Attributions fitted to the retrained outputs themselves (a ridge linear datamodel per query,
+    with intercept): the best any method could do on these subsets.
+
+    Args:
+        masks: (M, N) bool subset masks.
+        outputs: (M, Q) model outputs of the retrained LoRAs.
+        ridge: Ridge penalty of the fit (on the intercept too).
+
+    Returns:
+        (Q, N) float64 scores in the method convention (yhat = -mask @ score).
+    """
     x = masks.astype(np.float64)
     x = np.hstack([x, np.ones((x.shape[0], 1))])
     gram = x.T @ x + ridge * np.eye(x.shape[1])
@@ -108,11 +184,24 @@ def oracle_scores(masks: np.ndarray, outputs: np.ndarray, ridge: float = 1e-3) -
 
 
 @torch.no_grad()
-def model_outputs(pipe, latents: torch.Tensor, cond: torch.Tensor, keys: list[str], settings: LDSSettings,
-                  batch_size: int = 64) -> np.ndarray:
+def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor, keys: list[str],
+                  settings: LDSSettings, batch_size: int = 64) -> np.ndarray:
     """L_simple of each query, averaged over the timestep grid and noise draws (fixed per query key).
+
     All (query, timestep, draw) rows go through the UNet in batches: one row's noise depends only on
-    its key and timestep, so batching changes nothing but float rounding."""
+    its key and timestep, so batching changes nothing but float rounding.
+
+    Args:
+        pipe: The pipeline with the (retrained) LoRA loaded; its scheduler config gives the noise schedule.
+        latents: (Q, 4, h, w) clean query latents x_0.
+        cond: (Q, tokens, dim) prompt embeddings of the queries.
+        keys: One stable id per query; with the timestep it fixes the noise draws.
+        settings: Gives ``output_timesteps``, ``output_noise_draws`` and ``output_seed``.
+        batch_size: UNet rows per batch (whole (query, timestep) groups of draws, at least one).
+
+    Returns:
+        (Q,) float64 averaged L_simple.
+    """
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -140,8 +229,16 @@ def _output_noise(seed: int, key: str, t: int, draws: int, shape) -> torch.Tenso
     return torch.randn((draws, *shape), generator=generator(f"das-sd-lds:{seed}:{key}:{t}", drop_low_bit=True))
 
 
-def cached_outputs(path: Path, compute) -> np.ndarray:
-    """Outputs of one retrained LoRA, computed once and kept as JSON beside it (resumable runs)."""
+def cached_outputs(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """Outputs of one retrained LoRA, computed once and kept as JSON beside it (resumable runs).
+
+    Args:
+        path: The JSON cache file; read when it exists, else written.
+        compute: Computes the outputs when the file is not there yet.
+
+    Returns:
+        The (Q,) outputs, from the file or from ``compute``.
+    """
     if path.is_file():
         return np.array(json.loads(path.read_text())["outputs"])
     values = compute()
@@ -155,15 +252,40 @@ def cached_outputs(path: Path, compute) -> np.ndarray:
 
 @dataclass
 class LDSQueries:
+    """One set of LDS queries: clean latents and their prompts.
+
+    Attributes:
+        name: The set's name: "val" (held-out real images), "gen" (generations), or "<name>-tune" for
+            the tune part of a set (``split_queries``).
+        keys: One stable id per query; fixes its noise draws.
+        latents: (Q, 4, h, w) the queries' clean latents.
+        prompts: One prompt per query.
+    """
     name: str  # "val" (held-out real images) or "gen" (generations)
     keys: list[str]  # stable ids: fix each query's noise draws
     latents: torch.Tensor  # (Q, 4, h, w)
     prompts: list[str]
 
 
-def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Path, repeats: int = 1,
-                    workers: int = 1, progress: bool = True, ray_address: str | None = None) -> list[list[Path]]:
-    """LoRA folders per subset and repeat (see ``run_training_jobs``); finished ones are kept."""
+def retrain_subsets(base: Path, dataset: Dataset, masks: np.ndarray, recipe: LoraRecipe, workdir: Path,
+                    repeats: int = 1, workers: int = 1, progress: bool = True,
+                    ray_address: str | None = None) -> list[list[Path]]:
+    """Retrain the LoRA on every subset and repeat (finished ones are kept, see ``run_training_jobs``).
+
+    Args:
+        base: Folder of the base model.
+        dataset: The full training dataset, in store row order (the masks' columns).
+        masks: (M, N) bool subset masks.
+        recipe: The attributed LoRA's recipe; repeat r on subset j trains with ``subset_seed``.
+        workdir: Run folder; LoRAs go to ``subset-JJJ/seed-R`` under it.
+        repeats: LoRAs per subset.
+        workers: Parallel trainings.
+        progress: Show a progress bar.
+        ray_address: Ray cluster to train on ("" for a local one); None: no Ray.
+
+    Returns:
+        The LoRA folders, ``[subset][repeat]``.
+    """
     keys = dataset.keys
     jobs, folders = [], []
     for j, mask in enumerate(masks):
@@ -180,7 +302,21 @@ def retrain_subsets(base: Path, dataset, masks: np.ndarray, recipe, workdir: Pat
 
 def retrained_outputs(base: Path, folders: list[list[Path]], queries: LDSQueries, settings: LDSSettings,
                       progress: bool = True) -> np.ndarray:
-    """(M, Q) outputs: per subset, the mean over its repeats of each query's averaged L_simple."""
+    """Model outputs of every retrained LoRA on one query set (cached beside each LoRA).
+
+    The base pipeline is loaded on the CPU only when some output is not cached yet; the prompts are
+    encoded once by the base text encoder (docs/method.md §15).
+
+    Args:
+        base: Folder of the base model.
+        folders: LoRA folders ``[subset][repeat]`` (``retrain_subsets``).
+        queries: The query set.
+        settings: Gives the output grid, noise draws and seed (``model_outputs``).
+        progress: Show a progress bar.
+
+    Returns:
+        (M, Q) per subset, the mean over its repeats of each query's averaged L_simple.
+    """
     from tqdm.auto import tqdm
 
     from ..latents import encode_prompts
@@ -214,8 +350,19 @@ def _query_digest(queries: LDSQueries, settings: LDSSettings) -> str:
 
 
 def split_queries(queries: LDSQueries, settings: LDSSettings) -> tuple[LDSQueries | None, LDSQueries]:
-    """(tune, report): a seeded ``tune_fraction`` of the queries chooses lambda, the rest is reported.
-    A set of one query is not split (no tune part)."""
+    """Split a query set: a seeded ``tune_fraction`` of the queries chooses lambda, the rest is reported.
+
+    A set of one query, or ``tune_fraction`` 0, is not split (no tune part); otherwise both parts
+    keep at least one query.
+
+    Args:
+        queries: The query set.
+        settings: Gives ``tune_fraction`` and ``split_seed``.
+
+    Returns:
+        ``(tune, report)``: the tune part (named "<name>-tune") or None, and the reported part (named
+        as ``queries``), each in the original order.
+    """
     n = len(queries.keys)
     n_tune = min(n - 1, max(1, int(n * settings.tune_fraction))) if n > 1 and settings.tune_fraction > 0 else 0
     if n_tune == 0:
@@ -228,12 +375,23 @@ def split_queries(queries: LDSQueries, settings: LDSSettings) -> tuple[LDSQuerie
     return take(f"{queries.name}-tune", order[:n_tune]), take(queries.name, order[n_tune:])
 
 
-def lambda_curves(attributor, parts: list[tuple], masks: np.ndarray, methods: list[str],
+def lambda_curves(attributor: Attributor, parts: list[tuple], masks: np.ndarray, methods: list[str],
                   settings: LDSSettings) -> dict:
     """For every kernel method: LDS over the rho grid on the tune queries (pooled over the query
-    sets) and on the reported ones, and the rho with the best tune LDS. ``parts``: per query set
-    (tune features or None, their outputs, reported features, their outputs, set name), features
-    as from ``Attributor.query_features``."""
+    sets) and on the reported ones, and the rho with the best tune LDS.
+
+    Args:
+        attributor: The attributor of the store; its kernels are solved again at each rho.
+        parts: Per query set, ``(tune features or None, tune outputs (M, Q_t) or None, reported features,
+            reported outputs (M, Q_r), set name)``; features as from ``Attributor.query_features``.
+        masks: (M, N) bool subset masks.
+        methods: Methods to evaluate; those without a kernel are skipped.
+        settings: Gives ``rho_grid`` and ``bootstrap``.
+
+    Returns:
+        Per kernel method, ``{"points": [{"rho", "lambda", "tune": pooled tune LDS (nan without tune
+        queries), "report": {set name: ``lds`` summary}}], "chosen_rho": best tune rho, or None}``.
+    """
     from ..registry import method
     from ..score import LambdaRule, gram, index_in_memory, raw_scores, train_array
 
@@ -262,10 +420,22 @@ def lambda_curves(attributor, parts: list[tuple], masks: np.ndarray, methods: li
     return curves
 
 
-def evaluate_lds(attributor, queries: LDSQueries, masks: np.ndarray, outputs: np.ndarray, methods: list[str],
-                 settings: LDSSettings, features: dict[str, torch.Tensor] | None = None) -> dict:
-    """LDS of each method on one query set (scores from the attributor's store; ``features``: the
-    queries' features when the caller has them)."""
+def evaluate_lds(attributor: Attributor, queries: LDSQueries, masks: np.ndarray, outputs: np.ndarray,
+                 methods: list[str], settings: LDSSettings, features: dict[str, torch.Tensor] | None = None) -> dict:
+    """LDS of each method on one query set, scored with the store's own index (its lambda).
+
+    Args:
+        attributor: The attributor of the store.
+        queries: The query set.
+        masks: (M, N) bool subset masks.
+        outputs: (M, Q) model outputs of the retrained LoRAs on ``queries``.
+        methods: Methods to evaluate.
+        settings: Gives ``bootstrap``.
+        features: The queries' features per feature set when the caller has them; None computes them.
+
+    Returns:
+        ``{method: lds summary}`` (see ``lds``).
+    """
     out = {}
     for name in methods:
         score = ranking(name, attributor.scores(queries.latents, queries.prompts, name, features))
@@ -273,8 +443,20 @@ def evaluate_lds(attributor, queries: LDSQueries, masks: np.ndarray, outputs: np
     return out
 
 
-def val_queries(attributor, data: str | Path, limit: int | None = None) -> LDSQueries:
-    """Held-out real images (a dataset folder the LoRA was not trained on) as LDS queries."""
+def val_queries(attributor: Attributor, data: str | Path, limit: int | None = None) -> LDSQueries:
+    """Held-out real images (a dataset folder the LoRA was not trained on) as LDS queries.
+
+    Args:
+        attributor: The attributor whose pipeline encodes the images at the store's resolution.
+        data: The held-out dataset folder; captions become the prompts.
+        limit: Use only the first ``limit`` images; None (or 0) uses all.
+
+    Returns:
+        The "val" query set, keyed by sample key, latents on the CPU.
+
+    Raises:
+        ValueError: When any image of ``data`` is a training image of the store.
+    """
     from ..data.datasets import open_dataset
     from ..latents import encode_images
 
@@ -288,8 +470,17 @@ def val_queries(attributor, data: str | Path, limit: int | None = None) -> LDSQu
     return LDSQueries("val", [s.key for s in samples], latents.cpu(), [s.caption for s in samples])
 
 
-def gen_queries(attributor, prompts: list[str], seeds: int) -> LDSQueries:
-    """Generations of the attributed LoRA (final latents, no VAE round trip) as LDS queries."""
+def gen_queries(attributor: Attributor, prompts: list[str], seeds: int) -> LDSQueries:
+    """Generations of the attributed LoRA (final latents, no VAE round trip) as LDS queries.
+
+    Args:
+        attributor: The attributor whose pipeline generates (default ``GenerationSettings``).
+        prompts: The prompts.
+        seeds: Generations per prompt, with seeds 0..seeds-1.
+
+    Returns:
+        The "gen" query set, keys ``gen-{prompt index}-{seed}``.
+    """
     from ..generation import GenerationSettings, generate
 
     keys, latents, texts = [], [], []
@@ -301,11 +492,31 @@ def gen_queries(attributor, prompts: list[str], seeds: int) -> LDSQueries:
     return LDSQueries("gen", keys, torch.cat(latents), texts)
 
 
-def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], settings: LDSSettings,
+def run_lds(attributor: Attributor, workdir: str | Path, query_sets: list[LDSQueries], settings: LDSSettings,
             methods: list[str] | None = None, workers: int = 1, progress: bool = True,
             ray_address: str | None = None) -> dict:
     """Retrain on M subsets with the attributed LoRA's recipe, then score every method on every
-    query set from the same retrained models. Results are also written to workdir/lds-<store id>.json."""
+    query set from the same retrained models. Results are also written to workdir/lds-<store id>.json.
+
+    Args:
+        attributor: The attributor of the store under test; its LoRA needs a lora_record.json.
+        workdir: Run folder: retrained LoRAs, cached outputs, plan.json and the results (resumable).
+        query_sets: The query sets (``val_queries``, ``gen_queries``); each is split into tune and reported parts.
+        settings: The LDS settings.
+        methods: Methods to evaluate; None means the store's gradient methods.
+        workers: Parallel trainings.
+        progress: Show progress bars.
+        ray_address: Ray cluster to train on ("" for a local one); None: no Ray.
+
+    Returns:
+        ``{"plan", "methods", "query_sets": {name: {"queries", "tune_queries", "query_keys", "tune_keys",
+        "lds_store_lambda": {method: summary}, "lds": {method: summary at the chosen rho, plus an oracle
+        row}}}, "lambda": {method: {"chosen_rho", "curve"}}}``.
+
+    Raises:
+        ValueError: When ``workdir`` holds a run with other retraining settings, or the LoRA's
+            recipe or dataset cannot be recovered (``attributed_recipe_and_data``).
+    """
     workdir = Path(workdir)
     recipe, dataset = attributed_recipe_and_data(attributor)
     masks = draw_subsets(len(dataset), settings)
@@ -347,11 +558,20 @@ def run_lds(attributor, workdir: str | Path, query_sets: list[LDSQueries], setti
     return results
 
 
-def retraining_plan(attributor, recipe, settings: LDSSettings) -> dict:
+def retraining_plan(attributor: Attributor, recipe: LoraRecipe, settings: LDSSettings) -> dict:
     """What the retrained LoRAs of a run folder depend on: the subset rule, the recipe, the base model
     and the training rows. Not the store's featurizer settings, so that every store of the same
     fine-tune (ablations) is scored from the same retrained models; not M, so that a run can grow
-    (subset j is the same draw for any M >= j + 1)."""
+    (subset j is the same draw for any M >= j + 1).
+
+    Args:
+        attributor: The attributor of the store (base fingerprint and training rows).
+        recipe: The attributed LoRA's recipe.
+        settings: Gives the subset rule (``fraction``, ``repeats``, ``subset_seed``).
+
+    Returns:
+        The plan as a JSON-ready dict, as it reads back from plan.json.
+    """
     identity = attributor.store.identity
     return json.loads(json.dumps({
         "subsets": {"fraction": settings.fraction, "repeats": settings.repeats, "subset_seed": settings.subset_seed},
@@ -360,6 +580,15 @@ def retraining_plan(attributor, recipe, settings: LDSSettings) -> dict:
 
 
 def check_retraining_plan(workdir: Path, plan: dict) -> None:
+    """Refuse a run folder made for other retrained LoRAs, else create it and write its plan.json.
+
+    Args:
+        workdir: The run folder.
+        plan: The run's plan (``retraining_plan``).
+
+    Raises:
+        ValueError: When ``workdir`` holds a plan.json that differs from ``plan`` (naming the fields).
+    """
     plan_file = workdir / "plan.json"
     if plan_file.is_file():
         held = json.loads(plan_file.read_text())

@@ -1,4 +1,4 @@
-"""Ranking metrics against planted ground truth."""
+"""Ranking metrics against planted ground truth (docs/method.md §14)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,38 @@ from collections.abc import Sequence
 
 
 def recall_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
-    """Fraction of the relevant items found among the first k."""
+    """Recall@k: the fraction of the relevant items found among the first k of a ranking.
+
+    Args:
+        ranked: Item ids (training keys), best first.
+        relevant: The ids that should rank high (a group's exemplars); must not be empty.
+        k: How many of the first ranked items count.
+
+    Returns:
+        |top_k ∩ relevant| / |relevant|, in [0, 1].
+
+    Raises:
+        ValueError: When ``relevant`` is empty.
+    """
     if not relevant:
         raise ValueError("no relevant items")
     return len(set(ranked[:k]) & relevant) / len(relevant)
 
 
 def average_precision(ranked: Sequence[str], relevant: set[str]) -> float:
-    """Mean of precision@i over the ranks i of the relevant items (over the full ranking)."""
+    """Average precision: the mean of precision@i over the ranks i of the relevant items (docs/method.md §14).
+
+    Args:
+        ranked: Item ids (training keys), best first; the full ranking, not a top-k.
+        relevant: The ids that should rank high (a group's exemplars); must not be empty. Relevant ids
+            missing from ``ranked`` count as found at no rank (precision 0).
+
+    Returns:
+        AP in [0, 1]; 1 when every relevant item ranks above every other.
+
+    Raises:
+        ValueError: When ``relevant`` is empty.
+    """
     if not relevant:
         raise ValueError("no relevant items")
     hits, total = 0, 0.0

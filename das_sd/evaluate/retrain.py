@@ -10,13 +10,31 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from ..attribute import Attributor
+    from ..data.datasets import Dataset
+    from ..train import LoraRecipe
 
-def attributed_recipe_and_data(attributor):
+
+def attributed_recipe_and_data(attributor: Attributor) -> tuple[LoraRecipe, Dataset]:
     """The recipe the attributed LoRA was trained with (its lora_record.json) and the store's dataset:
-    what every retraining of an evaluation repeats."""
+    what every retraining of an evaluation repeats.
+
+    Args:
+        attributor: The attributor whose LoRA (``attributor.lora_path``) and store are evaluated.
+
+    Returns:
+        ``(recipe, dataset)``: the LoRA's training recipe and the store's dataset, opened from the
+        ``dataset_root`` and ``dataset_format`` the store recorded.
+
+    Raises:
+        ValueError: When no lora_record.json lies beside the LoRA (it was not trained by
+            ``das-sd train-lora``), or when the dataset's samples no longer match the store's rows.
+    """
     from ..data.datasets import open_dataset
     from ..train import read_record, recipe_from_record
 
@@ -46,8 +64,22 @@ def _train_one(job: tuple) -> str:
     return out
 
 
-def training_job(base: Path, dataset, keys: list[str], out: Path, recipe, seed: int, threads: int = 1) -> tuple:
-    """One retraining: the LoRA recipe with ``seed`` on the samples ``keys`` of ``dataset``, into ``out``."""
+def training_job(base: Path, dataset: Dataset, keys: list[str], out: Path, recipe: LoraRecipe, seed: int,
+                 threads: int = 1) -> tuple:
+    """One retraining: the LoRA recipe with ``seed`` on the samples ``keys`` of ``dataset``, into ``out``.
+
+    Args:
+        base: Folder of the base model the LoRA is trained on.
+        dataset: The full training dataset; only its root and format go into the job.
+        keys: Sample keys of ``dataset`` to train on (the subset).
+        out: Folder the retrained LoRA and its lora_record.json are written to.
+        recipe: The attributed LoRA's training recipe; its own seed is replaced by ``seed``.
+        seed: Training seed of this job.
+        threads: Torch CPU threads of the worker (``run_training_jobs`` sets it again).
+
+    Returns:
+        A picklable job tuple for ``run_training_jobs``.
+    """
     return (str(base), str(dataset.root), dataset.format, list(keys), str(out), asdict(recipe) | {"seed": seed},
             threads)
 
@@ -55,8 +87,16 @@ def training_job(base: Path, dataset, keys: list[str], out: Path, recipe, seed: 
 def run_training_jobs(jobs: list[tuple], workers: int = 1, progress: bool = True, ray_address: str | None = None,
                       desc: str = "retrain") -> None:
     """Train every job (already finished ones are skipped): in this process, in ``workers`` spawned
-    processes, or as tasks on a Ray cluster when ``ray_address`` is given ("" for a local one of
-    ``workers`` CPUs; the cluster's workers must see the output folders)."""
+    processes, or as tasks on a Ray cluster when ``ray_address`` is given.
+
+    Args:
+        jobs: Job tuples from ``training_job``.
+        workers: Parallel trainings; 1 trains in this process. The CPU threads are split among them.
+        progress: Show a progress bar.
+        ray_address: Address of a Ray cluster to run the jobs as tasks on; "" starts a local one of
+            ``workers`` CPUs; None does not use Ray. The cluster's workers must see the output folders.
+        desc: Label of the progress bar.
+    """
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 

@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,12 +30,32 @@ from .rollup import (NORMALISATION, SIGNED_NORMALISATION, GroupCredit, ImageCred
                      group_credits, image_credits, signed_shares)
 from .signals import DUPLICATE_SIMILARITY, OUTLIER_Z, ImageSignals, image_signals
 
+if TYPE_CHECKING:
+    from ..store import Row
+
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
 class InspectSettings:
+    """Settings of an inspection (docs/method.md §13).
+
+    Attributes:
+        method: The attribution method scored with (a name of ``das_sd.registry.METHOD_NAMES``).
+        top_k: k of each training image's top-k count.
+        batch_size: Generations featurized together.
+        bootstrap: Resamples of the generations for the group intervals.
+        seed: Seed of the bootstrap.
+        per_image_generations: Largest-share generations listed per training image.
+        duplicate_threshold: Cosine of the stored latents from which an image is a near-duplicate.
+        outlier_threshold: Robust z-score of self-influence above which an image is an outlier.
+        steps: Denoising steps of the generations made here.
+        guidance: Classifier-free guidance scale of the generations made here.
+
+    Raises:
+        ValueError: When ``method`` is not a known method.
+    """
     method: str = DEFAULT_METHOD
     top_k: int = 10  # for the top-k counts
     batch_size: int = 8  # generations featurized together
@@ -52,6 +73,14 @@ class InspectSettings:
 
 @dataclass
 class Generation:
+    """One inspected generation.
+
+    Attributes:
+        id: Its id in the reports (``p<prompt>-s<seed>`` for generations made here, else the file stem).
+        prompt: Its prompt.
+        seed: Its seed; None for an image read from a folder.
+        image: Path of its image file.
+    """
     id: str
     prompt: str
     seed: int | None
@@ -60,6 +89,26 @@ class Generation:
 
 @dataclass
 class Inspection:
+    """The result of an inspection: scores, shares and credits of every training image over Q generations.
+
+    Attributes:
+        settings: The settings it ran with.
+        store_id: Id of the feature store scored against.
+        group_by: The grouping (``folder``, ``column:NAME``, ``file:PATH``), or None.
+        generations: The Q generations, in scoring order.
+        keys: The N training keys, in store row order.
+        paths: The training images' paths.
+        captions: The training captions.
+        groups: The group of each training image, or None without ``group_by``.
+        scores: (Q, N) float64 ranking scores (t^2 for das).
+        effects: (Q, N) float64 signed effects t.
+        shares: (Q, N) credit shares (``credit_shares``); each row sums to 1 or is all 0.
+        signed: (Q, N) signed shares (``signed_shares``).
+        credits: Per training image, its credit over the generations (``image_credits``).
+        group_credits: Per group, its credit, largest mean share first; empty without groups.
+        signals: Per-image leverage, self-influence and near-duplicate signals; None for methods
+            without a feature set.
+    """
     settings: InspectSettings
     store_id: str
     group_by: str | None
@@ -77,7 +126,13 @@ class Inspection:
     signals: ImageSignals | None = None
 
     def image_rows(self) -> list[dict]:
-        """One record per training image, most credited first."""
+        """One record per training image, most credited first.
+
+        Returns:
+            Per image, ``{"key", "path", "caption", "group", "total_share", "mean_share",
+            "mean_signed_share", "top_k_count", "top_generations"}``, plus with signals "leverage",
+            "self_influence", "outlier_z", "outlier", "nearest_key", "nearest_similarity", "duplicate".
+        """
         rows = []
         for c in sorted(self.credits, key=lambda c: -c.total_share):
             i = c.index
@@ -96,6 +151,12 @@ class Inspection:
         return rows
 
     def to_json(self) -> dict:
+        """The inspection as a JSON-ready record (what inspection.json holds and ``html_report`` reads).
+
+        Returns:
+            Store id, method, settings, normalisations, every generation with its top-k images by share,
+            group credits and ``image_rows``.
+        """
         top = np.argsort(-self.shares, axis=1)[:, :self.settings.top_k]
         return {
             "store_id": self.store_id, "method": self.settings.method, "settings": asdict(self.settings),
@@ -108,7 +169,14 @@ class Inspection:
         }
 
     def save(self, out: str | Path) -> dict[str, Path]:
-        """inspection.json, images.csv, groups.csv, generations.csv and report.html under ``out``."""
+        """Write inspection.json, images.csv, groups.csv, generations.csv and report.html under ``out``.
+
+        Args:
+            out: Output folder; created when missing, files in it replaced.
+
+        Returns:
+            The written paths by kind: "json", "images_csv", "groups_csv", "generations_csv", "html".
+        """
         from ..io import atomic_write_text
         from .report import html_report
 
@@ -146,7 +214,18 @@ def _csv(columns: list[str], rows: list[dict]) -> str:
 
 def generate_queries(attributor: Attributor, prompts: list[str], seeds: int, out: Path,
                      settings: InspectSettings) -> Iterator[tuple[Generation, torch.Tensor]]:
-    """prompts x seeds 0..seeds-1, generated with the store's pipeline and saved as PNGs under ``out``."""
+    """Generate prompts x seeds 0..seeds-1 with the store's pipeline and save them as PNGs under ``out``.
+
+    Args:
+        attributor: The attributor whose pipeline generates.
+        prompts: The prompts.
+        seeds: Generations per prompt.
+        out: Folder for the PNGs (``p<prompt>-s<seed>.png``, with generation metadata); created when missing.
+        settings: Gives the generations' ``steps`` and ``guidance``.
+
+    Yields:
+        ``(generation, latents)`` one at a time; latents are the final latents, (1, 4, h/8, w/8).
+    """
     out.mkdir(parents=True, exist_ok=True)
     info = provenance(attributor.base_path, attributor.lora_path)
     for p, prompt in enumerate(prompts):
@@ -161,7 +240,19 @@ def generate_queries(attributor: Attributor, prompts: list[str], seeds: int, out
 
 
 def image_queries(attributor: Attributor, folder: str | Path) -> Iterator[tuple[Generation, torch.Tensor]]:
-    """Every image of ``folder`` (sorted), with the prompt from its PNG metadata."""
+    """Every image of ``folder`` (sorted), with the prompt from its PNG metadata.
+
+    Args:
+        attributor: The attributor that reads and encodes the images.
+        folder: Folder of generated images (.png, .jpg, .jpeg, .webp; not searched recursively).
+
+    Yields:
+        ``(generation, latents)`` per image; the generation's id is the file stem, its seed None.
+
+    Raises:
+        QueryError: When the folder holds no such image (or is not a folder), or (from
+            ``Attributor.image_query``) when an image cannot be a query.
+    """
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
@@ -175,11 +266,23 @@ def image_queries(attributor: Attributor, folder: str | Path) -> Iterator[tuple[
 # Groups
 
 def training_groups(attributor: Attributor, group_by: str, mapping: dict[str, str] | None = None) -> list[str]:
-    """A group name per training row: ``folder`` (kohya folder / parent folder), ``column:NAME``
-    (a metadata.jsonl / .csv column) or ``file:PATH`` (JSON object or two-column CSV mapping keys,
-    relative paths or file names to groups). ``mapping``: the ``file:`` mapping already read (the app
-    reads uploads itself and never opens a path a request names). Rows the mapping does not cover go
-    to "(none)"."""
+    """A group name per training row (docs/method.md §13).
+
+    Args:
+        attributor: The attributor of the store whose rows are grouped.
+        group_by: ``folder`` (kohya folder / parent folder; "(root)" for top-level images), ``column:NAME``
+            (a metadata.jsonl / .csv column) or ``file:PATH`` (JSON object or two-column CSV mapping keys,
+            relative paths or file names to groups). Rows a column or mapping does not cover go to "(none)".
+        mapping: The ``file:`` mapping already read (the app reads uploads itself and never opens a
+            path a request names); None reads PATH.
+
+    Returns:
+        One group name per training row, in store row order.
+
+    Raises:
+        ValueError: When ``group_by`` has another form, the dataset has no column NAME, or the mapping
+            cannot be read or gives no training image a group.
+    """
     rows = attributor.rows
     if group_by == "folder":
         return [str(Path(r.path).parent.as_posix()) if Path(r.path).parent.as_posix() != "." else "(root)" for r in rows]
@@ -204,10 +307,21 @@ def _mapped_group(row, mapping: dict[str, str]) -> str | None:
     return mapping.get(row.key) or mapping.get(row.path) or mapping.get(Path(row.path).name)
 
 
-def mapping_coverage(rows, mapping: dict[str, str], group_by: str) -> str:
-    """How much of the store a ``file:`` group mapping covers, as a line for the user; a mapping that
-    gives no training image a group (another file, a metadata.jsonl read as CSV) is refused: a
-    ValueError naming it (``group_by``), rather than every image in "(none)"."""
+def mapping_coverage(rows: list[Row], mapping: dict[str, str], group_by: str) -> str:
+    """How much of the store a ``file:`` group mapping covers, as a line for the user.
+
+    Args:
+        rows: The store's training rows.
+        mapping: Key, relative path or file name -> group.
+        group_by: How the user named the mapping (``file:PATH``); errors and the line start with it.
+
+    Returns:
+        A line saying how many mapping entries name a training image and how many images get a group.
+
+    Raises:
+        ValueError: When the mapping gives no training image a group (another file, a metadata.jsonl
+            read as CSV), rather than putting every image in "(none)".
+    """
     names = set()
     grouped = 0
     for r in rows:
@@ -227,10 +341,22 @@ MAX_MAPPING_BYTES = 1 << 20  # what the app reads of a mapping (an upload or a f
 
 
 def read_group_mapping(path: Path, max_bytes: int | None = None, name: str | None = None) -> dict[str, str]:
-    """The mapping in a JSON or CSV file; ``name``: what errors call it (default: its path).
+    """The group mapping in a JSON or CSV file.
 
-    Only a regular file is read, and opening never waits (a FIFO would block forever);
-    ``max_bytes`` refuses larger files before reading past the limit."""
+    Only a regular file is read, and opening never waits (a FIFO would block forever).
+
+    Args:
+        path: The file; a ``.json`` suffix is read as JSON, anything else as CSV.
+        max_bytes: Larger files are refused before reading past the limit; None reads any size.
+        name: What errors call the file; None uses its path.
+
+    Returns:
+        Key, relative path or file name -> group.
+
+    Raises:
+        ValueError: When the file cannot be opened, is not a regular file, is larger than ``max_bytes``,
+            is not UTF-8, or does not parse (``parse_group_mapping``).
+    """
     label = name or str(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -251,7 +377,20 @@ def read_group_mapping(path: Path, max_bytes: int | None = None, name: str | Non
 
 
 def parse_group_mapping(text: str, label: str, as_json: bool) -> dict[str, str]:
-    """A JSON object, or CSV rows (key or file, group); errors say where, never quote the text."""
+    """Parse a group mapping: a JSON object, or CSV rows (key or file, group; a header row is skipped).
+
+    Args:
+        text: The file's text.
+        label: What errors call the file; errors say where, never quote the text.
+        as_json: Parse as JSON; False parses CSV.
+
+    Returns:
+        Key, relative path or file name -> group (CSV cells stripped of spaces).
+
+    Raises:
+        ValueError: When the JSON is invalid or not an object, or the CSV is unreadable or has a
+            row with fewer than two columns.
+    """
     if as_json:
         try:
             data = json.loads(text)
@@ -275,7 +414,20 @@ def parse_group_mapping(text: str, label: str, as_json: bool) -> dict[str, str]:
 def read_mapping_inside(root: Path, relpath: str, max_bytes: int = MAX_MAPPING_BYTES) -> dict[str, str]:
     """``file:PATH`` for a caller who may only name files of the dataset folder (the app's users):
     a relative path without "..", resolving (symlinks too) inside ``root``. The refusal is the same
-    whether or not the path exists outside, so it tells nothing about the server's files."""
+    whether or not the path exists outside, so it tells nothing about the server's files.
+
+    Args:
+        root: The dataset folder.
+        relpath: The mapping's path relative to ``root``.
+        max_bytes: Larger files are refused.
+
+    Returns:
+        Key, relative path or file name -> group.
+
+    Raises:
+        ValueError: When ``relpath`` is empty, absolute, has "..", a backslash, a NUL or a leading "~",
+            or resolves outside ``root``; or when the file cannot be read (``read_group_mapping``).
+    """
     shown = relpath if len(relpath) <= 80 else relpath[:79] + "…"
     refusal = ValueError(f"file:{shown}: a group mapping must be a file inside the dataset folder, named by "
                          "its relative path (or upload the mapping)")
@@ -296,8 +448,25 @@ def read_mapping_inside(root: Path, relpath: str, max_bytes: int = MAX_MAPPING_B
 def inspect_generations(attributor: Attributor, queries: Iterator[tuple[Generation, torch.Tensor]], total: int,
                         settings: InspectSettings | None = None, group_by: str | None = None,
                         progress: Progress | None = None, mapping: dict[str, str] | None = None) -> Inspection:
-    """Attribute every generation (batched) and roll the credit up per training image and group
-    (``mapping``: a ``file:`` group mapping the caller has read, see ``training_groups``)."""
+    """Attribute every generation (batched) and roll the credit up per training image and group.
+
+    Args:
+        attributor: The attributor of the store inspected.
+        queries: ``(generation, latents)`` pairs (``generate_queries``, ``image_queries``).
+        total: Number of queries, for progress reports.
+        settings: The settings; None uses the defaults.
+        group_by: The grouping (see ``training_groups``); None: no groups.
+        progress: Called as ``progress(done, total, generation id)`` for each query; None: silent.
+        mapping: A ``file:`` group mapping the caller has read (see ``training_groups``).
+
+    Returns:
+        The inspection.
+
+    Raises:
+        QueryError: When ``queries`` yields nothing (or a query cannot be attributed).
+        ValueError: When the store lacks the method's feature set or ``group_by`` is refused
+            (``training_groups``).
+    """
     settings = settings or InspectSettings()
     m = attributor.require_method(settings.method)
     groups = training_groups(attributor, group_by, mapping) if group_by else None

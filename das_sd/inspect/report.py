@@ -29,6 +29,14 @@ img.t{width:72px;height:72px;image-rendering:pixelated;border-radius:4px;display
 
 @functools.lru_cache(maxsize=256)  # an image can appear in several tables of one report
 def thumbnail(path: str) -> str:
+    """A PNG thumbnail of an image (at most 144 px a side) as a data URI, for inlining in the report.
+
+    Args:
+        path: The image file.
+
+    Returns:
+        ``data:image/png;base64,...``; "" when the image cannot be read.
+    """
     try:
         with open_image(path) as image:
             image = image.convert("RGB")
@@ -50,7 +58,16 @@ def _pct(x: float) -> str:
 
 
 def group_chart(groups: list[dict], width: int = 640) -> str:
-    """Horizontal bars of group shares with their 95 % intervals, and a tick at the size share."""
+    """Horizontal bars of group shares with their 95 % intervals, and a tick at the size share.
+
+    Args:
+        groups: Group records as in ``Inspection.to_json()["groups"]`` (``name``, ``mean_share``,
+            ``ci_low``, ``ci_high``, ``size_share``), drawn in this order.
+        width: Chart width in pixels.
+
+    Returns:
+        An inline SVG element; "" when there are no groups.
+    """
     if not groups:
         return ""
     bar_h, left, top = 22, 170, 8
@@ -72,7 +89,17 @@ def group_chart(groups: list[dict], width: int = 640) -> str:
 
 
 def histogram(values: np.ndarray, bins: int = 30, width: int = 640, height: int = 160) -> str:
-    """Histogram of per-image mean shares (log-spaced counts would hide the long tail: linear)."""
+    """Histogram of per-image mean shares (log-spaced counts would hide the long tail: linear).
+
+    Args:
+        values: (N,) shares, as fractions (labelled as percentages).
+        bins: Number of equal-width bins.
+        width: Chart width in pixels.
+        height: Plot height in pixels (the axis labels add 24).
+
+    Returns:
+        An inline SVG element.
+    """
     counts, edges = np.histogram(values, bins=bins)
     peak = max(int(counts.max()), 1)
     bw = (width - 40) / bins
@@ -109,8 +136,15 @@ def _image_table(rows: list[dict], with_group: bool) -> str:
 
 
 def html_report(data: dict) -> str:
-    """The report of an inspection from its JSON record (``Inspection.to_json()``, as saved in
-    inspection.json), which holds everything shown: the report can be rebuilt from that file."""
+    """The report of an inspection from its JSON record, which holds everything shown: the report
+    can be rebuilt from inspection.json.
+
+    Args:
+        data: The record (``Inspection.to_json()``, as saved in inspection.json).
+
+    Returns:
+        A complete HTML document with no scripts or external files.
+    """
     rows, settings = data["images"], data["settings"]
     with_group = bool(data["group_by"])  # an inspection has groups exactly when it was given a group_by
     n, q = len(rows), data["num_generations"]

@@ -20,14 +20,29 @@ SIGNED_NORMALISATION = "signed[q, i] = t[q, i] / sum_j |t[q, j]| per generation 
 
 
 def credit_shares(scores: np.ndarray) -> np.ndarray:
-    """(Q, N) ranking scores -> (Q, N) shares, each row summing to 1 (all zero rows stay zero)."""
+    """Each generation's share of positive credit per training image (docs/method.md §13).
+
+    Args:
+        scores: (Q, N) ranking scores (t^2 for das); negative scores get no credit.
+
+    Returns:
+        (Q, N) float64 shares ``max(score, 0) / sum_j max(score_j, 0)``; each row sums to 1, a row with
+        no positive score is all 0.
+    """
     credit = np.clip(np.asarray(scores, dtype=np.float64), 0, None)
     total = credit.sum(axis=1, keepdims=True)
     return np.divide(credit, total, out=np.zeros_like(credit), where=total > 0)
 
 
 def signed_shares(effects: np.ndarray) -> np.ndarray:
-    """(Q, N) signed effects t -> t / sum |t| per row."""
+    """Each generation's signed share per training image: direction kept (docs/method.md §13).
+
+    Args:
+        effects: (Q, N) signed effects t.
+
+    Returns:
+        (Q, N) float64 ``t / sum_j |t_j|`` per row; a row of zeros stays zero.
+    """
     effects = np.asarray(effects, dtype=np.float64)
     total = np.abs(effects).sum(axis=1, keepdims=True)
     return np.divide(effects, total, out=np.zeros_like(effects), where=total > 0)
@@ -35,7 +50,16 @@ def signed_shares(effects: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ImageCredit:
-    """One training image's credit over all inspected generations."""
+    """One training image's credit over all inspected generations.
+
+    Attributes:
+        index: The image's row in the store.
+        total_share: Sum over generations of its share.
+        mean_share: Its mean share over the generations.
+        mean_signed_share: Its mean signed share over the generations.
+        top_k_count: Generations in whose top-k by share it appears.
+        top_generations: ``(generation index, share)`` of its largest-share generations, largest first.
+    """
     index: int
     total_share: float  # sum over generations of its share
     mean_share: float  # total / number of generations
@@ -45,6 +69,17 @@ class ImageCredit:
 
 
 def image_credits(shares: np.ndarray, signed: np.ndarray, top_k: int, per_image: int = 5) -> list[ImageCredit]:
+    """Roll the shares up per training image (docs/method.md §13).
+
+    Args:
+        shares: (Q, N) credit shares (``credit_shares``).
+        signed: (Q, N) signed shares (``signed_shares``).
+        top_k: k of the top-k counts (capped at N).
+        per_image: Largest-share generations listed per image.
+
+    Returns:
+        One credit per training image, in row order.
+    """
     q, n = shares.shape
     k = min(top_k, n)
     top = np.argpartition(-shares, k - 1, axis=1)[:, :k] if n else np.zeros((q, 0), dtype=int)
@@ -57,6 +92,17 @@ def image_credits(shares: np.ndarray, signed: np.ndarray, top_k: int, per_image:
 
 @dataclass
 class GroupCredit:
+    """One group's credit over all inspected generations.
+
+    Attributes:
+        name: The group's name.
+        size: Training images in the group.
+        size_share: size / N: the share the group would get if credit ignored content.
+        mean_share: Mean over generations of the group's summed share.
+        ci_low: Lower end of the bootstrap 95 % interval of ``mean_share`` (resampling generations).
+        ci_high: Upper end of that interval.
+        per_generation: The group's summed share in each generation.
+    """
     name: str
     size: int  # training images in the group
     size_share: float  # size / N: the share a group would get if credit ignored content
@@ -68,7 +114,17 @@ class GroupCredit:
 
 def group_credits(shares: np.ndarray, groups: list[str], bootstrap: int = 1000, seed: int = 0) -> list[GroupCredit]:
     """Per group: the summed share per generation, its mean, and a bootstrap 95 % interval that
-    resamples generations with replacement. Groups come out largest mean share first."""
+    resamples generations with replacement (docs/method.md §13).
+
+    Args:
+        shares: (Q, N) credit shares.
+        groups: The group name of each of the N training images.
+        bootstrap: Resamples of the generations.
+        seed: Seed of the bootstrap.
+
+    Returns:
+        One credit per group, largest mean share first.
+    """
     names = sorted(set(groups))
     member = np.zeros((len(groups), len(names)))
     member[np.arange(len(groups)), [names.index(g) for g in groups]] = 1.0

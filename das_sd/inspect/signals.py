@@ -27,29 +27,73 @@ DUPLICATE_SIMILARITY = 0.99
 
 @dataclass
 class ImageSignals:
+    """Per-training-image signals of a store (docs/method.md §13).
+
+    Attributes:
+        leverage: (N,) leverage h_i.
+        self_influence: (N,) self-influence s_i = h_i e_i / (1 - h_i).
+        outlier_z: (N,) robust z-score of self-influence (``robust_z``).
+        nn_similarity: (N,) cosine of the stored latent to the nearest other training image's.
+        nn_index: (N,) row of that neighbour (-1 when there is none).
+        duplicate_threshold: Similarity from which an image is a near-duplicate.
+        outlier_threshold: z-score above which an image is an outlier.
+    """
     leverage: np.ndarray  # (N,)
     self_influence: np.ndarray  # (N,)
     outlier_z: np.ndarray  # (N,) robust z-score of self-influence
-    nn_similarity: np.ndarray  # (N,) cosine to the nearest other training feature
+    nn_similarity: np.ndarray  # (N,) cosine to the nearest other training image (stored latents)
     nn_index: np.ndarray  # (N,) row of that neighbour
     duplicate_threshold: float
     outlier_threshold: float
 
     def is_duplicate(self, i: int) -> bool:
+        """Whether training image ``i`` is a near-duplicate of another.
+
+        Args:
+            i: Row of the image.
+
+        Returns:
+            True when its nearest-neighbour similarity is at least ``duplicate_threshold``.
+        """
         return bool(self.nn_similarity[i] >= self.duplicate_threshold)
 
     def is_outlier(self, i: int) -> bool:
+        """Whether training image ``i`` is a self-influence outlier.
+
+        Args:
+            i: Row of the image.
+
+        Returns:
+            True when its robust z-score is above ``outlier_threshold``.
+        """
         return bool(self.outlier_z[i] > self.outlier_threshold)
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
+    """Robust z-scores (Iglewicz and Hoaglin): ``(v - median) / (1.4826 MAD)``.
+
+    Args:
+        values: (N,) values.
+
+    Returns:
+        (N,) z-scores; all 0 when the MAD is 0.
+    """
     median = np.median(values)
     mad = np.median(np.abs(values - median)) * 1.4826
     return (values - median) / mad if mad > 0 else np.zeros_like(values)
 
 
 def nearest_neighbours(features: torch.Tensor, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine to the nearest other row, its index) for every row, block by block."""
+    """The nearest other row of every row by cosine similarity, computed block by block.
+
+    Args:
+        features: (N, d) rows (any float dtype; compared in float32).
+        block: Rows compared against all N at once (memory is block x N).
+
+    Returns:
+        ``(similarity, index)``: (N,) float64 cosine to the nearest other row and (N,) int64 its row;
+        -1 and -1 when N is 1.
+    """
     unit = torch.nn.functional.normalize(features.float(), dim=1)
     n = unit.shape[0]
     best = np.full(n, -1.0)
@@ -66,6 +110,17 @@ def nearest_neighbours(features: torch.Tensor, block: int = 4096) -> tuple[np.nd
 
 def image_signals(store: FeatureStore, feature_set: str = "das", duplicate_threshold: float = DUPLICATE_SIMILARITY,
                   outlier_threshold: float = OUTLIER_Z) -> ImageSignals:
+    """Leverage, self-influence, outlier and near-duplicate signals of every training image of a store.
+
+    Args:
+        store: The feature store; its index of ``feature_set`` must be built.
+        feature_set: Feature set whose index gives leverage and residuals (that of the inspected method).
+        duplicate_threshold: Latent cosine from which an image is a near-duplicate.
+        outlier_threshold: Robust z-score of self-influence above which an image is an outlier.
+
+    Returns:
+        The signals, in store row order.
+    """
     index = store.load_index(feature_set)
     leverage = index["leverage"].double().numpy()
     residual = index["residual"].double().numpy()
