@@ -81,18 +81,22 @@ class Attribution:
         method: The method that ranked them (``registry.METHODS``).
         query: What was attributed: its ``prompt``, and e.g. its ``source`` file or the caller's info.
         results: The top-k rows, best first.
+        notes: What the user must know to read the ranking, e.g. that the store differentiates only
+            part of the LoRA (``--allow-partial``); empty when nothing.
     """
     method: str
     query: dict
     results: list[AttributionRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The attribution as JSON-ready data (what ``das-sd attribute --json`` prints).
 
         Returns:
-            ``{"method": ..., "query": ..., "results": [row as a dict, ...]}``.
+            ``{"method": ..., "query": ..., "results": [row as a dict, ...], "notes": [...]}``.
         """
-        return {"method": self.method, "query": self.query, "results": [asdict(r) for r in self.results]}
+        return {"method": self.method, "query": self.query, "results": [asdict(r) for r in self.results],
+                "notes": list(self.notes)}
 
     def provenance(self, store_id: str) -> dict:
         """The compact record written into an attributed image's metadata.
@@ -199,6 +203,21 @@ class Attributor:
                 more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
                 raise StoreError(f"{self.store.root}: the pipeline's {what} is not the one this store was built "
                                  f"with ({path}): " + "; ".join(diffs[:3]) + more)
+
+    @property
+    def notes(self) -> list[str]:
+        """What every attribution from this store must say beside its ranking.
+
+        Returns:
+            One sentence when the store was featurized with ``--allow-partial`` and left LoRA
+            parameters out (their kinds and counts, from the manifest); otherwise empty.
+        """
+        record = self.store.manifest.get("info", {}).get("lora_parameters") or {}
+        if not record.get("left_out_total"):
+            return []
+        kinds = ", ".join(f"{kind} ({count:,})" for kind, count in record.get("left_out", {}).items())
+        return [f"partial attribution: the store differentiates {record.get('differentiated_total', 0):,} of the "
+                f"LoRA's parameters; left out (--allow-partial): {kinds}"]
 
     @property
     def methods(self) -> list[str]:
@@ -366,7 +385,7 @@ class Attributor:
             rows = [AttributionRow(rank=r + 1, key=self.rows[i].key, path=self.paths[i], caption=self.rows[i].caption,
                                    score=float(top.scores[q, r]), sign=int(top.signs[q, r]))
                     for r, i in enumerate(top.indices[q].tolist())]
-            out.append(Attribution(method=method, query=info, results=rows))
+            out.append(Attribution(method=method, query=info, results=rows, notes=self.notes))
         return out
 
     def streams(self, name: str) -> bool:

@@ -6,12 +6,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .argtypes import non_negative_int, positive_float, positive_int
 from .io import printable
 from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, DEFAULT_METHOD, DEFAULT_RHO, FEATURE_SETS,
                        INDEX_DTYPES, METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
+
+if TYPE_CHECKING:
+    from .attribute import Attribution
 
 
 def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
@@ -142,14 +146,16 @@ def cmd_featurize(args: argparse.Namespace) -> None:
                                   projection_nonzeros=args.projection_nonzeros, residual=args.residual, residual_timesteps=args.residual_timesteps)
     job = FeaturizeJob(store=args.store, data=args.data, base=args.base, lora=args.lora, settings=settings,
                        sets=args.feature_sets, dataset_options=_dataset_options(args), batch_size=args.batch_size,
-                       shard_size=args.shard_size, device=args.device, autocast=args.autocast)
+                       shard_size=args.shard_size, device=args.device, autocast=args.autocast,
+                       allow_partial=args.allow_partial)
     _print_store(featurize(job, shard=args.shard, merge=args.merge, ray=args.ray, ray_workers=args.ray_workers,
                            notify=_note))
 
 
 def _print_store(store) -> None:
     print(json.dumps({"store": str(store.root), "samples": len(store), "shards": len(store.manifest["shards"]),
-                      "complete": store.manifest["complete"], "last_run": store.manifest["info"].get("last_run")}, indent=2))
+                      "complete": store.manifest["complete"], "last_run": store.manifest["info"].get("last_run"),
+                      "lora_parameters": store.manifest["info"].get("lora_parameters")}, indent=2))
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -194,16 +200,22 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         args: the parsed command line.
     """
     from .attribute import attribute_file
-    from .generation import shorten
 
     result = attribute_file(args.store, args.image, prompt=args.prompt, method=args.method, top_k=args.top_k,
                             device=args.device, base=args.base, lora=args.lora)
+    for note in result.notes:
+        _note(f"das-sd attribute: note: {note}")
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
-        return
+    else:
+        _print_attribution(result, args.image)
+
+
+def _print_attribution(result: Attribution, image: str) -> None:
+    from .generation import shorten
+
     # captions and paths come from the dataset: escaped, so that none can drive the terminal
-    print(f"{result.method} attribution for {printable(args.image)} "
-          f"(prompt: {shorten(result.query['prompt'])!r})")
+    print(f"{result.method} attribution for {printable(image)} (prompt: {shorten(result.query['prompt'])!r})")
     for r in result.results:
         print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {printable(r.caption)}  "
               f"[{printable(r.path)}]")
@@ -343,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="spread the parts over a Ray cluster (no ADDRESS: a local one) and merge them")
     p.add_argument("--ray-workers", type=positive_int, default=None, help="parts for --ray (default: the cluster's CPUs/GPUs)")
     p.add_argument("--shard-size", type=positive_int, default=256, help="rows per safetensors shard")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="featurize a LoRA with parameters das-sd cannot differentiate (DoRA magnitudes, LoRA "
+                        "biases, ...) over the rest; what is left out is recorded and shown with every attribution")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--autocast", default=DEFAULT_AUTOCAST, choices=tuple(AUTOCAST_DTYPES),
                    help="autocast for the forward / backward passes (gradients accumulate in fp32); fp16 on CUDA only")

@@ -100,3 +100,72 @@ def test_store_for_another_lora_or_settings_is_refused(setup):
         assert proc.returncode == 2 and needle in err and "Traceback" not in err
     with pytest.raises(StoreError, match="lora_fingerprint"):
         FeatureStore.open(store, {**FeatureStore.open(store).identity, "lora_fingerprint": "sha256:x"})
+
+
+@pytest.fixture(scope="module")
+def sd15_locon(tmp_path_factory):
+    """An SD 1.5-layout pipeline folder and a LoCon LoRA file (attention, feed-forward, 1x1 conv
+    projections, 3x3 ResNet and sampler convs) in diffusers format, as diffusers' own saver writes it."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from sd_layouts import LOCON, add_random_lora, save_pipeline, sd_pipeline
+
+    root = tmp_path_factory.mktemp("sd15")
+    pipe = sd_pipeline("sd15")
+    save_pipeline(pipe, root / "base")
+    add_random_lora(pipe.unet, LOCON, rank=4, alpha=8.0)
+    StableDiffusionPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    return root
+
+
+def test_a_locon_lora_on_an_sd15_layout_model_is_featurized_whole_and_accounted(sd15_locon, demo_data, tmp_path):
+    from das_sd.featurize.lora_layers import lora_inventory
+    from das_sd.models.loading import load_lora, load_pipeline
+
+    data = subset_dataset(demo_data, tmp_path / "data", 4)
+    proc = featurize_cli(tmp_path / "store", data, sd15_locon / "lora", "--base", str(sd15_locon / "base"),
+                         "--feature-sets", "das")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    printed = json.loads(out)["lora_parameters"]
+    pipe = load_pipeline(sd15_locon / "base", device="cpu")
+    load_lora(pipe, sd15_locon / "lora")
+    expected = sum(p.numel() for n, p in pipe.unet.named_parameters() if ".lora_" in n)  # every adapter parameter
+    assert printed == lora_inventory(pipe.unet).record()
+    assert printed["differentiated_total"] == expected and printed["left_out_total"] == 0
+    assert set(printed["differentiated"]) == {"linear", "conv1x1", "conv3x3"}
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.manifest["info"]["lora_parameters"] == printed and store.identity["lora_parameters"] == expected
+    assert len(store) == 4 and store.manifest["complete"]
+
+
+def test_parameters_das_sd_cannot_differentiate_are_refused_or_recorded_with_allow_partial(sd15_locon, demo_data,
+                                                                                          tmp_path):
+    from peft import LoraConfig
+
+    from das_sd.attribute import Attributor
+    from das_sd.data.datasets import open_dataset
+    from das_sd.featurize.build import featurize_dataset
+    from das_sd.featurize.settings import FeaturizerSettings
+    from das_sd.models.loading import ModelError, load_pipeline
+    from sd_layouts import ATTENTION
+
+    pipe = load_pipeline(sd15_locon / "base", device="cpu")
+    names = sorted({n for n, _ in pipe.unet.named_modules() if n.endswith(tuple(ATTENTION))})
+    # a LoRA that also trains a full copy of conv_out (peft modules_to_save), as some trainers do
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=names, modules_to_save=["conv_out"]))
+    dataset = open_dataset(subset_dataset(demo_data, tmp_path / "data", 2))
+    lora_file = sd15_locon / "lora" / "pytorch_lora_weights.safetensors"  # names the LoRA in the identity only
+    sets = {"das": FeaturizerSettings(num_timesteps=2, projection_dim=32, residual_timesteps=2)}
+    with pytest.raises(ModelError, match=r"modules_to_save \(Conv2d\) \(1,156 parameters\).*--allow-partial"):
+        featurize_dataset(pipe, dataset, tmp_path / "refused", sd15_locon / "base", lora_file, sets, progress=False)
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+    store = featurize_dataset(pipe, dataset, tmp_path / "partial", sd15_locon / "base", lora_file, sets,
+                              progress=False, allow_partial=True)
+    record = store.manifest["info"]["lora_parameters"]
+    assert record["left_out"] == {"modules_to_save (Conv2d)": 1156} and record["left_out_total"] == 1156
+    conv_out = pipe.unet.conv_out.modules_to_save["default"]
+    assert 1156 == conv_out.weight.numel() + conv_out.bias.numel()
+    notes = Attributor.notes.fget(type("Bare", (), {"store": store})())  # what every attribution carries
+    assert len(notes) == 1 and "partial attribution" in notes[0] and "modules_to_save (Conv2d) (1,156)" in notes[0]

@@ -165,7 +165,8 @@ class Workbench:
             A dict with "ready", "problem" (a sentence, or None when ready) and "store". For a store
             that opens, also "samples", "complete", "base", "lora", "dataset" (paths), their fingerprints,
             "resolution" and "feature_sets": per set its output function "f", "K" timesteps, projection
-            dim "k", "normalize", "residual", the index's "lambda" and "index_current".
+            dim "k", "normalize", "residual", the index's "lambda" and "index_current"; and
+            "lora_parameters", the manifest's parameter accounting (None for older stores).
         """
         try:
             store = FeatureStore.open(self.config.store)
@@ -185,7 +186,8 @@ class Workbench:
         return {"ready": ready, "problem": problem, "store": str(store.root), "samples": len(store),
                 "complete": complete, "base": info.get("base_path"), "base_fingerprint": short(identity["base_fingerprint"]),
                 "lora": info.get("lora_path"), "lora_fingerprint": short(identity["lora_fingerprint"]),
-                "dataset": info.get("dataset_root"), "resolution": identity["resolution"], "feature_sets": sets}
+                "dataset": info.get("dataset_root"), "resolution": identity["resolution"], "feature_sets": sets,
+                "lora_parameters": info.get("lora_parameters")}
 
     def build_store(self, progress: bool = True, notify: Callable[[str], None] | None = None) -> dict:
         """Featurize what the store lacks (all of it for a new store) and refresh the index.

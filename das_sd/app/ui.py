@@ -251,6 +251,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
             queries = bench.generate(settings)
             warn(bench.prompt_note(settings.prompt))
             results = [bench.rank(q, method_, k_) for q in queries]
+            warn(" ".join(bench.attributor.notes))
             state = {**state, "generated": queries, "generated_results": [r.to_json() for r in results]}
             return [*slot_updates(queries, results), [api_json(r.to_json()) for r in results], state]
 
@@ -266,6 +267,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
             note = upload_note(query)
             if query.info.get("prompt_note"):
                 warn(query.info["prompt_note"])
+            warn(" ".join(result.notes))
             return image, captioned(result), score_plot(result), note, api_json(result.to_json()), state
 
         @guarded

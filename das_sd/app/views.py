@@ -142,6 +142,13 @@ def status_markdown(status: dict) -> str:
         lam = f"{s['lambda']:.4g}" if s["lambda"] is not None else "—"
         lines.append(f"| {md_text(name)} | {md_text(s['f'])} | {s['K']} | {s['k']} | {s['normalize']} "
                      f"| {s['residual']} | {lam} | {'current' if s['index_current'] else 'out of date'} |")
+    accounting = status.get("lora_parameters") or {}
+    if accounting:
+        kinds = ", ".join(f"{md_text(kind)} {count:,}" for kind, count in accounting["differentiated"].items())
+        lines.insert(3, f"- **LoRA parameters differentiated:** {accounting['differentiated_total']:,} ({kinds})")
+    if accounting.get("left_out_total"):
+        left = ", ".join(f"{md_text(kind)} {count:,}" for kind, count in accounting["left_out"].items())
+        lines.insert(4, f"- ⚠ **Partial attribution** (`--allow-partial`): left out {left}")
     if status["problem"]:
         lines += ["", f"⚠ {md_text(status['problem'])}"]
     return "\n".join(lines)

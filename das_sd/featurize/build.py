@@ -18,10 +18,11 @@ from .. import __version__
 from ..data.datasets import Dataset
 from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
+from ..models.loading import ModelError
 from ..models.probe import pipeline_probes
 from ..store import FeatureStore
 from .featurizer import Featurizer, alphas_cumprod_of, features_together
-from .lora_layers import num_lora_parameters
+from .lora_layers import lora_inventory, num_lora_parameters
 from .plan import default_feature_sets, part_work, rows_of, whole_work
 from .settings import FeaturizerSettings
 
@@ -68,12 +69,35 @@ def store_identity(pipe: StableDiffusionPipeline, base_path: Path, lora_path: Pa
     }
 
 
+def lora_accounting(pipe: StableDiffusionPipeline, lora_path: Path, allow_partial: bool = False) -> dict:
+    """What the store will differentiate of the UNet's LoRA, refused when that is not all of it.
+
+    Args:
+        pipe: The base pipeline with the LoRA loaded.
+        lora_path: The LoRA file (named in the refusal).
+        allow_partial: Accept a LoRA with parameters das-sd cannot differentiate.
+
+    Returns:
+        ``LoraInventory.record()``: parameters differentiated and left out, by kind.
+
+    Raises:
+        ModelError: When parameters would be left out and not ``allow_partial``.
+        ValueError: When the UNet has no LoRA layer das-sd can differentiate.
+    """
+    inventory = lora_inventory(pipe.unet)
+    if inventory.left_out and not allow_partial:
+        raise ModelError(f"{lora_path}: {inventory.left_out_message()}. Attributing this LoRA would leave "
+                         "them out: pass --allow-partial to attribute over the differentiated part only "
+                         "(recorded in the store and shown with every attribution)")
+    return inventory.record()
+
+
 def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir: str | Path, base_path: Path,
                       lora_path: Path, feature_sets: dict[str, FeaturizerSettings] | None = None, batch_size: int = 16,
                       shard_size: int = 256, resolution: int | None = None, progress: bool = True,
                       autocast_dtype: torch.dtype | None = None,
                       on_shard: Callable[[FeatureStore], None] | None = None,
-                      part: tuple[int, int] | None = None) -> FeatureStore:
+                      part: tuple[int, int] | None = None, allow_partial: bool = False) -> FeatureStore:
     """Compute the features of every dataset sample missing from the store and append them.
 
     With ``part = (i, n)`` only every n-th block of the work (blocks i, i + n, ...) is done, into the
@@ -94,19 +118,24 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
         autocast_dtype: Run the UNet under autocast to this dtype; None for float32.
         on_shard: Called with the store after each shard is written.
         part: (I, N) to do only part I of N; None for all the work.
+        allow_partial: Featurize over the LoRA parameters das-sd can differentiate when the LoRA
+            also has others (DoRA magnitudes, LoRA biases, ...); they are recorded as left out in
+            the manifest's ``info.lora_parameters``. False refuses such a LoRA.
 
     Returns:
         The store (or the part's partial store), marked complete when it holds every sample.
 
     Raises:
+        ModelError: When the LoRA has parameters das-sd cannot differentiate and not ``allow_partial``.
         StoreError: When the store (or part) has another identity or holds samples no longer in
             ``dataset``.
     """
     feature_sets = feature_sets or default_feature_sets()
+    accounting = lora_accounting(pipe, lora_path, allow_partial)
     resolution = resolution or native_resolution(pipe)
     identity = store_identity(pipe, base_path, lora_path, feature_sets, resolution, autocast_dtype)
     info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
-            "dataset_root": str(dataset.root), "dataset_format": dataset.format}
+            "dataset_root": str(dataset.root), "dataset_format": dataset.format, "lora_parameters": accounting}
     if part is not None:
         store, plan = part_work(store_dir, identity, info, dataset, shard_size, part)
     else:

@@ -27,7 +27,8 @@ class LoraLayer:
     Attributes:
         name: Module name in the model, e.g. ``down_blocks.0.attentions.0.proj_in.lora_A.default``.
         module: The ``nn.Linear`` or ``nn.Conv2d`` whose weight is differentiated.
-        kind: "linear" or "conv<h>x<w>" (the kernel size), for the parameter accounting.
+        kind: The adapted layer's kind, "linear" or "conv<h>x<w>" (its kernel size, which its A
+            factor carries; a conv's B is 1x1), for the parameter accounting.
     """
 
     name: str
@@ -108,8 +109,13 @@ def _conv_supported(module: nn.Conv2d) -> bool:
             and module.bias is None)
 
 
+def _factor(tuner: nn.Module, container_name: str, adapter: str) -> nn.Module | None:
+    container = getattr(tuner, container_name, None)
+    return container[adapter] if container is not None and adapter in container else None
+
+
 def _factor_kind(module: nn.Module) -> str | None:
-    """The accounting kind of a LoRA factor das-sd can differentiate, or None."""
+    """"linear" or "conv<h>x<w>" for a LoRA factor das-sd can differentiate, else None."""
     if type(module) is nn.Linear and module.bias is None:
         return "linear"
     if type(module) is nn.Conv2d and _conv_supported(module):
@@ -139,24 +145,25 @@ def lora_inventory(model: nn.Module, required: bool = True) -> LoraInventory:
             continue
         active = _active_adapters(tuner)
         dora = {a for a in active if getattr(tuner, "use_dora", {}).get(a)}
-        for container_name in names:
-            container = getattr(tuner, container_name, None)
-            if container is None:
-                continue
-            for adapter in active:
-                if adapter not in container:
+        for adapter in active:
+            factors = [_factor(tuner, n, adapter) if n in names else None for n in ("lora_A", "lora_B")]
+            kinds = [_factor_kind(f) if f is not None else None for f in factors]
+            # the layer's kind is its A's: A carries the adapted layer's kernel, B of a conv is 1x1
+            if adapter not in dora and None not in kinds:
+                layers += [LoraLayer(f"{name}.{n}.{adapter}", f, kinds[0]) for n, f in zip(("lora_A", "lora_B"), factors)]
+                differentiated = ("lora_A", "lora_B")
+            else:
+                differentiated = ()
+            for container_name in names:
+                container = getattr(tuner, container_name, None)
+                if container_name in differentiated or container is None or adapter not in container:
                     continue
                 part = container[adapter]
-                full = f"{name}.{container_name}.{adapter}"
-                kind = _factor_kind(part) if container_name in ("lora_A", "lora_B") and adapter not in dora else None
-                if kind is not None:
-                    layers.append(LoraLayer(full, part, kind))
-                    continue
                 label = f"{container_name} (DoRA)" if adapter in dora else \
                     f"{container_name} ({type(part).__name__})" if isinstance(part, nn.Module) else container_name
                 params = part.named_parameters() if isinstance(part, nn.Module) else [("", part)]
                 for pname, p in params:
-                    left_out[f"{full}.{pname}".rstrip(".")] = (label, p.numel())
+                    left_out[f"{name}.{container_name}.{adapter}.{pname}".rstrip(".")] = (label, p.numel())
     # named_modules visits a tuner before its children: sort the factors into module order, the
     # parameter order of g that stores have always used (lora_A before lora_B of each layer)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}

@@ -125,5 +125,6 @@ def _ray_part(job: FeaturizeJob, part: tuple[int, int]) -> int:
     load_lora(pipe, job.lora)
     store = featurize_dataset(pipe, job.open_dataset(), job.store, Path(job.base), Path(job.lora),
                               job.feature_sets(), batch_size=job.batch_size, shard_size=job.shard_size,
-                              progress=False, autocast_dtype=job.autocast_dtype, part=part)
+                              progress=False, autocast_dtype=job.autocast_dtype, part=part,
+                              allow_partial=job.allow_partial)
     return len(store)

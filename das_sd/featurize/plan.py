@@ -57,6 +57,8 @@ class FeaturizeJob:
         shard_size: Samples per store shard (and per block of work).
         device: Torch device name; None for CUDA when available, else the CPU.
         autocast: The --autocast flag, a key of das_sd.registry.AUTOCAST_DTYPES ("fp32": none).
+        allow_partial: Featurize a LoRA some of whose parameters das-sd cannot differentiate (see
+            ``das_sd.featurize.lora_layers``), over the rest; what is left out is recorded.
     """
     store: str | Path
     data: str | Path
@@ -69,6 +71,7 @@ class FeaturizeJob:
     shard_size: int = 256
     device: str | None = None
     autocast: str = DEFAULT_AUTOCAST  # a key of registry.AUTOCAST_DTYPES
+    allow_partial: bool = False
 
     def feature_sets(self) -> dict[str, FeaturizerSettings]:
         """The settings of the job's feature sets (``sets``), derived from ``settings``.

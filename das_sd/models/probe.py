@@ -4,8 +4,8 @@ File fingerprints identify files, but a pipeline handed to das-sd by a host (dif
 loaded from somewhere das-sd cannot see, in any LoRA format and dtype. A probe looks at the weights
 themselves: for each linear layer W, a few random bilinear forms u^T W v (u, v seeded by the layer
 name), normalised by |u| |v|. For a LoRA the layer is the effective update scaling * B A, probed
-as (u^T B)(A v) without forming it. Two loads of the same weights agree to rounding (fp16 included);
-a different model or LoRA differs at order one.
+as (u^T B)(A v) without forming it (a conv LoRA's factors flattened to matrices). Two loads of the
+same weights agree to rounding (fp16 included); a different model or LoRA differs at order one.
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def lora_probe(unet: nn.Module) -> dict[str, list[float]]:
                              "das-sd attributes one LoRA at a time")
         if active:
             a = active[0]
-            out[name] = _probe(name, module.lora_B[a].weight, module.lora_A[a].weight, float(module.scaling[a]))
+            # a conv LoRA's factors as matrices: B (out, r, 1, 1) -> (out, r), A (r, in, kh, kw) -> (r, in kh kw)
+            out[name] = _probe(name, module.lora_B[a].weight.flatten(1), module.lora_A[a].weight.flatten(1),
+                               float(module.scaling[a]))
     return out
 
 

@@ -102,6 +102,8 @@ class DASAttributionInvocation(BaseInvocation, WithBoard):
         image = context.images.get_pil(self.image.image_name, "RGB")
         result = attribute_pil(attributor, image, prompt, self.method, self.top_k,
                                {"image_name": self.image.image_name})
+        for note in result.notes:  # e.g. a store that differentiates part of the LoRA (--allow-partial)
+            context.logger.warning(f"das-sd: {note}")
         scores_json = attribution_json(attributor, [result], warning)
 
         saved = []

@@ -149,8 +149,9 @@ def gallery_of(image_number: int) -> tuple[list, str]:
     # PIL images, not paths: Gradio 4 refuses to serve files outside the webui's folders
     items = [(_open(r["path"]), AttributionRow(**r).label()) for r in record["results"]]
     note = f"Image {record['index'] + 1} (seed {record['seed']}), method {record['method']}"
-    if record.get("warning"):
-        note += f" — {record['warning']}"
+    for warning in [record.get("warning"), *record.get("notes", [])]:
+        if warning:
+            note += f" — {warning}"
     if run["errors"]:
         note += "\n\nErrors: " + "; ".join(run["errors"])
     return items, note
