@@ -28,10 +28,11 @@ from .latents import encode_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import load_lora, load_pipeline
 from .models.probe import pipeline_probes, probe_differences
+from .noising import prediction_type
 from .registry import DEFAULT_METHOD, METHODS, Method, method
 from .score import latent_similarity, ranking, raw_scores, train_vectors
 from .topk import TopK, stream_topk
-from .store import FeatureStore, StoreError
+from .store import FeatureStore, StoreError, identity_with_defaults
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -160,6 +161,7 @@ class Attributor:
         if check_fingerprints:
             # also for weights loaded here from the right files: another library release may read them differently
             self.check_pipeline(pipe)
+        self._check_prediction_type(pipe)
         self.pipe = pipe
         self.resolution = int(identity["resolution"])
         autocast = store_autocast(identity.get("compute_dtype", "float32"), pipe.unet.device)
@@ -179,6 +181,16 @@ class Attributor:
         found = fingerprint(path)
         if found != expected:
             raise StoreError(f"{self.store.root}: the store was built for {what} {expected}, but {path} is {found}")
+
+    def _check_prediction_type(self, pipe: StableDiffusionPipeline) -> None:
+        # queries compared with another target than the training rows' would score f = loss and
+        # the kernel against features of another function (docs/method.md §2)
+        stored = identity_with_defaults(self.store.identity)["prediction_type"]
+        found = prediction_type(pipe)
+        if found != stored:
+            raise StoreError(f"{self.store.root}: the store was built for a {stored} model, but the pipeline's "
+                             f"scheduler has prediction_type {found!r}; attribute with the scheduler config the "
+                             "store was built with")
 
     def check_pipeline(self, pipe: StableDiffusionPipeline) -> None:
         """Refuse a pipeline whose base or LoRA weights are not the ones the store was built with.

@@ -1,5 +1,5 @@
 """The choices and defaults that several faces offer, each written once: the attribution methods,
-the featurizer's output functions, projector kinds and residual forms, index storage dtypes,
+the featurizer's output functions, projector kinds and residual forms, prediction types, index storage dtypes,
 autocast flags and the lambda rule's default rho.
 
 Torch-free (standard library only): the webui and ComfyUI plugins read their method lists from here
@@ -55,6 +55,9 @@ FEATURE_SETS: tuple[str, ...] = tuple(dict.fromkeys(m.feature_set for m in METHO
 OUTPUT_FUNCTIONS: tuple[str, ...] = ("mean", "l1", "square", "loss")  # f of a feature set
 PROJECTOR_KINDS: tuple[str, ...] = ("sparse", "rademacher", "gaussian")  # das_sd.projection
 RESIDUAL_FORMS: tuple[str, ...] = ("scale-free", "magnitude", "none")  # e_i
+# what a UNet predicts (its scheduler config's prediction_type): the target of training, f = loss and
+# the residuals (das_sd.noising.training_target); a store records it
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 INDEX_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")  # storage of the train-side vectors
 DEFAULT_INDEX_DTYPE = "float32"

@@ -43,7 +43,11 @@ from .store_integrity import StoreError, check_file, read_manifest, remember_ver
 
 FORMAT_VERSION = 1  # checksums were added without a bump: stores without them open, unverified
 MANIFEST = "manifest.json"
-__all__ = ["FORMAT_VERSION", "MANIFEST", "FeatureStore", "Row", "StoreError", "blocks_of"]
+# identity fields added after stores were first written, with the value every store without them
+# was built with: such a store still matches (and resumes) where the field has that value
+IDENTITY_DEFAULTS = {"prediction_type": "epsilon"}
+__all__ = ["FORMAT_VERSION", "IDENTITY_DEFAULTS", "MANIFEST", "FeatureStore", "Row", "StoreError", "blocks_of",
+           "identity_with_defaults"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,18 @@ def _diff(expected, found, prefix: str = "") -> list[str]:
     if expected != found:
         return [f"{prefix}: store has {found!r}, requested {expected!r}"]
     return []
+
+
+def identity_with_defaults(identity: dict) -> dict:
+    """An identity with the fields a store written before them lacks filled in (``IDENTITY_DEFAULTS``).
+
+    Args:
+        identity: A store identity, from a manifest or computed by a caller.
+
+    Returns:
+        A new dict: ``IDENTITY_DEFAULTS`` updated with ``identity``.
+    """
+    return {**IDENTITY_DEFAULTS, **identity}
 
 
 def blocks_of(rows: list[Row], shard_size: int) -> list[list[Row]]:
@@ -211,7 +227,8 @@ class FeatureStore:
         return cls.create(root, identity, shard_size, info, moved_shards)
 
     def check_identity(self, identity: dict) -> None:
-        """Refuse the store unless its identity equals ``identity`` exactly.
+        """Refuse the store unless its identity equals ``identity`` exactly, a field absent on
+        either side taking its ``IDENTITY_DEFAULTS`` value.
 
         Args:
             identity: The identity the caller computes with.
@@ -219,7 +236,7 @@ class FeatureStore:
         Raises:
             StoreError: The identities differ; the message lists each differing field.
         """
-        differences = _diff(identity, self.manifest["identity"])
+        differences = _diff(identity_with_defaults(identity), identity_with_defaults(self.manifest["identity"]))
         if differences:
             raise StoreError(f"{self.root}: this store was built for something else:\n  "
                              + "\n  ".join(differences)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .io import file_sha256, json_error
-from .registry import AUTOCAST_DTYPES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS
+from .registry import AUTOCAST_DTYPES, OUTPUT_FUNCTIONS, PREDICTION_TYPES, PROJECTOR_KINDS, RESIDUAL_FORMS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -320,6 +320,8 @@ def check_identity(f: _Fields, identity: dict) -> None:
         f.choice("identity.compute_dtype", identity["compute_dtype"], COMPUTE_DTYPES)
     if "store_dtype" in identity:
         f.choice("identity.store_dtype", identity["store_dtype"], STORE_DTYPES)
+    if "prediction_type" in identity:
+        f.choice("identity.prediction_type", identity["prediction_type"], PREDICTION_TYPES)
 
 
 def check_featurizer_settings(f: _Fields, at: str, settings: object) -> None:

@@ -30,7 +30,7 @@ from .latents import encode_images, encode_prompts, native_resolution, tokenize_
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
 from .models.modes import restored_modes
-from .noising import noisy_latents
+from .noising import noisy_latents, prediction_type, training_target
 from .seeds import generator, seeded_global_rng
 
 if TYPE_CHECKING:
@@ -224,13 +224,15 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
 def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, conditioning: torch.Tensor,
          alphas: torch.Tensor, out: Path, progress: bool, keep_adapter: bool) -> list[list]:
     """Add the adapters, train them and save them in ``out``; the loss curve. ``conditioning``: the
-    captions' token ids when the text encoder trains too (encoded every step), else their embeddings."""
+    captions' token ids when the text encoder trains too (encoded every step), else their embeddings.
+    The loss compares the UNet's output with the scheduler's training target (docs/method.md §2)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
     train_text_encoder = recipe.text_encoder_rank > 0
+    target_kind = prediction_type(pipe)  # before any adapter: an unsupported model is refused untouched
     params = add_lora_adapter(unet, recipe)
     groups = [{"params": params, "lr": recipe.learning_rate}]
     if train_text_encoder:
@@ -253,7 +255,8 @@ def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, cond
             xt = noisy_latents(x0, eps, t, alphas)
             cond = text_encoder(conditioning[idx])[0] if train_text_encoder else conditioning[idx]
             pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample
-            loss = F.mse_loss(pred.float(), eps.to(pred.device))
+            target = training_target(target_kind, x0, eps, t, alphas)
+            loss = F.mse_loss(pred.float(), target.to(pred.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)

@@ -26,7 +26,7 @@ import torch
 
 from ..featurize.settings import uniform_grid
 from ..io import atomic_write_json
-from ..noising import noisy_latents
+from ..noising import noisy_latents, prediction_type, training_target
 from ..seeds import generator
 from ..registry import GRADIENT_METHOD_NAMES
 from ..score import ranking
@@ -186,13 +186,15 @@ def oracle_scores(masks: np.ndarray, outputs: np.ndarray, ridge: float = 1e-3) -
 @torch.no_grad()
 def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor, keys: list[str],
                   settings: LDSSettings, batch_size: int = 64) -> np.ndarray:
-    """L_simple of each query, averaged over the timestep grid and noise draws (fixed per query key).
+    """L_simple of each query, averaged over the timestep grid and noise draws (fixed per query key):
+    the squared error to the scheduler's training target (docs/method.md §2, §15).
 
     All (query, timestep, draw) rows go through the UNet in batches: one row's noise depends only on
     its key and timestep, so batching changes nothing but float rounding.
 
     Args:
-        pipe: The pipeline with the (retrained) LoRA loaded; its scheduler config gives the noise schedule.
+        pipe: The pipeline with the (retrained) LoRA loaded; its scheduler config gives the noise
+            schedule and the prediction type.
         latents: (Q, 4, h, w) clean query latents x_0.
         cond: (Q, tokens, dim) prompt embeddings of the queries.
         keys: One stable id per query; with the timestep it fixes the noise draws.
@@ -206,6 +208,7 @@ def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: to
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = scheduler.alphas_cumprod
+    target_kind = prediction_type(pipe)
     timesteps = uniform_grid(settings.output_timesteps, scheduler.config.num_train_timesteps)
     unet, device = pipe.unet, pipe.unet.device
     draws = settings.output_noise_draws
@@ -219,7 +222,8 @@ def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: to
         t_idx = torch.tensor([t for _, t in chunk]).repeat_interleave(draws)
         noisy = noisy_latents(latents[q_idx], noise, t_idx, alphas)
         pred = unet(noisy.to(device), t_idx.to(device), encoder_hidden_states=cond[q_idx].to(device)).sample
-        per_row = ((pred.float().cpu() - noise) ** 2).mean(dim=(1, 2, 3)).view(len(chunk), draws).mean(1)
+        target = training_target(target_kind, latents[q_idx], noise, t_idx, alphas)
+        per_row = ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3)).view(len(chunk), draws).mean(1)
         for (q, t), value in zip(chunk, per_row.tolist()):
             losses[q, timesteps.index(t)] = value
     return losses.mean(axis=1)

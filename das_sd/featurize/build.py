@@ -20,6 +20,7 @@ from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.loading import ModelError
 from ..models.probe import pipeline_probes
+from ..noising import prediction_type
 from ..store import FeatureStore
 from .featurizer import Featurizer, alphas_cumprod_of, features_together
 from .lora_layers import lora_inventory, num_lora_parameters
@@ -48,11 +49,13 @@ def store_identity(pipe: StableDiffusionPipeline, base_path: Path, lora_path: Pa
         autocast_dtype: The featurizing autocast dtype; None for float32.
 
     Returns:
-        The identity: base and LoRA fingerprints, p, resolution, compute and store dtypes, and per
-        feature set its settings with the resolved timesteps.
+        The identity: base and LoRA fingerprints, p, resolution, compute and store dtypes, the
+        scheduler's prediction type (the target of f = loss and the residuals, docs/method.md §2),
+        and per feature set its settings with the resolved timesteps.
 
     Raises:
         ValueError: When the base folder or the LoRA file cannot be read, or the UNet has no LoRA.
+        ModelError: When the scheduler's prediction type is not one das-sd supports.
         FileNotFoundError: When the LoRA file does not exist.
     """
     num_train = len(alphas_cumprod_of(pipe))
@@ -63,6 +66,7 @@ def store_identity(pipe: StableDiffusionPipeline, base_path: Path, lora_path: Pa
         "resolution": resolution,
         "compute_dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
         "store_dtype": "float32",
+        "prediction_type": prediction_type(pipe),
         "feature_sets": {
             name: s.to_dict() | {"timesteps": s.feature_timesteps(num_train)} for name, s in feature_sets.items()
         },

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models.modes import eval_mode
-from ..noising import noisy_latents
+from ..noising import noisy_latents, prediction_type, training_target
 from ..projection import BlockProjector
 from .gradients import accumulation_dtype, projected_row_gradients
 from .lora_layers import num_lora_parameters
@@ -106,13 +106,15 @@ class Featurizer:
     The UNet is the caller's: it is switched to eval mode only while a method computes.
 
     Args:
-        pipe: The base pipeline with the LoRA loaded; its UNet and scheduler config are used.
+        pipe: The base pipeline with the LoRA loaded; its UNet and scheduler config (abar_t and the
+            prediction type, docs/method.md §2) are used.
         settings: The feature set's settings (timesteps, output function, projection, residual).
         autocast_dtype: Run the UNet under autocast to this dtype (bfloat16 / float16); None for
             none (float32).
 
     Raises:
         ValueError: When the UNet has no LoRA layers.
+        ModelError: When the scheduler's prediction type is not one das-sd supports.
     """
 
     def __init__(self, pipe: StableDiffusionPipeline, settings: FeaturizerSettings,
@@ -121,6 +123,7 @@ class Featurizer:
         self.settings = settings
         self.device = self.unet.device
         self.alphas = alphas_cumprod_of(pipe).to(self.device)
+        self.prediction_type = prediction_type(pipe)  # the target of f = loss and of the residuals
         self.num_train_timesteps = len(self.alphas)
         self.timesteps = settings.feature_timesteps(self.num_train_timesteps)
         self.num_params = num_lora_parameters(self.unet)
@@ -150,7 +153,8 @@ class Featurizer:
 
     def _rows_key(self) -> tuple:
         """Featurizers with equal keys feed the UNet the same rows (and may share a forward pass)."""
-        return id(self.unet), tuple(self.timesteps), self.settings.noise_seed, self.autocast_dtype
+        return (id(self.unet), tuple(self.timesteps), self.settings.noise_seed, self.autocast_dtype,
+                self.prediction_type)
 
     def _finish(self, projected: torch.Tensor, sq_norm: torch.Tensor, n: int) -> torch.Tensor:
         if self.settings.normalize:
@@ -183,12 +187,14 @@ class Featurizer:
                 m = len(ts)
                 noise = self._noise(keys, ts, tuple(x0.shape[1:])).to(self.device)
                 rows_t = torch.tensor(ts, device=self.device).repeat(n)
-                xt = noisy_latents(x0.repeat_interleave(m, dim=0), noise, rows_t, self.alphas)
+                rows_x0 = x0.repeat_interleave(m, dim=0)
+                xt = noisy_latents(rows_x0, noise, rows_t, self.alphas)
                 with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     pred = self.unet(xt.to(self.unet.dtype), rows_t,
                                      encoder_hidden_states=cond.repeat_interleave(m, dim=0).to(self.unet.dtype)).sample
-                err = (pred.float() - noise).pow(2).flatten(1).mean(dim=1).sqrt()
+                target = training_target(self.prediction_type, rows_x0, noise, rows_t, self.alphas)
+                err = (pred.float() - target).pow(2).flatten(1).mean(dim=1).sqrt()
                 r[:, start:start + m] = err.view(n, m).cpu()
         if self.settings.residual == "magnitude":
             return r.mean(dim=1)
@@ -228,7 +234,7 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
             noise = first._noise(keys, first.timesteps, tuple(x0_rows.shape[1:])).to(first.device, x0_rows.dtype)
             heads = [(featurizers[i].settings.output, featurizers[i].projector) for i in members]
             results = projected_row_gradients(first.unet, heads, rows_x0, noise, rows_t, rows_cond, first.alphas,
-                                              first.autocast_dtype)
+                                              first.autocast_dtype, first.prediction_type)
         for i, (projected, sq_norm) in zip(members, results):
             out[i] = featurizers[i]._finish(projected, sq_norm, n)
     return out

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..noising import noisy_latents
+from ..noising import noisy_latents, training_target
 from .lora_layers import lora_inventory
 from .settings import output_function
 
@@ -189,7 +189,7 @@ def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timest
 
 def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                       cond: torch.Tensor, alphas_cumprod: torch.Tensor, output: str,
-                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                      autocast_dtype: torch.dtype | None = None, prediction_type: str = "epsilon") -> torch.Tensor:
     """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row.
 
     Unprojected: the reference for tests (docs/method.md §6).
@@ -203,20 +203,26 @@ def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, ti
         alphas_cumprod: abar of the training schedule, (T,).
         output: The output function f: "mean", "l1", "square" or "loss".
         autocast_dtype: Run the UNet under autocast to this dtype; None for none.
+        prediction_type: The scheduler's prediction type (das_sd.noising.prediction_type), which
+            fixes the target of f = "loss" (docs/method.md §2).
 
     Returns:
         (rows, p) in ``accumulation_dtype``.
+
+    Raises:
+        ModelError: When ``prediction_type`` is not one das-sd supports.
     """
     with LoraGradientCapture(unet) as capture:
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
-        capture.backward(output_function(output, pred, noise.to(pred.dtype)).sum())
+        target = training_target(prediction_type, x0.to(pred.dtype), noise.to(pred.dtype), timesteps, alphas_cumprod)
+        capture.backward(output_function(output, pred, target).sum())
         return capture.per_row_gradients()
 
 
 def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProjector]], x0: torch.Tensor,
                             noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
-                            alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None = None
-                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                            alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None = None,
+                            prediction_type: str = "epsilon") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (output function f, projector) head: P^T g per row and ||g||^2 per row, without ever
     holding all rows' full gradients. The heads share one forward pass (a store's feature sets feed
     the UNet the same rows and differ only in f) and take one backward each.
@@ -232,14 +238,20 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProject
         cond: Caption embeddings, (rows, tokens, dim).
         alphas_cumprod: abar of the training schedule, (T,).
         autocast_dtype: Run the UNet under autocast to this dtype; None for none.
+        prediction_type: The scheduler's prediction type (das_sd.noising.prediction_type), which
+            fixes the target of f = "loss" (docs/method.md §2).
 
     Returns:
         Per head, in order: (P^T g, (rows, k); ||g||^2, (rows,)), in ``accumulation_dtype``.
+
+    Raises:
+        ModelError: When ``prediction_type`` is not one das-sd supports.
     """
     with LoraGradientCapture(unet) as capture:
         pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
+        target = training_target(prediction_type, x0.to(pred.dtype), noise.to(pred.dtype), timesteps, alphas_cumprod)
         results = []
         for j, (output, projector) in enumerate(heads):
-            capture.backward(output_function(output, pred, noise.to(pred.dtype)).sum(), retain_graph=j < len(heads) - 1)
+            capture.backward(output_function(output, pred, target).sum(), retain_graph=j < len(heads) - 1)
             results.append(capture.projected_gradients(projector))
         return results

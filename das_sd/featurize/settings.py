@@ -133,13 +133,14 @@ def noise_for(seed: int, key: str, timestep: int, shape: tuple[int, ...]) -> tor
     return torch.randn(shape, generator=generator(f"das-sd-noise:{seed}:{key}:{timestep}"))
 
 
-def output_function(name: str, prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def output_function(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """f per row of a batch of UNet predictions (docs/method.md §5).
 
     Args:
         name: The output function: "mean", "l1", "square" or "loss".
-        prediction: The UNet's noise predictions, (rows, C, H, W).
-        noise: The noise the rows were made with, same shape; read only by "loss".
+        prediction: The UNet's predictions, (rows, C, H, W).
+        target: The rows' training target (das_sd.noising.training_target: the noise for an epsilon
+            model, the velocity for a v-prediction one), same shape; read only by "loss".
 
     Returns:
         f of each row, (rows,), in the predictions' dtype.
@@ -156,6 +157,6 @@ def output_function(name: str, prediction: torch.Tensor, noise: torch.Tensor) ->
     if name == "square":
         return prediction.pow(2).mean(dim=dims)
     if name == "loss":
-        return (prediction - noise).pow(2).mean(dim=dims)
+        return (prediction - target).pow(2).mean(dim=dims)
     check_choice("output function", name, OUTPUT_FUNCTIONS)
     raise NotImplementedError(f"output function {name!r} is listed in das_sd.registry but not implemented here")
