@@ -251,7 +251,7 @@ def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, cond
         for step, idx in enumerate(bar):
             x0 = latents[idx]
             t = torch.randint(0, len(alphas), (len(idx),), generator=rng)
-            eps = torch.randn(x0.shape, generator=rng)
+            eps = torch.randn(x0.shape, generator=rng).to(x0.device)  # drawn on the CPU: the same on any device
             xt = noisy_latents(x0, eps, t, alphas)
             cond = text_encoder(conditioning[idx])[0] if train_text_encoder else conditioning[idx]
             pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample
