@@ -164,7 +164,7 @@ def worker(spec: dict) -> dict:
         fn, unprojected = reference_fn(pipe, x0, cond, keys, spec["timesteps"], spec["dim"])
     else:
         raise ValueError(spec["method"])
-    from das_sd.featurize.gradients import num_lora_parameters
+    from das_sd.featurize.lora_layers import num_lora_parameters
     result = meter.measure(fn, rows, spec["repeats"]) | {"lora_parameters": num_lora_parameters(pipe.unet)}
     if spec["method"] == "reference":  # checked after timing: the check's memory must not count
         result["max_rel_diff_vs_das_sd"] = reference_matches_das_sd(pipe, unprojected, x0, cond, keys,

@@ -27,7 +27,8 @@ from das_sd.data.datasets import open_dataset
 from das_sd.evaluate.lds import LDSSettings, _output_noise, model_outputs
 from das_sd.featurize.build import featurize_dataset
 from das_sd.featurize.featurizer import Featurizer
-from das_sd.featurize.gradients import lora_parameters, per_row_gradients
+from das_sd.featurize.gradients import per_row_gradients
+from das_sd.featurize.lora_layers import lora_parameters
 from das_sd.featurize.settings import FeaturizerSettings, noise_for, uniform_grid
 from das_sd.latents import encode_images, encode_prompts
 from das_sd.models.loading import ModelError, load_lora, load_pipeline
