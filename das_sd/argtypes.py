@@ -110,3 +110,23 @@ def positive_float_list(text: str) -> tuple[float, ...]:
     except argparse.ArgumentTypeError:
         pass
     raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated finite positive numbers, e.g. 1,10,100")
+
+
+def memory_size(text: str) -> int:
+    """A memory size such as ``24GB`` or ``512MiB`` (binary units), in bytes.
+
+    Args:
+        text: The flag's value.
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        argparse.ArgumentTypeError: When the text is not a positive size.
+    """
+    from .featurize.memory import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .argtypes import non_negative_int, positive_float, positive_int
+from .argtypes import memory_size, non_negative_int, positive_float, positive_int
 from .io import printable
 from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, DEFAULT_METHOD, DEFAULT_RHO, FEATURE_SETS,
                        INDEX_DTYPES, METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
@@ -147,7 +147,7 @@ def cmd_featurize(args: argparse.Namespace) -> None:
     job = FeaturizeJob(store=args.store, data=args.data, base=args.base, lora=args.lora, settings=settings,
                        sets=args.feature_sets, dataset_options=_dataset_options(args), batch_size=args.batch_size,
                        shard_size=args.shard_size, device=args.device, autocast=args.autocast,
-                       allow_partial=args.allow_partial)
+                       allow_partial=args.allow_partial, max_memory=args.max_memory)
     _print_store(featurize(job, shard=args.shard, merge=args.merge, ray=args.ray, ray_workers=args.ray_workers,
                            notify=_note))
 
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="spread the parts over a Ray cluster (no ADDRESS: a local one) and merge them")
     p.add_argument("--ray-workers", type=positive_int, default=None, help="parts for --ray (default: the cluster's CPUs/GPUs)")
     p.add_argument("--shard-size", type=positive_int, default=256, help="rows per safetensors shard")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="memory one forward/backward pass may take, e.g. 24GB (default: 80%% of what the device "
+                        "has free); rows are cut into passes that fit, the features do not change")
     p.add_argument("--allow-partial", action="store_true",
                    help="featurize a LoRA with parameters das-sd cannot differentiate (DoRA magnitudes, LoRA "
                         "biases, ...) over the rest; what is left out is recorded and shown with every attribution")

@@ -279,3 +279,12 @@ def test_commands_are_thin():
     sizes = {name: _code_lines(inspect.getsource(f)) for name, f in commands.items()}
     assert len(commands) >= 17 and max(sizes.values()) <= 16, sizes
     assert _code_lines(inspect.getsource(das_sd.cli)) < 400
+
+def test_featurize_memory_budget_is_parsed_or_refused_at_parse_time(capsys):
+    from das_sd.cli import build_parser
+
+    args = build_parser().parse_args([*FEATURIZE, "--max-memory", "24GB", "--allow-partial"])
+    assert args.max_memory == 24 << 30 and args.allow_partial is True
+    with pytest.raises(SystemExit) as exc:
+        main([*FEATURIZE, "--max-memory", "lots"])
+    assert exc.value.code == 2 and "argument --max-memory: 'lots' is not a memory size" in capsys.readouterr().err

@@ -101,7 +101,8 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
                       shard_size: int = 256, resolution: int | None = None, progress: bool = True,
                       autocast_dtype: torch.dtype | None = None,
                       on_shard: Callable[[FeatureStore], None] | None = None,
-                      part: tuple[int, int] | None = None, allow_partial: bool = False) -> FeatureStore:
+                      part: tuple[int, int] | None = None, allow_partial: bool = False,
+                      max_memory: int | None = None) -> FeatureStore:
     """Compute the features of every dataset sample missing from the store and append them.
 
     With ``part = (i, n)`` only every n-th block of the work (blocks i, i + n, ...) is done, into the
@@ -125,6 +126,8 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
         allow_partial: Featurize over the LoRA parameters das-sd can differentiate when the LoRA
             also has others (DoRA magnitudes, LoRA biases, ...); they are recorded as left out in
             the manifest's ``info.lora_parameters``. False refuses such a LoRA.
+        max_memory: Bytes one forward / backward pass may take (``Featurizer``); None: most of
+            what the device has free. Changes how rows are cut into passes, not the features.
 
     Returns:
         The store (or the part's partial store), marked complete when it holds every sample.
@@ -146,7 +149,7 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
         store, plan = whole_work(store_dir, identity, info, dataset, shard_size)
     if "probes" not in store.manifest:  # lets a host's own pipeline be checked against the store
         store.manifest["probes"] = pipeline_probes(pipe)
-    featurizers = {name: Featurizer(pipe, s, autocast_dtype) for name, s in feature_sets.items()}
+    featurizers = {name: Featurizer(pipe, s, autocast_dtype, max_memory) for name, s in feature_sets.items()}
     by_key = dataset.by_key()
     todo = sum(len(block) for _, block in plan)
     bar = tqdm(total=todo, desc="featurize", unit="img", disable=not progress or todo == 0)

@@ -16,8 +16,9 @@ import torch
 from ..models.modes import eval_mode
 from ..noising import noisy_latents, prediction_type, training_target
 from ..projection import BlockProjector
-from .gradients import accumulation_dtype, projected_row_gradients
+from .gradients import accumulation_dtype, forward_rows, projected_row_gradients
 from .lora_layers import num_lora_parameters
+from .memory import memory_budget, rows_per_pass, saved_bytes
 from .settings import FeaturizerSettings, noise_for
 
 if TYPE_CHECKING:
@@ -111,6 +112,8 @@ class Featurizer:
         settings: The feature set's settings (timesteps, output function, projection, residual).
         autocast_dtype: Run the UNet under autocast to this dtype (bfloat16 / float16); None for
             none (float32).
+        max_memory: Bytes one forward / backward pass may take; the rows of a batch are cut into
+            passes that fit (``das_sd.featurize.memory``). None: most of what the device has free.
 
     Raises:
         ValueError: When the UNet has no LoRA layers.
@@ -118,7 +121,7 @@ class Featurizer:
     """
 
     def __init__(self, pipe: StableDiffusionPipeline, settings: FeaturizerSettings,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, max_memory: int | None = None):
         self.unet = pipe.unet  # switched to eval mode only while it computes (the caller's model)
         self.settings = settings
         self.device = self.unet.device
@@ -129,6 +132,33 @@ class Featurizer:
         self.num_params = num_lora_parameters(self.unet)
         self.projector = BlockProjector.shared(settings.projector_spec(), self.num_params, device=self.device)
         self.autocast_dtype = autocast_dtype
+        self.max_memory = max_memory
+        self._row_bytes: dict[tuple, int] = {}  # measured saved bytes of one row, per input shape
+
+    def rows_per_pass(self, x0_row: torch.Tensor, noise_row: torch.Tensor, t_row: torch.Tensor,
+                      cond_row: torch.Tensor, rows: int) -> int:
+        """How many rows one forward / backward pass takes within the memory budget.
+
+        The first call per input shape measures one row's saved activations (one extra forward).
+
+        Args:
+            x0_row: One row's clean latent, (1, C, H, W), as the passes will get it.
+            noise_row: Its noise, same shape.
+            t_row: Its timestep, (1,).
+            cond_row: Its caption embedding, (1, tokens, dim).
+            rows: The rows to cut into passes.
+
+        Returns:
+            Rows per pass, in [1, rows].
+        """
+        key = (tuple(x0_row.shape[1:]), tuple(cond_row.shape[1:]), x0_row.dtype)
+        if key not in self._row_bytes:
+            # plain copies: tensors made under a host's inference_mode cannot be saved for backward
+            with torch.inference_mode(False), eval_mode(self.unet):
+                x0_row, noise_row, t_row, cond_row = (t.clone() for t in (x0_row, noise_row, t_row, cond_row))
+                self._row_bytes[key] = saved_bytes(lambda: forward_rows(
+                    self.unet, x0_row, noise_row, t_row, cond_row, self.alphas, self.autocast_dtype))
+        return rows_per_pass(memory_budget(self.device, self.max_memory), self._row_bytes[key], rows)
 
     def _noise(self, keys: list[str], timesteps: list[int], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.stack([noise_for(self.settings.noise_seed, k, t, shape) for k in keys for t in timesteps])
@@ -188,17 +218,25 @@ class Featurizer:
                 noise = self._noise(keys, ts, tuple(x0.shape[1:])).to(self.device)
                 rows_t = torch.tensor(ts, device=self.device).repeat(n)
                 rows_x0 = x0.repeat_interleave(m, dim=0)
-                xt = noisy_latents(rows_x0, noise, rows_t, self.alphas)
-                with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
-                                    enabled=self.autocast_dtype is not None):
-                    pred = self.unet(xt.to(self.unet.dtype), rows_t,
-                                     encoder_hidden_states=cond.repeat_interleave(m, dim=0).to(self.unet.dtype)).sample
-                target = training_target(self.prediction_type, rows_x0, noise, rows_t, self.alphas)
-                err = (pred.float() - target).pow(2).flatten(1).mean(dim=1).sqrt()
+                rows_cond = cond.repeat_interleave(m, dim=0)
+                # no backward here, so a row holds less than in ``features``: that budget is an upper bound
+                step = self.rows_per_pass(rows_x0[:1], noise[:1], rows_t[:1], rows_cond[:1], n * m)
+                err = torch.cat([self._residual_rows(rows_x0[s:s + step], noise[s:s + step], rows_t[s:s + step],
+                                                     rows_cond[s:s + step]) for s in range(0, n * m, step)])
                 r[:, start:start + m] = err.view(n, m).cpu()
         if self.settings.residual == "magnitude":
             return r.mean(dim=1)
         return (r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)).mean(dim=1)
+
+    def _residual_rows(self, rows_x0: torch.Tensor, noise: torch.Tensor, rows_t: torch.Tensor,
+                       rows_cond: torch.Tensor) -> torch.Tensor:
+        """||eps_theta(x_t) - target||_rms per row, (rows,) float32 (docs/method.md §9)."""
+        xt = noisy_latents(rows_x0, noise, rows_t, self.alphas)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            pred = self.unet(xt.to(self.unet.dtype), rows_t, encoder_hidden_states=rows_cond.to(self.unet.dtype)).sample
+        target = training_target(self.prediction_type, rows_x0, noise, rows_t, self.alphas)
+        return (pred.float() - target).pow(2).flatten(1).mean(dim=1).sqrt()
 
 
 def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor,
@@ -233,8 +271,13 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
             rows_t = torch.tensor(first.timesteps, device=first.device).repeat(n)
             noise = first._noise(keys, first.timesteps, tuple(x0_rows.shape[1:])).to(first.device, x0_rows.dtype)
             heads = [(featurizers[i].settings.output, featurizers[i].projector) for i in members]
-            results = projected_row_gradients(first.unet, heads, rows_x0, noise, rows_t, rows_cond, first.alphas,
+            step = first.rows_per_pass(rows_x0[:1], noise[:1], rows_t[:1], rows_cond[:1], n * k)
+            passes = [projected_row_gradients(first.unet, heads, rows_x0[s:s + step], noise[s:s + step],
+                                              rows_t[s:s + step], rows_cond[s:s + step], first.alphas,
                                               first.autocast_dtype, first.prediction_type)
+                      for s in range(0, n * k, step)]
+            results = [(torch.cat([p[h][0] for p in passes]), torch.cat([p[h][1] for p in passes]))
+                       for h in range(len(heads))]
         for i, (projected, sq_norm) in zip(members, results):
             out[i] = featurizers[i]._finish(projected, sq_norm, n)
     return out

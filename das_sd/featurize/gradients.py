@@ -177,9 +177,22 @@ def _weight_gradients(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> to
     return torch.bmm(g.transpose(1, 2), x).reshape(rows, -1)
 
 
-def _forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+def forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                   cond: torch.Tensor, alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """The UNet's prediction for every row (in ``accumulation_dtype``), with its autograd graph."""
+    """The UNet's prediction for every row (in ``accumulation_dtype``), with its autograd graph.
+
+    Args:
+        unet: The UNet with a LoRA loaded, in eval mode.
+        x0: Clean latents, (rows, C, H, W).
+        noise: The noise eps of each row, same shape.
+        timesteps: t of each row, (rows,) integer.
+        cond: Caption embeddings, (rows, tokens, dim).
+        alphas_cumprod: abar of the training schedule, (T,).
+        autocast_dtype: Run the UNet under autocast to this dtype; None for none.
+
+    Returns:
+        The prediction, (rows, C, H, W), still attached to the graph.
+    """
     xt = noisy_latents(x0, noise, timesteps, alphas_cumprod)
     with torch.enable_grad():
         with torch.autocast(device_type=xt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -213,7 +226,7 @@ def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, ti
         ModelError: When ``prediction_type`` is not one das-sd supports.
     """
     with LoraGradientCapture(unet) as capture:
-        pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
+        pred = forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
         target = training_target(prediction_type, x0.to(pred.dtype), noise.to(pred.dtype), timesteps, alphas_cumprod)
         capture.backward(output_function(output, pred, target).sum())
         return capture.per_row_gradients()
@@ -248,7 +261,7 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProject
         ModelError: When ``prediction_type`` is not one das-sd supports.
     """
     with LoraGradientCapture(unet) as capture:
-        pred = _forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
+        pred = forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
         target = training_target(prediction_type, x0.to(pred.dtype), noise.to(pred.dtype), timesteps, alphas_cumprod)
         results = []
         for j, (output, projector) in enumerate(heads):

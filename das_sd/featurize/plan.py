@@ -59,6 +59,8 @@ class FeaturizeJob:
         autocast: The --autocast flag, a key of das_sd.registry.AUTOCAST_DTYPES ("fp32": none).
         allow_partial: Featurize a LoRA some of whose parameters das-sd cannot differentiate (see
             ``das_sd.featurize.lora_layers``), over the rest; what is left out is recorded.
+        max_memory: Bytes one forward / backward pass may take (``--max-memory``); None: most of
+            what the device has free.
     """
     store: str | Path
     data: str | Path
@@ -72,6 +74,7 @@ class FeaturizeJob:
     device: str | None = None
     autocast: str = DEFAULT_AUTOCAST  # a key of registry.AUTOCAST_DTYPES
     allow_partial: bool = False
+    max_memory: int | None = None
 
     def feature_sets(self) -> dict[str, FeaturizerSettings]:
         """The settings of the job's feature sets (``sets``), derived from ``settings``.
