@@ -124,7 +124,7 @@ def memory_size(text: str) -> int:
     Raises:
         argparse.ArgumentTypeError: When the text is not a positive size.
     """
-    from .featurize.memory import parse_memory_size
+    from .memory import parse_memory_size
 
     try:
         return parse_memory_size(text)

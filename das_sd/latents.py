@@ -13,6 +13,7 @@ import torch
 
 from .data.datasets import Dataset, Sample
 from .data.images import to_model_input
+from .memory import memory_budget, rows_per_pass, saved_bytes
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -33,7 +34,7 @@ def native_resolution(pipe: StableDiffusionPipeline) -> int:
 
 @torch.no_grad()
 def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: int, batch_size: int = 64,
-                  samples: list[Sample] | None = None) -> torch.Tensor:
+                  samples: list[Sample] | None = None, max_memory: int | None = None) -> torch.Tensor:
     """Latents x_0 of ``samples`` (default: all of ``dataset``), in order: the VAE posterior's mode
     times its scaling factor (``docs/method.md §2``).
 
@@ -41,8 +42,11 @@ def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: i
         pipe: The pipeline whose VAE encodes; images go to its device and dtype.
         dataset: The dataset that loads each sample's image.
         resolution: Side in pixels each image is resized and center-cropped to.
-        batch_size: Images per VAE call.
+        batch_size: Most images per VAE call.
         samples: The samples to encode, from ``dataset``; None (default): all of them.
+        max_memory: Bytes one VAE call may take; fewer images go per call when ``batch_size`` would
+            not fit (one image's encoder activations measured once). None: most of what the device
+            has free.
 
     Returns:
         (N, C, resolution / f, resolution / f) float32 latents on the VAE's device, f the VAE's
@@ -50,6 +54,8 @@ def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: i
     """
     samples = dataset.samples if samples is None else samples
     device, dtype = pipe.vae.device, pipe.vae.dtype
+    if len(samples) > 1 and batch_size > 1:
+        batch_size = _images_per_call(pipe, resolution, min(batch_size, len(samples)), max_memory)
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
@@ -57,6 +63,16 @@ def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: i
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device, dtype)
         out.append(pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor)
     return torch.cat(out).float()
+
+
+def _images_per_call(pipe: StableDiffusionPipeline, resolution: int, most: int, max_memory: int | None) -> int:
+    """Images per VAE encode within the budget: what one image's encoder keeps for a backward bounds
+    what it holds without one. Measured on each call (one image's encode, small beside the UNet
+    passes that follow), so that no cache outlives the caller's VAE."""
+    x = torch.zeros(1, 3, resolution, resolution, device=pipe.vae.device, dtype=pipe.vae.dtype)
+    with torch.inference_mode(False):
+        one_image = saved_bytes(lambda: pipe.vae.encode(x).latent_dist.mode())
+    return rows_per_pass(memory_budget(pipe.vae.device, max_memory), one_image, most)
 
 
 def tokenize_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:

@@ -184,7 +184,8 @@ def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: 
         On the CPU, one row per sample: "latents" (n, C, H, W), and per feature set NAME
         "features.NAME" (n, k) and "residuals.NAME" (n,).
     """
-    latents = encode_images(pipe, dataset, resolution, samples=samples)
+    budget = next(iter(featurizers.values())).max_memory
+    latents = encode_images(pipe, dataset, resolution, samples=samples, max_memory=budget)
     cond = encode_prompts(pipe, [s.caption for s in samples])
     keys = [s.key for s in samples]
     parts: dict[str, list[torch.Tensor]] = {"latents": [latents.cpu()]}

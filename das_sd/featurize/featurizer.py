@@ -18,7 +18,7 @@ from ..noising import noisy_latents, prediction_type, training_target
 from ..projection import BlockProjector
 from .gradients import accumulation_dtype, forward_rows, projected_row_gradients
 from .lora_layers import num_lora_parameters
-from .memory import memory_budget, rows_per_pass, saved_bytes
+from ..memory import memory_budget, rows_per_pass, saved_bytes
 from .settings import FeaturizerSettings, noise_for
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class Featurizer:
         autocast_dtype: Run the UNet under autocast to this dtype (bfloat16 / float16); None for
             none (float32).
         max_memory: Bytes one forward / backward pass may take; the rows of a batch are cut into
-            passes that fit (``das_sd.featurize.memory``). None: most of what the device has free.
+            passes that fit (``das_sd.memory``). None: most of what the device has free.
 
     Raises:
         ValueError: When the UNet has no LoRA layers.

@@ -9,7 +9,7 @@ import torch
 import das_sd.featurize.featurizer as featurizer_module
 from das_sd.argtypes import memory_size
 from das_sd.featurize.featurizer import Featurizer
-from das_sd.featurize.memory import HEADROOM, parse_memory_size, rows_per_pass, saved_bytes
+from das_sd.memory import HEADROOM, parse_memory_size, rows_per_pass, saved_bytes
 from das_sd.featurize.settings import FeaturizerSettings
 from tolerances import ALGEBRAIC_RTOL, FLOAT32_FORWARD_RTOL, relative_error
 
@@ -67,3 +67,20 @@ def test_features_and_residuals_do_not_depend_on_the_memory_budget(lora_pipe64, 
             assert relative_error(phi_cut[i], phi[i]) < ALGEBRAIC_RTOL, (budget, i)
         # residuals run in float32 whatever the UNet: equal up to how rows share a kernel call
         assert torch.allclose(e_cut, e, rtol=FLOAT32_FORWARD_RTOL), budget
+
+
+def test_the_vae_encodes_fewer_images_per_call_within_a_budget(pipe, demo_data, monkeypatch):
+    from das_sd.data.datasets import open_dataset
+    from das_sd.latents import encode_images
+
+    dataset = open_dataset(demo_data)
+    samples = dataset.samples[:5]
+    calls = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: calls.append(len(x)) or encode(x))
+    whole = encode_images(pipe, dataset, 32, samples=samples)
+    assert calls[1:] == [5]  # the first call measures one image
+    calls.clear()
+    cut = encode_images(pipe, dataset, 32, samples=samples, max_memory=1)
+    assert calls[1:] == [1] * 5
+    assert torch.allclose(cut, whole, rtol=FLOAT32_FORWARD_RTOL, atol=FLOAT32_FORWARD_RTOL * whole.abs().max())
