@@ -344,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-seed", type=int, default=defaults.noise_seed)
     p.add_argument("--no-normalize", action="store_true", help="no per-timestep unit normalisation (das set)")
     p.add_argument("--residual", default=defaults.residual, choices=RESIDUAL_FORMS)
-    p.add_argument("--residual-timesteps", type=positive_int, default=defaults.residual_timesteps, help="T_E for the residual weights")
+    p.add_argument("--residual-timesteps", type=non_negative_int, default=defaults.residual_timesteps,
+                   help="T_E for the residual weights; 0 (default): the feature timesteps, from the featurizing "
+                        "forward (no extra UNet passes)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     mode = p.add_mutually_exclusive_group()  # one process (none of them), one part, the merge, or Ray
     mode.add_argument("--shard", default=None, metavar="I/N",

@@ -171,3 +171,25 @@ def test_featurizing_puts_the_unet_in_eval_mode_for_the_call_only(lora_pipe):
     finally:
         handle.remove()
         unet.eval()
+
+
+def test_residuals_shared_with_the_featurizing_forward_equal_their_own_pass(lora_pipe64, monkeypatch):
+    import das_sd.featurize.featurizer as featurizer_module
+    from das_sd.featurize.featurizer import features_and_residuals
+
+    x0, cond, keys = _queries(lora_pipe64, 3)
+    for form in ("scale-free", "magnitude"):
+        shared = Featurizer(lora_pipe64, FeaturizerSettings(num_timesteps=4, projection_dim=64, residual=form))
+        assert shared.settings.shares_forward and shared.settings.residual_timesteps == 0
+        alone = shared.residuals(x0, cond, keys)  # its own no-grad forward over the feature timesteps
+        unet_calls = []
+        monkeypatch.setattr(featurizer_module.Featurizer, "_residual_rows",
+                            lambda *a, **k: unet_calls.append(1) or pytest.fail("an extra residual forward"))
+        phi, [e] = features_and_residuals([shared], x0, cond, keys)
+        monkeypatch.undo()
+        assert not unet_calls and torch.allclose(phi[0], shared.features(x0, cond, keys), rtol=0, atol=0)
+        assert torch.allclose(e, alone, rtol=FLOAT32_FORWARD_RTOL), form
+    own = Featurizer(lora_pipe64, FeaturizerSettings(num_timesteps=4, projection_dim=64, residual_timesteps=6))
+    assert not own.settings.shares_forward and len(own.settings.residual_grid(1000)) == 6
+    _, [e_own] = features_and_residuals([own], x0, cond, keys)
+    assert torch.equal(e_own, own.residuals(x0, cond, keys))

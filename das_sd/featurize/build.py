@@ -22,7 +22,7 @@ from ..models.loading import ModelError
 from ..models.probe import pipeline_probes
 from ..noising import prediction_type
 from ..store import FeatureStore
-from .featurizer import Featurizer, alphas_cumprod_of, features_together
+from .featurizer import Featurizer, alphas_cumprod_of, features_and_residuals
 from .lora_layers import lora_inventory, num_lora_parameters
 from .plan import default_feature_sets, part_work, rows_of, whole_work
 from .settings import FeaturizerSettings
@@ -191,10 +191,10 @@ def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: 
     parts: dict[str, list[torch.Tensor]] = {"latents": [latents.cpu()]}
     for i in range(0, len(samples), batch_size):
         sl = slice(i, i + batch_size)
-        features = features_together(list(featurizers.values()), latents[sl], cond[sl], keys[sl])
-        for (name, featurizer), phi in zip(featurizers.items(), features):
+        features, residuals = features_and_residuals(list(featurizers.values()), latents[sl], cond[sl], keys[sl])
+        for name, phi, e in zip(featurizers, features, residuals):
             parts.setdefault(f"features.{name}", []).append(phi.cpu())
-            parts.setdefault(f"residuals.{name}", []).append(featurizer.residuals(latents[sl], cond[sl], keys[sl]).cpu())
+            parts.setdefault(f"residuals.{name}", []).append(e)
         if bar is not None:
             bar.update(len(keys[sl]))
     return {name: torch.cat(chunks) for name, chunks in parts.items()}

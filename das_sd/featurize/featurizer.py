@@ -16,7 +16,7 @@ import torch
 from ..models.modes import eval_mode
 from ..noising import noisy_latents, prediction_type, training_target
 from ..projection import BlockProjector
-from .gradients import accumulation_dtype, forward_rows, projected_row_gradients
+from .gradients import accumulation_dtype, forward_rows, projected_row_gradients, residual_norms
 from .lora_layers import num_lora_parameters
 from ..memory import memory_budget, rows_per_pass, saved_bytes
 from .settings import FeaturizerSettings, noise_for
@@ -224,6 +224,18 @@ class Featurizer:
                 err = torch.cat([self._residual_rows(rows_x0[s:s + step], noise[s:s + step], rows_t[s:s + step],
                                                      rows_cond[s:s + step]) for s in range(0, n * m, step)])
                 r[:, start:start + m] = err.view(n, m).cpu()
+        return self.residual_weights(r)
+
+    def residual_weights(self, r: torch.Tensor) -> torch.Tensor:
+        """e from the residual norms r_t of each sample, in the form ``settings.residual`` names.
+
+        Args:
+            r: (n, T_E) residual norms, one column per timestep of ``settings.residual_grid``.
+
+        Returns:
+            e, (n,) float32 on the CPU (docs/method.md §9).
+        """
+        r = r.float().cpu()
         if self.settings.residual == "magnitude":
             return r.mean(dim=1)
         return (r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)).mean(dim=1)
@@ -235,8 +247,7 @@ class Featurizer:
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
             pred = self.unet(xt.to(self.unet.dtype), rows_t, encoder_hidden_states=rows_cond.to(self.unet.dtype)).sample
-        target = training_target(self.prediction_type, rows_x0, noise, rows_t, self.alphas)
-        return (pred.float() - target).pow(2).flatten(1).mean(dim=1).sqrt()
+        return residual_norms(pred, training_target(self.prediction_type, rows_x0, noise, rows_t, self.alphas))
 
 
 def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor,
@@ -255,14 +266,36 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
     Returns:
         phi of each featurizer, in order: (n, k) each (see ``Featurizer.features``).
     """
+    return features_and_residuals(featurizers, x0, cond, keys, residuals=False)[0]
+
+
+def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor, keys: list[str],
+                           residuals: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Features of every featurizer as ``features_together`` computes them, and their residual
+    weights: those of settings that share the featurizing forward (``residual_timesteps`` 0) from
+    that forward's predictions, no extra UNet pass; the others from ``Featurizer.residuals``.
+
+    Args:
+        featurizers: The featurizers, e.g. one per feature set of a store.
+        x0: Clean latents x_0, (n, C, H, W).
+        cond: Caption embeddings c, (n, tokens, dim).
+        keys: Sample keys, n of them; they fix the noise.
+        residuals: Compute the residual weights too (False: features only, the second list all None).
+
+    Returns:
+        (phi of each featurizer, (n, k) each; e of each featurizer, (n,) float32 on the CPU, or None).
+    """
     groups: dict[tuple, list[int]] = {}
     for i, featurizer in enumerate(featurizers):
         groups.setdefault(featurizer._rows_key(), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(featurizers)
+    weights: list[torch.Tensor | None] = [None] * len(featurizers)
     n = len(keys)
     for members in groups.values():
         first = featurizers[members[0]]
         k = len(first.timesteps)
+        errors: list[torch.Tensor] | None = [] if residuals and any(
+            featurizers[i].settings.shares_forward for i in members) else None
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(first.unet):
             # tensors made under inference_mode cannot enter autograd: take plain copies
             x0_rows = x0.clone().to(first.device, accumulation_dtype(first.unet.dtype))
@@ -274,10 +307,16 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
             step = first.rows_per_pass(rows_x0[:1], noise[:1], rows_t[:1], rows_cond[:1], n * k)
             passes = [projected_row_gradients(first.unet, heads, rows_x0[s:s + step], noise[s:s + step],
                                               rows_t[s:s + step], rows_cond[s:s + step], first.alphas,
-                                              first.autocast_dtype, first.prediction_type)
+                                              first.autocast_dtype, first.prediction_type, errors)
                       for s in range(0, n * k, step)]
             results = [(torch.cat([p[h][0] for p in passes]), torch.cat([p[h][1] for p in passes]))
                        for h in range(len(heads))]
         for i, (projected, sq_norm) in zip(members, results):
             out[i] = featurizers[i]._finish(projected, sq_norm, n)
-    return out
+            if residuals and featurizers[i].settings.shares_forward:
+                weights[i] = featurizers[i].residual_weights(torch.cat(errors).view(n, k))
+    if residuals:
+        for i, featurizer in enumerate(featurizers):
+            if weights[i] is None:
+                weights[i] = featurizer.residuals(x0, cond, keys)
+    return out, weights

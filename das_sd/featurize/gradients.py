@@ -177,6 +177,19 @@ def _weight_gradients(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> to
     return torch.bmm(g.transpose(1, 2), x).reshape(rows, -1)
 
 
+def residual_norms(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """r_t per row: the root mean square of prediction - target (docs/method.md §9).
+
+    Args:
+        prediction: The UNet's outputs, (rows, C, H, W).
+        target: The training target of each row, same shape.
+
+    Returns:
+        (rows,) float32.
+    """
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1).sqrt()
+
+
 def forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                   cond: torch.Tensor, alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
     """The UNet's prediction for every row (in ``accumulation_dtype``), with its autograd graph.
@@ -235,7 +248,8 @@ def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, ti
 def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProjector]], x0: torch.Tensor,
                             noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
                             alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None = None,
-                            prediction_type: str = "epsilon") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                            prediction_type: str = "epsilon", row_errors: list[torch.Tensor] | None = None
+                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (output function f, projector) head: P^T g per row and ||g||^2 per row, without ever
     holding all rows' full gradients. The heads share one forward pass (a store's feature sets feed
     the UNet the same rows and differ only in f) and take one backward each.
@@ -253,6 +267,8 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProject
         autocast_dtype: Run the UNet under autocast to this dtype; None for none.
         prediction_type: The scheduler's prediction type (das_sd.noising.prediction_type), which
             fixes the target of f = "loss" (docs/method.md §2).
+        row_errors: When a list, the rows' residual norms from this forward are appended to it:
+            ||prediction - target||_rms per row, (rows,) float32 (docs/method.md §9).
 
     Returns:
         Per head, in order: (P^T g, (rows, k); ||g||^2, (rows,)), in ``accumulation_dtype``.
@@ -263,6 +279,8 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProject
     with LoraGradientCapture(unet) as capture:
         pred = forward_rows(unet, x0, noise, timesteps, cond, alphas_cumprod, autocast_dtype)
         target = training_target(prediction_type, x0.to(pred.dtype), noise.to(pred.dtype), timesteps, alphas_cumprod)
+        if row_errors is not None:
+            row_errors.append(residual_norms(pred.detach(), target))
         results = []
         for j, (output, projector) in enumerate(heads):
             capture.backward(output_function(output, pred, target).sum(), retain_graph=j < len(heads) - 1)

@@ -30,7 +30,9 @@ class FeaturizerSettings:
         projection_nonzeros: s, nonzeros per input coordinate of the sparse projector; must divide
             ``projection_dim``.
         residual: Form of the residual weight e_i (§9): "scale-free" (default), "magnitude" or "none".
-        residual_timesteps: T_E, the number of timesteps the residual weight averages over (§9).
+        residual_timesteps: T_E, the number of timesteps the residual weight averages over (§9);
+            0 (default): the feature timesteps T_K, whose errors the featurizing forward already
+            computes, so the residual weights cost no extra forward.
 
     Raises:
         ValueError: On construction, when a choice is not one of das_sd.registry's, ``num_timesteps``
@@ -49,7 +51,7 @@ class FeaturizerSettings:
     projection_seed: int = ProjectorSpec.seed
     projection_nonzeros: int = ProjectorSpec.nonzeros  # s, nonzeros per input coordinate of the sparse projector
     residual: str = "scale-free"  # e_i form: scale-free | magnitude | none (open)
-    residual_timesteps: int = 100  # T_E
+    residual_timesteps: int = 0  # T_E; 0: the feature timesteps, from the featurizing forward
 
     def __post_init__(self):
         check_choice("output function", self.output, OUTPUT_FUNCTIONS)
@@ -57,6 +59,8 @@ class FeaturizerSettings:
         check_choice("residual form", self.residual, RESIDUAL_FORMS)
         if self.num_timesteps < 1 or self.projection_dim < 1:
             raise ValueError("num_timesteps and projection_dim must be positive")
+        if self.residual_timesteps < 0:
+            raise ValueError("residual_timesteps must be 0 (the feature timesteps) or positive")
         if self.projector == "sparse" and (self.projection_nonzeros < 1 or self.projection_dim % self.projection_nonzeros):
             raise ValueError(f"sparse projector: projection_dim (--dim {self.projection_dim}) must be a multiple "
                              f"of projection_nonzeros (--projection-nonzeros {self.projection_nonzeros})")
@@ -81,9 +85,21 @@ class FeaturizerSettings:
             num_train_timesteps: T, the scheduler's number of training timesteps.
 
         Returns:
-            ``uniform_grid(residual_timesteps, num_train_timesteps)``.
+            ``uniform_grid(residual_timesteps, num_train_timesteps)``; the feature timesteps when
+            ``residual_timesteps`` is 0.
         """
+        if self.shares_forward:
+            return self.feature_timesteps(num_train_timesteps)
         return uniform_grid(self.residual_timesteps, num_train_timesteps)
+
+    @property
+    def shares_forward(self) -> bool:
+        """Whether the residual weights come from the featurizing forward (``residual_timesteps`` 0).
+
+        Returns:
+            True when residuals are wanted and T_E is the feature timesteps.
+        """
+        return self.residual != "none" and self.residual_timesteps == 0
 
     def projector_spec(self) -> ProjectorSpec:
         """The random projection P these settings describe (docs/method.md §7).
