@@ -30,6 +30,11 @@ SD_PROPORTIONS = dict(
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
 
+# SD 1.5's UNet at its real widths, 512 px (64 x 64 latents), with a LoRA on kohya's default SD 1.x
+# targets: attention, feed-forward and the 1x1 conv proj_in / proj_out (random weights)
+SD15_FULL = dict(SD_PROPORTIONS, sample_size=64, block_out_channels=(320, 640, 1280, 1280))
+KOHYA_SD1_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
@@ -71,19 +76,24 @@ def load_model(config: str, rank: int, device: str):
         size = pipe.unet.config.sample_size
         cond_shape = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
         return pipe, (4, size, size), cond_shape
-    if config != "sd-proportions":
+    if config not in ("sd-proportions", "sd15-512"):
         raise ValueError(f"unknown config {config!r}")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD_PROPORTIONS)
-    add_lora_adapter(unet, LoraRecipe(rank=rank))
+    shape = SD_PROPORTIONS if config == "sd-proportions" else SD15_FULL
+    unet = UNet2DConditionModel(**shape)
+    if config == "sd-proportions":
+        add_lora_adapter(unet, LoraRecipe(rank=rank))
+    else:
+        names = sorted({n for n, _ in unet.named_modules() if n.endswith(KOHYA_SD1_TARGETS)})
+        add_lora_adapter(unet, LoraRecipe(rank=rank, alpha=float(rank), target_modules=names))
     with torch.no_grad():  # a trained LoRA has B != 0; peft initialises B = 0
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     unet.to(device).eval()
     pipe = SimpleNamespace(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
-    size = SD_PROPORTIONS["sample_size"]
-    return pipe, (4, size, size), (77, SD_PROPORTIONS["cross_attention_dim"])
+    size = shape["sample_size"]
+    return pipe, (4, size, size), (77, shape["cross_attention_dim"])
 
 
 class Meter:
