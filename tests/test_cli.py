@@ -253,22 +253,11 @@ def test_ray_hands_the_job_to_the_workers_without_loading_a_pipeline(capsys, mon
     assert list(job.feature_sets()) == ["das"] and job.data == demo_data.resolve()
 
 
-def _code_lines(source: str) -> int:
-    """Lines of a function or module, its docstrings left out."""
-    import ast
-
-    tree = ast.parse(source)
-    doc_lines = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
-            first = node.body[0]
-            doc_lines |= set(range(first.lineno, first.end_lineno + 1))
-    return len(source.splitlines()) - len(doc_lines)
-
-
 def test_commands_are_thin():
     """Each command parses its flags, calls the library once and prints: the logic lives in das_sd."""
     import inspect
+
+    from source_metrics import code_lines
 
     import das_sd.cli
     import das_sd.evaluate.cli
@@ -276,9 +265,9 @@ def test_commands_are_thin():
 
     modules = (das_sd.cli, das_sd.evaluate.cli, das_sd.inspect.cli)
     commands = {name: f for m in modules for name, f in vars(m).items() if name.startswith("cmd_")}
-    sizes = {name: _code_lines(inspect.getsource(f)) for name, f in commands.items()}
+    sizes = {name: code_lines(inspect.getsource(f)) for name, f in commands.items()}
     assert len(commands) >= 17 and max(sizes.values()) <= 16, sizes
-    assert _code_lines(inspect.getsource(das_sd.cli)) < 400
+    assert code_lines(inspect.getsource(das_sd.cli)) < 400
 
 def test_featurize_memory_budget_is_parsed_or_refused_at_parse_time(capsys):
     from das_sd.cli import build_parser
