@@ -1,41 +1,43 @@
 """Load a Stable Diffusion 1.x pipeline folder (offline) and LoRA files in the formats people share.
 
-LoRA formats:
+LoRA formats (read and refused in ``lora_files``, their layers read in ``lora_layers``):
 - diffusers: ``pytorch_lora_weights.safetensors`` with ``unet.*.lora_A/lora_B`` (or the older
   ``lora.down/lora.up``) keys, as written by ``save_lora_weights`` and diffusers' training scripts;
+  diffusers' own ``load_lora_weights`` loads them with the adapter config the file records;
 - peft: ``adapter_model.safetensors`` (+ ``adapter_config.json``) with ``base_model.model.*`` keys;
 - kohya / A1111: ``lora_unet_*.lora_down/lora_up/alpha`` keys, as written by sd-scripts.
-Kohya and diffusers files go through diffusers' own ``load_lora_weights``; peft files are renamed to
-diffusers keys with their ``lora_alpha / r`` scale folded into ``lora_B`` first. Only safetensors
-are read: pickled checkpoints (.bin, .pt, .ckpt) are refused, never unpickled.
+Kohya and peft files are converted here, each layer keeping its own rank and its alpha / rank scale, and
+loaded with a peft config that names every layer. After loading, the LoRA weights peft holds are counted
+against the file's: a LoRA that loads only part of its file is refused. Only safetensors are read:
+pickled checkpoints (.bin, .pt, .ckpt) are refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import stat
+import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..io import not_regular_message
+from .errors import ModelError
+# LoRA files are read in lora_files / lora_layers and converted in lora_export; their names stay importable here
+from .lora_export import export_lora, to_kohya, to_peft  # noqa: F401
+from .lora_files import (LORA_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, layer_name, lora_file_format,  # noqa: F401
+                         lora_format, lora_weight_elements, read_lora, resolve_lora_file)
+from .lora_layers import kohya_layers, peft_layers, resolve_kohya_names
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Mapping
 
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class ModelError(ValueError):
-    """A model or LoRA that cannot be used; the message names the path."""
+    from .lora_layers import LoraLayerWeights
 
 
 def embedded_base_path() -> Path:
@@ -187,121 +189,16 @@ def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> CLIPT
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA files
-
-def resolve_lora_file(path: str | Path) -> Path:
-    """The LoRA weights file a path names, checked before it is read.
-
-    Args:
-        path: A .safetensors file, or a folder holding ``pytorch_lora_weights.safetensors``,
-            ``adapter_model.safetensors`` or a single .safetensors file.
-
-    Returns:
-        The file, absolute.
-
-    Raises:
-        ModelError: When no weights file is found, the path is missing, unreadable or not a regular
-            file, or the file is a pickled checkpoint or not .safetensors.
-    """
-    path = Path(path).expanduser().resolve()
-    if path.is_dir():
-        for name in LORA_WEIGHT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        found = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-        if len(found) == 1:
-            return found[0]
-        raise ModelError(f"{path}: no LoRA weights ({' or '.join(LORA_WEIGHT_NAMES)}) in the folder")
-    try:
-        mode = path.stat().st_mode  # stat never blocks; opening a FIFO would
-    except FileNotFoundError:
-        raise ModelError(f"{path}: LoRA file not found") from None
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(mode):
-        raise ModelError(not_regular_message(path, mode, "LoRA .safetensors file or folder"))
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(f"{path}: pickled checkpoints are not loaded (unsafe); convert it to safetensors")
-    if path.suffix.lower() != ".safetensors":
-        raise ModelError(f"{path}: expected a .safetensors LoRA file")
-    return path
-
-
-def lora_format(keys: Iterable[str]) -> str:
-    """The format of a LoRA state dict, from its key names.
-
-    Args:
-        keys: The state dict's keys.
-
-    Returns:
-        "kohya" (``lora_unet_*`` / ``lora_te_*``), "peft" (``base_model.model.*``) or "diffusers"
-        (``unet.*`` / ``text_encoder.*``).
-
-    Raises:
-        ModelError: When no key has any of those prefixes.
-    """
-    keys = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
-        return "kohya"
-    if any(k.startswith("base_model.model.") for k in keys):
-        return "peft"
-    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
-        return "diffusers"
-    raise ModelError("unrecognised LoRA key layout (expected diffusers 'unet.*', peft "
-                     "'base_model.model.*' or kohya 'lora_unet_*' keys)")
-
-
-def _lora_file_format(file: Path) -> str:
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            keys = list(fh.keys())
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ModelError(f"{file}: not a readable safetensors file ({exc})") from exc
-    try:
-        return lora_format(keys)
-    except ModelError as exc:
-        raise ModelError(f"{file}: {exc}") from None
-
-
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, format) of a LoRA file or folder.
-
-    Args:
-        path: A LoRA file or folder (see ``resolve_lora_file``).
-
-    Returns:
-        The tensors by key name, on the CPU, and the format ("diffusers", "peft" or "kohya").
-
-    Raises:
-        ModelError: When the path is refused or the file is not a readable LoRA.
-    """
-    file = resolve_lora_file(path)
-    fmt = _lora_file_format(file)
-    return load_file(str(file)), fmt
-
-
-def peft_to_diffusers(state: dict[str, torch.Tensor], config: dict | None) -> dict[str, torch.Tensor]:
-    """Rename peft keys to diffusers' and fold the lora_alpha / r scale into lora_B.
-
-    Args:
-        state: A peft UNet adapter's state dict (``base_model.model.*`` keys).
-        config: Its ``adapter_config.json``; None or without ``r`` / ``lora_alpha``: no scaling.
-
-    Returns:
-        The state dict with ``unet.*`` keys.
-    """
-    config = config or {}
-    out = {}
-    for key, value in state.items():
-        name = key.removeprefix("base_model.model.")
-        if ".lora_B." in name and config.get("r") and config.get("lora_alpha"):
-            value = value * (float(config["lora_alpha"]) / float(config["r"]))
-        out[f"unet.{name}"] = value
-    return out
-
+# LoRAs into a pipeline
 
 def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str = "default") -> str:
     """Load a LoRA into ``pipe`` under ``adapter_name``; returns the detected format.
+
+    diffusers files go through diffusers' ``load_lora_weights``. kohya and peft files are converted by
+    das-sd (kohya layer names matched to the pipeline's module paths; per-layer ranks and alpha / rank
+    scales, see ``lora_layers``) and loaded with a peft config naming each layer's rank and alpha:
+    diffusers 0.42's own kohya conversion gives every attention layer (to_q/k/v/out) the file's most
+    common alpha instead of its own.
 
     Args:
         pipe: The base pipeline; the LoRA is added to it in place.
@@ -312,111 +209,122 @@ def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str
         The detected format: "diffusers", "peft" or "kohya".
 
     Raises:
-        ModelError: When the path is refused or the file is not a readable LoRA.
+        ModelError: When the path is refused, the file is not a readable LoRA, holds layers that are no
+            LoRA pairs (LoHa, LoKr, Tucker ``lora_mid``, DoRA ``dora_scale``, ...) or mixes key styles
+            (all refused before diffusers is called), the adapter name is taken, diffusers / peft
+            cannot load it, or the UNet or text encoder holds other LoRA weights after loading than the
+            file holds for it (what did load is taken out again).
     """
     file = resolve_lora_file(path)
-    fmt = _lora_file_format(file)
-    if fmt == "peft":
-        config_file = file.parent / "adapter_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else None
-        pipe.load_lora_weights(peft_to_diffusers(load_file(str(file)), config), adapter_name=adapter_name)
-    else:  # diffusers reads kohya and its own files (with their adapter metadata) itself
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+    fmt = lora_file_format(file)
+    state = load_file(str(file))
+    if any(adapter_name in (getattr(getattr(pipe, m, None), "peft_config", None) or {}) for m in ("unet", "text_encoder")):
+        raise ModelError(f"{file}: the pipeline already holds a LoRA named {adapter_name!r}")
+    try:
+        if fmt == "diffusers":
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+        else:
+            if fmt == "kohya":
+                modules = {name: [n for n, _ in getattr(pipe, name).named_modules()]
+                           for name in ("unet", "text_encoder") if getattr(pipe, name, None) is not None}
+                layers = resolve_kohya_names(kohya_layers(state), modules)
+            else:
+                config_file = file.parent / "adapter_config.json"
+                layers = peft_layers(state, json.loads(config_file.read_text()) if config_file.is_file() else None)
+            _load_layers(pipe, layers, adapter_name)
+    except ModelError as exc:
+        _unload(pipe, adapter_name)
+        raise ModelError(f"{file}: {exc}") from None
+    except (ValueError, RuntimeError, KeyError) as exc:  # diffusers' and peft's own (key renaming, shapes)
+        _unload(pipe, adapter_name)
+        raise ModelError(f"{file}: diffusers / peft cannot load it ({exc})") from exc
+    _refuse_partial_load(pipe, file, state, adapter_name)
     return fmt
 
 
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
-_UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight", ".lora_linear_layer.up.weight")
+def _unload(pipe: StableDiffusionPipeline, adapter_name: str) -> None:
+    """Take the part of a refused LoRA that did load out of the pipeline again (the name was free before)."""
+    try:
+        pipe.delete_adapters(adapter_name)
+    except Exception:  # noqa: BLE001 - nothing was loaded, or the pipeline is dropped with the error anyway
+        pass
 
 
-def _split_lora_key(key: str) -> tuple[str, str, str]:
-    """('unet' | 'text_encoder', module path, 'down' | 'up') for a diffusers LoRA key."""
-    model = next((m for m in ("unet", "text_encoder") if key.startswith(m + ".")), None)
-    if model is None:
-        raise ModelError(f"LoRA key {key!r} is neither a UNet ('unet.') nor a text-encoder ('text_encoder.') key")
-    for kind, suffixes in (("down", _DOWN_SUFFIXES), ("up", _UP_SUFFIXES)):
-        for suffix in suffixes:
-            if key.endswith(suffix):
-                module = key[len(model) + 1:-len(suffix)]
-                if model == "text_encoder" and not module.startswith("text_model."):
-                    module = "text_model." + module  # transformers 5 layout -> the usual one
-                return model, module, kind
-    raise ModelError(f"unrecognised LoRA key {key!r}")
+def _peft_config(layers: Mapping[str, LoraLayerWeights], anchored: bool) -> dict:
+    """A peft ``LoraConfig`` (as a dict) giving each layer its own rank and alpha by its module path.
 
-
-def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers LoRA state dict (UNet and text encoder) to kohya / A1111 naming
-    (alpha = rank, scale 1).
-
-    Args:
-        state: A diffusers LoRA state dict (``unet.*`` / ``text_encoder.*`` keys).
-
-    Returns:
-        The state dict with ``lora_unet_*`` / ``lora_te_*`` keys and an ``alpha`` per layer.
-
-    Raises:
-        ModelError: When a key is not a diffusers LoRA key.
+    peft matches a pattern against the end of a module path; UNet paths are anchored at the start
+    too, text-encoder paths drop ``text_model.`` (transformers 5 has no such submodule).
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        model, module, kind = _split_lora_key(key)
-        name = ("lora_unet_" if model == "unet" else "lora_te_") + module.replace(".", "_")
-        out[f"{name}.lora_{kind}.weight"] = value.contiguous()
-        if kind == "down":
-            out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
-    return out
+    def pattern(module: str) -> str:
+        return ("^" if anchored else "") + re.escape(module.removeprefix("text_model."))
+
+    first = next(iter(layers.values()))
+    return {"r": first.rank, "lora_alpha": first.alpha,
+            "rank_pattern": {pattern(m): layer.rank for m, layer in layers.items()},
+            "alpha_pattern": {pattern(m): layer.alpha for m, layer in layers.items()},
+            "target_modules": sorted(m.removeprefix("text_model.") for m in layers)}
 
 
-def to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers UNet LoRA state dict to peft ``adapter_model.safetensors`` naming.
+def _load_layers(pipe: StableDiffusionPipeline, layers: Mapping[tuple[str, str], LoraLayerWeights],
+                 adapter_name: str) -> None:
+    """Load converted layers into the UNet and text encoder, as ``load_lora_weights`` does with a
+    config of its own, then check every layer's rank and scale in the loaded model."""
+    from peft.tuners.lora import LoraLayer
 
-    Args:
-        state: A diffusers LoRA state dict with UNet keys only.
+    for model in ("unet", "text_encoder"):
+        part = {module: layer for (m, module), layer in layers.items() if m == model}
+        if not part:
+            continue
+        state = {f"{model}.{module}.lora_{half}.weight": weight for module, layer in part.items()
+                 for half, weight in (("A", layer.down), ("B", layer.up))}
+        metadata = {f"{model}.{k}": v for k, v in _peft_config(part, anchored=model == "unet").items()}
+        if model == "unet":
+            pipe.load_lora_into_unet(state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name,
+                                     metadata=metadata, _pipeline=pipe)
+        else:
+            pipe.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=pipe.text_encoder,
+                                             lora_scale=pipe.lora_scale, adapter_name=adapter_name,
+                                             metadata=metadata, _pipeline=pipe)
+        modules = dict(getattr(pipe, model).named_modules())
+        for module, layer in part.items():
+            loaded = modules.get(module, modules.get(module.removeprefix("text_model.")))
+            if not isinstance(loaded, LoraLayer) or adapter_name not in loaded.r:
+                continue  # counted by _refuse_partial_load
+            if loaded.r[adapter_name] != layer.rank or not math.isclose(loaded.scaling[adapter_name], layer.scale,
+                                                                        rel_tol=1e-12):
+                raise ModelError(f"layer {module!r} loaded with rank {loaded.r[adapter_name]} and scale "
+                                 f"{loaded.scaling[adapter_name]}, the file gives rank {layer.rank}, scale {layer.scale}")
 
-    Returns:
-        The state dict with ``base_model.model.*.lora_A`` / ``lora_B`` keys.
 
-    Raises:
-        ModelError: When the LoRA also has text-encoder layers, or a key is not a diffusers LoRA key.
+def _adapter_layers(model: torch.nn.Module | None, adapter_name: str) -> tuple[set[str], int]:
+    """(layer names in ``lora_files.layer_name`` spelling, LoRA weight elements) the adapter holds in ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    names, count = set(), 0
+    for name, module in (model.named_modules() if model is not None else ()):
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            names.add(name.replace(".", "_").removeprefix("text_model_"))
+            count += module.lora_A[adapter_name].weight.numel() + module.lora_B[adapter_name].weight.numel()
+    return names, count
+
+
+def _refuse_partial_load(pipe: StableDiffusionPipeline, file: Path, state: Mapping[str, torch.Tensor],
+                         adapter_name: str) -> None:
+    """Refuse (and unload) a LoRA of which the UNet or text encoder holds other LoRA weights than the file.
+
+    diffusers drops keys it cannot place with at most a log line (a file mixing key styles, layers of
+    modules the model lacks, a text_encoder_2 part), which would attribute over part of the LoRA.
     """
-    out = {}
-    for key, value in state.items():
-        model, module, kind = _split_lora_key(key)
-        if model != "unet":
-            raise ModelError("a peft adapter file holds one model, and this LoRA also has text-encoder layers "
-                             f"(e.g. {key!r}); convert it to kohya instead")
-        out[f"base_model.model.{module}.lora_{'A' if kind == 'down' else 'B'}.weight"] = value.contiguous()
-    return out
-
-
-def export_lora(lora: str | Path, to: str, out: str | Path) -> Path:
-    """`das-sd export-lora`: write a diffusers-format LoRA (as das-sd trains them) in kohya naming
-    (A1111, ComfyUI) or as a peft adapter file, atomically; returns ``out``.
-
-    Args:
-        lora: The diffusers-format LoRA file or folder.
-        to: The target naming: "kohya" or "peft".
-        out: The file to write; its folder is created.
-
-    Returns:
-        ``out`` as a Path.
-
-    Raises:
-        ValueError: When ``to`` is neither "kohya" nor "peft".
-        ModelError: When the LoRA is not a readable diffusers-format LoRA, or cannot be converted.
-    """
-    from safetensors.torch import save
-
-    from ..io import atomic_write_bytes
-
-    converters = {"kohya": to_kohya, "peft": to_peft}
-    if to not in converters:
-        raise ValueError(f"--to {to!r}: expected one of {sorted(converters)}")
-    state, fmt = read_lora(lora)
-    if fmt != "diffusers":
-        raise ModelError(f"{lora}: export converts diffusers-format LoRAs (this one is {fmt})")
-    converted = converters[to](state)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, save(converted, metadata={"format": "pt", "das_sd_export": to}))
-    return out
+    expected = lora_weight_elements(state)
+    for model in sorted(set(expected) | {"unet", "text_encoder"}):
+        names, loaded = _adapter_layers(getattr(pipe, model, None), adapter_name)
+        if loaded == expected.get(model, 0):
+            continue
+        missed = sorted(k for k in state if k.endswith(LORA_WEIGHT_SUFFIXES) and layer_name(k)[0] == model
+                        and layer_name(k)[1] not in names)
+        _unload(pipe, adapter_name)
+        example = f"; keys that did not load, e.g. {', '.join(missed[:3])}" if missed else ""
+        raise ModelError(f"{file}: the file holds {expected.get(model, 0):,} LoRA weights for the {model}, but "
+                         f"{loaded:,} loaded into it{example}. das-sd does not use a LoRA that loads only in part "
+                         "(scores over part of it would be wrong without any sign)")
