@@ -29,7 +29,7 @@ from .errors import ModelError
 from .lora_export import export_lora, to_kohya, to_peft  # noqa: F401
 from .lora_files import (LORA_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, layer_name, lora_file_format,  # noqa: F401
                          lora_format, lora_weight_elements, read_lora, resolve_lora_file)
-from .lora_layers import kohya_layers, peft_layers, resolve_kohya_names
+from .lora_weights import kohya_layers, peft_layers, resolve_kohya_names
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from .lora_layers import LoraLayerWeights
+    from .lora_weights import LoraLayerWeights
 
 
 def embedded_base_path() -> Path:

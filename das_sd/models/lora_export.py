@@ -17,7 +17,7 @@ import torch
 
 from .errors import ModelError
 from .lora_files import adapter_metadata, read_lora, resolve_lora_file
-from .lora_layers import diffusers_layers
+from .lora_weights import diffusers_layers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
