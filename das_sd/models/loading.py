@@ -1,6 +1,6 @@
 """Load a Stable Diffusion 1.x pipeline folder (offline) and LoRA files in the formats people share.
 
-LoRA formats (read and refused in ``lora_files``, their layers read in ``lora_layers``):
+LoRA formats (read and refused in ``lora_files``, their layers read in ``lora_weights``):
 - diffusers: ``pytorch_lora_weights.safetensors`` with ``unet.*.lora_A/lora_B`` (or the older
   ``lora.down/lora.up``) keys, as written by ``save_lora_weights`` and diffusers' training scripts;
   diffusers' own ``load_lora_weights`` loads them with the adapter config the file records;
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import ModelError
-# LoRA files are read in lora_files / lora_layers and converted in lora_export; their names stay importable here
+# LoRA files are read in lora_files / lora_weights and converted in lora_export; their names stay importable here
 from .lora_export import export_lora, to_kohya, to_peft  # noqa: F401
 from .lora_files import (LORA_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, layer_name, lora_file_format,  # noqa: F401
                          lora_format, lora_weight_elements, read_lora, resolve_lora_file)
@@ -196,7 +196,7 @@ def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str
 
     diffusers files go through diffusers' ``load_lora_weights``. kohya and peft files are converted by
     das-sd (kohya layer names matched to the pipeline's module paths; per-layer ranks and alpha / rank
-    scales, see ``lora_layers``) and loaded with a peft config naming each layer's rank and alpha:
+    scales, see ``lora_weights``) and loaded with a peft config naming each layer's rank and alpha:
     diffusers 0.42's own kohya conversion gives every attention layer (to_q/k/v/out) the file's most
     common alpha instead of its own.
 

@@ -2,7 +2,7 @@
 ComfyUI) or as a peft adapter file, with the same behaviour.
 
 The scale of every layer (``lora_alpha / r`` of the adapter config diffusers records in the file's
-header, per layer with ``alpha_pattern`` / ``rank_pattern``; see ``lora_layers``) travels with it:
+header, per layer with ``alpha_pattern`` / ``rank_pattern``; see ``lora_weights``) travels with it:
 - kohya: an ``alpha`` per layer equal to scale * rank, so that ``alpha / rank`` is the scale again;
 - peft: the scale is folded into ``lora_B`` (a scale-1 file: any ``adapter_config.json`` with
   ``lora_alpha = r`` per layer, or none for das-sd, gives the same update).

@@ -1,5 +1,5 @@
 """LoRA files as people share them: find and read one, tell its key style, refuse what das-sd cannot
-load, and count its LoRA weights (``lora_layers`` reads its layers with their ranks and scales).
+load, and count its LoRA weights (``lora_weights`` reads its layers with their ranks and scales).
 
 Key styles (one per file):
 - diffusers: ``unet.*`` / ``text_encoder.*`` keys (``lora_A/lora_B``, ``lora.down/lora.up`` or
