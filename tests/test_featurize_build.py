@@ -169,3 +169,26 @@ def test_parameters_das_sd_cannot_differentiate_are_refused_or_recorded_with_all
     assert 1156 == conv_out.weight.numel() + conv_out.bias.numel()
     notes = Attributor.notes.fget(type("Bare", (), {"store": store})())  # what every attribution carries
     assert len(notes) == 1 and "partial attribution" in notes[0] and "modules_to_save (Conv2d) (1,156)" in notes[0]
+
+
+@pytest.mark.parametrize("header, side", [("(512, 512)", 512), ("512,512", 512), ("768", 768),
+                                          ("(512, 768)", 624), ("[1024, 576]", 768), (None, None), ("?", None)])
+def test_the_featurizing_resolution_follows_what_a_kohya_lora_records(tmp_path, header, side):
+    from das_sd.featurize.build import training_resolution
+
+    file = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, str(file),
+              metadata={"ss_resolution": header} if header else None)
+    # a non-square (bucketed) w x h: the square of the same area, a multiple of 8
+    assert training_resolution(file) == side
+
+
+def test_the_featurizing_resolution_follows_a_das_sd_record(tmp_path):
+    from das_sd.featurize.build import training_resolution
+
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 4)}, str(file), metadata={"ss_resolution": "(64, 64)"})
+    (tmp_path / "lora_record.json").write_text(json.dumps({"recipe": {"resolution": 24}}))
+    assert training_resolution(file) == 24  # das-sd's own record wins
+    (tmp_path / "lora_record.json").write_text(json.dumps({"recipe": {"resolution": None}}))
+    assert training_resolution(file) is None  # trained at the model's native resolution

@@ -7,6 +7,7 @@ trak: f = loss), plus each sample's latent for the latent-similarity baseline.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from ..data.datasets import Dataset
 from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.loading import ModelError
+from ..models.lora_files import kohya_training_resolution
+from ..train import read_record
 from ..models.probe import pipeline_probes
 from ..noising import prediction_type
 from ..store import FeatureStore
@@ -73,6 +76,30 @@ def store_identity(pipe: StableDiffusionPipeline, base_path: Path, lora_path: Pa
     }
 
 
+def training_resolution(lora_path: Path) -> int | None:
+    """The square image side a LoRA was trained at, when its files say so.
+
+    das-sd's own record beside the file gives its recipe's resolution (None there: the model's
+    native one); kohya's ``ss_resolution`` header gives (w, h), and a non-square w x h (bucketed
+    training) the side of a square of the same area, a multiple of 8: das-sd featurizes every image
+    center-cropped to one square (docs/method.md §2).
+
+    Args:
+        lora_path: The LoRA file.
+
+    Returns:
+        The side in pixels, or None when nothing records it.
+    """
+    record = read_record(lora_path)
+    if record is not None:
+        side = (record.get("recipe") or {}).get("resolution")
+        return int(side) if side else None
+    size = kohya_training_resolution(lora_path) if Path(lora_path).is_file() else None
+    if size is None:
+        return None
+    return size[0] if size[0] == size[1] else 8 * round(math.sqrt(size[0] * size[1]) / 8)
+
+
 def lora_accounting(pipe: StableDiffusionPipeline, lora_path: Path, allow_partial: bool = False) -> dict:
     """What the store will differentiate of the UNet's LoRA, refused when that is not all of it.
 
@@ -118,7 +145,8 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
         feature_sets: Feature set name -> settings; None: ``default_feature_sets()``.
         batch_size: Samples per forward / backward pass (each takes K rows).
         shard_size: Samples per shard (a new store's; an existing store keeps its own).
-        resolution: Image side in pixels; None: the model's native resolution.
+        resolution: Image side in pixels; None: the LoRA's training resolution when its files
+            record it (``training_resolution``), else the model's native resolution.
         progress: Show a tqdm bar.
         autocast_dtype: Run the UNet under autocast to this dtype; None for float32.
         on_shard: Called with the store after each shard is written.
@@ -139,7 +167,7 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
     """
     feature_sets = feature_sets or default_feature_sets()
     accounting = lora_accounting(pipe, lora_path, allow_partial)
-    resolution = resolution or native_resolution(pipe)
+    resolution = resolution or training_resolution(lora_path) or native_resolution(pipe)
     identity = store_identity(pipe, base_path, lora_path, feature_sets, resolution, autocast_dtype)
     info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
             "dataset_root": str(dataset.root), "dataset_format": dataset.format, "lora_parameters": accounting}

@@ -126,5 +126,6 @@ def _ray_part(job: FeaturizeJob, part: tuple[int, int]) -> int:
     store = featurize_dataset(pipe, job.open_dataset(), job.store, Path(job.base), Path(job.lora),
                               job.feature_sets(), batch_size=job.batch_size, shard_size=job.shard_size,
                               progress=False, autocast_dtype=job.autocast_dtype, part=part,
-                              allow_partial=job.allow_partial, max_memory=job.max_memory)
+                              allow_partial=job.allow_partial, max_memory=job.max_memory,
+                              resolution=job.resolution)
     return len(store)

@@ -61,6 +61,8 @@ class FeaturizeJob:
             ``das_sd.featurize.lora_layers``), over the rest; what is left out is recorded.
         max_memory: Bytes one forward / backward pass may take (``--max-memory``); None: most of
             what the device has free.
+        resolution: Image side in pixels; None: the LoRA's training resolution when its files
+            record it, else the model's native one.
     """
     store: str | Path
     data: str | Path
@@ -75,6 +77,7 @@ class FeaturizeJob:
     autocast: str = DEFAULT_AUTOCAST  # a key of registry.AUTOCAST_DTYPES
     allow_partial: bool = False
     max_memory: int | None = None
+    resolution: int | None = None
 
     def feature_sets(self) -> dict[str, FeaturizerSettings]:
         """The settings of the job's feature sets (``sets``), derived from ``settings``.

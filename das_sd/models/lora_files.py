@@ -12,6 +12,7 @@ Key styles (one per file):
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -207,6 +208,24 @@ def adapter_metadata(file: str | Path) -> dict | None:
         return json.loads(raw) if raw else None
     except json.JSONDecodeError as exc:
         raise ModelError(f"{file}: its {ADAPTER_METADATA_KEY} header entry is not JSON ({exc})") from None
+
+
+def kohya_training_resolution(file: str | Path) -> tuple[int, int] | None:
+    """The (width, height) kohya's sd-scripts trained a LoRA at, from its ``ss_resolution`` header entry.
+
+    Args:
+        file: A LoRA .safetensors file.
+
+    Returns:
+        (width, height) in pixels, or None when the file does not record it (diffusers and peft
+        files, or a kohya entry that cannot be read).
+    """
+    with safe_open(str(file), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("ss_resolution")
+    numbers = [int(n) for n in re.findall(r"\d+", raw or "")]
+    if len(numbers) == 1:
+        numbers *= 2
+    return (numbers[0], numbers[1]) if len(numbers) == 2 and min(numbers) > 0 else None
 
 
 def _model_of(key: str) -> str | None:
