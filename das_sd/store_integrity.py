@@ -340,7 +340,7 @@ def check_featurizer_settings(f: _Fields, at: str, settings: object) -> None:
 
     f.dict(at, settings)
     choices = {"output": OUTPUT_FUNCTIONS, "projector": PROJECTOR_KINDS, "residual": RESIDUAL_FORMS}
-    minimum = {"num_timesteps": 1, "projection_dim": 1, "projection_nonzeros": 1, "residual_timesteps": 1}
+    minimum = {"num_timesteps": 1, "projection_dim": 1, "projection_nonzeros": 1, "residual_timesteps": 0}  # 0: the feature timesteps
     for name, value in settings.items():
         if name in choices:
             f.choice(f"{at}.{name}", value, choices[name])
