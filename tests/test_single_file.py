@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from das_sd.cli import main
-from das_sd.models import single_file
+from das_sd.models import single_file, tokenizer
 from das_sd.models.fingerprint import model_fingerprint, provenance
 from das_sd.models.loading import ModelError, load_pipeline, resolve_base
 from das_sd.models.single_file_configs import FAMILIES, shipped_config, write_configs
@@ -310,28 +310,28 @@ def test_the_tokenizer_comes_from_the_hub_cache_offline_or_the_error_says_how_to
                                                                                      monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.delenv(single_file.TOKENIZER_ENV, raising=False)
+    monkeypatch.delenv(tokenizer.TOKENIZER_ENV, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "hub").mkdir()
     for family, repo in (("sd1", "openai/clip-vit-large-patch14"), ("sd2", "stabilityai/stable-diffusion-2-1")):
         with pytest.raises(ModelError, match=rf"model\.safetensors: the checkpoint needs the CLIP tokenizer.*"
-                                             rf"`hf download {repo}.*{single_file.TOKENIZER_ENV}"):
-            single_file.resolve_tokenizer(family, path=tmp_path / "model.safetensors")
+                                             rf"`hf download {repo}.*{tokenizer.TOKENIZER_ENV}"):
+            tokenizer.resolve_tokenizer(family, path=tmp_path / "model.safetensors")
     # the CLIP tokenizer in the cache (here the embedded model's small vocabulary under its name) serves
     # both families, with each family's pad token; one whose size is not the text encoder's is passed over
     _fake_hub_cache(tmp_path / "hub", "openai/clip-vit-large-patch14", base_path / "tokenizer")
     n = 566
-    sd1, sd2 = single_file.resolve_tokenizer("sd1", vocab_size=n), single_file.resolve_tokenizer("sd2", vocab_size=n)
+    sd1, sd2 = tokenizer.resolve_tokenizer("sd1", vocab_size=n), tokenizer.resolve_tokenizer("sd2", vocab_size=n)
     assert sd1.pad_token == "<|endoftext|>" and sd2.pad_token == "!" and len(sd1) == len(sd2) == n
     with pytest.raises(ModelError, match="hf download openai/clip-vit-large-patch14"):
-        single_file.resolve_tokenizer("sd1")  # 49408 tokens expected
+        tokenizer.resolve_tokenizer("sd1")  # 49408 tokens expected
     # an explicit folder (or a pipeline folder holding tokenizer/) is used as it is
     sd2.save_pretrained(tmp_path / "pipeline" / "tokenizer")
-    monkeypatch.setenv(single_file.TOKENIZER_ENV, str(tmp_path / "pipeline"))
-    assert single_file.resolve_tokenizer("sd1", vocab_size=n).pad_token == "!"
+    monkeypatch.setenv(tokenizer.TOKENIZER_ENV, str(tmp_path / "pipeline"))
+    assert tokenizer.resolve_tokenizer("sd1", vocab_size=n).pad_token == "!"
     with pytest.raises(ModelError, match=f"{tmp_path / 'pipeline' / 'tokenizer'}: a tokenizer of {n} tokens; "
                                          "the text encoder takes 49408"):
-        single_file.resolve_tokenizer("sd1")
-    monkeypatch.setenv(single_file.TOKENIZER_ENV, str(tmp_path / "hub"))  # transformers makes an empty one of it
+        tokenizer.resolve_tokenizer("sd1")
+    monkeypatch.setenv(tokenizer.TOKENIZER_ENV, str(tmp_path / "hub"))  # transformers makes an empty one of it
     with pytest.raises(ModelError, match=f"{tmp_path / 'hub'}: no CLIP tokenizer there"):
-        single_file.resolve_tokenizer("sd1")
+        tokenizer.resolve_tokenizer("sd1")
