@@ -143,9 +143,14 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str,
 
 
 def pipeline_to_ldm(pipe, family: str) -> dict[str, torch.Tensor]:
-    """The whole pipeline as one original-layout state dict (what a single-file checkpoint holds)."""
+    """The whole pipeline as one original-layout state dict (what a single-file checkpoint holds),
+    with the LDM DDPM schedule buffers real checkpoints carry beside the models."""
     text = pipe.text_encoder.state_dict()
     state = {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block),
              **vae_to_ldm(pipe.vae.state_dict()),
              **(clip_to_ldm(text) if family == "sd15" else open_clip_to_ldm(text))}
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    state.update({"betas": betas.float(), "alphas_cumprod": alphas_cumprod.float(),
+                  "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1].float()])})
     return {k: v.detach().contiguous() for k, v in state.items()}

@@ -234,9 +234,15 @@ def test_full_size_headers_pick_the_shipped_configs(full_size, tmp_path, monkeyp
     assert single_file.detect_family(shapes) == "sd1"
     assert single_file.resolve_prediction_type(sd15, "sd1") == "epsilon"
     assert single_file.config_folder(sd15, "sd1", "epsilon") == shipped_config("sd1")
+    # diffusers' own renaming of the full-size header gives every UNet and VAE weight the shipped
+    # configs build, in their shapes (and a header cut short is told apart)
+    assert single_file._missing_weights(sd15, shipped_config("sd1")) is None
 
     sd2 = _sparse_safetensors(tmp_path / "v2-1.safetensors", full_size["sd2"])
     assert single_file.detect_family(single_file.read_header(sd2)[0]) == "sd2"
+    for folder in ("sd2-768-v", "sd2-512-base"):
+        assert single_file._missing_weights(sd2, shipped_config(folder)) is None
+    assert "the unet's weights have other shapes" in single_file._missing_weights(sd2, shipped_config("sd1"))
     with pytest.raises(ModelError, match=f"^{sd2}: an SD 2.x checkpoint.*{single_file.PREDICTION_ENV}=v_prediction"):
         single_file.resolve_prediction_type(sd2, "sd2")
     # A1111's config beside the file says it; "parameterization" absent means epsilon (LDM's default)

@@ -313,7 +313,8 @@ def load_single_file(path: str | Path, device: str | torch.device | None = None,
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, SingleFileComponentError) as exc:
         # diffusers builds each model on the meta device and fills in what the file has: a weight the
         # file lacks stays on meta, and moving the model then fails (never a silently random weight)
-        missing = _missing_weights(path, folder) if "meta" in str(exc) else None
+        missing = (_missing_weights(path, folder) or "some of the text encoder's weights are not in the checkpoint "
+                   f"for the configs in {folder}") if "meta" in str(exc) else None
         raise ModelError(f"{path}: " + (missing or f"cannot load the checkpoint with the configs in {folder} ({exc})")) \
             from exc
     for name in ("unet", "vae", "text_encoder"):  # in case a diffusers release leaves them on meta quietly
@@ -325,9 +326,10 @@ def load_single_file(path: str | Path, device: str | torch.device | None = None,
     return pipe.to(device or default_device(), dtype)
 
 
-def _missing_weights(path: Path, folder: Path) -> str:
-    """Which UNet or VAE weights the checkpoint lacks for ``folder``'s configs, found by diffusers' own
-    original -> diffusers renaming applied to the header's shapes (on the meta device, nothing read)."""
+def _missing_weights(path: Path, folder: Path) -> str | None:
+    """Which UNet or VAE weights the checkpoint lacks, or has in another shape, for ``folder``'s
+    configs, found by diffusers' own original -> diffusers renaming applied to the header (on the
+    meta device, nothing read); None when the UNet and VAE are complete."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -336,12 +338,17 @@ def _missing_weights(path: Path, folder: Path) -> str:
                                ("vae", AutoencoderKL, convert_ldm_vae_checkpoint)):
         config = cls.load_config(folder / name)
         with torch.device("meta"):
-            expected = set(cls.from_config(config).state_dict())
-        missing = sorted(expected - set(convert(checkpoint=dict(checkpoint), config=config)))
+            expected = cls.from_config(config).state_dict()
+        found = convert(checkpoint=dict(checkpoint), config=config)
+        missing = sorted(set(expected) - set(found))
         if missing:
             return (f"{len(missing)} of the {name}'s weights are not in the checkpoint (e.g. {missing[0]!r}) "
                     f"for the configs in {folder}")
-    return f"some of the text encoder's weights are not in the checkpoint for the configs in {folder}"
+        other = sorted(k for k in expected if found[k].shape != expected[k].shape)
+        if other:
+            return (f"{len(other)} of the {name}'s weights have other shapes than the configs in {folder} give "
+                    f"(e.g. {other[0]!r}: {list(found[other[0]].shape)}, not {list(expected[other[0]].shape)})")
+    return None
 
 
 def _scheduler(folder: Path, prediction_type: str):
