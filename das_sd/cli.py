@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train-lora", help="fine-tune a LoRA on a dataset (deterministic for a seed)")
-    p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
+    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x folder or single-file .safetensors "
+                   "checkpoint (default: the embedded tiny SD)")
     _add_dataset_flags(p)
     p.add_argument("--out", required=True, help="output folder (pytorch_lora_weights.safetensors + lora_record.json)")
     p.add_argument("--subset", default=None, help="file with the sample keys to train on (JSON list or one per line)")
@@ -317,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--num-images", type=positive_int, default=1)
-    p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
+    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x folder or single-file .safetensors "
+                   "checkpoint (default: the embedded tiny SD)")
     p.add_argument("--lora", default=None, help="LoRA file or folder (diffusers, peft or kohya safetensors)")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -325,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("featurize", help="compute the training set's attribution features into a store (resumable)")
-    p.add_argument("--base", default=None, help="diffusers SD 1.x folder (default: the embedded tiny SD)")
+    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x folder or single-file .safetensors "
+                   "checkpoint (default: the embedded tiny SD)")
     p.add_argument("--lora", default=None, help="the LoRA trained on --data (file or folder); required, "
                    "except with --merge (the parts carry the model)")
     _add_dataset_flags(p)
@@ -392,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHOD_NAMES)
     p.add_argument("--top-k", type=positive_int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
-    p.add_argument("--base", default=None, help="base model folder, if it moved since featurizing")
+    p.add_argument("--base", default=None, help="base model folder or checkpoint file, if it moved since featurizing")
     p.add_argument("--lora", default=None, help="LoRA file, if it moved since featurizing")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_attribute)

@@ -4,6 +4,7 @@ safetensors header length field larger than the file is refused without allocati
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from contextlib import contextmanager
@@ -86,10 +87,13 @@ def test_header_length_beyond_the_file_is_refused_without_allocating_it(odd_path
         lora_fingerprint(short)
 
 
-def test_model_fingerprint_refuses_a_file_or_fifo_for_a_folder(odd_paths):
-    for path in (odd_paths["fifo"], odd_paths["huge"]):
-        with deadline(), pytest.raises(ValueError, match="not a folder"):
+def test_model_fingerprint_hashes_a_checkpoint_file_and_refuses_a_fifo_or_device(odd_paths):
+    for path, found in ((odd_paths["fifo"], "a FIFO"), ("/dev/zero", "a character device")):
+        with deadline(), pytest.raises(ValueError, match=f"^{path}: not a regular file \\({found}\\)"):
             model_fingerprint(path)
+    # a single-file checkpoint: the sha256 of its bytes (A1111's / Civitai's model hash)
+    digest = hashlib.sha256(odd_paths["huge"].read_bytes()).hexdigest()
+    assert model_fingerprint(odd_paths["huge"]) == f"sha256:{digest}"
 
 
 @pytest.fixture()

@@ -70,7 +70,8 @@ def add_app_flags(p: argparse.ArgumentParser) -> None:
         p: The parser (``gradio_app.py``'s or the ``das-sd app`` subcommand's) to add them to.
     """
     p.add_argument("--store", default=None, help="feature store folder (default: the embedded demo's store)")
-    p.add_argument("--base", default=None, help="base model folder (default: the one the store names)")
+    p.add_argument("--base", default=None,
+                   help="base model folder or checkpoint file (default: the one the store names)")
     p.add_argument("--lora", default=None, help="LoRA file or folder (default: the one the store names)")
     p.add_argument("--data", default=None, help="dataset to build / extend the store from (default: the store's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")

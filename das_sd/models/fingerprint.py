@@ -1,4 +1,4 @@
-"""Content fingerprints of model folders and LoRA files.
+"""Content fingerprints of model folders, single-file checkpoints and LoRA files.
 
 A feature store, a LoRA record and a generated PNG all name the exact base model and LoRA they come
 from. Hashing a multi-GB SD checkpoint takes seconds, so per-file digests are cached by
@@ -87,25 +87,32 @@ def file_sha256(path: str | Path, cache: dict | None = None) -> str:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """Hash of every config and weight file of a diffusers pipeline folder (names and contents).
+    """Hash of a base model: of every config and weight file of a diffusers pipeline folder (names
+    and contents), or of a single-file checkpoint's bytes.
 
-    Files ending in .safetensors, .json, .txt or .model count, except ``das_sd_build.json``,
-    ``README.md`` and hidden (dot) files and folders; their sorted relative paths and byte digests
-    are hashed.
+    In a folder, files ending in .safetensors, .json, .txt or .model count, except
+    ``das_sd_build.json``, ``README.md`` and hidden (dot) files and folders; their sorted relative
+    paths and byte digests are hashed. A single file's fingerprint is the sha256 of its bytes, the
+    hash A1111 and Civitai show for it (their "Model hash" is its first 10 characters).
 
     Args:
-        folder: The pipeline folder.
+        folder: The pipeline folder or single-file checkpoint.
 
     Returns:
         "sha256:" followed by the hex digest.
 
     Raises:
-        ValueError: When ``folder`` is missing or not a folder.
+        ValueError: When ``folder`` is missing, neither a folder nor a regular file, or unreadable.
     """
     folder = Path(folder).resolve()
     if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder; expected a diffusers pipeline folder" if folder.exists()
-                         else f"{folder}: model folder not found")
+        if not folder.exists():
+            raise ValueError(f"{folder}: model folder or checkpoint file not found")
+        check_regular_file(folder, "diffusers pipeline folder or single-file checkpoint")
+        try:
+            return f"sha256:{file_sha256(folder)}"
+        except OSError as exc:
+            raise ValueError(f"{folder}: cannot read it ({exc.strerror or exc})") from None
     cache = _load_cache()
     h = hashlib.sha256()
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_SUFFIXES
@@ -183,7 +190,7 @@ def provenance(base: str | Path, lora: str | Path | None = None) -> dict:
     """Names and fingerprints of a base model folder and an optional LoRA file, for metadata.
 
     Args:
-        base: The base pipeline folder.
+        base: The base pipeline folder or single-file checkpoint.
         lora: The LoRA file; None for a base model alone.
 
     Returns:
@@ -196,7 +203,8 @@ def provenance(base: str | Path, lora: str | Path | None = None) -> dict:
             the LoRA file does not exist).
     """
     base = Path(base)
-    info = {"base_name": base.name, "base_fingerprint": model_fingerprint(base)}
+    # a checkpoint file is named by its stem, as A1111 names models in infotexts
+    info = {"base_name": base.stem if base.is_file() else base.name, "base_fingerprint": model_fingerprint(base)}
     info["base_hash"] = short(info["base_fingerprint"])
     if lora is not None:
         lora = Path(lora)

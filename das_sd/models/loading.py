@@ -59,24 +59,25 @@ def embedded_demo_lora_path() -> Path:
 
 
 def resolve_base(base: str | Path | None) -> Path:
-    """The diffusers pipeline folder ``base`` names, checked before anything is loaded from it.
+    """The diffusers pipeline folder or single-file checkpoint ``base`` names, checked before
+    anything is loaded from it.
 
     Args:
-        base: A pipeline folder; None, "" or "embedded" for the embedded tiny SD.
+        base: A pipeline folder or a single-file SD 1.x / 2.x ``.safetensors`` checkpoint
+            (das_sd.models.single_file); None, "" or "embedded" for the embedded tiny SD.
 
     Returns:
-        The folder, absolute.
+        The folder or file, absolute.
 
     Raises:
-        ModelError: When ``base`` is a single-file checkpoint, has no ``model_index.json``, or has a
-            component with pickled weights only.
+        ModelError: When a folder has no ``model_index.json`` or has a component with pickled weights
+            only, or a file is refused by ``single_file.check_single_file`` (pickled, SDXL, ...).
     """
     path = embedded_base_path() if base in (None, "", "embedded") else Path(base).expanduser().resolve()
-    if path.is_file():
-        raise ModelError(f"{path}: a single-file checkpoint; das-sd needs a diffusers pipeline folder "
-                         "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
-                         "Convert it once with diffusers' StableDiffusionPipeline.from_single_file(...)"
-                         ".save_pretrained(DIR).")
+    from .single_file import check_single_file, names_single_file
+
+    if names_single_file(path):
+        return check_single_file(path)
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
     refuse_pickled_components(path)
@@ -127,12 +128,14 @@ def default_device() -> torch.device:
 
 def load_pipeline(base: str | Path | None = None, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a SD 1.x pipeline folder with ``from_pretrained(local_files_only=True)``.
+    """Load a SD 1.x pipeline folder with ``from_pretrained(local_files_only=True)``, or a
+    single-file checkpoint with ``single_file.load_single_file`` (offline too).
 
     Safetensors only, without safety checker or feature extractor, progress bars off.
 
     Args:
-        base: The pipeline folder; None, "" or "embedded" for the embedded tiny SD.
+        base: The pipeline folder or single-file checkpoint; None, "" or "embedded" for the
+            embedded tiny SD.
         device: Where to put it; None for ``default_device()``.
         dtype: The weights' dtype.
 
@@ -140,12 +143,16 @@ def load_pipeline(base: str | Path | None = None, device: str | torch.device | N
         The pipeline on ``device``.
 
     Raises:
-        ModelError: When the folder is refused (see ``resolve_base``) or diffusers / transformers
-            cannot load it, or the text encoder misses weights.
+        ModelError: When the folder or file is refused (see ``resolve_base``) or diffusers /
+            transformers cannot load it, or the text encoder misses weights.
     """
     from diffusers import StableDiffusionPipeline
 
     path = resolve_base(base)
+    if path.is_file():
+        from .single_file import load_single_file
+
+        return load_single_file(path, device=device, dtype=dtype)
     quiet_libraries()
     try:
         text_encoder = load_text_encoder(path / "text_encoder", dtype)
