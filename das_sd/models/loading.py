@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import ModelError
+from .runtime import default_device, quiet_libraries  # noqa: F401  (importable from here as before)
 # LoRA files are read in lora_files / lora_weights and converted in lora_export; their names stay importable here
 from .lora_export import export_lora, to_kohya, to_peft  # noqa: F401
 from .lora_files import (LORA_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, layer_name, lora_file_format,  # noqa: F401
@@ -104,26 +105,6 @@ def refuse_pickled_components(path: Path) -> None:
             raise ModelError(f"{pickled[0]}: pickled weights are never loaded (unpickling can run code from the "
                              f"file); convert the {component.name} component to safetensors, e.g. "
                              "`model.save_pretrained(DIR, safe_serialization=True)` on a machine you trust")
-
-
-def quiet_libraries() -> None:
-    """Silence the libraries' own loading bars and benign warnings; das-sd shows its own progress."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def default_device() -> torch.device:
-    """The device das-sd runs on when none is given.
-
-    Returns:
-        CUDA when available, else the CPU.
-    """
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_pipeline(base: str | Path | None = None, device: str | torch.device | None = None,

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..io import not_regular_message, open_regular, read_safetensors_header
-from .loading import PICKLE_SUFFIXES, ModelError, default_device, quiet_libraries
+from .errors import ModelError
+from .lora_files import PICKLE_SUFFIXES
+from .runtime import default_device, quiet_libraries
 from .single_file_configs import shipped_config
 from .tokenizer import CLIP_VOCAB_SIZE, resolve_tokenizer
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .loading import ModelError
+from .errors import ModelError
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
