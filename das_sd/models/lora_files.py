@@ -80,18 +80,39 @@ def resolve_lora_file(path: str | Path) -> Path:
         if len(found) == 1:
             return found[0]
         raise ModelError(f"{path}: no LoRA weights ({' or '.join(LORA_WEIGHT_NAMES)}) in the folder")
+    return checked_safetensors_file(path, "LoRA file", "LoRA .safetensors file or folder")
+
+
+def checked_safetensors_file(path: Path, what: str, expected: str) -> Path:
+    """Refuse, before anything opens it, a path that is not a regular .safetensors file.
+
+    Args:
+        path: The file, absolute.
+        what: What it should be, for "not found" (e.g. "LoRA file").
+        expected: What a right path is, for the other refusals (e.g. "LoRA .safetensors file or folder").
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ModelError: When it is missing, unreadable, not a regular file (a FIFO, a device), a pickled
+            checkpoint (never unpickled) or not .safetensors; the message names the file.
+    """
     try:
         mode = path.stat().st_mode  # stat never blocks; opening a FIFO would
     except FileNotFoundError:
-        raise ModelError(f"{path}: LoRA file not found") from None
+        raise ModelError(f"{path}: {what} not found") from None
     except OSError as exc:
         raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not stat.S_ISREG(mode):
-        raise ModelError(not_regular_message(path, mode, "LoRA .safetensors file or folder"))
+        raise ModelError(not_regular_message(path, mode, expected))
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(f"{path}: pickled checkpoints are not loaded (unsafe); convert it to safetensors")
+        raise ModelError(f"{path}: pickled checkpoints are never loaded (unpickling can run code from the file); "
+                         "convert it to .safetensors on a machine you trust (e.g. load it with "
+                         "`torch.load(FILE, weights_only=True)` and write its state dict with "
+                         "`safetensors.torch.save_file`) and pass the .safetensors file")
     if path.suffix.lower() != ".safetensors":
-        raise ModelError(f"{path}: expected a .safetensors LoRA file")
+        raise ModelError(f"{path}: expected a {expected}")
     return path
 
 

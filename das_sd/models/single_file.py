@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..io import not_regular_message, open_regular, read_safetensors_header
+from ..io import open_regular, read_safetensors_header
 from .errors import ModelError
-from .lora_files import PICKLE_SUFFIXES
+from .lora_files import PICKLE_SUFFIXES, checked_safetensors_file
 from .runtime import default_device, quiet_libraries
 from .single_file_configs import shipped_config
 from .tokenizer import CLIP_VOCAB_SIZE, resolve_tokenizer
@@ -147,22 +146,8 @@ def check_single_file(path: str | Path) -> Path:
             .safetensors, unreadable, or not an SD 1.x / 2.x checkpoint (``detect_family``); the
             message names the file.
     """
-    path = Path(path).expanduser().resolve()
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ModelError(f"{path}: checkpoint file not found") from None
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(mode):
-        raise ModelError(not_regular_message(path, mode, "single-file .safetensors checkpoint or a pipeline folder"))
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelError(f"{path}: pickled checkpoints are never loaded (unpickling can run code from the file); "
-                         "convert it to .safetensors on a machine you trust (e.g. load it with "
-                         "`torch.load(FILE, weights_only=True)` and write its state dict with "
-                         "`safetensors.torch.save_file`) and pass the .safetensors file")
-    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise ModelError(f"{path}: expected a single-file .safetensors checkpoint or a diffusers pipeline folder")
+    path = checked_safetensors_file(Path(path).expanduser().resolve(), "checkpoint file",
+                                    "single-file .safetensors checkpoint or a diffusers pipeline folder")
     try:
         detect_family(read_header(path)[0])
     except ModelError as exc:
