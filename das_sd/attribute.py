@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data.buckets import BucketSpec
 from .data.images import ImageError, image_size, is_fully_transparent, open_image, to_rgb
 from .featurize.featurizer import Featurizer, features_together, store_autocast
 from .featurize.settings import FeaturizerSettings
@@ -262,14 +263,14 @@ class Attributor:
         """The latent x_0 of an image: the VAE's mode times its scaling factor (docs/method.md §2).
 
         Args:
-            image: An image at the store's resolution (converted to RGB).
+            image: An image at one of the store's ``query_sizes`` (converted to RGB).
             source: What error messages call the image.
 
         Returns:
             The (1, 4, h/8, w/8) float32 latent, on the VAE's device.
 
         Raises:
-            QueryError: If the image is not at the store's resolution.
+            QueryError: If the image is not at one of the store's ``query_sizes``.
         """
         self._check_size(image.size, source)
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
@@ -278,9 +279,21 @@ class Attributor:
         return (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float()
 
     def _check_size(self, size: tuple[int, int], source: str) -> None:
-        if tuple(size) != (self.resolution, self.resolution):
-            raise QueryError(f"{source}: image is {size[0]}x{size[1]}; this store's model works at "
-                             f"{self.resolution}x{self.resolution} (attribute the generation at its native size)")
+        if tuple(size) not in self.query_sizes:
+            sizes = ", ".join(f"{w}x{h}" for w, h in self.query_sizes[:6]) + (", ..." if len(self.query_sizes) > 6 else "")
+            raise QueryError(f"{source}: image is {size[0]}x{size[1]}; this store's model works at {sizes} "
+                             "(attribute the generation at its native size)")
+
+    @property
+    def query_sizes(self) -> list[tuple[int, int]]:
+        """The image sizes a query may have: the store's square, and for a bucketed store every bucket.
+
+        Returns:
+            (width, height) pairs, the square first.
+        """
+        square = (self.resolution, self.resolution)
+        buckets = identity_with_defaults(self.store.identity)["buckets"]
+        return [square] + [s for s in (BucketSpec(**buckets).sizes() if buckets else []) if s != square]
 
     def query_features(self, latents: torch.Tensor, prompts: list[str], cond: torch.Tensor | None = None,
                        feature_sets: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -336,6 +349,9 @@ class Attributor:
         """
         m = self.require_method(name)
         if m.feature_set is None:
+            if latents.shape[2] != latents.shape[3]:
+                raise QueryError(f"{name} compares the store's square latents: attribute a "
+                                 f"{self.resolution}x{self.resolution} query, or use a gradient method")
             t = latent_similarity(latents.cpu(), self._train_latents())
         else:
             features = self._features_for(name, latents, prompts, features, cond)
@@ -379,10 +395,11 @@ class Attributor:
         prompts = [prompts] * len(latents) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(latents):
             raise QueryError(f"{len(latents)} latents but {len(prompts)} prompts")
-        expected = (self.pipe.unet.config.in_channels, self.resolution // self.pipe.vae_scale_factor)
-        if latents.shape[1] != expected[0] or latents.shape[2] != expected[1] or latents.shape[3] != expected[1]:
+        factor, channels = self.pipe.vae_scale_factor, self.pipe.unet.config.in_channels
+        shapes = [(channels, h // factor, w // factor) for w, h in self.query_sizes]
+        if tuple(latents.shape[1:]) not in shapes:
             raise QueryError(f"latents of shape {tuple(latents.shape[1:])}; the store's model uses "
-                             f"({expected[0]}, {expected[1]}, {expected[1]})")
+                             + ", ".join(map(str, shapes[:6])))
         if self.streams(method):
             features = self._features_for(method, latents, prompts, features, cond)
             top = stream_topk(self.store, method, features[self.require_method(method).feature_set], top_k)

@@ -147,7 +147,8 @@ def cmd_featurize(args: argparse.Namespace) -> None:
     job = FeaturizeJob(store=args.store, data=args.data, base=args.base, lora=args.lora, settings=settings,
                        sets=args.feature_sets, dataset_options=_dataset_options(args), batch_size=args.batch_size,
                        shard_size=args.shard_size, device=args.device, autocast=args.autocast,
-                       allow_partial=args.allow_partial, max_memory=args.max_memory, resolution=args.resolution)
+                       allow_partial=args.allow_partial, max_memory=args.max_memory, resolution=args.resolution,
+                       buckets=args.buckets)
     _print_store(featurize(job, shard=args.shard, merge=args.merge, ray=args.ray, ray_workers=args.ray_workers,
                            notify=_note))
 
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=positive_int, default=None, metavar="SIDE",
                    help="image side in pixels (default: the LoRA's training resolution when its file records "
                         "it, e.g. kohya's ss_resolution, else the model's)")
+    p.add_argument("--buckets", default="auto", choices=("auto", "on", "off"),
+                   help="aspect-ratio buckets: auto (as the kohya LoRA file says it was trained), on (those, else "
+                        "kohya's defaults), off (every image center-cropped to the square)")
     p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
                    help="memory one forward/backward pass may take, e.g. 24GB (default: 80%% of what the device "
                         "has free); rows are cut into passes that fit, the features do not change")

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from .data.datasets import Dataset, Sample
-from .data.images import to_model_input
+from .data.buckets import resize_to_bucket
+from .data.images import to_model_input, to_rgb
 from .memory import memory_budget, rows_per_pass, saved_bytes
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ def native_resolution(pipe: StableDiffusionPipeline) -> int:
 
 @torch.no_grad()
 def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: int, batch_size: int = 64,
-                  samples: list[Sample] | None = None, max_memory: int | None = None) -> torch.Tensor:
+                  samples: list[Sample] | None = None, max_memory: int | None = None,
+                  bucket: tuple[int, int] | None = None) -> torch.Tensor:
     """Latents x_0 of ``samples`` (default: all of ``dataset``), in order: the VAE posterior's mode
     times its scaling factor (``docs/method.md §2``).
 
@@ -47,6 +49,8 @@ def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: i
         max_memory: Bytes one VAE call may take; fewer images go per call when ``batch_size`` would
             not fit (one image's encoder activations measured once). None: most of what the device
             has free.
+        bucket: Encode at this (width, height) instead, each image resized to cover it and
+            center-cropped (``data.buckets.resize_to_bucket``); None: the ``resolution`` square.
 
     Returns:
         (N, C, resolution / f, resolution / f) float32 latents on the VAE's device, f the VAE's
@@ -59,7 +63,9 @@ def encode_images(pipe: StableDiffusionPipeline, dataset: Dataset, resolution: i
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        pixels = np.stack([to_model_input(dataset.load_image(s), resolution) for s in chunk])
+        pixels = np.stack([to_model_input(dataset.load_image(s), resolution) if bucket is None else
+                           np.asarray(resize_to_bucket(to_rgb(dataset.load_image(s)), bucket), np.float32) / 127.5 - 1.0
+                           for s in chunk])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device, dtype)
         out.append(pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor)
     return torch.cat(out).float()

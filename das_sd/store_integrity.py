@@ -322,6 +322,10 @@ def check_identity(f: _Fields, identity: dict) -> None:
         f.choice("identity.store_dtype", identity["store_dtype"], STORE_DTYPES)
     if "prediction_type" in identity:
         f.choice("identity.prediction_type", identity["prediction_type"], PREDICTION_TYPES)
+    if identity.get("buckets") is not None:
+        buckets = f.dict("identity.buckets", identity["buckets"])
+        for name in ("resolution", "min_reso", "max_reso", "step"):
+            f.int(f"identity.buckets.{name}", buckets.get(name), 1)
 
 
 def check_featurizer_settings(f: _Fields, at: str, settings: object) -> None:

@@ -20,7 +20,9 @@ from ..data.datasets import Dataset
 from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.loading import ModelError
-from ..models.lora_files import kohya_training_resolution
+from ..data.buckets import BucketSpec, default_buckets, kohya_buckets
+from ..models.lora_files import kohya_training_resolution, lora_metadata
+from ..registry import check_choice
 from ..train import read_record
 from ..models.probe import pipeline_probes
 from ..noising import prediction_type
@@ -100,6 +102,32 @@ def training_resolution(lora_path: Path) -> int | None:
     return size[0] if size[0] == size[1] else 8 * round(math.sqrt(size[0] * size[1]) / 8)
 
 
+def bucket_spec(mode: str, pipe: StableDiffusionPipeline, lora_path: Path, resolution: int) -> BucketSpec | None:
+    """The aspect-ratio buckets to featurize with (docs/method.md §2).
+
+    Args:
+        mode: "auto": the buckets a kohya LoRA file records (``ss_enable_bucket``), else none; "on":
+            those, else kohya's defaults scaled to ``resolution``; "off": none.
+        pipe: The pipeline (its VAE factor and UNet depth fix the bucket step: 64 px for SD).
+        lora_path: The LoRA file.
+        resolution: The square side the featurization works at.
+
+    Returns:
+        The spec, or None for no buckets.
+
+    Raises:
+        ValueError: When ``mode`` is unknown or the file's bucket entries describe impossible buckets.
+    """
+    check_choice("--buckets", mode, ("auto", "on", "off"))
+    if mode == "off":
+        return None
+    step = int(pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    recorded = kohya_buckets(lora_metadata(lora_path), step) if Path(lora_path).is_file() else None
+    if recorded is not None or mode == "auto":
+        return recorded
+    return default_buckets(resolution, step)
+
+
 def lora_accounting(pipe: StableDiffusionPipeline, lora_path: Path, allow_partial: bool = False) -> dict:
     """What the store will differentiate of the UNet's LoRA, refused when that is not all of it.
 
@@ -129,7 +157,7 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
                       autocast_dtype: torch.dtype | None = None,
                       on_shard: Callable[[FeatureStore], None] | None = None,
                       part: tuple[int, int] | None = None, allow_partial: bool = False,
-                      max_memory: int | None = None) -> FeatureStore:
+                      max_memory: int | None = None, buckets: str = "auto") -> FeatureStore:
     """Compute the features of every dataset sample missing from the store and append them.
 
     With ``part = (i, n)`` only every n-th block of the work (blocks i, i + n, ...) is done, into the
@@ -156,6 +184,9 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
             the manifest's ``info.lora_parameters``. False refuses such a LoRA.
         max_memory: Bytes one forward / backward pass may take (``Featurizer``); None: most of
             what the device has free. Changes how rows are cut into passes, not the features.
+        buckets: "auto" (aspect-ratio buckets when the LoRA file says kohya trained with them),
+            "on" (those, else kohya's defaults scaled to the resolution) or "off" (every image at
+            the resolution square); see ``bucket_spec``.
 
     Returns:
         The store (or the part's partial store), marked complete when it holds every sample.
@@ -168,7 +199,9 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
     feature_sets = feature_sets or default_feature_sets()
     accounting = lora_accounting(pipe, lora_path, allow_partial)
     resolution = resolution or training_resolution(lora_path) or native_resolution(pipe)
+    spec = bucket_spec(buckets, pipe, lora_path, resolution)
     identity = store_identity(pipe, base_path, lora_path, feature_sets, resolution, autocast_dtype)
+    identity["buckets"] = spec.to_dict() if spec else None
     info = {"das_sd_version": __version__, "base_path": str(base_path), "lora_path": str(lora_path),
             "dataset_root": str(dataset.root), "dataset_format": dataset.format, "lora_parameters": accounting}
     if part is not None:
@@ -184,7 +217,7 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
     start = time.time()
     for number, block in plan:
         samples = [by_key[r.key] for r in block]
-        arrays = featurize_samples(pipe, dataset, samples, featurizers, resolution, batch_size, bar)
+        arrays = featurize_samples(pipe, dataset, samples, featurizers, resolution, batch_size, bar, spec)
         store.append_shard(block, arrays, extra={"block": number} if part is not None else None)
         if on_shard is not None:
             on_shard(store)
@@ -196,7 +229,8 @@ def featurize_dataset(pipe: StableDiffusionPipeline, dataset: Dataset, store_dir
 
 def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: list[Sample],
                       featurizers: dict[str, Featurizer], resolution: int,
-                      batch_size: int, bar: tqdm | None = None) -> dict[str, torch.Tensor]:
+                      batch_size: int, bar: tqdm | None = None, buckets: BucketSpec | None = None
+                      ) -> dict[str, torch.Tensor]:
     """Arrays of one shard: latents, and features + residuals per feature set.
 
     Args:
@@ -207,6 +241,8 @@ def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: 
         resolution: Image side in pixels the latents are encoded at.
         batch_size: Samples per forward / backward pass.
         bar: Progress bar advanced by the samples done; None for none.
+        buckets: Featurize each image in its aspect-ratio bucket (``data.buckets``); None: all at
+            the ``resolution`` square.
 
     Returns:
         On the CPU, one row per sample: "latents" (n, C, H, W), and per feature set NAME
@@ -216,13 +252,40 @@ def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: 
     latents = encode_images(pipe, dataset, resolution, samples=samples, max_memory=budget)
     cond = encode_prompts(pipe, [s.caption for s in samples])
     keys = [s.key for s in samples]
-    parts: dict[str, list[torch.Tensor]] = {"latents": [latents.cpu()]}
-    for i in range(0, len(samples), batch_size):
-        sl = slice(i, i + batch_size)
-        features, residuals = features_and_residuals(list(featurizers.values()), latents[sl], cond[sl], keys[sl])
-        for name, phi, e in zip(featurizers, features, residuals):
-            parts.setdefault(f"features.{name}", []).append(phi.cpu())
-            parts.setdefault(f"residuals.{name}", []).append(e)
-        if bar is not None:
-            bar.update(len(keys[sl]))
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+    # the latents a store keeps (latent similarity, duplicate signals) are the square crops; the
+    # features of a bucketed store come from each image in its bucket, as it was trained
+    groups = {None: list(range(len(samples)))} if buckets is None else buckets_of(dataset, samples, buckets)
+    arrays: dict[str, list[torch.Tensor | None]] = {}
+    for bucket, members in groups.items():
+        x0 = latents[members] if bucket is None else encode_images(
+            pipe, dataset, resolution, samples=[samples[i] for i in members], max_memory=budget, bucket=bucket)
+        for start in range(0, len(members), batch_size):
+            rows = members[start:start + batch_size]
+            sl = slice(start, start + len(rows))
+            features, residuals = features_and_residuals(list(featurizers.values()), x0[sl], cond[rows],
+                                                         [keys[i] for i in rows])
+            for name, phi, e in zip(featurizers, features, residuals):
+                for out, values in ((f"features.{name}", phi.cpu()), (f"residuals.{name}", e)):
+                    column = arrays.setdefault(out, [None] * len(samples))
+                    for j, i in enumerate(rows):
+                        column[i] = values[j]
+            if bar is not None:
+                bar.update(len(rows))
+    return {"latents": latents.cpu()} | {name: torch.stack(column) for name, column in arrays.items()}
+
+
+def buckets_of(dataset: Dataset, samples: list[Sample], spec: BucketSpec) -> dict[tuple[int, int], list[int]]:
+    """The samples of each bucket, by position in ``samples`` (sizes after EXIF rotation, as trained).
+
+    Args:
+        dataset: The dataset the samples come from.
+        samples: The samples.
+        spec: The buckets.
+
+    Returns:
+        Bucket (width, height) -> positions, buckets in order of first appearance.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(spec.bucket_of(dataset.load_image(sample).size), []).append(i)
+    return groups

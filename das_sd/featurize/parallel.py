@@ -127,5 +127,5 @@ def _ray_part(job: FeaturizeJob, part: tuple[int, int]) -> int:
                               job.feature_sets(), batch_size=job.batch_size, shard_size=job.shard_size,
                               progress=False, autocast_dtype=job.autocast_dtype, part=part,
                               allow_partial=job.allow_partial, max_memory=job.max_memory,
-                              resolution=job.resolution)
+                              resolution=job.resolution, buckets=job.buckets)
     return len(store)

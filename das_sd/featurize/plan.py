@@ -63,6 +63,7 @@ class FeaturizeJob:
             what the device has free.
         resolution: Image side in pixels; None: the LoRA's training resolution when its files
             record it, else the model's native one.
+        buckets: Aspect-ratio buckets, "auto", "on" or "off" (``featurize.build.bucket_spec``).
     """
     store: str | Path
     data: str | Path
@@ -78,6 +79,7 @@ class FeaturizeJob:
     allow_partial: bool = False
     max_memory: int | None = None
     resolution: int | None = None
+    buckets: str = "auto"
 
     def feature_sets(self) -> dict[str, FeaturizerSettings]:
         """The settings of the job's feature sets (``sets``), derived from ``settings``.

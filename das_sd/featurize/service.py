@@ -196,7 +196,7 @@ def featurize(job: FeaturizeJob, *, shard: str | None = None, merge: bool = Fals
     return featurize_dataset(load_model(job.base, job.lora, job.device), dataset, job.store, job.base, job.lora,
                              feature_sets, batch_size=job.batch_size, shard_size=job.shard_size,
                              progress=progress, autocast_dtype=autocast, part=part, allow_partial=job.allow_partial,
-                             max_memory=job.max_memory, resolution=job.resolution)
+                             max_memory=job.max_memory, resolution=job.resolution, buckets=job.buckets)
 
 
 def index_store(store_dir: str | Path, rule: LambdaRule | None = None, dtype: str = "float32",

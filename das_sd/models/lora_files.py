@@ -231,6 +231,19 @@ def adapter_metadata(file: str | Path) -> dict | None:
         raise ModelError(f"{file}: its {ADAPTER_METADATA_KEY} header entry is not JSON ({exc})") from None
 
 
+def lora_metadata(file: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of a LoRA file (kohya's ``ss_*`` training entries, ...).
+
+    Args:
+        file: A LoRA .safetensors file.
+
+    Returns:
+        The entries; empty when the file has none.
+    """
+    with safe_open(str(file), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
 def kohya_training_resolution(file: str | Path) -> tuple[int, int] | None:
     """The (width, height) kohya's sd-scripts trained a LoRA at, from its ``ss_resolution`` header entry.
 
@@ -241,8 +254,7 @@ def kohya_training_resolution(file: str | Path) -> tuple[int, int] | None:
         (width, height) in pixels, or None when the file does not record it (diffusers and peft
         files, or a kohya entry that cannot be read).
     """
-    with safe_open(str(file), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("ss_resolution")
+    raw = lora_metadata(file).get("ss_resolution")
     numbers = [int(n) for n in re.findall(r"\d+", raw or "")]
     if len(numbers) == 1:
         numbers *= 2
