@@ -143,8 +143,11 @@ def test_a_query_of_another_size_is_refused_from_the_header(tmp_path, no_decodin
     1.9 GB, decoded in full before being refused for its size."""
     from das_sd.attribute import Attributor, QueryError
 
-    attributor = Attributor.__new__(Attributor)  # the size check needs no model
+    from types import SimpleNamespace
+
+    attributor = Attributor.__new__(Attributor)  # the size check needs no model, only the store's identity
     attributor.resolution = 32
+    attributor.store = SimpleNamespace(identity={"resolution": 32})
     path = tmp_path / "query.png"
     path.write_bytes(png_header(*size))
     w, h = size
