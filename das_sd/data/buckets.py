@@ -13,6 +13,7 @@ Buckets: for every width w from ``min_reso`` to ``max_reso`` in ``step`` increme
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from PIL import Image
@@ -106,7 +107,6 @@ def kohya_buckets(metadata: dict[str, str], step: int) -> BucketSpec | None:
     """
     if str(metadata.get("ss_enable_bucket", "")).lower() != "true":
         return None
-    import re
 
     def number(name: str, default: int) -> int:
         found = re.findall(r"\d+", str(metadata.get(name, "")))
