@@ -25,12 +25,14 @@ from .data.images import ImageError, image_size, is_fully_transparent, open_imag
 from .featurize.featurizer import Featurizer, features_together, store_autocast
 from .featurize.settings import FeaturizerSettings
 from .generation import image_metadata
-from .latents import encode_prompts
+from .conditioning import Conditioning, model_family
+from .latents import encode_prompts, native_time_ids
+
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import load_lora, load_pipeline
 from .models.probe import pipeline_probes, probe_differences
 from .noising import prediction_type
-from .registry import DEFAULT_METHOD, METHODS, Method, method
+from .registry import DEFAULT_METHOD, FAMILY_NAMES, METHODS, Method, method
 from .score import latent_similarity, ranking, raw_scores, train_vectors
 from .topk import TopK, stream_topk
 from .store import FeatureStore, StoreError, identity_with_defaults
@@ -185,8 +187,15 @@ class Attributor:
 
     def _check_prediction_type(self, pipe: StableDiffusionPipeline) -> None:
         # queries compared with another target than the training rows' would score f = loss and
-        # the kernel against features of another function (docs/method.md §2)
-        stored = identity_with_defaults(self.store.identity)["prediction_type"]
+        # the kernel against features of another function (docs/method.md §2); another family's
+        # UNet has other LoRA layers and conditioning altogether
+        identity = identity_with_defaults(self.store.identity)
+        family = model_family(pipe)
+        if family != identity["model_family"]:
+            raise StoreError(f"{self.store.root}: the store was built for an {FAMILY_NAMES[identity['model_family']]} "
+                             f"model, but the pipeline is {FAMILY_NAMES[family]}; attribute with the base and LoRA the "
+                             "store was built with")
+        stored = identity["prediction_type"]
         found = prediction_type(pipe)
         if found != stored:
             raise StoreError(f"{self.store.root}: the store was built for a {stored} model, but the pipeline's "
@@ -295,7 +304,7 @@ class Attributor:
         buckets = identity_with_defaults(self.store.identity)["buckets"]
         return [square] + [s for s in (BucketSpec(**buckets).sizes() if buckets else []) if s != square]
 
-    def query_features(self, latents: torch.Tensor, prompts: list[str], cond: torch.Tensor | None = None,
+    def query_features(self, latents: torch.Tensor, prompts: list[str], cond: torch.Tensor | Conditioning | None = None,
                        feature_sets: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Projected features of each query, per feature set (docs/method.md §4, §8). Every query
         uses the noise draws of ``QUERY_NOISE_KEY``.
@@ -303,7 +312,8 @@ class Attributor:
         Args:
             latents: (n, 4, h, w) query latents x_0.
             prompts: One prompt per latent.
-            cond: The (n, tokens, d) prompt embeddings the pipeline used; None encodes ``prompts``
+            cond: The prompts' conditioning the pipeline used ((n, tokens, d) text states, or an SDXL
+                ``Conditioning``); None encodes ``prompts``
                 with the pipeline's text encoder.
             feature_sets: Which sets to compute; None: all of the store's, so that a caller can rank
                 with every method.
@@ -312,7 +322,8 @@ class Attributor:
             ``{feature_set: (n, k) features phi_q}``, on the CPU.
         """
         if cond is None:
-            cond = encode_prompts(self.pipe, prompts)
+            size = (latents.shape[-1] * self.pipe.vae_scale_factor, latents.shape[-2] * self.pipe.vae_scale_factor)
+            cond = encode_prompts(self.pipe, prompts, time_ids=native_time_ids(self.pipe, size))
         keys = [QUERY_NOISE_KEY] * len(prompts)
         names = feature_sets or list(self.featurizers)
         features = features_together([self.featurizers[name] for name in names], latents, cond, keys)
@@ -327,7 +338,7 @@ class Attributor:
 
     def scores(self, latents: torch.Tensor, prompts: list[str], name: str,
                features: dict[str, torch.Tensor] | None = None,
-               cond: torch.Tensor | None = None) -> torch.Tensor:
+               cond: torch.Tensor | Conditioning | None = None) -> torch.Tensor:
         """The signed effects t (queries, N) of method ``name``; rank by ``das_sd.score.ranking(name, t)``.
 
         Loads the method's train-side vectors whole (and keeps them); ``attribute_latents`` streams
@@ -368,7 +379,7 @@ class Attributor:
     def attribute_latents(self, latents: torch.Tensor, prompts: str | list[str], method: str = DEFAULT_METHOD,
                           top_k: int = 10, query_info: list[dict] | None = None,
                           features: dict[str, torch.Tensor] | None = None,
-                          cond: torch.Tensor | None = None) -> list[Attribution]:
+                          cond: torch.Tensor | Conditioning | None = None) -> list[Attribution]:
         """Attribute final latents (n, 4, h, w) generated from ``prompts`` (one per latent).
 
         Args:

@@ -1,7 +1,8 @@
 """Dataset -> latents and captions -> embeddings: the frozen encoders, shared by training and featurizing.
 
 x_0 = vae.encode(img).latent_dist.mode() * scaling_factor (the mode, not a sample, so that a
-sample's latent is deterministic); c = text_encoder(tokens)[0] padded to the tokenizer's length.
+sample's latent is deterministic); c = text_encoder(tokens)[0] padded to the tokenizer's length
+(SDXL: both encoders and the size conditioning, ``das_sd.conditioning``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from .data.datasets import Dataset, Sample
 from .data.buckets import resize_to_bucket
 from .data.images import to_model_input, to_rgb
+from .conditioning import Conditioning, model_family, text_states
 from .memory import memory_budget, rows_per_pass, saved_bytes
 
 if TYPE_CHECKING:
@@ -81,35 +83,75 @@ def _images_per_call(pipe: StableDiffusionPipeline, resolution: int, most: int, 
     return rows_per_pass(memory_budget(pipe.vae.device, max_memory), one_image, most)
 
 
-def tokenize_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """Token ids of ``prompts``, padded (or truncated) to the tokenizer's maximum length.
+def text_encoders(pipe: StableDiffusionPipeline) -> list:
+    """The pipeline's text encoders, in conditioning order: SD one, SDXL two.
 
     Args:
-        pipe: The pipeline whose tokenizer and text encoder are used.
+        pipe: A loaded pipeline.
+
+    Returns:
+        [text_encoder] or [text_encoder, text_encoder_2].
+    """
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if model_family(pipe) == "sdxl" else [])
+
+
+def tokenize_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> list[torch.Tensor]:
+    """Token ids of ``prompts`` for each text encoder, padded (or truncated) to its tokenizer's
+    maximum length.
+
+    Args:
+        pipe: The pipeline whose tokenizers and text encoders are used.
         prompts: The captions or prompts.
 
     Returns:
-        (N, L) token ids on the text encoder's device, L the tokenizer's ``model_max_length``.
+        One (N, L) id tensor per text encoder (``text_encoders``), on that encoder's device, L the
+        tokenizer's ``model_max_length``.
     """
-    tok = pipe.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length,
-               truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if model_family(pipe) == "sdxl" else [])
+    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids.to(encoder.device)
+            for tok, encoder in zip(tokenizers, text_encoders(pipe))]
+
+
+def native_time_ids(pipe: StableDiffusionPipeline, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """SDXL's size conditioning of an image generated (or featurized) at ``size`` without crop: what
+    the SDXL pipelines pass by default (original = target size, crop (0, 0)).
+
+    Args:
+        pipe: The pipeline.
+        size: (width, height) in pixels; None: the native square.
+
+    Returns:
+        (6,) float32: (height, width, 0, 0, height, width).
+    """
+    width, height = size or (native_resolution(pipe),) * 2
+    return torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
 
 
 @torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Text embeddings c = text_encoder(tokens)[0] of ``prompts`` (``docs/method.md §2``).
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], batch_size: int = 256,
+                   time_ids: torch.Tensor | None = None) -> torch.Tensor | Conditioning:
+    """The UNet conditioning of ``prompts`` (``docs/method.md §2``): SD's text states
+    c = text_encoder(tokens)[0]; SDXL's ``Conditioning`` (both encoders' penultimate states, the
+    pooled embedding, and size conditioning).
 
     Args:
-        pipe: The pipeline whose tokenizer and text encoder (with any LoRA loaded) are used.
+        pipe: The pipeline whose tokenizers and text encoders (with any LoRA loaded) are used.
         prompts: The captions or prompts.
         batch_size: Prompts per text-encoder call.
+        time_ids: SDXL only: (N, 6) or (6,) size conditioning; None: ``native_time_ids(pipe)``.
 
     Returns:
-        (N, L, D) float32 embeddings on the text encoder's device, L the tokenizer's length and D
-        the encoder's hidden size.
+        SD: (N, L, D) float32 embeddings on the text encoder's device. SDXL: a float32
+        ``Conditioning`` of N rows on that device.
     """
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        out.append(pipe.text_encoder(tokenize_prompts(pipe, prompts[i:i + batch_size]))[0])
-    return torch.cat(out).float()
+    family = model_family(pipe)
+    encoders = text_encoders(pipe)
+    parts = [text_states(encoders, tokenize_prompts(pipe, prompts[i:i + batch_size]), family)
+             for i in range(0, len(prompts), batch_size)]
+    if family == "sd":
+        return torch.cat(parts).float()
+    hidden, pooled = torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
+    ids = native_time_ids(pipe) if time_ids is None else time_ids
+    return Conditioning(hidden, pooled, ids.to(hidden.device).float().expand(len(prompts), 6).clone()
+                        if ids.dim() == 1 else ids.to(hidden.device).float())

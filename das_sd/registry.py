@@ -58,6 +58,9 @@ RESIDUAL_FORMS: tuple[str, ...] = ("scale-free", "magnitude", "none")  # e_i
 # what a UNet predicts (its scheduler config's prediction_type): the target of training, f = loss and
 # the residuals (das_sd.noising.training_target); a store records it
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+# model families (das_sd.conditioning: what the UNet is conditioned on); a store records its own
+MODEL_FAMILIES: tuple[str, ...] = ("sd", "sdxl")
+FAMILY_NAMES: dict[str, str] = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL"}
 
 INDEX_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")  # storage of the train-side vectors
 DEFAULT_INDEX_DTYPE = "float32"

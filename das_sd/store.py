@@ -45,7 +45,7 @@ FORMAT_VERSION = 1  # checksums were added without a bump: stores without them o
 MANIFEST = "manifest.json"
 # identity fields added after stores were first written, with the value every store without them
 # was built with: such a store still matches (and resumes) where the field has that value
-IDENTITY_DEFAULTS = {"prediction_type": "epsilon", "buckets": None}
+IDENTITY_DEFAULTS = {"prediction_type": "epsilon", "buckets": None, "model_family": "sd"}
 __all__ = ["FORMAT_VERSION", "IDENTITY_DEFAULTS", "MANIFEST", "FeatureStore", "Row", "StoreError", "blocks_of",
            "identity_with_defaults"]
 

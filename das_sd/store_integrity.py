@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .io import file_sha256, json_error
-from .registry import AUTOCAST_DTYPES, OUTPUT_FUNCTIONS, PREDICTION_TYPES, PROJECTOR_KINDS, RESIDUAL_FORMS
+from .registry import AUTOCAST_DTYPES, MODEL_FAMILIES, OUTPUT_FUNCTIONS, PREDICTION_TYPES, PROJECTOR_KINDS, RESIDUAL_FORMS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -322,6 +322,8 @@ def check_identity(f: _Fields, identity: dict) -> None:
         f.choice("identity.store_dtype", identity["store_dtype"], STORE_DTYPES)
     if "prediction_type" in identity:
         f.choice("identity.prediction_type", identity["prediction_type"], PREDICTION_TYPES)
+    if "model_family" in identity:
+        f.choice("identity.model_family", identity["model_family"], MODEL_FAMILIES)
     if identity.get("buckets") is not None:
         buckets = f.dict("identity.buckets", identity["buckets"])
         for name in ("resolution", "min_reso", "max_reso", "step"):

@@ -26,7 +26,8 @@ from . import __version__
 from .data.datasets import Dataset
 from .featurize.lora_layers import lora_parameters
 from .io import atomic_write_json, json_error
-from .latents import encode_images, encode_prompts, native_resolution, tokenize_prompts
+from .conditioning import Conditioning, model_family, size_time_ids, text_states, unet_kwargs
+from .latents import encode_images, encode_prompts, native_resolution, text_encoders, tokenize_prompts
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import resolve_base
 from .models.modes import restored_modes
@@ -187,23 +188,25 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
 
     latents = encode_images(pipe, dataset, resolution)
     captions = [s.caption for s in dataset]
+    # SDXL's size conditioning of each image as featurizing computes it (das_sd.conditioning)
+    time_ids = size_time_ids([dataset.load_image(s).size for s in dataset], (resolution, resolution)) \
+        if model_family(pipe) == "sdxl" else None
     train_text_encoder = recipe.text_encoder_rank > 0
     if train_text_encoder:  # the conditioning changes every step: encode the tokens in the loop
-        tokens = tokenize_prompts(pipe, captions)
+        conditioning = TokenConditioning(tokenize_prompts(pipe, captions), time_ids)
     else:
-        embeddings = encode_prompts(pipe, captions)
+        conditioning = encode_prompts(pipe, captions, time_ids=time_ids)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = noise_scheduler.alphas_cumprod.to(latents.device)
 
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    if getattr(unet, "peft_config", None) or lora_parameters(text_encoder, required=False):
+    unet, encoders = pipe.unet, text_encoders(pipe)
+    if getattr(unet, "peft_config", None) or any(lora_parameters(e, required=False) for e in encoders):
         raise ValueError("train_lora needs a base pipeline without LoRA adapters loaded")
     out = Path(out).expanduser().resolve()
     # peft draws the LoRA A init from torch's global generator: seeded for the call only, and the
     # caller's generator state and module modes are theirs again after it
-    with seeded_global_rng(recipe.seed), restored_modes(unet, text_encoder):
-        losses = _fit(pipe, dataset, recipe, latents, tokens if train_text_encoder else embeddings, alphas, out,
-                      progress, keep_adapter)
+    with seeded_global_rng(recipe.seed), restored_modes(unet, *encoders):
+        losses = _fit(pipe, dataset, recipe, latents, conditioning, alphas, out, progress, keep_adapter)
 
     record = {
         "das_sd_version": __version__,
@@ -221,26 +224,53 @@ def train_lora(base: str | Path | None, dataset: Dataset, out: str | Path, recip
     return record
 
 
-def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, conditioning: torch.Tensor,
-         alphas: torch.Tensor, out: Path, progress: bool, keep_adapter: bool) -> list[list]:
-    """Add the adapters, train them and save them in ``out``; the loss curve. ``conditioning``: the
-    captions' token ids when the text encoder trains too (encoded every step), else their embeddings.
-    The loss compares the UNet's output with the scheduler's training target (docs/method.md §2)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+@dataclass
+class TokenConditioning:
+    """The captions' token ids (one tensor per text encoder) and SDXL size conditioning, encoded
+    every step while a text-encoder LoRA trains.
 
-    unet, text_encoder = pipe.unet, pipe.text_encoder
+    Attributes:
+        tokens: One (N, L) id tensor per text encoder.
+        time_ids: (N, 6) SDXL size conditioning; None for SD.
+    """
+    tokens: list[torch.Tensor]
+    time_ids: torch.Tensor | None = None
+
+    def encode(self, encoders: list, idx: list[int]) -> torch.Tensor | Conditioning:
+        """The conditioning of rows ``idx`` through ``encoders`` (with gradients).
+
+        Args:
+            encoders: The text encoders (with their LoRAs), in ``latents.text_encoders`` order.
+            idx: Row positions.
+
+        Returns:
+            SD text states, or an SDXL ``Conditioning``.
+        """
+        states = text_states(encoders, [t[idx] for t in self.tokens], "sd" if self.time_ids is None else "sdxl")
+        if self.time_ids is None:
+            return states
+        return Conditioning(states[0], states[1], self.time_ids[idx].to(states[0].device))
+
+
+def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor,
+         conditioning: torch.Tensor | Conditioning | TokenConditioning, alphas: torch.Tensor, out: Path,
+         progress: bool, keep_adapter: bool) -> list[list]:
+    """Add the adapters, train them and save them in ``out``; the loss curve. ``conditioning``: the
+    captions' token ids when the text encoders train too (encoded every step), else their encoded
+    conditioning. The loss compares the UNet's output with the scheduler's training target
+    (docs/method.md §2)."""
+    unet, encoders = pipe.unet, text_encoders(pipe)
     train_text_encoder = recipe.text_encoder_rank > 0
     target_kind = prediction_type(pipe)  # before any adapter: an unsupported model is refused untouched
     params = add_lora_adapter(unet, recipe)
     groups = [{"params": params, "lr": recipe.learning_rate}]
     if train_text_encoder:
-        text_encoder = copy.deepcopy(text_encoder)
-        text_params = add_text_encoder_adapter(text_encoder, recipe)
-        params = params + text_params
-        groups.append({"params": text_params, "lr": recipe.text_encoder_learning_rate or recipe.learning_rate})
-        text_encoder.train()
+        encoders = [copy.deepcopy(e) for e in encoders]
+        for encoder in encoders:
+            text_params = add_text_encoder_adapter(encoder, recipe)
+            params = params + text_params
+            groups.append({"params": text_params, "lr": recipe.text_encoder_learning_rate or recipe.learning_rate})
+            encoder.train()
     unet.train()
     rng = generator(recipe.seed)
     schedule = batch_schedule([s.repeats for s in dataset], recipe.batch_size, recipe.steps, rng)
@@ -253,8 +283,8 @@ def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, cond
             t = torch.randint(0, len(alphas), (len(idx),), generator=rng)
             eps = torch.randn(x0.shape, generator=rng).to(x0.device)  # drawn on the CPU: the same on any device
             xt = noisy_latents(x0, eps, t, alphas)
-            cond = text_encoder(conditioning[idx])[0] if train_text_encoder else conditioning[idx]
-            pred = unet(xt.to(unet.dtype), t.to(unet.device), encoder_hidden_states=cond.to(unet.dtype)).sample
+            cond = conditioning.encode(encoders, idx) if train_text_encoder else conditioning[idx]
+            pred = unet(xt.to(unet.dtype), t.to(unet.device), **unet_kwargs(cond, unet.dtype)).sample
             target = training_target(target_kind, x0, eps, t, alphas)
             loss = F.mse_loss(pred.float(), target.to(pred.device))
             opt.zero_grad(set_to_none=True)
@@ -266,22 +296,10 @@ def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, cond
                 losses.append([step, round(ema, 6)])
             bar.set_postfix(loss=f"{ema:.4f}")
         unet.eval()
-        text_encoder.eval()
+        for encoder in encoders:
+            encoder.eval()
         out.mkdir(parents=True, exist_ok=True)
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        text_encoder_state = text_encoder_config = None
-        if train_text_encoder:
-            # "text_model." as every SD 1.x LoRA file spells it (transformers 5 dropped the
-            # submodule; diffusers strips the prefix again when loading)
-            text_encoder_state = {k if k.startswith("text_model.") else f"text_model.{k}": v
-                                  for k, v in convert_state_dict_to_diffusers(
-                                      get_peft_model_state_dict(text_encoder, adapter_name="default")).items()}
-            text_encoder_config = text_encoder.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(
-            str(out), unet_lora_layers=lora_state, text_encoder_lora_layers=text_encoder_state,
-            weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=text_encoder_config)
+        _save_lora(pipe, out, encoders if train_text_encoder else [])
     except BaseException:
         keep_adapter = False
         raise
@@ -290,9 +308,31 @@ def _fit(pipe, dataset: Dataset, recipe: LoraRecipe, latents: torch.Tensor, cond
             unet.delete_adapters("default")
         unet.eval().requires_grad_(False)
         if keep_adapter and train_text_encoder:
-            pipe.text_encoder = text_encoder.eval().requires_grad_(False)
+            for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+                setattr(pipe, name, encoder.eval().requires_grad_(False))
 
     return losses
+
+
+def _save_lora(pipe, out: Path, encoders: list) -> None:
+    """Write the UNet's LoRA and the text encoders' (``encoders``, empty when frozen) in diffusers'
+    format, with each part's adapter config as metadata."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    parts = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+             "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
+        # "text_model." as every SD LoRA file spells it (transformers 5 dropped the submodule;
+        # diffusers strips the prefix again when loading)
+        parts[f"{name}_lora_layers"] = {k if k.startswith("text_model.") else f"text_model.{k}": v
+                                        for k, v in convert_state_dict_to_diffusers(
+                                            get_peft_model_state_dict(encoder, adapter_name="default")).items()}
+        parts[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+    saver = StableDiffusionXLPipeline if model_family(pipe) == "sdxl" else StableDiffusionPipeline
+    saver.save_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **parts)
 
 
 def recipe_from_record(record: dict) -> LoraRecipe:

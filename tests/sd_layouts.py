@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from peft import LoraConfig
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from das_sd.models.loading import embedded_base_path
 
@@ -52,6 +53,45 @@ def sd_pipeline(family: str = "sd15", prediction_type: str = "epsilon", seed: in
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def sdxl_unet(width: int = 32, text_dims: tuple[int, int] = (32, 32), pooled_dim: int = 32,
+              time_embed_dim: int = 8) -> UNet2DConditionModel:
+    """A UNet with SDXL base's block layout at reduced widths: three levels (the first without
+    attention), two ResNets per block, linear proj_in/out, transformer depths 1 / 2 / 3 (SDXL: 1 / 2 /
+    10), heads of width / 4 channels, cross-attention to both text encoders' states concatenated,
+    and the added "text_time" embedding of the pooled text embedding and six size values."""
+    channels = (width, 2 * width, 4 * width)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 3), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        cross_attention_dim=sum(text_dims), addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim, norm_num_groups=8)
+
+
+def sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionXLPipeline:
+    """A whole SDXL-layout pipeline around ``sdxl_unet``: CLIP ViT-L-style text encoder (quick_gelu)
+    and a bigG-style CLIPTextModelWithProjection (gelu, projected pooled embedding), an SD-layout VAE
+    (SDXL's VAE has SD's layout) with SDXL's scaling factor, the embedded tokenizer for both, and
+    SDXL's Euler scheduler with SD's training schedule."""
+    torch.manual_seed(seed)
+    unet = sdxl_unet()
+    common = dict(vocab_size=566, bos_token_id=564, eos_token_id=565, pad_token_id=565, hidden_size=32,
+                  intermediate_size=64, num_attention_heads=4, max_position_embeddings=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common, num_hidden_layers=2, hidden_act="quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, num_hidden_layers=3, hidden_act="gelu",
+                                                                projection_dim=32))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16, scaling_factor=0.13025, force_upcast=True)
+    tokenizer = CLIPTokenizer.from_pretrained(embedded_base_path() / "tokenizer", local_files_only=True)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type=prediction_type, num_train_timesteps=1000, steps_offset=1,
+                                       timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
 
 
 def add_random_lora(unet: UNet2DConditionModel, targets: list[str], rank: int = 4, alpha: float | None = None,

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
+from .images import cover_crop
+
 
 @dataclass(frozen=True)
 class BucketSpec:
@@ -128,11 +130,8 @@ def resize_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image
     Returns:
         A ``bucket``-sized image (bicubic), or ``image`` itself when already that size.
     """
-    width, height = image.size
-    if (width, height) == tuple(bucket):
+    if image.size == tuple(bucket):
         return image
-    scale = max(bucket[0] / width, bucket[1] / height)
-    nw, nh = max(bucket[0], round(width * scale)), max(bucket[1], round(height * scale))
+    (nw, nh), (left, top) = cover_crop(image.size, tuple(bucket))
     image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - bucket[0]) // 2, (nh - bucket[1]) // 2
     return image.crop((left, top, left + bucket[0], top + bucket[1]))

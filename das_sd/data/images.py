@@ -253,6 +253,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def cover_crop(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where an image of ``size`` goes when resized to cover ``target`` and center-cropped to it (the
+    recipe of diffusers' and kohya's trainers; SDXL's crop conditioning records the offset).
+
+    Args:
+        size: The image's (width, height).
+        target: The (width, height) to produce.
+
+    Returns:
+        ((resized width, resized height), (crop left, crop top)).
+    """
+    width, height = size
+    scale = max(target[0] / width, target[1] / height)
+    nw, nh = max(target[0], round(width * scale)), max(target[1], round(height * scale))
+    return (nw, nh), ((nw - target[0]) // 2, (nh - target[1]) // 2)
+
+
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """Resize the short side to ``resolution`` and crop the centre square (diffusers' recipe).
 
@@ -263,12 +280,9 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     Returns:
         A ``resolution`` x ``resolution`` image (bicubic), or ``image`` itself when already that size.
     """
-    w, h = image.size
-    if (w, h) != (resolution, resolution):
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if image.size != (resolution, resolution):
+        (nw, nh), (left, top) = cover_crop(image.size, (resolution, resolution))
         image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
     return image
 

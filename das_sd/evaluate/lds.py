@@ -26,6 +26,7 @@ import torch
 
 from ..featurize.settings import uniform_grid
 from ..io import atomic_write_json
+from ..conditioning import unet_kwargs
 from ..noising import noisy_latents, prediction_type, training_target
 from ..seeds import generator
 from ..registry import GRADIENT_METHOD_NAMES
@@ -184,7 +185,7 @@ def oracle_scores(masks: np.ndarray, outputs: np.ndarray, ridge: float = 1e-3) -
 
 
 @torch.no_grad()
-def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor, keys: list[str],
+def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: torch.Tensor | Conditioning, keys: list[str],
                   settings: LDSSettings, batch_size: int = 64) -> np.ndarray:
     """L_simple of each query, averaged over the timestep grid and noise draws (fixed per query key):
     the squared error to the scheduler's training target (docs/method.md §2, §15).
@@ -196,7 +197,7 @@ def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: to
         pipe: The pipeline with the (retrained) LoRA loaded; its scheduler config gives the noise
             schedule and the prediction type.
         latents: (Q, 4, h, w) clean query latents x_0.
-        cond: (Q, tokens, dim) prompt embeddings of the queries.
+        cond: The queries' prompt conditioning: (Q, tokens, dim) text states or an SDXL ``Conditioning``.
         keys: One stable id per query; with the timestep it fixes the noise draws.
         settings: Gives ``output_timesteps``, ``output_noise_draws`` and ``output_seed``.
         batch_size: UNet rows per batch (whole (query, timestep) groups of draws, at least one).
@@ -221,7 +222,7 @@ def model_outputs(pipe: StableDiffusionPipeline, latents: torch.Tensor, cond: to
         q_idx = torch.tensor([q for q, _ in chunk]).repeat_interleave(draws)
         t_idx = torch.tensor([t for _, t in chunk]).repeat_interleave(draws)
         noisy = noisy_latents(latents[q_idx], noise, t_idx, alphas)
-        pred = unet(noisy.to(device), t_idx.to(device), encoder_hidden_states=cond[q_idx].to(device)).sample
+        pred = unet(noisy.to(device), t_idx.to(device), **unet_kwargs(cond[q_idx].to(device), unet.dtype)).sample
         target = training_target(target_kind, latents[q_idx], noise, t_idx, alphas)
         per_row = ((pred.float().cpu() - target) ** 2).mean(dim=(1, 2, 3)).view(len(chunk), draws).mean(1)
         for (q, t), value in zip(chunk, per_row.tolist()):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.datasets import Dataset
+from ..conditioning import Conditioning, model_family, size_time_ids
 from ..latents import encode_images, encode_prompts, native_resolution
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.loading import ModelError
@@ -55,7 +56,7 @@ def store_identity(pipe: StableDiffusionPipeline, base_path: Path, lora_path: Pa
 
     Returns:
         The identity: base and LoRA fingerprints, p, resolution, compute and store dtypes, the
-        scheduler's prediction type (the target of f = loss and the residuals, docs/method.md §2),
+        model family ("sd" / "sdxl", ``das_sd.conditioning``), the scheduler's prediction type (the target of f = loss and the residuals, docs/method.md §2),
         and per feature set its settings with the resolved timesteps.
 
     Raises:
@@ -72,6 +73,7 @@ def store_identity(pipe: StableDiffusionPipeline, base_path: Path, lora_path: Pa
         "compute_dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
         "store_dtype": "float32",
         "prediction_type": prediction_type(pipe),
+        "model_family": model_family(pipe),
         "feature_sets": {
             name: s.to_dict() | {"timesteps": s.feature_timesteps(num_train)} for name, s in feature_sets.items()
         },
@@ -252,17 +254,24 @@ def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: 
     latents = encode_images(pipe, dataset, resolution, samples=samples, max_memory=budget)
     cond = encode_prompts(pipe, [s.caption for s in samples])
     keys = [s.key for s in samples]
+    sdxl = isinstance(cond, Conditioning)
+    # sizes after EXIF rotation, as trained: they pick the bucket and SDXL's size conditioning
+    sizes = [dataset.load_image(s).size for s in samples] if buckets is not None or sdxl else []
     # the latents a store keeps (latent similarity, duplicate signals) are the square crops; the
     # features of a bucketed store come from each image in its bucket, as it was trained
-    groups = {None: list(range(len(samples)))} if buckets is None else buckets_of(dataset, samples, buckets)
+    groups = {None: list(range(len(samples)))} if buckets is None else buckets_of(sizes, buckets)
     arrays: dict[str, list[torch.Tensor | None]] = {}
     for bucket, members in groups.items():
         x0 = latents[members] if bucket is None else encode_images(
             pipe, dataset, resolution, samples=[samples[i] for i in members], max_memory=budget, bucket=bucket)
+        group_cond = cond[members]
+        if sdxl:
+            group_cond = group_cond.with_time_ids(size_time_ids([sizes[i] for i in members],
+                                                                bucket or (resolution, resolution)))
         for start in range(0, len(members), batch_size):
             rows = members[start:start + batch_size]
             sl = slice(start, start + len(rows))
-            features, residuals = features_and_residuals(list(featurizers.values()), x0[sl], cond[rows],
+            features, residuals = features_and_residuals(list(featurizers.values()), x0[sl], group_cond[sl],
                                                          [keys[i] for i in rows])
             for name, phi, e in zip(featurizers, features, residuals):
                 for out, values in ((f"features.{name}", phi.cpu()), (f"residuals.{name}", e)):
@@ -274,18 +283,17 @@ def featurize_samples(pipe: StableDiffusionPipeline, dataset: Dataset, samples: 
     return {"latents": latents.cpu()} | {name: torch.stack(column) for name, column in arrays.items()}
 
 
-def buckets_of(dataset: Dataset, samples: list[Sample], spec: BucketSpec) -> dict[tuple[int, int], list[int]]:
-    """The samples of each bucket, by position in ``samples`` (sizes after EXIF rotation, as trained).
+def buckets_of(sizes: list[tuple[int, int]], spec: BucketSpec) -> dict[tuple[int, int], list[int]]:
+    """The samples of each bucket, by position.
 
     Args:
-        dataset: The dataset the samples come from.
-        samples: The samples.
+        sizes: Each sample's image (width, height), after EXIF rotation (as trained).
         spec: The buckets.
 
     Returns:
         Bucket (width, height) -> positions, buckets in order of first appearance.
     """
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, sample in enumerate(samples):
-        groups.setdefault(spec.bucket_of(dataset.load_image(sample).size), []).append(i)
+    for i, size in enumerate(sizes):
+        groups.setdefault(spec.bucket_of(size), []).append(i)
     return groups

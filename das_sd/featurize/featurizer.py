@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models.modes import eval_mode
+from ..conditioning import unet_kwargs
 from ..noising import noisy_latents, prediction_type, training_target
 from ..projection import BlockProjector
 from .gradients import accumulation_dtype, forward_rows, projected_row_gradients, residual_norms
@@ -136,7 +137,7 @@ class Featurizer:
         self._row_bytes: dict[tuple, int] = {}  # measured saved bytes of one row, per input shape
 
     def rows_per_pass(self, x0_row: torch.Tensor, noise_row: torch.Tensor, t_row: torch.Tensor,
-                      cond_row: torch.Tensor, rows: int) -> int:
+                      cond_row: torch.Tensor | Conditioning, rows: int) -> int:
         """How many rows one forward / backward pass takes within the memory budget.
 
         The first call per input shape measures one row's saved activations (one extra forward).
@@ -145,7 +146,7 @@ class Featurizer:
             x0_row: One row's clean latent, (1, C, H, W), as the passes will get it.
             noise_row: Its noise, same shape.
             t_row: Its timestep, (1,).
-            cond_row: Its caption embedding, (1, tokens, dim).
+            cond_row: Its caption conditioning, one row (tensor or ``Conditioning``).
             rows: The rows to cut into passes.
 
         Returns:
@@ -163,7 +164,7 @@ class Featurizer:
     def _noise(self, keys: list[str], timesteps: list[int], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.stack([noise_for(self.settings.noise_seed, k, t, shape) for k in keys for t in timesteps])
 
-    def features(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    def features(self, x0: torch.Tensor, cond: torch.Tensor | Conditioning, keys: list[str]) -> torch.Tensor:
         """phi (n, k) = P^T gbar_z (float32; float64 for a float64 UNet), gbar_z the (optionally unit-normalised) LoRA gradients
         averaged over T_K. P is linear, so each row is projected first and normalised after, by the
         norm of its unprojected gradient. Works when called under no_grad or inference_mode, as hosts
@@ -173,7 +174,7 @@ class Featurizer:
 
         Args:
             x0: Clean latents x_0, (n, C, H, W), on any device.
-            cond: Caption embeddings c, (n, tokens, dim).
+            cond: Caption conditioning c: (n, tokens, dim) text states, or an SDXL ``Conditioning`` of n rows.
             keys: Sample keys, n of them; they fix the noise (docs/method.md §4).
 
         Returns:
@@ -192,12 +193,12 @@ class Featurizer:
         return projected.view(n, len(self.timesteps), -1).mean(dim=1)
 
     @torch.no_grad()
-    def residuals(self, x0: torch.Tensor, cond: torch.Tensor, keys: list[str], chunk: int = 25) -> torch.Tensor:
+    def residuals(self, x0: torch.Tensor, cond: torch.Tensor | Conditioning, keys: list[str], chunk: int = 25) -> torch.Tensor:
         """e (n,): residual weights, per docs/method.md §9 and ``settings.residual``.
 
         Args:
             x0: Clean latents x_0, (n, C, H, W).
-            cond: Caption embeddings c, (n, tokens, dim).
+            cond: Caption conditioning c: (n, tokens, dim) text states, or an SDXL ``Conditioning`` of n rows.
             keys: Sample keys, n of them; they fix the noise.
             chunk: Timesteps of the T_E grid per forward pass (n * chunk rows at a time).
 
@@ -241,16 +242,16 @@ class Featurizer:
         return (r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)).mean(dim=1)
 
     def _residual_rows(self, rows_x0: torch.Tensor, noise: torch.Tensor, rows_t: torch.Tensor,
-                       rows_cond: torch.Tensor) -> torch.Tensor:
+                       rows_cond: torch.Tensor | Conditioning) -> torch.Tensor:
         """||eps_theta(x_t) - target||_rms per row, (rows,) float32 (docs/method.md §9)."""
         xt = noisy_latents(rows_x0, noise, rows_t, self.alphas)
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            pred = self.unet(xt.to(self.unet.dtype), rows_t, encoder_hidden_states=rows_cond.to(self.unet.dtype)).sample
+            pred = self.unet(xt.to(self.unet.dtype), rows_t, **unet_kwargs(rows_cond, self.unet.dtype)).sample
         return residual_norms(pred, training_target(self.prediction_type, rows_x0, noise, rows_t, self.alphas))
 
 
-def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor,
+def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor | Conditioning,
                       keys: list[str]) -> list[torch.Tensor]:
     """``featurizer.features(x0, cond, keys)`` for each featurizer, with one forward pass per group
     of featurizers that feed the UNet the same rows (same model, timesteps, noise seed, autocast): a
@@ -260,7 +261,7 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
     Args:
         featurizers: The featurizers, e.g. one per feature set of a store.
         x0: Clean latents x_0, (n, C, H, W).
-        cond: Caption embeddings c, (n, tokens, dim).
+        cond: Caption conditioning c: (n, tokens, dim) text states, or an SDXL ``Conditioning`` of n rows.
         keys: Sample keys, n of them; they fix the noise.
 
     Returns:
@@ -269,7 +270,7 @@ def features_together(featurizers: list[Featurizer], x0: torch.Tensor, cond: tor
     return features_and_residuals(featurizers, x0, cond, keys, residuals=False)[0]
 
 
-def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor, keys: list[str],
+def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond: torch.Tensor | Conditioning, keys: list[str],
                            residuals: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """Features of every featurizer as ``features_together`` computes them, and their residual
     weights: those of settings that share the featurizing forward (``residual_timesteps`` 0) from
@@ -278,7 +279,7 @@ def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond
     Args:
         featurizers: The featurizers, e.g. one per feature set of a store.
         x0: Clean latents x_0, (n, C, H, W).
-        cond: Caption embeddings c, (n, tokens, dim).
+        cond: Caption conditioning c: (n, tokens, dim) text states, or an SDXL ``Conditioning`` of n rows.
         keys: Sample keys, n of them; they fix the noise.
         residuals: Compute the residual weights too (False: features only, the second list all None).
 

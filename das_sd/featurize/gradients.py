@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conditioning import unet_kwargs
 from ..noising import noisy_latents, training_target
 from .lora_layers import lora_inventory
 from .settings import output_function
@@ -191,7 +192,7 @@ def residual_norms(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                  cond: torch.Tensor, alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+                  cond: torch.Tensor | Conditioning, alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
     """The UNet's prediction for every row (in ``accumulation_dtype``), with its autograd graph.
 
     Args:
@@ -199,7 +200,7 @@ def forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timeste
         x0: Clean latents, (rows, C, H, W).
         noise: The noise eps of each row, same shape.
         timesteps: t of each row, (rows,) integer.
-        cond: Caption embeddings, (rows, tokens, dim).
+        cond: Caption conditioning: (rows, tokens, dim) text states, or an SDXL ``Conditioning``.
         alphas_cumprod: abar of the training schedule, (T,).
         autocast_dtype: Run the UNet under autocast to this dtype; None for none.
 
@@ -209,12 +210,12 @@ def forward_rows(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timeste
     xt = noisy_latents(x0, noise, timesteps, alphas_cumprod)
     with torch.enable_grad():
         with torch.autocast(device_type=xt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = unet(xt.to(unet.dtype), timesteps, encoder_hidden_states=cond.to(unet.dtype)).sample
+            pred = unet(xt.to(unet.dtype), timesteps, **unet_kwargs(cond, unet.dtype)).sample
         return pred.to(accumulation_dtype(unet.dtype))
 
 
 def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                      cond: torch.Tensor, alphas_cumprod: torch.Tensor, output: str,
+                      cond: torch.Tensor | Conditioning, alphas_cumprod: torch.Tensor, output: str,
                       autocast_dtype: torch.dtype | None = None, prediction_type: str = "epsilon") -> torch.Tensor:
     """Gradients of f(eps_theta(x_t, t, c)) w.r.t. the LoRA weights, one row per (x0, noise, t, c) row.
 
@@ -225,7 +226,7 @@ def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, ti
         x0: Clean latents, (rows, C, H, W).
         noise: The noise eps of each row, same shape.
         timesteps: t of each row, (rows,) integer.
-        cond: Caption embeddings, (rows, tokens, dim).
+        cond: Caption conditioning: (rows, tokens, dim) text states, or an SDXL ``Conditioning``.
         alphas_cumprod: abar of the training schedule, (T,).
         output: The output function f: "mean", "l1", "square" or "loss".
         autocast_dtype: Run the UNet under autocast to this dtype; None for none.
@@ -246,7 +247,7 @@ def per_row_gradients(unet: nn.Module, x0: torch.Tensor, noise: torch.Tensor, ti
 
 
 def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProjector]], x0: torch.Tensor,
-                            noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                            noise: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | Conditioning,
                             alphas_cumprod: torch.Tensor, autocast_dtype: torch.dtype | None = None,
                             prediction_type: str = "epsilon", row_errors: list[torch.Tensor] | None = None
                             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -262,7 +263,7 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProject
         x0: Clean latents, (rows, C, H, W).
         noise: The noise eps of each row, same shape.
         timesteps: t of each row, (rows,) integer.
-        cond: Caption embeddings, (rows, tokens, dim).
+        cond: Caption conditioning: (rows, tokens, dim) text states, or an SDXL ``Conditioning``.
         alphas_cumprod: abar of the training schedule, (T,).
         autocast_dtype: Run the UNet under autocast to this dtype; None for none.
         prediction_type: The scheduler's prediction type (das_sd.noising.prediction_type), which

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion 1.x pipeline folder (offline) and LoRA files in the formats people share.
+"""Load a Stable Diffusion 1.x / 2.x or SDXL pipeline folder (offline) and LoRA files in the formats people share.
 
 LoRA formats (read and refused in ``lora_files``, their layers read in ``lora_weights``):
 - diffusers: ``pytorch_lora_weights.safetensors`` with ``unet.*.lora_A/lora_B`` (or the older
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
+from ..conditioning import model_family
 from .errors import ModelError
 from .runtime import default_device, quiet_libraries  # noqa: F401  (importable from here as before)
 # LoRA files are read in lora_files / lora_weights and converted in lora_export; their names stay importable here
@@ -35,7 +36,7 @@ from .lora_weights import kohya_layers, peft_layers, resolve_kohya_names
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel
 
     from .lora_weights import LoraLayerWeights
@@ -107,10 +108,38 @@ def refuse_pickled_components(path: Path) -> None:
                              "`model.save_pretrained(DIR, safe_serialization=True)` on a machine you trust")
 
 
+# model_index.json's pipeline class -> model family (das_sd.conditioning)
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
+
+def pipeline_family(path: Path) -> str:
+    """The model family of a pipeline folder, from its ``model_index.json``.
+
+    Args:
+        path: A pipeline folder (``resolve_base``).
+
+    Returns:
+        "sd" or "sdxl".
+
+    Raises:
+        ModelError: When the folder's pipeline class is not one das-sd attributes (an SDXL refiner,
+            inpainting, SD3, Flux, ...), naming it and the supported ones.
+    """
+    index = path / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{index}: cannot read it ({exc})") from exc
+    if name not in PIPELINE_FAMILIES:
+        raise ModelError(f"{index}: a {name} folder; das-sd attributes text-to-image LoRAs of "
+                         f"{' and '.join(PIPELINE_FAMILIES)} folders (SD 1.x / 2.x and SDXL base models)")
+    return PIPELINE_FAMILIES[name]
+
+
 def load_pipeline(base: str | Path | None = None, device: str | torch.device | None = None,
-                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a SD 1.x pipeline folder with ``from_pretrained(local_files_only=True)``, or a
-    single-file checkpoint with ``single_file.load_single_file`` (offline too).
+                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load an SD 1.x / 2.x or SDXL pipeline folder with ``from_pretrained(local_files_only=True)``,
+    or a single-file checkpoint with ``single_file.load_single_file`` (offline too).
 
     Safetensors only, without safety checker or feature extractor, progress bars off.
 
@@ -121,40 +150,55 @@ def load_pipeline(base: str | Path | None = None, device: str | torch.device | N
         dtype: The weights' dtype.
 
     Returns:
-        The pipeline on ``device``.
+        The pipeline on ``device``: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
 
     Raises:
-        ModelError: When the folder or file is refused (see ``resolve_base``) or diffusers /
-            transformers cannot load it, or the text encoder misses weights.
+        ModelError: When the folder or file is refused (see ``resolve_base``, ``pipeline_family``)
+            or diffusers / transformers cannot load it, or a text encoder misses weights.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = resolve_base(base)
     if path.is_file():
         from .single_file import load_single_file
 
         return load_single_file(path, device=device, dtype=dtype)
+    family = pipeline_family(path)
     quiet_libraries()
     try:
-        text_encoder = load_text_encoder(path / "text_encoder", dtype)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, use_safetensors=True, dtype=dtype, text_encoder=text_encoder,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if family == "sdxl":
+            from transformers import CLIPTextModelWithProjection
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=True, dtype=dtype,
+                text_encoder=load_text_encoder(path / "text_encoder", dtype),
+                text_encoder_2=load_text_encoder(path / "text_encoder_2", dtype, CLIPTextModelWithProjection))
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=True, dtype=dtype,
+                text_encoder=load_text_encoder(path / "text_encoder", dtype),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"{path}: cannot load the pipeline ({exc})") from exc
+    if model_family(pipe) != family:
+        raise ModelError(f"{path}: a {family.upper()} pipeline folder whose UNet has the other family's "
+                         "conditioning (addition_embed_type); das-sd cannot tell how to condition it")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
 
 
-def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> CLIPTextModel:
-    """The pipeline's CLIPTextModel, refused when any weight is missing from its file.
+def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32, model_class: type | None = None
+                      ) -> CLIPTextModel:
+    """The pipeline's text encoder, refused when any weight is missing from its file.
 
     transformers only logs missing keys and initialises them at random; a key layout written by a
     newer (or older) release than the one installed would give a random text encoder without error.
 
     Args:
-        folder: The pipeline's ``text_encoder`` folder (safetensors weights).
+        folder: The pipeline's ``text_encoder`` (or ``text_encoder_2``) folder (safetensors weights).
         dtype: The weights' dtype.
+        model_class: The transformers class; None: ``CLIPTextModel`` (SDXL's second encoder is a
+            ``CLIPTextModelWithProjection``).
 
     Returns:
         The text encoder, on the CPU.
@@ -164,8 +208,8 @@ def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> CLIPT
     """
     from transformers import CLIPTextModel
 
-    model, info = CLIPTextModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                output_loading_info=True)
+    model, info = (model_class or CLIPTextModel).from_pretrained(
+        str(folder), local_files_only=True, use_safetensors=True, output_loading_info=True)
     missing = list(info.get("missing_keys") or [])
     if missing:
         import transformers
@@ -178,6 +222,8 @@ def load_text_encoder(folder: Path, dtype: torch.dtype = torch.float32) -> CLIPT
 
 # ---------------------------------------------------------------------------------------------
 # LoRAs into a pipeline
+
+LORA_MODELS = ("unet", "text_encoder", "text_encoder_2")  # the pipeline parts a LoRA file may adapt
 
 def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str = "default") -> str:
     """Load a LoRA into ``pipe`` under ``adapter_name``; returns the detected format.
@@ -206,7 +252,7 @@ def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str
     file = resolve_lora_file(path)
     fmt = lora_file_format(file)
     state = load_file(str(file))
-    if any(adapter_name in (getattr(getattr(pipe, m, None), "peft_config", None) or {}) for m in ("unet", "text_encoder")):
+    if any(adapter_name in (getattr(getattr(pipe, m, None), "peft_config", None) or {}) for m in LORA_MODELS):
         raise ModelError(f"{file}: the pipeline already holds a LoRA named {adapter_name!r}")
     try:
         if fmt == "diffusers":
@@ -214,7 +260,7 @@ def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str
         else:
             if fmt == "kohya":
                 modules = {name: [n for n, _ in getattr(pipe, name).named_modules()]
-                           for name in ("unet", "text_encoder") if getattr(pipe, name, None) is not None}
+                           for name in LORA_MODELS if getattr(pipe, name, None) is not None}
                 layers = resolve_kohya_names(kohya_layers(state), modules)
             else:
                 config_file = file.parent / "adapter_config.json"
@@ -260,7 +306,7 @@ def _load_layers(pipe: StableDiffusionPipeline, layers: Mapping[tuple[str, str],
     config of its own, then check every layer's rank and scale in the loaded model."""
     from peft.tuners.lora import LoraLayer
 
-    for model in ("unet", "text_encoder"):
+    for model in LORA_MODELS:
         part = {module: layer for (m, module), layer in layers.items() if m == model}
         if not part:
             continue
@@ -271,8 +317,8 @@ def _load_layers(pipe: StableDiffusionPipeline, layers: Mapping[tuple[str, str],
             pipe.load_lora_into_unet(state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name,
                                      metadata=metadata, _pipeline=pipe)
         else:
-            pipe.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=pipe.text_encoder,
-                                             lora_scale=pipe.lora_scale, adapter_name=adapter_name,
+            pipe.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=getattr(pipe, model),
+                                             prefix=model, lora_scale=pipe.lora_scale, adapter_name=adapter_name,
                                              metadata=metadata, _pipeline=pipe)
         modules = dict(getattr(pipe, model).named_modules())
         for module, layer in part.items():
@@ -305,7 +351,7 @@ def _refuse_partial_load(pipe: StableDiffusionPipeline, file: Path, state: Mappi
     modules the model lacks, a text_encoder_2 part), which would attribute over part of the LoRA.
     """
     expected = lora_weight_elements(state)
-    for model in sorted(set(expected) | {"unet", "text_encoder"}):
+    for model in sorted(set(expected) | {"unet", "text_encoder"}):  # a text_encoder_2 part needs an SDXL pipeline
         names, loaded = _adapter_layers(getattr(pipe, model, None), adapter_name)
         if loaded == expected.get(model, 0):
             continue
