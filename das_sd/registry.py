@@ -54,7 +54,8 @@ FEATURE_SETS: tuple[str, ...] = tuple(dict.fromkeys(m.feature_set for m in METHO
 
 OUTPUT_FUNCTIONS: tuple[str, ...] = ("mean", "l1", "square", "loss")  # f of a feature set
 PROJECTOR_KINDS: tuple[str, ...] = ("sparse", "rademacher", "gaussian")  # das_sd.projection
-RESIDUAL_FORMS: tuple[str, ...] = ("scale-free", "magnitude", "none")  # e_i
+# e_i; "signed": a vector, the per-timestep residual gradients (docs/method.md §9)
+RESIDUAL_FORMS: tuple[str, ...] = ("scale-free", "magnitude", "none", "signed")
 # what a UNet predicts (its scheduler config's prediction_type): the target of training, f = loss and
 # the residuals (das_sd.noising.training_target); a store records it
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")

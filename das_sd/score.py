@@ -21,52 +21,106 @@ from .registry import DEFAULT_RHO, method
 from .store import FeatureStore, StoreError
 
 
+# the recorded names of the two rho rules (an index's info, "lambda_rule" -> "rule")
+RANK_RULE = "rho * trace(Phi^T Phi) / min(N, k)"
+LEGACY_K_RULE = "rho * trace(Phi^T Phi) / k"  # indexes written before the rank rule
+
+
 @dataclass(frozen=True)
 class LambdaRule:
-    """How ``das-sd index`` picks the ridge term: lambda = rho * trace(Phi^T Phi) / k, or an
+    """How ``das-sd index`` picks the ridge term: lambda = rho * trace(Phi^T Phi) / min(N, k), or an
     explicit value (docs/method.md §10).
 
+    Phi^T Phi has at most min(N, k) non-zero eigenvalues, and their sum trace(Phi^T Phi) =
+    sum_i ||phi_i||^2 does not depend on k (the projection keeps norms in expectation), so with N < k
+    trace / min(N, k), their mean, is the same at every k: a rho gives the same ridge whatever the
+    projection's dimension. The rule of indexes
+    written before it, trace / k, shrank lambda as k grew past N; it is still read (``per_k``).
+
     Attributes:
-        rho: Scale-free ridge, in units of the kernel's mean eigenvalue trace(Phi^T Phi) / k
-            (``--rho``, default ``registry.DEFAULT_RHO`` = 100). Unused when ``value`` is set.
+        rho: Scale-free ridge, in units of the mean non-zero eigenvalue of Phi^T Phi (``--rho``,
+            default ``registry.DEFAULT_RHO``). Unused when ``value`` is set.
         value: An explicit lambda (``--lambda``); None: lambda follows ``rho``.
+        per_k: Divide the trace by k rather than min(N, k): the rule of older indexes, kept so that
+            their recorded rule reads back (and reindexes) as it was.
     """
     rho: float = DEFAULT_RHO
     value: float | None = None
+    per_k: bool = False
 
-    def resolve(self, kernel: torch.Tensor) -> float:
+    def unit(self, kernel: torch.Tensor, rows: int) -> float:
+        """The kernel's scale that ``rho`` multiplies: trace / min(N, k) (trace / k for ``per_k``).
+
+        Args:
+            kernel: Phi^T Phi, (k, k) float64, without the ridge term.
+            rows: N, the number of feature rows it sums.
+
+        Returns:
+            The mean non-zero eigenvalue (the mean eigenvalue for ``per_k``).
+
+        Raises:
+            ValueError: If ``rows`` is below 1.
+        """
+        if rows < 1:
+            raise ValueError(f"lambda rule: the kernel sums {rows} rows; at least 1 is needed")
+        k = kernel.shape[0]
+        return float(torch.trace(kernel).item() / (k if self.per_k else min(rows, k)))
+
+    def resolve(self, kernel: torch.Tensor, rows: int) -> float:
         """The lambda this rule gives for ``kernel`` (not range-checked here; indexing refuses a bad one).
 
         Args:
             kernel: Phi^T Phi, (k, k) float64, without the ridge term.
+            rows: N, the number of feature rows it sums.
 
         Returns:
-            ``value`` when set, else rho * trace(kernel) / k.
+            ``value`` when set, else rho * ``unit(kernel, rows)``.
+
+        Raises:
+            ValueError: If ``rows`` is below 1.
         """
         if self.value is not None:
             return float(self.value)
-        return float(self.rho * torch.trace(kernel).item() / kernel.shape[0])
+        return float(self.rho * self.unit(kernel, rows))
 
     def describe(self) -> dict:
         """The rule as recorded in an index's info (``lambda_rule``); ``from_description`` reads it back.
 
         Returns:
-            ``{"rule": "explicit", "value": lambda}`` or ``{"rule": "rho * trace(Phi^T Phi) / k", "rho": rho}``.
+            ``{"rule": "explicit", "value": lambda}`` or ``{"rule": RANK_RULE (LEGACY_K_RULE for
+            ``per_k``), "rho": rho}``.
         """
-        return {"rule": "explicit", "value": self.value} if self.value is not None else \
-            {"rule": "rho * trace(Phi^T Phi) / k", "rho": self.rho}
+        if self.value is not None:
+            return {"rule": "explicit", "value": self.value}
+        return {"rule": LEGACY_K_RULE if self.per_k else RANK_RULE, "rho": self.rho}
 
     @classmethod
     def from_description(cls, description: dict) -> "LambdaRule":
         """The rule an index recorded (``describe``), to index another store the same way.
 
         Args:
-            description: A dict written by ``describe``; a missing ``rho`` means the default one.
+            description: A dict written by ``describe``, by this or an older version (whose rho rule
+                is ``LEGACY_K_RULE``); a missing ``rho`` means the default one, a missing rule the
+                current default rule.
 
         Returns:
             The recorded rule.
+
+        Raises:
+            ValueError: If the dict names a rule this version does not know.
         """
-        return cls(rho=description.get("rho", cls.rho), value=description.get("value"))
+        rule = description.get("rule", RANK_RULE)
+        if rule not in (RANK_RULE, LEGACY_K_RULE, "explicit"):
+            raise ValueError(f"lambda_rule {rule!r}: expected one of {RANK_RULE!r}, {LEGACY_K_RULE!r}, 'explicit'")
+        return cls(rho=description.get("rho", cls.rho), value=description.get("value"), per_k=rule == LEGACY_K_RULE)
+
+    def unit_name(self) -> str:
+        """How ``unit`` is written in messages.
+
+        Returns:
+            ``"trace(Phi^T Phi) / k"`` for ``per_k``, else ``"trace(Phi^T Phi) / min(N, k)"``.
+        """
+        return "trace(Phi^T Phi) / k" if self.per_k else "trace(Phi^T Phi) / min(N, k)"
 
 
 def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
@@ -91,36 +145,39 @@ def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
     return kernel
 
 
-# lambda / (trace / k) outside this range is meaningless: below, G is Phi^T Phi, singular in float64
-# (Cholesky fails or psi is noise); above, G^-1 phi is ~ phi / lambda and every score underflows to 0
+# lambda / unit outside this range is meaningless (unit: the kernel's mean non-zero eigenvalue): below,
+# G is Phi^T Phi, singular in float64 (Cholesky fails or psi is noise); above, G^-1 phi is ~ phi / lambda
+# and every score underflows to 0
 LAMBDA_RATIO_RANGE = (1e-10, 1e10)
 
 
-def _cholesky(kernel: torch.Tensor, lam: float, rule: LambdaRule, store: FeatureStore,
+def _cholesky(kernel: torch.Tensor, rows: int, lam: float, rule: LambdaRule, store: FeatureStore,
               feature_set: str) -> torch.Tensor:
     """Cholesky factor of Phi^T Phi + lambda I, or ValueError naming --lambda / --rho, with the
-    kernel's mean eigenvalue trace / k for scale and a value that works."""
+    rule's unit (the kernel's mean non-zero eigenvalue) for scale and a value that works."""
     k = kernel.shape[0]
-    scale = float(torch.trace(kernel)) / k
+    scale = rule.unit(kernel, rows)
+    unit = rule.unit_name()
     flag = f"--lambda {rule.value:g}" if rule.value is not None else f"--rho {rule.rho:g}"
     where = f"{store.root}: feature set {feature_set!r}"
     if not scale > 0:
-        raise ValueError(f"{where}: the features are all zero (trace(Phi^T Phi) = {scale * k:g}); "
+        raise ValueError(f"{where}: the features are all zero (trace(Phi^T Phi) = {float(torch.trace(kernel)):g}); "
                          "nothing to index")
-    suggest = f"e.g. --rho {LambdaRule.rho:g} (lambda = {LambdaRule.rho * scale:.3g}, the default)"
+    default_lam = LambdaRule().resolve(kernel, rows)
+    suggest = f"e.g. --rho {LambdaRule.rho:g} (lambda = {default_lam:.3g}, the default)"
     if not math.isfinite(lam) or not lam > 0:
         raise ValueError(f"{where}: {flag} gives lambda = {lam:g}; lambda must be finite and > 0, {suggest}")
     low, high = LAMBDA_RATIO_RANGE
     ratio = lam / scale
     if not low <= ratio <= high:
         raise ValueError(f"{where}: {flag} gives lambda = {lam:.3g}, {ratio:.3g} times the kernel's mean "
-                         f"eigenvalue trace(Phi^T Phi) / k = {scale:.3g}; outside [{low:g}, {high:g}] times it "
+                         f"non-zero eigenvalue {unit} = {scale:.3g}; outside [{low:g}, {high:g}] times it "
                          f"the scores mean nothing ({'too small: the kernel is singular' if ratio < low else 'too large: every score underflows to 0'}); {suggest}")
     try:
         return torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
     except torch.linalg.LinAlgError:
         raise ValueError(f"{where}: Phi^T Phi + lambda I is not positive definite in float64 with {flag} "
-                         f"(lambda = {lam:.3g}, {ratio:.3g} times trace(Phi^T Phi) / k = {scale:.3g}); "
+                         f"(lambda = {lam:.3g}, {ratio:.3g} times {unit} = {scale:.3g}); "
                          f"use a larger one, {suggest}") from None
 
 
@@ -140,24 +197,26 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
 
     Returns:
         ``(info, shards)``. ``info`` holds ``feature_set``, ``lambda``, ``lambda_rule``,
-        ``kernel_trace``, ``k``, ``dtype`` and ``leverage_range`` ([min, max] over the shards read so
+        ``kernel_trace``, ``k``, ``rows`` (N), ``dtype`` and ``leverage_range`` ([min, max] over the shards read so
         far). ``shards`` yields, per feature shard of n rows, ``kernel_solved`` (G^-1 phi_i),
         ``psi_das`` and ``psi_das_noleverage`` as (n, k) ``dtype``, their ``norm.<array>`` (n,)
-        float32 row norms, and ``leverage`` and ``residual`` (n,) float32.
+        float32 row norms, and ``leverage`` and ``residual`` (n,) float32 (for the signed residual
+        form, the scalar e_i with the same self-influence, see ``_train_side``).
 
     Raises:
         ValueError: If the features are all zero, lambda is not finite and > 0 or lies outside
-            ``LAMBDA_RATIO_RANGE`` times trace / k, or the Cholesky factorisation fails.
+            ``LAMBDA_RATIO_RANGE`` times the rule's unit (``LambdaRule.unit``), or the Cholesky factorisation fails.
         StoreError: If the store holds no rows or a shard cannot be read.
         ArithmeticError: While ``shards`` is consumed, if a leverage lies outside [0, 1) (beyond
             -1e-9 of rounding).
     """
     kernel = gram(store, feature_set) if kernel is None else kernel
-    lam = rule.resolve(kernel)
+    rows = len(store)
+    lam = rule.resolve(kernel, rows)
     k = kernel.shape[0]
-    chol = _cholesky(kernel, lam, rule, store, feature_set)
+    chol = _cholesky(kernel, rows, lam, rule, store, feature_set)
     info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
-            "kernel_trace": float(torch.trace(kernel)), "k": k, "dtype": str(dtype).removeprefix("torch."),
+            "kernel_trace": float(torch.trace(kernel)), "k": k, "rows": rows, "dtype": str(dtype).removeprefix("torch."),
             "leverage_range": [float("inf"), float("-inf")]}
 
     def shards():
@@ -171,11 +230,12 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
             leverage = leverage.clamp_min(0)
             low, high = info["leverage_range"]
             info["leverage_range"] = [min(low, float(leverage.min())), max(high, float(leverage.max()))]
+            psi, psi_noleverage, residual = _train_side(phi, solved, leverage, residual, chol)
             store_as = torch.float64 if dtype == torch.int8 else dtype  # int8: quantized below
             vectors = {
                 "kernel_solved": solved.to(store_as),  # trak / dtrak: G^-1 phi_i
-                "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(store_as),
-                "psi_das_noleverage": (solved * residual.unsqueeze(1)).to(store_as),
+                "psi_das": psi.to(store_as),
+                "psi_das_noleverage": psi_noleverage.to(store_as),
             }
             scales = {}
             if dtype == torch.int8:
@@ -184,6 +244,25 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
             norms = {f"norm.{k}": dequantize(vectors | scales, k).float().norm(dim=1) for k in vectors}
             yield vectors | scales | norms | {"leverage": leverage.float(), "residual": residual.float()}
     return info, shards()
+
+
+def _train_side(phi: torch.Tensor, solved: torch.Tensor, leverage: torch.Tensor, residual: torch.Tensor,
+                chol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(psi_i, psi_i without the leverage step, the scalar residual recorded) of one shard, float64
+    (docs/method.md §10). A scalar residual e_i gives G^-1 phi_i e_i / (1 - h_i); the signed form's
+    vector u_i the exact rank-one leave-one-out step (G - phi_i phi_i^T)^-1 u_i
+    = G^-1 u_i + G^-1 phi_i (phi_i^T G^-1 u_i) / (1 - h_i) (Sherman-Morrison; the scalar case is
+    u_i = e_i phi_i), and records e_i = phi_i^T G^-1 u_i / h_i, the scalar with the same
+    self-influence phi_i^T psi_i = h_i e_i / (1 - h_i)."""
+    if residual.ndim == 1:
+        return (solved * (residual / (1 - leverage)).unsqueeze(1), solved * residual.unsqueeze(1), residual)
+    if residual.shape != phi.shape:
+        raise StoreError(f"signed residuals of shape {tuple(residual.shape)} do not match the features' {tuple(phi.shape)}")
+    moved = torch.cholesky_solve(residual.T, chol).T  # rows: G^-1 u_i
+    along = (phi * moved).sum(dim=1)  # phi_i^T G^-1 u_i
+    psi = moved + solved * (along / (1 - leverage)).unsqueeze(1)
+    effective = torch.where(leverage > 0, along / leverage.clamp_min(torch.finfo(leverage.dtype).tiny), 0.0)
+    return psi, moved, effective
 
 
 def quantize_rows(vectors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -278,8 +357,8 @@ def refresh_indexes(store: FeatureStore, rule: LambdaRule | None = None) -> dict
 
     Args:
         store: The feature store (written in place).
-        rule: How lambda is chosen; None: the default rule (rho = ``DEFAULT_RHO``), not the one an
-            earlier index recorded.
+        rule: How lambda is chosen; None: the default rule (rho = ``DEFAULT_RHO`` times the mean
+            non-zero eigenvalue), not the one an earlier index recorded.
 
     Returns:
         ``{feature_set: index info}`` of the sets indexed now; empty when every index is current.
