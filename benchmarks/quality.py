@@ -95,7 +95,8 @@ def exact_features(pipe, settings, x0: torch.Tensor, cond: torch.Tensor, keys: l
     for s in range(0, len(keys), batch):
         ks, xs, cs = keys[s:s + batch], x0[s:s + batch], cond[s:s + batch]
         k = len(timesteps)
-        noise = torch.stack([noise_for(settings.noise_seed, key, t, tuple(xs.shape[1:])) for key in ks for t in timesteps])
+        noise = torch.stack([noise_for(settings.noise_seed, key, t, tuple(xs.shape[1:]))
+                             for key in ks for t in timesteps])
         with torch.enable_grad():
             g = per_row_gradients(pipe.unet, xs.float().repeat_interleave(k, 0), noise,
                                   torch.tensor(timesteps).repeat(len(ks)), cs.repeat_interleave(k, 0),

@@ -68,7 +68,8 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
     Raises:
         ValueError: If the features are all zero, lambda is not finite and > 0 or lies outside
             ``LAMBDA_RATIO_RANGE`` times the rule's unit (``LambdaRule.unit``), or the Cholesky factorisation fails.
-        StoreError: If the store holds no rows or a shard cannot be read.
+        StoreError: If the store holds no rows or a shard cannot be read (while ``shards`` is
+            consumed: or its residuals are neither (n,) nor shaped like its features).
         ArithmeticError: While ``shards`` is consumed, if a leverage lies outside [0, 1) (beyond
             -1e-9 of rounding).
     """
@@ -92,7 +93,8 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
             leverage = leverage.clamp_min(0)
             low, high = info["leverage_range"]
             info["leverage_range"] = [min(low, float(leverage.min())), max(high, float(leverage.max()))]
-            psi, psi_noleverage, residual = _train_side(phi, solved, leverage, residual, chol)
+            psi, psi_noleverage, residual = _train_side(phi, solved, leverage, residual, chol,
+                                                        f"{store.root}: feature set {feature_set!r}")
             store_as = torch.float64 if dtype == torch.int8 else dtype  # int8: quantized below
             vectors = {
                 "kernel_solved": solved.to(store_as),  # trak / dtrak: G^-1 phi_i
@@ -109,7 +111,7 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
 
 
 def _train_side(phi: torch.Tensor, solved: torch.Tensor, leverage: torch.Tensor, residual: torch.Tensor,
-                chol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chol: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(psi_i, psi_i without the leverage step, the scalar residual recorded) of one shard, float64
     (docs/method.md §10). A scalar residual e_i gives G^-1 phi_i e_i / (1 - h_i); the signed form's
     vector u_i the exact rank-one leave-one-out step (G - phi_i phi_i^T)^-1 u_i
@@ -119,7 +121,8 @@ def _train_side(phi: torch.Tensor, solved: torch.Tensor, leverage: torch.Tensor,
     if residual.ndim == 1:
         return (solved * (residual / (1 - leverage)).unsqueeze(1), solved * residual.unsqueeze(1), residual)
     if residual.shape != phi.shape:
-        raise StoreError(f"signed residuals of shape {tuple(residual.shape)} do not match the features' {tuple(phi.shape)}")
+        raise StoreError(f"{where}: residuals of shape {tuple(residual.shape)} match neither the rows (scalar "
+                         f"forms) nor the features' shape {tuple(phi.shape)} (the signed form)")
     moved = torch.cholesky_solve(residual.T, chol).T  # rows: G^-1 u_i
     along = (phi * moved).sum(dim=1)  # phi_i^T G^-1 u_i
     psi = moved + solved * (along / (1 - leverage)).unsqueeze(1)

@@ -10,7 +10,7 @@ from das_sd.cli import main
 from das_sd.registry import DEFAULT_RHO
 from das_sd.score import (LEGACY_K_RULE, RANK_RULE, LambdaRule, build_index, index_arrays, key_of_ranking,
                           latent_similarity, ranking, ranking_key, raw_scores, train_vectors)
-from das_sd.store import FeatureStore, Row
+from das_sd.store import FeatureStore, Row, StoreError
 from tolerances import FLOAT32_STORE_RTOL, float32_dot_bound
 
 pytestmark = pytest.mark.numerics
@@ -207,6 +207,13 @@ def test_lambda_is_rho_times_the_mean_nonzero_eigenvalue_at_every_k(tmp_path):
     assert LambdaRule.from_description(LambdaRule(rho=3.0).describe()) == LambdaRule(rho=3.0)
     with pytest.raises(ValueError, match="lambda_rule 'rho \\* trace / N'"):
         LambdaRule.from_description({"rule": "rho * trace / N", "rho": 1.0})
+
+
+def test_residuals_of_another_shape_are_refused_naming_the_store(tmp_path):
+    phi = np.random.default_rng(5).normal(size=(4, 8))
+    s = _store_of(tmp_path / "bad", phi, np.ones((4, 9)))
+    with pytest.raises(StoreError, match=r"bad: feature set 'das': residuals of shape \(4, 9\) match neither"):
+        build_index(s, "das", LambdaRule())
 
 
 def test_signed_residual_vectors_take_the_exact_leave_one_out_step(tmp_path):
