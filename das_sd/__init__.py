@@ -36,7 +36,7 @@ _API = {
     "index_store": "das_sd.featurize.service",
     "FeatureStore": "das_sd.store",
     "StoreError": "das_sd.store",
-    "LambdaRule": "das_sd.score",
+    "LambdaRule": "das_sd.ridge",
     "build_indexes": "das_sd.score",
     "METHODS": "das_sd.registry",
     "Attributor": "das_sd.attribute",

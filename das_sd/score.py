@@ -11,62 +11,14 @@ Baselines (§11) are other psi / transforms over the same code path.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .registry import DEFAULT_RHO, method
+from .registry import method
+# the rule lives in .ridge; score keeps exporting it, as callers have imported it from here
+from .ridge import LAMBDA_RATIO_RANGE, LEGACY_K_RULE, RANK_RULE, LambdaRule, ridge_cholesky  # noqa: F401
 from .store import FeatureStore, StoreError
-
-
-@dataclass(frozen=True)
-class LambdaRule:
-    """How ``das-sd index`` picks the ridge term: lambda = rho * trace(Phi^T Phi) / k, or an
-    explicit value (docs/method.md §10).
-
-    Attributes:
-        rho: Scale-free ridge, in units of the kernel's mean eigenvalue trace(Phi^T Phi) / k
-            (``--rho``, default ``registry.DEFAULT_RHO`` = 100). Unused when ``value`` is set.
-        value: An explicit lambda (``--lambda``); None: lambda follows ``rho``.
-    """
-    rho: float = DEFAULT_RHO
-    value: float | None = None
-
-    def resolve(self, kernel: torch.Tensor) -> float:
-        """The lambda this rule gives for ``kernel`` (not range-checked here; indexing refuses a bad one).
-
-        Args:
-            kernel: Phi^T Phi, (k, k) float64, without the ridge term.
-
-        Returns:
-            ``value`` when set, else rho * trace(kernel) / k.
-        """
-        if self.value is not None:
-            return float(self.value)
-        return float(self.rho * torch.trace(kernel).item() / kernel.shape[0])
-
-    def describe(self) -> dict:
-        """The rule as recorded in an index's info (``lambda_rule``); ``from_description`` reads it back.
-
-        Returns:
-            ``{"rule": "explicit", "value": lambda}`` or ``{"rule": "rho * trace(Phi^T Phi) / k", "rho": rho}``.
-        """
-        return {"rule": "explicit", "value": self.value} if self.value is not None else \
-            {"rule": "rho * trace(Phi^T Phi) / k", "rho": self.rho}
-
-    @classmethod
-    def from_description(cls, description: dict) -> "LambdaRule":
-        """The rule an index recorded (``describe``), to index another store the same way.
-
-        Args:
-            description: A dict written by ``describe``; a missing ``rho`` means the default one.
-
-        Returns:
-            The recorded rule.
-        """
-        return cls(rho=description.get("rho", cls.rho), value=description.get("value"))
 
 
 def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
@@ -91,39 +43,6 @@ def gram(store: FeatureStore, feature_set: str) -> torch.Tensor:
     return kernel
 
 
-# lambda / (trace / k) outside this range is meaningless: below, G is Phi^T Phi, singular in float64
-# (Cholesky fails or psi is noise); above, G^-1 phi is ~ phi / lambda and every score underflows to 0
-LAMBDA_RATIO_RANGE = (1e-10, 1e10)
-
-
-def _cholesky(kernel: torch.Tensor, lam: float, rule: LambdaRule, store: FeatureStore,
-              feature_set: str) -> torch.Tensor:
-    """Cholesky factor of Phi^T Phi + lambda I, or ValueError naming --lambda / --rho, with the
-    kernel's mean eigenvalue trace / k for scale and a value that works."""
-    k = kernel.shape[0]
-    scale = float(torch.trace(kernel)) / k
-    flag = f"--lambda {rule.value:g}" if rule.value is not None else f"--rho {rule.rho:g}"
-    where = f"{store.root}: feature set {feature_set!r}"
-    if not scale > 0:
-        raise ValueError(f"{where}: the features are all zero (trace(Phi^T Phi) = {scale * k:g}); "
-                         "nothing to index")
-    suggest = f"e.g. --rho {LambdaRule.rho:g} (lambda = {LambdaRule.rho * scale:.3g}, the default)"
-    if not math.isfinite(lam) or not lam > 0:
-        raise ValueError(f"{where}: {flag} gives lambda = {lam:g}; lambda must be finite and > 0, {suggest}")
-    low, high = LAMBDA_RATIO_RANGE
-    ratio = lam / scale
-    if not low <= ratio <= high:
-        raise ValueError(f"{where}: {flag} gives lambda = {lam:.3g}, {ratio:.3g} times the kernel's mean "
-                         f"eigenvalue trace(Phi^T Phi) / k = {scale:.3g}; outside [{low:g}, {high:g}] times it "
-                         f"the scores mean nothing ({'too small: the kernel is singular' if ratio < low else 'too large: every score underflows to 0'}); {suggest}")
-    try:
-        return torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64))
-    except torch.linalg.LinAlgError:
-        raise ValueError(f"{where}: Phi^T Phi + lambda I is not positive definite in float64 with {flag} "
-                         f"(lambda = {lam:.3g}, {ratio:.3g} times trace(Phi^T Phi) / k = {scale:.3g}); "
-                         f"use a larger one, {suggest}") from None
-
-
 def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype: torch.dtype = torch.float32,
                  kernel: torch.Tensor | None = None) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
     """Solve the kernel once; returns the index info and a generator of its arrays, shard by shard
@@ -140,24 +59,27 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
 
     Returns:
         ``(info, shards)``. ``info`` holds ``feature_set``, ``lambda``, ``lambda_rule``,
-        ``kernel_trace``, ``k``, ``dtype`` and ``leverage_range`` ([min, max] over the shards read so
+        ``kernel_trace``, ``k``, ``rows`` (N), ``dtype`` and ``leverage_range`` ([min, max] over the shards read so
         far). ``shards`` yields, per feature shard of n rows, ``kernel_solved`` (G^-1 phi_i),
         ``psi_das`` and ``psi_das_noleverage`` as (n, k) ``dtype``, their ``norm.<array>`` (n,)
-        float32 row norms, and ``leverage`` and ``residual`` (n,) float32.
+        float32 row norms, and ``leverage`` and ``residual`` (n,) float32 (for the signed residual
+        form, the scalar e_i with the same self-influence, see ``_train_side``).
 
     Raises:
         ValueError: If the features are all zero, lambda is not finite and > 0 or lies outside
-            ``LAMBDA_RATIO_RANGE`` times trace / k, or the Cholesky factorisation fails.
-        StoreError: If the store holds no rows or a shard cannot be read.
+            ``LAMBDA_RATIO_RANGE`` times the rule's unit (``LambdaRule.unit``), or the Cholesky factorisation fails.
+        StoreError: If the store holds no rows or a shard cannot be read (while ``shards`` is
+            consumed: or its residuals are neither (n,) nor shaped like its features).
         ArithmeticError: While ``shards`` is consumed, if a leverage lies outside [0, 1) (beyond
             -1e-9 of rounding).
     """
     kernel = gram(store, feature_set) if kernel is None else kernel
-    lam = rule.resolve(kernel)
+    rows = len(store)
+    lam = rule.resolve(kernel, rows)
     k = kernel.shape[0]
-    chol = _cholesky(kernel, lam, rule, store, feature_set)
+    chol = ridge_cholesky(kernel, rows, lam, rule, f"{store.root}: feature set {feature_set!r}")
     info = {"feature_set": feature_set, "lambda": lam, "lambda_rule": rule.describe(),
-            "kernel_trace": float(torch.trace(kernel)), "k": k, "dtype": str(dtype).removeprefix("torch."),
+            "kernel_trace": float(torch.trace(kernel)), "k": k, "rows": rows, "dtype": str(dtype).removeprefix("torch."),
             "leverage_range": [float("inf"), float("-inf")]}
 
     def shards():
@@ -171,11 +93,13 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
             leverage = leverage.clamp_min(0)
             low, high = info["leverage_range"]
             info["leverage_range"] = [min(low, float(leverage.min())), max(high, float(leverage.max()))]
+            psi, psi_noleverage, residual = _train_side(phi, solved, leverage, residual, chol,
+                                                        f"{store.root}: feature set {feature_set!r}")
             store_as = torch.float64 if dtype == torch.int8 else dtype  # int8: quantized below
             vectors = {
                 "kernel_solved": solved.to(store_as),  # trak / dtrak: G^-1 phi_i
-                "psi_das": (solved * (residual / (1 - leverage)).unsqueeze(1)).to(store_as),
-                "psi_das_noleverage": (solved * residual.unsqueeze(1)).to(store_as),
+                "psi_das": psi.to(store_as),
+                "psi_das_noleverage": psi_noleverage.to(store_as),
             }
             scales = {}
             if dtype == torch.int8:
@@ -184,6 +108,26 @@ def index_arrays(store: FeatureStore, feature_set: str, rule: LambdaRule, dtype:
             norms = {f"norm.{k}": dequantize(vectors | scales, k).float().norm(dim=1) for k in vectors}
             yield vectors | scales | norms | {"leverage": leverage.float(), "residual": residual.float()}
     return info, shards()
+
+
+def _train_side(phi: torch.Tensor, solved: torch.Tensor, leverage: torch.Tensor, residual: torch.Tensor,
+                chol: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(psi_i, psi_i without the leverage step, the scalar residual recorded) of one shard, float64
+    (docs/method.md §10). A scalar residual e_i gives G^-1 phi_i e_i / (1 - h_i); the signed form's
+    vector u_i the exact rank-one leave-one-out step (G - phi_i phi_i^T)^-1 u_i
+    = G^-1 u_i + G^-1 phi_i (phi_i^T G^-1 u_i) / (1 - h_i) (Sherman-Morrison; the scalar case is
+    u_i = e_i phi_i), and records e_i = phi_i^T G^-1 u_i / h_i, the scalar with the same
+    self-influence phi_i^T psi_i = h_i e_i / (1 - h_i)."""
+    if residual.ndim == 1:
+        return (solved * (residual / (1 - leverage)).unsqueeze(1), solved * residual.unsqueeze(1), residual)
+    if residual.shape != phi.shape:
+        raise StoreError(f"{where}: residuals of shape {tuple(residual.shape)} match neither the rows (scalar "
+                         f"forms) nor the features' shape {tuple(phi.shape)} (the signed form)")
+    moved = torch.cholesky_solve(residual.T, chol).T  # rows: G^-1 u_i
+    along = (phi * moved).sum(dim=1)  # phi_i^T G^-1 u_i
+    psi = moved + solved * (along / (1 - leverage)).unsqueeze(1)
+    effective = torch.where(leverage > 0, along / leverage.clamp_min(torch.finfo(leverage.dtype).tiny), 0.0)
+    return psi, moved, effective
 
 
 def quantize_rows(vectors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -278,8 +222,8 @@ def refresh_indexes(store: FeatureStore, rule: LambdaRule | None = None) -> dict
 
     Args:
         store: The feature store (written in place).
-        rule: How lambda is chosen; None: the default rule (rho = ``DEFAULT_RHO``), not the one an
-            earlier index recorded.
+        rule: How lambda is chosen; None: the default rule (rho = ``DEFAULT_RHO`` times the mean
+            non-zero eigenvalue), not the one an earlier index recorded.
 
     Returns:
         ``{feature_set: index info}`` of the sets indexed now; empty when every index is current.

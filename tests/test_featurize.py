@@ -194,3 +194,49 @@ def test_residuals_shared_with_the_featurizing_forward_equal_their_own_pass(lora
     assert not own.settings.shares_forward and len(own.settings.residual_grid(1000)) == 6
     _, [e_own] = features_and_residuals([own], x0, cond, keys)
     assert torch.equal(e_own, own.residuals(x0, cond, keys))
+
+
+def _brute_force_signed_residual(pipe, settings, x0, cond, key):
+    """u of one sample (docs/method.md §9), a timestep at a time with plain autograd: the gradient of
+    L_simple / 2 = mean((pred - eps)^2) / 2 (= J^T r / D), divided by the norm of the same row's f
+    gradient when the settings normalise, averaged over T_K; independent of the stop-gradient head."""
+    unet, params = pipe.unet, lora_parameters(pipe.unet)
+    alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(unet.dtype)
+    timesteps = uniform_grid(settings.num_timesteps, 1000)
+    total = 0
+    for t in timesteps:
+        eps = noise_for(settings.noise_seed, key, t, (4, 8, 8)).unsqueeze(0).to(unet.dtype)
+        xt = alphas[t].sqrt() * x0.unsqueeze(0) + (1 - alphas[t]).sqrt() * eps
+        pred = unet(xt, torch.tensor([t]), encoder_hidden_states=cond.unsqueeze(0)).sample
+        half_loss = 0.5 * ((pred - eps) ** 2).mean()
+        g_loss = torch.cat([x.reshape(-1) for x in torch.autograd.grad(half_loss, params, retain_graph=True)])
+        g_f = torch.cat([x.reshape(-1) for x in torch.autograd.grad(pred.abs().mean(), params)])
+        total = total + (g_loss / g_f.norm() if settings.normalize else g_loss)
+    return total / len(timesteps)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_signed_residual_equals_projected_brute_force_loss_gradients(lora_pipe64, normalize):
+    """The signed form's u_i from the shared forward's extra backward = P^T of a per-row autograd
+    loop; the features beside it, and a second feature set sharing the forward, are unchanged."""
+    from das_sd.featurize.featurizer import features_and_residuals
+
+    settings = FeaturizerSettings(num_timesteps=3, projection_dim=128, residual="signed", normalize=normalize)
+    signed = Featurizer(lora_pipe64, settings)
+    other = Featurizer(lora_pipe64, replace(settings, output="square", normalize=False, residual="none"))
+    x0, cond, keys = _queries(lora_pipe64, 3)
+    (phi, phi_other), (u, e_other) = features_and_residuals([signed, other], x0, cond, keys)
+    assert u.shape == (3, 128) and u.dtype == torch.float64 and torch.equal(e_other, torch.ones(3))
+    dense = signed.projector.dense().double()
+    for i in range(3):
+        expected = _brute_force_signed_residual(lora_pipe64, settings, x0[i], cond[i], keys[i]) @ dense
+        assert relative_error(u[i], expected) < ALGEBRAIC_RTOL, (normalize, i)
+    assert relative_error(phi, signed.features(x0, cond, keys)) < ALGEBRAIC_RTOL
+    assert relative_error(phi_other, other.features(x0, cond, keys)) < ALGEBRAIC_RTOL
+    with pytest.raises(ValueError, match="features_and_residuals"):
+        signed.residuals(x0, cond, keys)
+
+
+def test_signed_residual_needs_the_feature_timesteps():
+    with pytest.raises(ValueError, match="residual_timesteps .*--residual-timesteps 5.* must be 0"):
+        FeaturizerSettings(residual="signed", residual_timesteps=5)

@@ -17,6 +17,7 @@ from helpers import (
     subset_dataset,
 )
 from safetensors.torch import save_file
+from tolerances import FLOAT32_STORE_RTOL
 
 from das_sd.store import FeatureStore, StoreError
 
@@ -192,3 +193,28 @@ def test_the_featurizing_resolution_follows_a_das_sd_record(tmp_path):
     assert training_resolution(file) == 24  # das-sd's own record wins
     (tmp_path / "lora_record.json").write_text(json.dumps({"recipe": {"resolution": None}}))
     assert training_resolution(file) is None  # trained at the model's native resolution
+
+
+def test_a_signed_residual_store_is_built_and_indexed(setup, tmp_path):
+    """--residual signed end to end: the store keeps a (N, k) u_i per row beside phi_i, records the form,
+    and `das-sd index` stores (G - phi_i phi_i^T)^-1 u_i, recomputed here from the stored arrays."""
+    import numpy as np
+
+    from das_sd.cli import main
+
+    root, data, lora, _ = setup
+    proc = featurize_cli(tmp_path / "signed", data, lora, "--residual", "signed", "--residual-timesteps", "0",
+                         "--feature-sets", "das")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    store = FeatureStore.open(tmp_path / "signed")
+    assert store.identity["feature_sets"]["das"]["residual"] == "signed"
+    phi, u = store.load("features.das").double().numpy(), store.load("residuals.das").double().numpy()
+    assert u.shape == phi.shape == (16, store.identity["feature_sets"]["das"]["projection_dim"])
+    assert main(["index", "--store", str(store.root)]) == 0
+    store = FeatureStore.open(store.root)
+    g = phi.T @ phi + store.manifest["indexes"]["das"]["lambda"] * np.eye(phi.shape[1])
+    expected = np.stack([np.linalg.solve(g - np.outer(phi[i], phi[i]), u[i]) for i in range(len(phi))])
+    got = store.load_index("das")["psi_das"].double().numpy()
+    # float32 storage of a float64 solve (tests/tolerances.py), with a floor for entries that cancel to ~0
+    assert np.allclose(got, expected, rtol=FLOAT32_STORE_RTOL, atol=1e-12 * np.abs(expected).max())

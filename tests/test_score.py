@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from das_sd.cli import main
-from das_sd.score import (LambdaRule, build_index, index_arrays, key_of_ranking, latent_similarity, ranking,
-                          ranking_key, raw_scores, train_vectors)
-from das_sd.store import FeatureStore, Row
+from das_sd.registry import DEFAULT_RHO
+from das_sd.score import (LEGACY_K_RULE, RANK_RULE, LambdaRule, build_index, index_arrays, key_of_ranking,
+                          latent_similarity, ranking, ranking_key, raw_scores, train_vectors)
+from das_sd.store import FeatureStore, Row, StoreError
 from tolerances import FLOAT32_STORE_RTOL, float32_dot_bound
 
 pytestmark = pytest.mark.numerics
@@ -114,9 +115,9 @@ def test_meaningless_lambda_is_refused_naming_the_flag_and_the_kernel_scale(stor
         index_arrays(s, "das", rule)
     message = str(err.value)
     assert message.startswith(f"{s.root}: feature set 'das': {flag} gives lambda = ") and says in message
-    assert "features may all be zero" not in message and "--rho 100" in message
-    if "finite" not in says:
-        assert f"trace(Phi^T Phi) / k = {scale:.3g}" in message
+    assert "features may all be zero" not in message and f"--rho {DEFAULT_RHO:g}" in message
+    if "finite" not in says:  # N = 40 > k = 16: the mean non-zero eigenvalue is trace / k
+        assert f"trace(Phi^T Phi) / min(N, k) = {scale:.3g}" in message
 
 
 def test_lambda_at_the_ends_of_the_range_still_indexes(store):
@@ -133,7 +134,7 @@ def test_a_failed_cholesky_names_the_flag_without_a_traceback(store, monkeypatch
     def not_positive_definite(*_args, **_kwargs):
         raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
     monkeypatch.setattr(torch.linalg, "cholesky", not_positive_definite)
-    with pytest.raises(ValueError, match=r"not positive definite in float64 with --rho 100 .*use a larger one"):
+    with pytest.raises(ValueError, match=rf"not positive definite in float64 with --rho {DEFAULT_RHO:g} .*use a larger one"):
         index_arrays(s, "das", LambdaRule())
 
 
@@ -165,9 +166,84 @@ def test_index_command_refuses_a_meaningless_lambda(store, capsys, argv, code, s
     assert (s.root / "manifest.json").read_bytes() == before  # no index was recorded
 
 
-def test_index_command_default_rho_unchanged(store, capsys):
+def test_index_command_uses_the_default_rule(store, capsys):
     s, phi, _, _ = store
     assert main(["index", "--store", str(s.root)]) == 0
     kernel = phi.T @ phi
-    assert s.__class__.open(s.root).manifest["indexes"]["das"]["lambda"] == pytest.approx(
-        100 * np.trace(kernel) / kernel.shape[0], rel=1e-9)
+    info = s.__class__.open(s.root).manifest["indexes"]["das"]
+    assert info["lambda_rule"] == {"rule": RANK_RULE, "rho": DEFAULT_RHO} and info["rows"] == 40
+    assert info["lambda"] == pytest.approx(DEFAULT_RHO * np.trace(kernel) / min(40, kernel.shape[0]), rel=1e-9)
+
+
+def _store_of(root, phi: np.ndarray, residual: np.ndarray) -> FeatureStore:
+    s = FeatureStore.create(root, {"test": 1, "feature_sets": {"das": {}}}, shard_size=4)
+    for start in range(0, len(phi), 4):
+        sl = slice(start, start + 4)
+        rows = [Row(f"k{i}", f"img{i}.png", f"c{i}") for i in range(start, min(len(phi), start + 4))]
+        s.append_shard(rows, {"features.das": torch.from_numpy(phi[sl]).float(),
+                              "residuals.das": torch.from_numpy(residual[sl]).float()})
+    return s
+
+
+def test_lambda_is_rho_times_the_mean_nonzero_eigenvalue_at_every_k(tmp_path):
+    """N = 10 rows: trace / min(N, k) is trace / 10 at k = 64 and k = 256 alike (the rule of old
+    indexes, trace / k, gave 4 x less lambda at the larger k); old descriptions read back as they were."""
+    rng = np.random.default_rng(3)
+    gradients = rng.normal(size=(10, 4000))
+    for k in (64, 256):
+        phi = gradients @ rng.normal(size=(4000, k)) / np.sqrt(k)  # a Gaussian JL projection
+        s = _store_of(tmp_path / f"k{k}", phi, np.ones(10))
+        phi = phi.astype(np.float32).astype(np.float64)
+        trace = np.trace(phi.T @ phi)
+        eigenvalues = np.linalg.eigvalsh(phi.T @ phi)
+        nonzero = eigenvalues[eigenvalues > 1e-6 * eigenvalues.max()]
+        assert len(nonzero) == 10 and trace / 10 == pytest.approx(nonzero.mean(), rel=1e-9)
+        info = build_index(s, "das", LambdaRule(rho=2.0))
+        assert info["lambda"] == pytest.approx(2.0 * trace / 10, rel=1e-9)
+        old = LambdaRule.from_description({"rule": LEGACY_K_RULE, "rho": 2.0})
+        assert old.per_k and old.describe() == {"rule": LEGACY_K_RULE, "rho": 2.0}
+        assert build_index(s, "das", old)["lambda"] == pytest.approx(2.0 * trace / k, rel=1e-9)
+    assert LambdaRule.from_description({"rule": "explicit", "value": 0.5}) == LambdaRule(value=0.5)
+    assert LambdaRule.from_description(LambdaRule(rho=3.0).describe()) == LambdaRule(rho=3.0)
+    with pytest.raises(ValueError, match="lambda_rule 'rho \\* trace / N'"):
+        LambdaRule.from_description({"rule": "rho * trace / N", "rho": 1.0})
+
+
+def test_residuals_of_another_shape_are_refused_naming_the_store(tmp_path):
+    phi = np.random.default_rng(5).normal(size=(4, 8))
+    s = _store_of(tmp_path / "bad", phi, np.ones((4, 9)))
+    with pytest.raises(StoreError, match=r"bad: feature set 'das': residuals of shape \(4, 9\) match neither"):
+        build_index(s, "das", LambdaRule())
+
+
+def test_signed_residual_vectors_take_the_exact_leave_one_out_step(tmp_path):
+    """A vector residual u_i (docs/method.md §9) is indexed as (G - phi_i phi_i^T)^-1 u_i, checked
+    against a direct float64 inverse of the downdated kernel (no Sherman-Morrison); without the
+    leverage step G^-1 u_i; the recorded scalar keeps the self-influence phi_i^T psi_i = h_i e_i / (1 - h_i).
+    Inputs are float32 values, so the stored float32 vectors differ from float64 only by their own
+    rounding (FLOAT32_STORE_RTOL); the two stores of the last check are two such roundings."""
+    rng = np.random.default_rng(4)
+    n, k = 12, 8
+    phi = rng.normal(size=(n, k)).astype(np.float32).astype(np.float64)
+    u = (rng.normal(size=(n, k)) + 0.5 * phi).astype(np.float32).astype(np.float64)
+    s = _store_of(tmp_path / "signed", phi, u)
+    info = build_index(s, "das", LambdaRule(rho=0.5))
+    g = phi.T @ phi + info["lambda"] * np.eye(k)
+    assert info["lambda"] == pytest.approx(0.5 * np.trace(phi.T @ phi) / k, rel=1e-9)
+    expected = np.stack([np.linalg.solve(g - np.outer(phi[i], phi[i]), u[i]) for i in range(n)])
+    index = s.load_index("das")
+    assert np.allclose(index["psi_das"].double().numpy(), expected, rtol=FLOAT32_STORE_RTOL, atol=0)
+    assert np.allclose(index["psi_das_noleverage"].double().numpy(), np.linalg.solve(g, u.T).T,
+                       rtol=FLOAT32_STORE_RTOL, atol=0)
+    h = np.einsum("ik,kl,il->i", phi, np.linalg.inv(g), phi)
+    self_influence = np.einsum("ik,ik->i", phi, expected)
+    e = index["residual"].double().numpy()
+    assert np.allclose(h * e / (1 - h), self_influence, rtol=FLOAT32_STORE_RTOL, atol=0)
+    # the scalar form is the special case u_i = e_i phi_i
+    scalar = _store_of(tmp_path / "scalar", phi, np.full(n, 2.0))  # 2 phi_i: exact in float32
+    vector = _store_of(tmp_path / "vector", phi, 2.0 * phi)
+    build_index(scalar, "das", LambdaRule(rho=0.5))
+    build_index(vector, "das", LambdaRule(rho=0.5))
+    for name in ("psi_das", "psi_das_noleverage", "residual"):
+        a, b = scalar.load_index("das")[name].double(), vector.load_index("das")[name].double()
+        assert torch.allclose(a, b, rtol=2 * FLOAT32_STORE_RTOL, atol=0), name

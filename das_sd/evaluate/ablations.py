@@ -35,6 +35,7 @@ FEATURIZER_VARIANTS: dict[str, dict] = {
     "residual=scale-free": {"residual": "scale-free"},
     "residual=magnitude": {"residual": "magnitude"},
     "residual=none": {"residual": "none"},
+    "residual=signed": {"residual": "signed", "residual_timesteps": 0},  # the signed form needs the feature rows
     "K=10": {"num_timesteps": 10},
     "K=20": {"num_timesteps": 20},
     "K=50": {"num_timesteps": 50},

@@ -17,7 +17,7 @@ from ..models.modes import eval_mode
 from ..conditioning import unet_kwargs
 from ..noising import noisy_latents, prediction_type, training_target
 from ..projection import BlockProjector
-from .gradients import accumulation_dtype, forward_rows, projected_row_gradients, residual_norms
+from .gradients import RESIDUAL_HEAD, accumulation_dtype, forward_rows, projected_row_gradients, residual_norms
 from .lora_layers import num_lora_parameters
 from ..memory import memory_budget, rows_per_pass, saved_bytes
 from .settings import FeaturizerSettings, noise_for
@@ -204,10 +204,15 @@ class Featurizer:
 
         Returns:
             e, (n,) float32 on the CPU; all ones when ``settings.residual`` is "none".
+
+        Raises:
+            ValueError: For the "signed" form, which only ``features_and_residuals`` computes.
         """
         n = len(keys)
         if self.settings.residual == "none":
             return torch.ones(n)
+        if self.settings.residual == "signed":
+            raise ValueError("residual form 'signed' comes from the featurizing backward: use features_and_residuals")
         grid = self.settings.residual_grid(self.num_train_timesteps)
         x0 = x0.to(self.device, torch.float32)
         cond = cond.to(self.device)
@@ -274,7 +279,10 @@ def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond
                            residuals: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """Features of every featurizer as ``features_together`` computes them, and their residual
     weights: those of settings that share the featurizing forward (``residual_timesteps`` 0) from
-    that forward's predictions, no extra UNet pass; the others from ``Featurizer.residuals``.
+    that forward's predictions, no extra UNet pass; the others from ``Featurizer.residuals``. The
+    signed residual form (docs/method.md §9) takes one more backward of the same forward and gives a
+    vector per sample: u = (1/K) sum_t P^T J_t^T r_t / D, each row divided by its f gradient's norm
+    when the settings normalise.
 
     Args:
         featurizers: The featurizers, e.g. one per feature set of a store.
@@ -284,7 +292,8 @@ def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond
         residuals: Compute the residual weights too (False: features only, the second list all None).
 
     Returns:
-        (phi of each featurizer, (n, k) each; e of each featurizer, (n,) float32 on the CPU, or None).
+        (phi of each featurizer, (n, k) each; e of each featurizer, on the CPU: (n,) float32, (n, k)
+        u for the signed form (phi's dtype), or None without ``residuals``).
     """
     groups: dict[tuple, list[int]] = {}
     for i, featurizer in enumerate(featurizers):
@@ -296,7 +305,8 @@ def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond
         first = featurizers[members[0]]
         k = len(first.timesteps)
         errors: list[torch.Tensor] | None = [] if residuals and any(
-            featurizers[i].settings.shares_forward for i in members) else None
+            featurizers[i].settings.shares_forward and featurizers[i].settings.residual != "signed"
+            for i in members) else None
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(first.unet):
             # tensors made under inference_mode cannot enter autograd: take plain copies
             x0_rows = x0.clone().to(first.device, accumulation_dtype(first.unet.dtype))
@@ -305,6 +315,10 @@ def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond
             rows_t = torch.tensor(first.timesteps, device=first.device).repeat(n)
             noise = first._noise(keys, first.timesteps, tuple(x0_rows.shape[1:])).to(first.device, x0_rows.dtype)
             heads = [(featurizers[i].settings.output, featurizers[i].projector) for i in members]
+            # the signed residual form: one more backward, of <prediction, stopgrad(r)> (docs/method.md §9)
+            signed = {i: len(heads) + j for j, i in enumerate(
+                i for i in members if residuals and featurizers[i].settings.residual == "signed")}
+            heads += [(RESIDUAL_HEAD, featurizers[i].projector) for i in signed]
             step = first.rows_per_pass(rows_x0[:1], noise[:1], rows_t[:1], rows_cond[:1], n * k)
             passes = [projected_row_gradients(first.unet, heads, rows_x0[s:s + step], noise[s:s + step],
                                               rows_t[s:s + step], rows_cond[s:s + step], first.alphas,
@@ -314,7 +328,10 @@ def features_and_residuals(featurizers: list[Featurizer], x0: torch.Tensor, cond
                        for h in range(len(heads))]
         for i, (projected, sq_norm) in zip(members, results):
             out[i] = featurizers[i]._finish(projected, sq_norm, n)
-            if residuals and featurizers[i].settings.shares_forward:
+            if i in signed:
+                # each row's residual gradient divided by the norm of that row's f gradient, as phi's rows are
+                weights[i] = featurizers[i]._finish(results[signed[i]][0], sq_norm, n).cpu()
+            elif residuals and featurizers[i].settings.shares_forward:
                 weights[i] = featurizers[i].residual_weights(torch.cat(errors).view(n, k))
     if residuals:
         for i, featurizer in enumerate(featurizers):

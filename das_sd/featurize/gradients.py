@@ -178,6 +178,32 @@ def _weight_gradients(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> to
     return torch.bmm(g.transpose(1, 2), x).reshape(rows, -1)
 
 
+# the head name of projected_row_gradients whose f is <prediction, stopgrad(r)> / D per row (r = prediction -
+# target, D its element count): its gradient is sum_t J_t^T r_t / D, the gradient of L_simple / 2 with the
+# residual held as computed, the train side of the signed residual form (docs/method.md §9)
+RESIDUAL_HEAD = "residual"
+
+
+def head_output(name: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """f per row for a head of ``projected_row_gradients``: an output function, or ``RESIDUAL_HEAD``.
+
+    Args:
+        name: An output function of das_sd.registry.OUTPUT_FUNCTIONS, or ``RESIDUAL_HEAD``.
+        prediction: The UNet's predictions, (rows, C, H, W).
+        target: The rows' training target, same shape.
+
+    Returns:
+        f of each row, (rows,): for ``RESIDUAL_HEAD`` mean(prediction * stopgrad(prediction - target)),
+        whose gradient is J^T r / D.
+
+    Raises:
+        ValueError: When ``name`` is neither.
+    """
+    if name == RESIDUAL_HEAD:
+        return (prediction * (prediction - target).detach()).flatten(1).mean(dim=1)
+    return output_function(name, prediction, target)
+
+
 def residual_norms(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """r_t per row: the root mean square of prediction - target (docs/method.md §9).
 
@@ -259,7 +285,8 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProject
 
     Args:
         unet: The UNet with a LoRA loaded, in eval mode.
-        heads: (output function name, projector) pairs, one per feature set.
+        heads: (output function name, projector) pairs, one per feature set; a name may also be
+            ``RESIDUAL_HEAD`` (the per-row residual gradient J^T r / D, see ``head_output``).
         x0: Clean latents, (rows, C, H, W).
         noise: The noise eps of each row, same shape.
         timesteps: t of each row, (rows,) integer.
@@ -284,6 +311,6 @@ def projected_row_gradients(unet: nn.Module, heads: list[tuple[str, BlockProject
             row_errors.append(residual_norms(pred.detach(), target))
         results = []
         for j, (output, projector) in enumerate(heads):
-            capture.backward(output_function(output, pred, target).sum(), retain_graph=j < len(heads) - 1)
+            capture.backward(head_output(output, pred, target).sum(), retain_graph=j < len(heads) - 1)
             results.append(capture.projected_gradients(projector))
         return results

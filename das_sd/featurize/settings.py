@@ -29,15 +29,16 @@ class FeaturizerSettings:
         projection_seed: Seed of P (§7).
         projection_nonzeros: s, nonzeros per input coordinate of the sparse projector; must divide
             ``projection_dim``.
-        residual: Form of the residual weight e_i (§9): "scale-free" (default), "magnitude" or "none".
+        residual: Form of the residual weight e_i (§9): "scale-free" (default), "magnitude", "none",
+            or "signed" (a vector: each feature row's residual gradient J^T r, residual_timesteps 0).
         residual_timesteps: T_E, the number of timesteps the residual weight averages over (§9);
             0 (default): the feature timesteps T_K, whose errors the featurizing forward already
             computes, so the residual weights cost no extra forward.
 
     Raises:
         ValueError: On construction, when a choice is not one of das_sd.registry's, ``num_timesteps``
-            or ``projection_dim`` is below 1, or the sparse projector's ``projection_dim`` is not a
-            multiple of ``projection_nonzeros``.
+            or ``projection_dim`` is below 1, the "signed" residual has ``residual_timesteps``, or the
+            sparse projector's ``projection_dim`` is not a multiple of ``projection_nonzeros``.
     """
 
     output: str = "l1"  # f: mean | l1 | square | loss (open; l1 ties square and beats mean on the demo tune split)
@@ -50,7 +51,7 @@ class FeaturizerSettings:
     projection_dim: int = ProjectorSpec.dim  # k
     projection_seed: int = ProjectorSpec.seed
     projection_nonzeros: int = ProjectorSpec.nonzeros  # s, nonzeros per input coordinate of the sparse projector
-    residual: str = "scale-free"  # e_i form: scale-free | magnitude | none (open)
+    residual: str = "scale-free"  # e_i form: scale-free | magnitude | none | signed (open)
     residual_timesteps: int = 0  # T_E; 0: the feature timesteps, from the featurizing forward
 
     def __post_init__(self):
@@ -61,6 +62,9 @@ class FeaturizerSettings:
             raise ValueError("num_timesteps and projection_dim must be positive")
         if self.residual_timesteps < 0:
             raise ValueError("residual_timesteps must be 0 (the feature timesteps) or positive")
+        if self.residual == "signed" and self.residual_timesteps:
+            raise ValueError(f"residual form 'signed' weights the feature rows' own gradients: residual_timesteps "
+                             f"(--residual-timesteps {self.residual_timesteps}) must be 0")
         if self.projector == "sparse" and (self.projection_nonzeros < 1 or self.projection_dim % self.projection_nonzeros):
             raise ValueError(f"sparse projector: projection_dim (--dim {self.projection_dim}) must be a multiple "
                              f"of projection_nonzeros (--projection-nonzeros {self.projection_nonzeros})")
