@@ -33,6 +33,15 @@ SD_PROPORTIONS = dict(
 # SD 1.5's UNet at its real widths, 512 px (64 x 64 latents), with a LoRA on kohya's default SD 1.x
 # targets: attention, feed-forward and the 1x1 conv proj_in / proj_out (random weights)
 SD15_FULL = dict(SD_PROPORTIONS, sample_size=64, block_out_channels=(320, 640, 1280, 1280))
+# SDXL base's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json's architecture fields),
+# at 256 px (32 x 32 latents) instead of 1024 so that a row fits this machine's memory and minutes
+SDXL_FULL = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 KOHYA_SD1_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
@@ -61,7 +70,8 @@ def peak_rss_bytes() -> int:
 
 
 def load_model(config: str, rank: int, device: str):
-    """(pipe-like object with .unet/.scheduler, latents (n, 4, h, w) maker, cond (n, T, d) maker)."""
+    """(pipe-like object with .unet/.scheduler, latent shape (4, h, w), text-state shape (T, d)); an
+    SDXL UNet ("sdxl-256") also takes a pooled embedding and size conditioning (``_inputs``)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from das_sd.train import LoraRecipe, add_lora_adapter
@@ -76,10 +86,10 @@ def load_model(config: str, rank: int, device: str):
         size = pipe.unet.config.sample_size
         cond_shape = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
         return pipe, (4, size, size), cond_shape
-    if config not in ("sd-proportions", "sd15-512"):
+    if config not in ("sd-proportions", "sd15-512", "sdxl-256"):
         raise ValueError(f"unknown config {config!r}")
     torch.manual_seed(0)
-    shape = SD_PROPORTIONS if config == "sd-proportions" else SD15_FULL
+    shape = {"sd-proportions": SD_PROPORTIONS, "sd15-512": SD15_FULL, "sdxl-256": SDXL_FULL}[config]
     unet = UNet2DConditionModel(**shape)
     if config == "sd-proportions":
         add_lora_adapter(unet, LoraRecipe(rank=rank))

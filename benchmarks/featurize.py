@@ -2,10 +2,12 @@
 
     python benchmarks/featurize.py [--configs demo,sd-proportions] [--ranks 4,16] [--device cpu]
     python benchmarks/featurize.py --configs sd15-512 --ranks 4 --methods train,das-sd --repeats 1
+    python benchmarks/featurize.py --configs sdxl-256 --ranks 4 --methods train,das-sd --repeats 1 --out featurize-sdxl-256
 
 Configurations: demo (the embedded model and LoRA), sd-proportions (SD's block layout at a quarter
 width, 256 px), sd15-512 (SD 1.5's UNet at its real widths and 512 px, LoRA on kohya's default SD 1.x
-targets including the 1x1 conv projections; about 25 s per row on 2 CPU cores).
+targets including the 1x1 conv projections; about 25 s per row on 2 CPU cores), sdxl-256 (SDXL base's
+UNet at its real widths and depths, 2.6 B parameters, at 256 px; LoRA on the same kohya targets).
 
 Per configuration, three ways to process the same rows (a row = one sample at one timestep):
   train      a plain batched training step: forward + backward of the diffusion loss, same LoRA
@@ -33,9 +35,16 @@ from common import Meter, load_model, run_worker, save_results  # noqa: E402
 
 
 def _inputs(pipe, latent_shape, cond_shape, samples: int, device: str):
+    from das_sd.conditioning import Conditioning, model_family
+
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(samples, *latent_shape, generator=g).to(device)
     cond = (torch.randn(samples, *cond_shape, generator=g) * 0.5).to(device)
+    if model_family(pipe) == "sdxl":  # pooled embedding (SDXL's 1280) and the native size of the latents
+        side = 8 * latent_shape[-1]
+        pooled = torch.randn(samples, 1280, generator=g) * 0.5
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]] * samples, dtype=torch.float32)
+        cond = Conditioning(cond, pooled.to(device), time_ids.to(device))
     return x0, cond, [f"sample-{i}" for i in range(samples)]
 
 
@@ -45,6 +54,7 @@ def _autocast(x0, dtype):
 
 def train_step_fn(pipe, x0, cond, timesteps: int, autocast=None):
     """One optimisation step's gradient work over samples x timesteps rows."""
+    from das_sd.conditioning import unet_kwargs
     from das_sd.featurize.featurizer import alphas_cumprod_of
     from das_sd.noising import noisy_latents
 
@@ -58,7 +68,7 @@ def train_step_fn(pipe, x0, cond, timesteps: int, autocast=None):
 
     def step():
         with _autocast(x0, autocast):
-            pred = unet(noisy_latents(rows_x0, noise, t, alphas), t, encoder_hidden_states=rows_c).sample
+            pred = unet(noisy_latents(rows_x0, noise, t, alphas), t, **unet_kwargs(rows_c, unet.dtype)).sample
         torch.nn.functional.mse_loss(pred.float(), noise).backward()
         for p in params:
             p.grad = None
@@ -197,7 +207,7 @@ def main() -> None:
     runs = []
     for config in args.configs.split(","):
         # rows per call: demo 8 samples x 8 timesteps; the wider model 2 x 4 (seconds per call here)
-        samples, timesteps = {"demo": (8, 8), "sd15-512": (1, 2)}.get(config, (2, 4))
+        samples, timesteps = {"demo": (8, 8), "sd15-512": (1, 2), "sdxl-256": (1, 2)}.get(config, (2, 4))
         if args.device.startswith("cuda"):
             samples *= 4
         for rank in ([8] if config == "demo" else [int(r) for r in args.ranks.split(",")]):

@@ -411,7 +411,7 @@ def train_lora_on_folder(data: str | Path, out: str | Path, recipe: LoraRecipe |
         data: dataset folder (imagefolder with metadata.jsonl, or kohya ``N_name`` folders).
         out: output folder (pytorch_lora_weights.safetensors and lora_record.json).
         recipe: rank, steps, learning rates, seed ... (None: ``LoraRecipe()``).
-        base: diffusers SD 1.x folder (None: the embedded tiny SD).
+        base: diffusers SD 1.x / 2.x or SDXL folder (None: the embedded tiny SD).
         subset: file with the sample keys to train on (JSON list or one per line); None: all.
         dataset_options: ``open_dataset`` keywords (format, caption column, caption extension, skip_bad).
         notify: called with notes for the user (the samples a ``skip_bad`` read left out).

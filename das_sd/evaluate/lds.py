@@ -26,7 +26,7 @@ import torch
 
 from ..featurize.settings import uniform_grid
 from ..io import atomic_write_json
-from ..conditioning import unet_kwargs
+from ..conditioning import Conditioning, unet_kwargs
 from ..noising import noisy_latents, prediction_type, training_target
 from ..seeds import generator
 from ..registry import GRADIENT_METHOD_NAMES

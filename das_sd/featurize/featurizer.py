@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models.modes import eval_mode
-from ..conditioning import unet_kwargs
+from ..conditioning import Conditioning, unet_kwargs
 from ..noising import noisy_latents, prediction_type, training_target
 from ..projection import BlockProjector
 from .gradients import RESIDUAL_HEAD, accumulation_dtype, forward_rows, projected_row_gradients, residual_norms

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..conditioning import unet_kwargs
+from ..conditioning import Conditioning, unet_kwargs
 from ..noising import noisy_latents, training_target
 from .lora_layers import lora_inventory
 from .settings import output_function
