@@ -68,6 +68,10 @@ def test_negative_scores_get_no_credit_but_keep_their_sign():
     t = np.array([[1.0, -3.0, 0.5]])
     np.testing.assert_allclose(credit_shares(t), [[1 / 1.5, 0, 0.5 / 1.5]])
     np.testing.assert_allclose(signed_shares(t), [[1 / 4.5, -3 / 4.5, 0.5 / 4.5]])
+    # a top-k with the total of all N images: the same shares as the full row (hand-computed)
+    np.testing.assert_allclose(credit_shares([[1.0, 0.5]], total=[1.5]), [[1 / 1.5, 0.5 / 1.5]])
+    np.testing.assert_allclose(credit_shares([[-3.0]], total=[1.5]), [[0.0]])
+    np.testing.assert_allclose(credit_shares([[-1.0, -2.0]]), [[0.0, 0.0]])  # no positive credit: no share
 
 
 def test_trigger_generations_credit_their_own_group(trigger_inspection):
