@@ -117,7 +117,7 @@ def test_each_image_is_attributed_into_its_infotext_and_the_tab(webui, demo, tmp
         assert [r["key"] for r in run["images"][i]["results"]] == [r.key for r in expected.results]
         infotext = processed.infotexts[processed.index_of_first_image + i]
         best = expected.results[0]
-        assert f"DAS top-3: {Path(best.path).name} ({share_text(best.share, best.score, best.sign)};" in infotext
+        assert f"DAS top-3: {Path(best.path).name} ({share_text(best.share, best.score, best.sign)});" in infotext
         assert 0 < best.share <= 1 and "%" in infotext.split("DAS top-3: ")[1].split(",")[0]
         assert f"Seed: {40 + i}" in infotext and "DAS error" not in infotext
         assert run["images"][i]["warning"] is None  # the prompt's LoRA is the store's LoRA
