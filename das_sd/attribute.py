@@ -32,7 +32,7 @@ from .models.probe import pipeline_probes, probe_differences
 from .noising import prediction_type
 from .registry import DEFAULT_METHOD, METHODS, Method, method
 from .score import latent_similarity, ranking, raw_scores, train_vectors
-from .shares import credit_shares
+from .shares import credit_shares, share_text
 from .topk import TopK, stream_topk
 from .store import FeatureStore, StoreError, identity_with_defaults
 
@@ -79,25 +79,6 @@ class AttributionRow:
             the share is not known.
         """
         return f"#{self.rank} · {share_text(self.share, self.score, self.sign)} · {self.caption}"
-
-
-def share_text(share: float | None, score: float, sign: int) -> str:
-    """A share of influence as people read it: a percentage, with as many digits as it needs.
-
-    Args:
-        share: The share (0..1), or None when not known.
-        score: The raw ranking score, shown when the share is None.
-        sign: Sign of the signed effect t, shown with the raw score.
-
-    Returns:
-        E.g. ``"23.4%"``, ``"0.21%"``, ``"<0.01%"``; ``"score 0.0123 (+)"`` without a share.
-    """
-    if share is None:
-        return f"score {score:.3g} ({'+' if sign >= 0 else '−'})"
-    percent = 100 * share
-    if percent == 0 or percent >= 0.01:
-        return f"{percent:.1f}%" if percent >= 1 or percent == 0 else f"{percent:.2f}%"
-    return "<0.01%"
 
 
 @dataclass

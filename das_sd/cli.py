@@ -213,7 +213,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
 
 def _print_attribution(result: Attribution, image: str) -> None:
-    from .attribute import share_text
+    from .shares import share_text
     from .generation import shorten
 
     # captions and paths come from the dataset: escaped, so that none can drive the terminal

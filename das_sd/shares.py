@@ -50,3 +50,22 @@ def credit_shares(scores: np.ndarray, total: np.ndarray | None = None) -> np.nda
     credit = positive_credit(np.asarray(scores, dtype=np.float64))
     total = credit.sum(axis=1, keepdims=True) if total is None else np.asarray(total, dtype=np.float64).reshape(-1, 1)
     return np.divide(credit, total, out=np.zeros_like(credit), where=total > 0)
+
+
+def share_text(share: float | None, score: float, sign: int) -> str:
+    """A share of influence as people read it: a percentage, with as many digits as it needs.
+
+    Args:
+        share: The share (0..1), or None when not known.
+        score: The raw ranking score, shown when the share is None.
+        sign: Sign of the signed effect t, shown with the raw score.
+
+    Returns:
+        E.g. ``"23.4%"``, ``"0.21%"``, ``"<0.01%"``; ``"score 0.0123 (+)"`` without a share.
+    """
+    if share is None:
+        return f"score {score:.3g} ({'+' if sign >= 0 else '−'})"
+    percent = 100 * share
+    if percent == 0 or percent >= 0.01:
+        return f"{percent:.1f}%" if percent >= 1 or percent == 0 else f"{percent:.2f}%"
+    return "<0.01%"

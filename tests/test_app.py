@@ -324,7 +324,6 @@ def test_browser_newcomer_generates_from_an_example_and_inspects(served_store, r
         assert page.locator(".error").count() == 0 and "Error" not in page.locator("#attribution-0").inner_text()
 
         # click an example: it fills the prompt; Generate shows 8 training images with their shares
-        chosen = next(c for c in captions if c.startswith(triggers[1] + ","))
         chosen = next(e for e in listed.splitlines() if e.strip().startswith(triggers[1] + ",")).strip()
         examples.get_by_text(chosen, exact=True).click()
         assert prompt.input_value() == chosen

@@ -74,6 +74,14 @@ def test_negative_scores_get_no_credit_but_keep_their_sign():
     np.testing.assert_allclose(credit_shares([[-1.0, -2.0]]), [[0.0, 0.0]])  # no positive credit: no share
 
 
+def test_shares_read_as_percentages_with_the_digits_they_need():
+    from das_sd.shares import share_text
+
+    assert [share_text(x, 1.0, 1) for x in (0.234, 0.01, 0.0021, 0.00004, 0.0, 1.0)] == \
+        ["23.4%", "1.0%", "0.21%", "<0.01%", "0.0%", "100.0%"]
+    assert share_text(None, 6.663e-06, -1) == "score 6.66e-06 (−)"  # a record without shares
+
+
 def test_trigger_generations_credit_their_own_group(trigger_inspection):
     """Planted truth: generations with trigger X give group X (its 8 exemplars, 3 % of the set) more
     credit than any other group, the 72-image style groups included."""

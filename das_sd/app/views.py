@@ -7,7 +7,8 @@ import re
 
 import pandas as pd
 
-from ..attribute import Attribution, share_text
+from ..attribute import Attribution
+from ..shares import share_text
 
 EFFECT_COLOURS = {"t > 0": "#d9480f", "t < 0": "#1c7ed6"}  # sign of the signed leave-one-out effect t_i
 

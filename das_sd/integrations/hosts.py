@@ -16,9 +16,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..attribute import Attribution, Attributor, share_text
+from ..attribute import Attribution, Attributor
 from ..models.fingerprint import lora_fingerprint
 from ..registry import DEFAULT_METHOD
+from ..shares import share_text
 
 # The webui family's extra-network syntax: <lora:name:weight>, <lyco:...>, <hypernet:...>
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")

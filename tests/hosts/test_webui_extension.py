@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from das_sd.attribute import Attributor, share_text
+from das_sd.attribute import Attributor
+from das_sd.shares import share_text
 from das_sd.generation import GenerationSettings, generate
 
 HERE = Path(__file__).parent
