@@ -118,7 +118,7 @@ def upload_note(query: Query) -> str:
     note = f"Prompt ({query.info['prompt_from']}): *{md_text(shorten(query.prompt.strip(), SHOWN_PROMPT))}*"
     if query.info.get("prompt_note"):
         text = query.info["prompt_note"]
-        note += f"\n\n⚠ {md_text(text[0].upper() + text[1:])}"
+        note += f"\n\n**Note:** {md_text(text[0].upper() + text[1:])}"
     return note
 
 

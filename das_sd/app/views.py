@@ -162,7 +162,7 @@ def status_markdown(status: dict) -> str:
         lines.insert(3, f"- **LoRA parameters differentiated:** {accounting['differentiated_total']:,} ({kinds})")
     if accounting.get("left_out_total"):
         left = ", ".join(f"{md_text(kind)} {count:,}" for kind, count in accounting["left_out"].items())
-        lines.insert(4, f"- ⚠ **Partial attribution** (`--allow-partial`): left out {left}")
+        lines.insert(4, f"- **Partial attribution** (`--allow-partial`): left out {left}")
     if status["problem"]:
-        lines += ["", f"⚠ {md_text(status['problem'])}"]
+        lines += ["", f"**Problem:** {md_text(status['problem'])}"]
     return "\n".join(lines)
