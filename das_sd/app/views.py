@@ -84,7 +84,7 @@ def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
     r = result["results"][index]
     share = share_text(r.get("share"), r["score"], r["sign"])
     text = (f"**#{r['rank']} · {share}** of the influence on this image\n\n"
-            f"{SHARE_EXPLAINED}. Raw {result['method']} score {r['score']:.4g} (the ranking key), signed effect t "
+            f"{SHARE_EXPLAINED[0].upper()}{SHARE_EXPLAINED[1:]}. Raw {result['method']} score {r['score']:.4g} (the ranking key), signed effect t "
             f"{'positive' if r['sign'] >= 0 else 'negative'} (docs/method.md §11)."
             f"\n\n**Caption:** {md_text(r['caption'])}\n\n**Key:** {md_text(r['key'])}\n\n"
             f"**File:** {md_text(r['path'])}")
