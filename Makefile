@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.das-sd-installed
 
-.PHONY: venv demo test demo-lora build-base clean
+.PHONY: venv demo test demo-lora build-base screenshots clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ build-base: venv
 demo-lora: venv
 	$(BIN)/das-sd make-demo-data build/demo-data --overwrite
 	$(BIN)/das-sd train-lora --data build/demo-data --out das_sd/assets/demo-lora
+
+# The README's screenshots (docs/app-demo.png, docs/app-inspect.png), rewritten from the current app
+# by its newcomer browser test (needs /usr/bin/chromium; docs/app.md)
+screenshots: venv
+	DAS_SD_SCREENSHOTS=docs DAS_SD_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests/test_app.py -k newcomer
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib
 
+from .quiet import silence_known_warnings
+
 __version__ = "0.1.0"
+
+silence_known_warnings()  # before diffusers is imported anywhere (it triggers them)
 
 _API = {
     "open_dataset": "das_sd.data.datasets",

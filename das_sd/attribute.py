@@ -34,6 +34,7 @@ from .models.probe import pipeline_probes, probe_differences
 from .noising import prediction_type
 from .registry import DEFAULT_METHOD, FAMILY_NAMES, METHODS, Method, method
 from .score import latent_similarity, ranking, raw_scores, train_vectors
+from .shares import credit_shares, share_text
 from .topk import TopK, stream_topk
 from .store import FeatureStore, StoreError, identity_with_defaults
 
@@ -60,6 +61,9 @@ class AttributionRow:
         caption: The training caption.
         score: The method's ranking score (``das_sd.score.ranking``: t^2 for das, t for signed methods).
         sign: Sign of the signed effect t: +1, -1, or 0.
+        share: The image's share of the query's positive influence over all N training images
+            (``das_sd.shares``, as ``das-sd inspect`` defines it): the number to read; None when
+            not known (a record of an older das-sd).
     """
     rank: int
     key: str
@@ -67,14 +71,16 @@ class AttributionRow:
     caption: str
     score: float  # the method's ranking score (das_sd.score.ranking: t^2 for das)
     sign: int  # sign of the signed effect t (+1 / -1 / 0)
+    share: float | None = None  # share of the positive influence (das_sd.shares)
 
     def label(self) -> str:
-        """Caption for galleries: rank, score, sign and the training caption.
+        """Caption for galleries: rank, share of the influence and the training caption.
 
         Returns:
-            E.g. ``"#1  0.0123 (+)  a photo of ..."``.
+            E.g. ``"#1 · 23.4% · a photo of ..."``; the raw score and sign instead of the share when
+            the share is not known.
         """
-        return f"#{self.rank}  {self.score:.3g} ({'+' if self.sign >= 0 else '−'})  {self.caption}"
+        return f"#{self.rank} · {share_text(self.share, self.score, self.sign)} · {self.caption}"
 
 
 @dataclass
@@ -109,10 +115,13 @@ class Attribution:
             store_id: The store's id (``FeatureStore.store_id``), to tell which store ranked them.
 
         Returns:
-            ``{"method", "store_id", "top_k": [{"rank", "key", "score" (6 decimals), "sign"}, ...]}``.
+            ``{"method", "store_id", "top_k": [{"rank", "key", "share" (6 decimals: the number to
+            read, ``das_sd.shares``), "score" (6 significant digits), "sign"}, ...]}``.
         """
         return {"method": self.method, "store_id": store_id,
-                "top_k": [{"rank": r.rank, "key": r.key, "score": round(r.score, 6), "sign": r.sign}
+                "top_k": [{"rank": r.rank, "key": r.key,
+                           "share": None if r.share is None else round(r.share, 6),
+                           "score": float(f"{r.score:.6g}"), "sign": r.sign}
                           for r in self.results]}
 
 
@@ -419,11 +428,15 @@ class Attributor:
             score = ranking(method, t)
             best = torch.topk(score, min(top_k, score.shape[1]), dim=1)
             top = TopK(best.values, torch.sign(t).gather(1, best.indices), best.indices)
+        if top.credit_total is not None:
+            shares = credit_shares(top.scores.cpu().numpy(), top.credit_total.cpu().numpy())
+        else:
+            shares = np.take_along_axis(credit_shares(score.cpu().numpy()), top.indices.cpu().numpy(), axis=1)
         out = []
         for q in range(len(prompts)):
             info = {"prompt": prompts[q], **((query_info or [{}] * len(prompts))[q])}
             rows = [AttributionRow(rank=r + 1, key=self.rows[i].key, path=self.paths[i], caption=self.rows[i].caption,
-                                   score=float(top.scores[q, r]), sign=int(top.signs[q, r]))
+                                   score=float(top.scores[q, r]), sign=int(top.signs[q, r]), share=float(shares[q, r]))
                     for r, i in enumerate(top.indices[q].tolist())]
             out.append(Attribution(method=method, query=info, results=rows, notes=self.notes))
         return out

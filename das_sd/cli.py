@@ -213,13 +213,15 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
 
 def _print_attribution(result: Attribution, image: str) -> None:
+    from .shares import share_text
     from .generation import shorten
 
     # captions and paths come from the dataset: escaped, so that none can drive the terminal
     print(f"{result.method} attribution for {printable(image)} (prompt: {shorten(result.query['prompt'])!r})")
+    print("rank   share  (of the positive influence of all training images)  raw score, sign of t  caption  [file]")
     for r in result.results:
-        print(f"{r.rank:3d}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  {printable(r.caption)}  "
-              f"[{printable(r.path)}]")
+        print(f"{r.rank:4d}  {share_text(r.share, r.score, r.sign):>6}  {r.score:12.5g}  {'+' if r.sign >= 0 else '-'}  "
+              f"{printable(r.caption)}  [{printable(r.path)}]")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

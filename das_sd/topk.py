@@ -27,6 +27,7 @@ import torch
 
 from .registry import method
 from .score import key_of_ranking, ranking, ranking_key, train_array
+from .shares import positive_credit
 from .store import FeatureStore, StoreError
 
 
@@ -38,11 +39,15 @@ class TopK:
         scores: (queries, top_k) float32 ranking scores (t^2 or t by method), best first.
         signs: (queries, top_k) sign of each row's raw score t (-1, 0 or 1).
         indices: (queries, top_k) int64 row numbers in the store.
+        credit_total: (queries,) float64 sum over all N rows of ``das_sd.shares.positive_credit`` of
+            the ranking score: the denominator of the rows' shares. Rows that a low-precision file
+            let the stream skip count with their approximate score (``stream_topk``).
     """
 
     scores: torch.Tensor  # (queries, top_k) ranking scores, best first
     signs: torch.Tensor  # (queries, top_k) sign of the raw score t
     indices: torch.Tensor  # (queries, top_k) row numbers in the store
+    credit_total: torch.Tensor | None = None  # (queries,) sum of every row's positive credit
 
 
 def _train_source(name: str) -> tuple[str | None, str]:
@@ -70,7 +75,10 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
 
     Returns:
         A ``TopK`` of (queries, min(top_k, N)) tensors, equal to in-memory scoring up to the order of
-        exact ties.
+        exact ties, and the credit total of all N rows. A low-precision file's rows that cannot be in
+        the top-k count in the total with their approximate scores (within the prefilter's bound
+        delta_i of t: credit off by at most delta_i (2 |t_i| + delta_i) for squared methods, delta_i
+        otherwise; relative error about 2^-10 for float16 files).
 
     Raises:
         StoreError: A file cannot be read or is damaged, or the files' rows do not add up to the
@@ -82,6 +90,7 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
     best = torch.empty(q.shape[0], 0, device=device)
     best_t = torch.empty_like(best)
     best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
+    total = torch.zeros(q.shape[0], dtype=torch.float64, device=device)
     offset = 0
     for reader in store.array_chunks(array, index_set, chunk_rows, CHUNK_BYTES):
         try:
@@ -93,14 +102,16 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
                 rows = slice(start, start + block.shape[0])
                 index = torch.arange(offset + start, offset + start + block.shape[0], device=device)
                 if norms is not None:
-                    score, t, index = _exact_candidates(name, q, block, norms[rows], index, top_k,
-                                                        _floor(name, best, top_k),
-                                                        None if scales is None else scales[rows])
+                    score, t, index, credit = _exact_candidates(name, q, block, norms[rows], index, top_k,
+                                                                _floor(name, best, top_k),
+                                                                None if scales is None else scales[rows])
                 else:
                     t = q @ block.float().T
                     if scales is not None:  # int8 rows: q . (scale_i * row_i)
                         t *= scales[rows]
                     score = ranking(name, t)
+                    credit = positive_credit(score).double().sum(dim=1)
+                total += credit
                 best, best_t, best_i = _merge(best, best_t, best_i, score, t, index, top_k)
         except StoreError:
             raise
@@ -109,7 +120,7 @@ def stream_topk(store: FeatureStore, name: str, query_features: torch.Tensor, to
         offset += reader.rows
     if offset != len(store):
         raise StoreError(f"{store.root}: {array} holds {offset} rows for {len(store)} samples")
-    return TopK(best, torch.sign(best_t), best_i)
+    return TopK(best, torch.sign(best_t), best_i, total)
 
 
 def _floor(name: str, best: torch.Tensor, top_k: int) -> torch.Tensor | None:
@@ -122,9 +133,11 @@ def _floor(name: str, best: torch.Tensor, top_k: int) -> torch.Tensor | None:
 
 def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: torch.Tensor, index: torch.Tensor,
                       top_k: int, floor: torch.Tensor | None = None,
-                      scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      scales: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(exact scores, exact t, row numbers) of the rows of a low-precision block that can be in the
-    top-k, each (queries, candidates); queries short of candidates are padded with -inf scores.
+    top-k, each (queries, candidates), and the block's (queries,) positive credit (exact for the
+    candidates, approximate for the rest); queries short of candidates are padded with -inf scores.
     Approximate scores come with a bound |t_approx - t| <= error * ||row|| = delta per query. A row of
     the block's exact top-k has key_approx >= (the block's k-th best approximate key) - 2 delta, and a
     row of the final top-k has key_approx >= ``floor`` (the running k-th best exact key) - delta."""
@@ -139,8 +152,10 @@ def _exact_candidates(name: str, q: torch.Tensor, block: torch.Tensor, norms: to
     t = q @ block[columns].float().T
     if scales is not None:
         t *= scales[columns]
-    score = ranking(name, t).masked_fill(~keep[:, columns], float("-inf"))
-    return score, t, index[columns]
+    exact = ranking(name, t)
+    approx_credit = positive_credit(ranking(name, approx_t)).double()
+    credit = approx_credit.sum(dim=1) - approx_credit[:, columns].sum(dim=1) + positive_credit(exact).double().sum(dim=1)
+    return exact.masked_fill(~keep[:, columns], float("-inf")), t, index[columns], credit
 
 
 def _approximate_float16(q: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

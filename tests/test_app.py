@@ -7,6 +7,8 @@ in this process on the same image and settings.
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import threading
 import urllib.error
@@ -229,7 +231,7 @@ def test_long_prompts_are_shortened_and_their_truncation_reported(served, refere
     note = out[3]
     assert len(note) < 600 and "…" in note, note
     assert "longer than the text encoder reads" in note and "tokens had no effect" in note
-    with pytest.raises(Exception, match="type a prompt"):
+    with pytest.raises(Exception, match="Type a prompt first"):  # the validator answers the API too
         client.predict("  ", "", 0, 25, 4.0, 1.0, 1, "das", TOP_K, api_name="/generate")
 
 
@@ -262,6 +264,107 @@ def test_browser_generate_shows_captioned_attributions(served, tmp_path):
     assert "#1 " in captions and "#8 " in captions and "glimber" in captions
     assert "Caption:" in detail and "File:" in detail
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def served_store(demo, tmp_path_factory):
+    """The app as `das-sd app --store <demo store>` serves it (not the demo mode): (url, workbench)."""
+    from das_sd.app.ui import launch_options
+
+    bench = Workbench(AppConfig(store=Path(demo["store"]), device="cpu", outdir=tmp_path_factory.mktemp("store-app")))
+    app = build_app(bench)
+    app.queue(default_concurrency_limit=1)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               **launch_options(bench))
+    yield f"http://127.0.0.1:{port}/", bench
+    app.close()
+
+
+def screenshot_folder(tmp_path: Path) -> Path:
+    """Where the newcomer test saves its screenshots: DAS_SD_SCREENSHOTS (`make screenshots` sets it
+    to docs/, rewriting the README's), else the test's own folder."""
+    return Path(os.environ.get("DAS_SD_SCREENSHOTS") or tmp_path)
+
+
+def shown_shares(text: str) -> list[float]:
+    """The percentages of gallery captions "#1 · 23.4% · caption", in order."""
+    return [float(m) for m in re.findall(r"#\d+ · (\d+(?:\.\d+)?)%", text)]
+
+
+def test_browser_newcomer_generates_from_an_example_and_inspects(served_store, reference, demo, tmp_path):
+    """A new user's first minutes, in a real Chromium 1400 px wide: nothing typed, nothing read first."""
+    from das_sd.data.ground_truth import load_ground_truth
+
+    url, _ = served_store
+    triggers = [g["trigger"] for g in load_ground_truth(demo["data"])["groups"]]
+    captions = {row.caption for row in reference.rows}
+    shots = screenshot_folder(tmp_path)
+    with chromium_page(width=1400, height=1000) as page:
+        page.goto(url)
+        # the prompt box holds a prompt the LoRA knows; the examples are its trigger-word captions
+        prompt = page.locator("#prompt textarea")
+        examples = page.locator("#examples")
+        examples.wait_for(timeout=60_000)
+        listed = examples.inner_text()
+        assert all(t in listed for t in triggers), listed
+        first = prompt.input_value()
+        assert first in captions and first.split(",")[0] in triggers
+        # the seed's button is text, not an emoji a stock browser has no glyph for
+        assert page.locator("#random-seed").inner_text().strip() == "Random"
+        # the empty state says what will appear
+        assert "Generate" in page.locator("#generate-hint").inner_text()
+        assert "Click a training image" in page.locator("#detail").inner_text()
+
+        # an empty prompt: one message at the prompt box, no component in an error state
+        prompt.fill("")
+        page.locator("#generate").click()
+        page.get_by_text("Type a prompt first").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        assert page.locator(".error").count() == 0 and "Error" not in page.locator("#attribution-0").inner_text()
+
+        # click an example: it fills the prompt; Generate shows 8 training images with their shares
+        chosen = next(e for e in listed.splitlines() if e.strip().startswith(triggers[1] + ",")).strip()
+        examples.get_by_text(chosen, exact=True).click()
+        assert prompt.input_value() == chosen
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelectorAll('#attribution-0 img').length >= 8", timeout=300_000)
+        page.locator("#generate-hint").wait_for(state="hidden", timeout=30_000)
+        gallery_text = page.locator("#attribution-0").inner_text()
+        # the shares shown are those of the Python API on the same prompt and seed, to display rounding
+        result = generate(reference.pipe, GenerationSettings(prompt=chosen, seed=0))
+        expected = reference.attribute_latents(result.latents, [chosen], "das", 8)[0].results
+        shares = shown_shares(gallery_text)
+        assert len(shares) == 8, gallery_text
+        assert shares == pytest.approx([100 * r.share for r in expected], abs=0.051), gallery_text
+        assert sum(shares) <= 100.5 and expected[0].caption in gallery_text
+
+        # click a training image: it is shown large, its share explained, its raw score beside
+        page.locator("#attribution-0 img").first.click()
+        page.locator("#detail").get_by_text("of the influence on this image").wait_for(timeout=60_000)
+        detail = page.locator("#detail").inner_text()
+        large = page.locator("#detail-image img")
+        large.wait_for(timeout=60_000)
+        thumb = page.locator("#attribution-0 img").first.bounding_box()
+        assert large.bounding_box()["width"] > 2 * thumb["width"]
+        assert expected[0].caption in detail and "Raw das score" in detail and "sum to 100" in detail
+        page.screenshot(path=str(shots / "app-demo.png"), full_page=True)
+
+        # Inspect: its empty state explains itself (real headers, no "1 2 3"); run it on the examples
+        page.get_by_role("tab", name="Inspect").click()
+        assert "mean share %" in page.locator("#leader-table").inner_text()
+        assert "Click **Inspect**" not in page.locator("#inspect-groups").inner_text()  # rendered, not raw
+        assert "Click Inspect" in page.locator("#inspect-groups").inner_text()
+        assert all(t in page.locator("#inspect-prompts textarea").input_value() for t in triggers)
+        page.locator("#inspect").click()
+        page.locator("#leaderboard img").first.wait_for(timeout=600_000)
+        board = page.locator("#leaderboard").inner_text()
+        assert "%" in board and "#1 " in board
+        page.locator("#leaderboard img").first.click()
+        page.locator("#influenced img").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "app-inspect.png"), full_page=True)
+    for name in ("app-demo.png", "app-inspect.png"):
+        assert (shots / name).stat().st_size > 20_000
 
 
 INSPECT_PROMPTS = "quimvex, a red circle on a blue background\npomfrit, a white square on a green background"

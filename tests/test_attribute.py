@@ -14,6 +14,7 @@ from das_sd.data.ground_truth import load_ground_truth
 from das_sd.evaluate.groundtruth import SPLITS, evaluate_ground_truth, queries_for
 from das_sd.generation import GenerationSettings, generate, save_png
 from das_sd.registry import METHODS
+from tolerances import U32
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,17 @@ def test_attribute_json_schema_and_same_keys_as_api(demo, attributor, tmp_path, 
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["method"] == "das" and out["query"]["prompt"] == result.settings.prompt
     assert [r["rank"] for r in out["results"]] == [1, 2, 3, 4, 5]
-    assert set(out["results"][0]) == {"rank", "key", "path", "caption", "score", "sign"}
+    assert set(out["results"][0]) == {"rank", "key", "path", "caption", "score", "sign", "share"}
     scores = [r["score"] for r in out["results"]]
     assert scores == sorted(scores, reverse=True) and all(s >= 0 for s in scores)
+    # share: the score over the sum of all N training images' scores (das scores t^2 are all >= 0),
+    # recomputed here in float64 from the same query's t: the CLI's float32 t^2 differ by <= 2 u each
+    latents, prompt, _ = attributor.image_query(path)
+    t = attributor.scores(latents, [prompt], "das").double()
+    total = float(t.pow(2).sum())
+    assert [r["share"] for r in out["results"]] == pytest.approx([s / total for s in scores], rel=4 * U32)
+    assert [r["share"] for r in out["results"]] == pytest.approx([float(t.abs().max() ** 2 / total)] + [
+        r["share"] for r in out["results"][1:]], rel=4 * U32)  # the best share belongs to the largest |t|
     api = attributor.attribute_image(path, method="das", top_k=5)
     assert [r.key for r in api.results] == [r["key"] for r in out["results"]]
 

@@ -277,3 +277,49 @@ def test_featurize_memory_budget_is_parsed_or_refused_at_parse_time(capsys):
     with pytest.raises(SystemExit) as exc:
         main([*FEATURIZE, "--max-memory", "lots"])
     assert exc.value.code == 2 and "argument --max-memory: 'lots' is not a memory size" in capsys.readouterr().err
+
+
+def test_library_warnings_stay_off_stderr(demo, tmp_path):
+    """A newcomer reads any stderr line as an error: `das-sd --help` and `das-sd attribute` (which
+    imports diffusers, whose import made transformers warn about torchvision) print none of theirs."""
+    from das_sd.attribute import Attributor
+    from das_sd.generation import GenerationSettings, generate, save_png
+
+    pipe = Attributor(demo["store"], device="cpu").pipe
+    result = generate(pipe, GenerationSettings(prompt="zorblat, a green square on a orange background", steps=4))
+    png = save_png(result.images[0], tmp_path / "q.png", result.metadata(0))
+    cli = [sys.executable, "-m", "das_sd.cli"]
+    for argv in (["--help"], ["attribute", "--store", demo["store"], "--image", str(png), "--device", "cpu"]):
+        done = subprocess.run([*cli, *argv], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert "torchvision" not in done.stderr and "[transformers]" not in done.stderr, done.stderr
+        assert done.stderr.strip() == "", done.stderr  # das-sd itself has nothing to say here either
+    assert "share" in done.stdout and "%" in done.stdout  # the attribution table leads with the shares
+
+
+def test_a_torchvision_fallback_warning_is_dropped_and_no_other():
+    import logging
+
+    import das_sd  # noqa: F401  (attaches the filter)
+    from das_sd.quiet import TORCHVISION_FALLBACK_LOGGER
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger, keep = logging.getLogger(TORCHVISION_FALLBACK_LOGGER), Keep()
+    logger.addHandler(keep)  # on the logger itself: transformers' root logger does not propagate
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # das-sd's quiet_libraries sets transformers to errors only
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+                       "`CLIPImageProcessorPil` for backward compatibility.")
+        logger.warning("`AutoModel` requires torchvision for this checkpoint")
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+    assert keep.messages == ["`AutoModel` requires torchvision for this checkpoint"]

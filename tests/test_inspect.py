@@ -68,6 +68,18 @@ def test_negative_scores_get_no_credit_but_keep_their_sign():
     t = np.array([[1.0, -3.0, 0.5]])
     np.testing.assert_allclose(credit_shares(t), [[1 / 1.5, 0, 0.5 / 1.5]])
     np.testing.assert_allclose(signed_shares(t), [[1 / 4.5, -3 / 4.5, 0.5 / 4.5]])
+    # a top-k with the total of all N images: the same shares as the full row (hand-computed)
+    np.testing.assert_allclose(credit_shares([[1.0, 0.5]], total=[1.5]), [[1 / 1.5, 0.5 / 1.5]])
+    np.testing.assert_allclose(credit_shares([[-3.0]], total=[1.5]), [[0.0]])
+    np.testing.assert_allclose(credit_shares([[-1.0, -2.0]]), [[0.0, 0.0]])  # no positive credit: no share
+
+
+def test_shares_read_as_percentages_with_the_digits_they_need():
+    from das_sd.shares import share_text
+
+    assert [share_text(x, 1.0, 1) for x in (0.234, 0.01, 0.0021, 0.00004, 0.0, 1.0)] == \
+        ["23.4%", "1.0%", "0.21%", "<0.01%", "0.0%", "100.0%"]
+    assert share_text(None, 6.663e-06, -1) == "score 6.66e-06 (−)"  # a record without shares
 
 
 def test_trigger_generations_credit_their_own_group(trigger_inspection):

@@ -51,6 +51,12 @@ def test_each_generated_image_is_attributed_from_its_final_latents(attributing, 
         record = read_png_attribution(path)
         assert record["store_id"] == attributing.store_id and record["method"] == "das"
         assert [r["key"] for r in record["top_k"]] == [r.key for r in attribution.results]
+        # both numbers: the share (6 decimals) and the raw score (6 significant digits, so that a
+        # das score of 6.663e-06 is not rounded to 7e-06)
+        assert [r["share"] for r in record["top_k"]] == pytest.approx([r.share for r in attribution.results],
+                                                                       abs=5e-7)
+        assert [r["score"] for r in record["top_k"]] == pytest.approx([r.score for r in attribution.results],
+                                                                       rel=5e-6)
         assert read_png_metadata(path)["prompt"] == PROMPT
 
 

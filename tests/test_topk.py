@@ -30,8 +30,10 @@ def store(tmp_path):
     return s
 
 
-def assert_streamed_equals_in_memory(store, name: str, q: torch.Tensor, chunk_rows: int):
-    """Streamed and in-memory scoring run other float32 matrix shapes: equal up to rounding."""
+def assert_streamed_equals_in_memory(store, name: str, q: torch.Tensor, chunk_rows: int, error: torch.Tensor | None = None):
+    """Streamed and in-memory scoring run other float32 matrix shapes: equal up to rounding.
+    ``error`` (queries, 1): for low-precision files, the prefilter's bound on |t_approx - t| per unit
+    row norm (topk.py), with which the rows it skips count in the credit total."""
     psi = train_vectors(store, name)
     score = ranking(name, raw_scores(q, psi))
     expected = torch.topk(score, 10, dim=1)
@@ -43,6 +45,14 @@ def assert_streamed_equals_in_memory(store, name: str, q: torch.Tensor, chunk_ro
     t = q.double() @ psi.double().T
     decided = t.gather(1, got.indices).abs() > float32_dot_bound(q.double(), psi.double()).gather(1, got.indices)
     assert torch.equal(got.signs[decided], torch.sign(t.gather(1, got.indices))[decided].to(got.signs.dtype))
+    # the credit total of all N rows (the shares' denominator): each row's credit max(score, 0) is
+    # off by at most its score's rounding (clipping is 1-Lipschitz), so the sum by at most N slack
+    total = exact.clamp_min(0).sum(dim=1)
+    bound = len(psi) * slack.squeeze(1)
+    if error is not None:
+        d = error * psi.double().norm(dim=1)
+        bound = bound + (d * (2 * t.abs() + d) if METHODS[name].squared else d).sum(dim=1)
+    assert ((got.credit_total - total).abs() <= bound).all()
     return got
 
 
@@ -82,6 +92,13 @@ def test_float16_index_halves_the_bytes_and_keeps_the_ranking(store):
     psi16 = train_vectors(store, "das").double()  # |psi16| equals the float32 |psi| to 2^-11
     slack = score_slack("das", q, psi16, relative=2.0 ** -11 + U32)
     assert ((half.scores.double() - full.scores.double()).abs() <= slack).all()
+    # rows the prefilter skipped count in the credit total with their float16 t: within
+    # d_i = (2 u16 + k u32) |q| |psi_i| of t_i (topk.py), so t_i^2 within d_i (2 |t_i| + d_i)
+    t16 = q.double() @ psi16.T
+    d = (2 * 2.0 ** -11 + 24 * U32) * q.double().norm(dim=1, keepdim=True) * psi16.norm(dim=1) \
+        + float32_dot_bound(q.double(), psi16)
+    bound = (d * (2 * t16.abs() + d)).sum(dim=1)
+    assert ((half.credit_total - t16.pow(2).sum(dim=1)).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("chunk_rows,int8_gemm", [(7, True), (1000, True), (7, False)])
@@ -109,7 +126,13 @@ def test_int8_index_quarters_the_vectors_and_stays_within_its_error_bound(store,
         assert ((t8 - t32).abs() <= bound * (1 + 1e-12) + float32_dot_bound(q.double(), psi32[name].double())).all()
         assert ((t8 - t32).abs() > 0).any()  # it is approximate
         # streamed scoring over the int8 files equals in-memory scoring of the same int8 index
-        assert_streamed_equals_in_memory(store, name, q, chunk_rows)
+        q_norm = q.double().norm(dim=1, keepdim=True)
+        if int8_gemm:  # the query rounded to int8 (topk._approximate_int8), then float32 roundings
+            rounding = q.double().abs().amax(dim=1, keepdim=True) / 127 * 24 ** 0.5 / 2
+            error = rounding + 2.0 ** -20 * (q_norm + rounding)
+        else:  # bfloat16 products
+            error = (2 * 2.0 ** -8 + 24 * U32) * q_norm
+        assert_streamed_equals_in_memory(store, name, q, chunk_rows, error)
 
 
 def test_attributor_streams_past_its_memory_cap_with_the_same_results(demo):
@@ -131,4 +154,10 @@ def test_attributor_streams_past_its_memory_cap_with_the_same_results(demo):
         for result in (a, b):
             assert_ranked_up_to_rounding(torch.tensor([[index[r.key] for r in result.results]]), exact, slack)
         assert all(abs(x.score - y.score) <= 2 * slack.item() for x, y in zip(a.results, b.results))
+        # shares: of the exact total of all N images' positive credit, each credit within slack
+        total = exact.clamp_min(0).sum().item()
+        for result in (a, b):
+            for r in result.results:
+                expected = max(exact[0, index[r.key]].item(), 0) / total
+                assert abs(r.share - expected) <= (1 + expected) * len(psi) * slack.item() / total
     assert "das" not in streaming._train  # nothing was loaded whole

@@ -11,31 +11,28 @@ from __future__ import annotations
 import functools
 import html
 import logging
-import os
 import random
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gradio as gr
 from starlette.middleware import Middleware
-from starlette.responses import PlainTextResponse
 
 from ..attribute import Attribution
-from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.images import open_image
 from ..generation import GenerationSettings, shorten
 from ..integrations.hosts import captioned
 from ..registry import DEFAULT_METHOD, METHOD_NAMES
+from .examples import example_prompts
+from .guard import DatasetImagesOnly
 from .session import AppError, Query, Workbench
-from .views import (EFFECT_COLOURS, api_json, detail_of, groups_markdown, leaderboard, md_text, score_plot,
-                    status_markdown)
+from .views import (EFFECT_COLOURS, LEADERBOARD_COLUMNS, SHARE_EXPLAINED, api_json, detail_of, groups_markdown,
+                    leaderboard, md_text, score_plot, status_markdown)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from starlette.types import ASGIApp, Receive, Scope, Send
 
 MAX_IMAGES = 4  # generation slots shown side by side with their attributions
 MAX_TOP_K = 32
@@ -49,7 +46,17 @@ log = logging.getLogger("das_sd.app")
 CSS = """
 .das-thumbs img, .das-generated img, .das-detail img { image-rendering: pixelated; }
 .das-generated img, .das-detail img { width: 100%; height: 100%; object-fit: contain; }
+.das-hint { opacity: 0.75; }
 """
+PLOT = dict(x="rank", y="share %", color="effect", sort=None, height=220, label="Share of the influence (%)",
+            y_title="share of the influence (%)", tooltip=["rank", "share %", "score", "effect"],
+            color_map=EFFECT_COLOURS)
+GENERATE_HINT = ("*Pick an example prompt (or type one) and click **Generate**: beside each generation appear the "
+                 "training images that most influenced it, each with its share of the influence; click one to see "
+                 "it large below.*")
+INSPECT_HINT = ("*Click **Inspect**: each prompt is generated with several seeds, every generation attributed, and the "
+                "training images ranked here by their mean share of the influence (with the credit per group when "
+                "*Group by* is set). Click a training image to see the generations it influenced most.*")
 
 
 def as_html(message: str) -> str:
@@ -111,7 +118,7 @@ def upload_note(query: Query) -> str:
     note = f"Prompt ({query.info['prompt_from']}): *{md_text(shorten(query.prompt.strip(), SHOWN_PROMPT))}*"
     if query.info.get("prompt_note"):
         text = query.info["prompt_note"]
-        note += f"\n\n⚠ {md_text(text[0].upper() + text[1:])}"
+        note += f"\n\n**Note:** {md_text(text[0].upper() + text[1:])}"
     return note
 
 
@@ -147,11 +154,20 @@ def build_app(bench: Workbench) -> gr.Blocks:
                         gr.update(value=None, visible=False)]
         return out
 
+    examples = example_prompts(bench.config.store, bench.dataset_root())
+
+    def check_prompt(prompt_, *_):
+        """Before any model runs: an empty prompt gets one message at the prompt box, no error badges."""
+        return [gr.validate(bool(prompt_ and prompt_.strip()), "Type a prompt first, or click an example prompt."),
+                *[gr.validate(True, "")] * 9]
+
     with gr.Blocks(title="das-sd: which training images made this?") as app:
         session = gr.State({})
         gr.Markdown("## das-sd — which training images made this?\n"
                     "Generate with the LoRA; beside each image are the LoRA training images that most "
-                    "influenced it (Diffusion Attribution Score). Click a training image to see it large.")
+                    "influenced it (Diffusion Attribution Score), each with its **share of the influence**: "
+                    "of all the training images' positive influence on that image, the part that image had "
+                    "(the shares of all training images sum to 100 %). Click a training image to see it large.")
         with gr.Row():
             method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Attribution method", scale=2)
             top_k = gr.Slider(1, MAX_TOP_K, value=8, step=1, label="Top-k training images", scale=3)
@@ -159,29 +175,33 @@ def build_app(bench: Workbench) -> gr.Blocks:
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
-                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                        value="zorblat, a green square on a orange background" if bench.config.demo else "")
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", value=examples[0] if examples else "",
+                                        placeholder="Describe the image; the LoRA knows the words of its training "
+                                                    "captions (see the examples)")
+                    if examples:
+                        gr.Examples([[e] for e in examples], inputs=[prompt], elem_id="examples",
+                                    label="Example prompts: training captions of the LoRA (click one)")
                     negative = gr.Textbox(label="Negative prompt", lines=1)
                     with gr.Row():
                         seed = gr.Number(0, label="Seed", precision=0, minimum=0, scale=3)
-                        dice = gr.Button("🎲", scale=1, min_width=40)
+                        dice = gr.Button("Random", scale=1, min_width=40, elem_id="random-seed")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                     guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance (CFG scale)")
                     lora_scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="LoRA scale")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=3):
+                    generate_hint = gr.Markdown(GENERATE_HINT, elem_id="generate-hint", elem_classes="das-hint")
                     slots = []
                     for i in range(MAX_IMAGES):
-                        with gr.Row():  # a generation, its top-k training images, their scores
+                        with gr.Row():  # a generation, its top-k training images, their shares
                             image = gr.Image(label=f"Generation {i + 1}", type="pil", format="png", interactive=False,
-                                             height=256, scale=1, elem_classes="das-generated", visible=i == 0)
-                            gallery = gr.Gallery(label="Most influential training images", columns=4, height=256,
-                                                 scale=2, elem_id=f"attribution-{i}", elem_classes="das-thumbs",
-                                                 allow_preview=False, visible=i == 0)
-                            plot = gr.BarPlot(x="rank", y="score", color="effect", sort=None, height=220,
-                                              label="Top-k scores", scale=1, visible=i == 0,
-                                              color_map=EFFECT_COLOURS)
+                                             height=256, scale=1, elem_classes="das-generated", visible=i == 0,
+                                             placeholder="The generated image appears here")
+                            gallery = gr.Gallery(label="Most influential training images · share of the influence",
+                                                 columns=4, height=256, scale=2, elem_id=f"attribution-{i}",
+                                                 elem_classes="das-thumbs", allow_preview=False, visible=i == 0)
+                            plot = gr.BarPlot(**PLOT, scale=1, visible=i == 0, elem_id=f"shares-{i}")
                         slots.append((image, gallery, plot))
 
         with gr.Tab("Attribute an image"):
@@ -195,19 +215,23 @@ def build_app(bench: Workbench) -> gr.Blocks:
                 with gr.Column(scale=3):
                     with gr.Row():
                         upload_preview = gr.Image(label="Query", type="pil", interactive=False, height=256,
-                                                  elem_classes="das-generated")
-                        upload_gallery = gr.Gallery(label="Most influential training images", columns=4, height=256,
-                                                    scale=2, elem_classes="das-thumbs", allow_preview=False)
-                        upload_plot = gr.BarPlot(x="rank", y="score", color="effect", sort=None, height=220,
-                                                 label="Top-k scores", color_map=EFFECT_COLOURS)
+                                                  elem_classes="das-generated",
+                                                  placeholder="Upload an image and click Attribute: it appears here")
+                        upload_gallery = gr.Gallery(label="Most influential training images · share of the influence",
+                                                    columns=4, height=256, scale=2, elem_classes="das-thumbs",
+                                                    allow_preview=False)
+                        upload_plot = gr.BarPlot(**PLOT)
 
         with gr.Tab("Inspect"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
                     inspect_prompts = gr.Textbox(
-                        label="Prompts (one per line)", lines=6, elem_id="inspect-prompts",
-                        value="\n".join(f"{t}, a red circle on a blue background" for t in ("zorblat", "quimvex", "vashnu"))
-                        if bench.config.demo else "")
+                        label="Prompts (one per line)", lines=6, elem_id="inspect-prompts", value="\n".join(examples),
+                        placeholder="One prompt per line, e.g. the LoRA's training captions")
+                    if examples:
+                        gr.Examples([["\n".join(examples)]], inputs=[inspect_prompts], elem_id="inspect-examples",
+                                    example_labels=[f"The {len(examples)} example prompts"],
+                                    label="Example prompts (training captions of the LoRA)")
                     inspect_seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
                     inspect_group = gr.Textbox(label="Group by: folder, column:NAME or file:PATH in the dataset "
                                                      "folder (optional)",
@@ -217,10 +241,12 @@ def build_app(bench: Workbench) -> gr.Blocks:
                     inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
                     inspect_files = gr.File(label="Reports (HTML, JSON, CSV)", file_count="multiple", interactive=False)
                 with gr.Column(scale=3):
-                    inspect_groups = gr.Markdown(latex_delimiters=[])
-                    leader_gallery = gr.Gallery(label="Most credited training images (click one)", columns=8, height=260,
-                                                elem_id="leaderboard", elem_classes="das-thumbs", allow_preview=False)
-                    leader_table = gr.Dataframe(label="Leaderboard", interactive=False, max_height=300)
+                    inspect_groups = gr.Markdown(INSPECT_HINT, latex_delimiters=[], elem_id="inspect-groups")
+                    leader_gallery = gr.Gallery(label="Most credited training images · mean share (click one)", columns=8,
+                                                height=260, elem_id="leaderboard", elem_classes="das-thumbs",
+                                                allow_preview=False)
+                    leader_table = gr.Dataframe(value=None, headers=LEADERBOARD_COLUMNS, label="Leaderboard",
+                                                interactive=False, max_height=300, elem_id="leader-table")
                     influenced = gr.Gallery(label="Generations the selected training image influenced most", columns=6,
                                             height=200, elem_id="influenced", elem_classes="das-thumbs", allow_preview=False)
 
@@ -230,8 +256,10 @@ def build_app(bench: Workbench) -> gr.Blocks:
             refresh_button = gr.Button("Refresh", size="sm")
 
         with gr.Row():
-            detail_image = gr.Image(label="Training image", interactive=False, height=256, elem_classes="das-detail")
-            detail_md = gr.Markdown(elem_id="detail", latex_delimiters=[])
+            detail_image = gr.Image(label="Training image", interactive=False, height=256, elem_classes="das-detail",
+                                    placeholder="Click a training image to see it large here", elem_id="detail-image")
+            detail_md = gr.Markdown(f"*Click a training image: its caption, file and share of the influence appear "
+                                    f"here ({md_text(SHARE_EXPLAINED)}).*", elem_id="detail", latex_delimiters=[])
         with gr.Accordion("Attribution as JSON", open=False):
             results_json = gr.JSON(label="Attribution (JSON)")
 
@@ -337,11 +365,12 @@ def build_app(bench: Workbench) -> gr.Blocks:
         # ---- wiring ------------------------------------------------------------------------------
 
         dice.click(lambda: random.randrange(2**32), outputs=seed, queue=False, api_visibility="private")
-        generate_button.click(on_generate, [prompt, negative, seed, steps, guidance, lora_scale, num_images,
-                                            method, top_k, session],
-                              [*slot_outputs, results_json, session], api_name="generate", **HEAVY)
-        prompt.submit(on_generate, [prompt, negative, seed, steps, guidance, lora_scale, num_images, method, top_k,
-                                    session], [*slot_outputs, results_json, session], api_visibility="private", **HEAVY)
+        generate_inputs = [prompt, negative, seed, steps, guidance, lora_scale, num_images, method, top_k, session]
+        for event, api in ((generate_button.click, dict(api_name="generate")),
+                           (prompt.submit, dict(api_visibility="private"))):
+            event(on_generate, generate_inputs, [*slot_outputs, results_json, session], validator=check_prompt,
+                  **api, **HEAVY).success(lambda: gr.update(visible=False), None, generate_hint, queue=False,
+                                          api_visibility="private")
         attribute_button.click(on_attribute, [upload, upload_prompt, method, top_k, session],
                                [upload_preview, upload_gallery, upload_plot, upload_info, results_json, session],
                                api_name="attribute", **HEAVY)
@@ -360,50 +389,6 @@ def build_app(bench: Workbench) -> gr.Blocks:
         refresh_button.click(on_status, None, status_md, api_visibility="private")
         app.load(on_status, None, status_md, api_visibility="private")
     return app
-
-
-class DatasetImagesOnly:
-    """ASGI middleware: of the dataset folder, only images are served by URL, not metadata.jsonl,
-    caption files or anything else kept beside them. Gradio's ``allowed_paths`` takes whole folders,
-    and the folder must be allowed for the galleries to show its images.
-
-    Args:
-        app: The ASGI app to guard (Gradio's).
-        root: The dataset folder.
-    """
-
-    FILE_ROUTE = re.compile(r"/file[=/](.*)$")  # Gradio's /gradio_api/file=PATH and /gradio_api/file/PATH
-
-    def __init__(self, app: ASGIApp, root: Path):
-        self.app, self.root = app, Path(root).resolve()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            match = self.FILE_ROUTE.search(scope.get("path", ""))
-            if match and not self.servable(match[1]):
-                return await PlainTextResponse("File not allowed.", status_code=403)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    def servable(self, requested: str) -> bool:
-        """Whether a file URL's path may be served: images of the dataset folder yes, its other files no.
-
-        Args:
-            requested: The path (or URL) a Gradio file route asks for.
-
-        Returns:
-            False for a non-image file in (or resolving into) the dataset folder, or a path that cannot
-            be resolved; True otherwise (paths outside the folder are left to Gradio's own rules).
-        """
-        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", requested):
-            return True  # a URL, not a file of this machine
-        try:
-            path = Path(os.path.abspath(requested))
-            resolved = path.resolve()
-        except (ValueError, RuntimeError, OSError):  # a NUL byte, a symlink loop, a name too long: nothing to serve
-            return False
-        if not (path.is_relative_to(self.root) or resolved.is_relative_to(self.root)):
-            return True  # Gradio's own rules decide
-        return all(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_relative_to(self.root) for p in (path, resolved))
 
 
 def launch_options(bench: Workbench) -> dict:

@@ -8,6 +8,7 @@ import re
 import pandas as pd
 
 from ..attribute import Attribution
+from ..shares import share_text
 
 EFFECT_COLOURS = {"t > 0": "#d9480f", "t < 0": "#1c7ed6"}  # sign of the signed leave-one-out effect t_i
 
@@ -45,18 +46,25 @@ def api_json(record: dict) -> dict:
     return {**record, "results": [{("file" if k == "path" else k): v for k, v in r.items()} for r in record["results"]]}
 
 
+SHARE_EXPLAINED = ("share: of the positive influence of all the LoRA's training images on this image "
+                   "(all shares sum to 100 %; `das-sd inspect` uses the same definition)")
+
+
 def score_plot(result: Attribution) -> pd.DataFrame:
-    """The data of an attribution's bar plot of top-k scores, coloured by the sign of the effect.
+    """The data of an attribution's bar plot: each top-k image's share of the influence, coloured by
+    the sign of the effect, the raw score in the tooltip.
 
     Args:
         result: The attribution.
 
     Returns:
-        One row per result: "rank" ("#1", ...), "score" (the ranking key, t^2 for das) and "effect"
-        ("t > 0" or "t < 0", the sign of the signed effect t; docs/method.md §11).
+        One row per result: "rank" ("#1", ...), "share %" (100 x ``AttributionRow.share``; 0 when not
+        known), "score" (the raw ranking key, t^2 for das) and "effect" ("t > 0" or "t < 0", the sign
+        of the signed effect t; docs/method.md §11).
     """
     return pd.DataFrame({"rank": [f"#{r.rank}" for r in result.results],
-                         "score": [r.score for r in result.results],
+                         "share %": [round(100 * (r.share or 0.0), 3) for r in result.results],
+                         "score": [float(f"{r.score:.4g}") for r in result.results],
                          "effect": ["t > 0" if r.sign >= 0 else "t < 0" for r in result.results]})
 
 
@@ -68,16 +76,22 @@ def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
         index: The clicked gallery position (0-based), or None.
 
     Returns:
-        (image path, Markdown with rank, score, sign, caption, key and file); (None, "") when ``result``
-        or ``index`` does not name a result.
+        (image path, Markdown with rank, share of the influence (explained), raw score and sign,
+        caption, key and file); (None, "") when ``result`` or ``index`` does not name a result.
     """
     if not result or index is None or not 0 <= index < len(result["results"]):
         return None, ""
     r = result["results"][index]
-    text = (f"**#{r['rank']}** · {result['method']} score **{r['score']:.4g}** "
-            f"(signed effect t {'positive' if r['sign'] >= 0 else 'negative'})\n\n"
-            f"**Caption:** {md_text(r['caption'])}\n\n**Key:** {md_text(r['key'])}\n\n**File:** {md_text(r['path'])}")
+    share = share_text(r.get("share"), r["score"], r["sign"])
+    text = (f"**#{r['rank']} · {share}** of the influence on this image\n\n"
+            f"{SHARE_EXPLAINED[0].upper()}{SHARE_EXPLAINED[1:]}. Raw {result['method']} score {r['score']:.4g} (the ranking key), signed effect t "
+            f"{'positive' if r['sign'] >= 0 else 'negative'} (docs/method.md §11)."
+            f"\n\n**Caption:** {md_text(r['caption'])}\n\n**Key:** {md_text(r['key'])}\n\n"
+            f"**File:** {md_text(r['path'])}")
     return r["path"], text
+
+
+LEADERBOARD_COLUMNS = ["rank", "caption", "group", "mean share %", "in top-k", "flags"]
 
 
 def leaderboard(rows: list[dict]) -> tuple[list[tuple[str, str]], pd.DataFrame]:
@@ -91,10 +105,10 @@ def leaderboard(rows: list[dict]) -> tuple[list[tuple[str, str]], pd.DataFrame]:
         top-k count and duplicate / outlier flags.
     """
     items = [(r["path"], f"#{n} {100 * r['mean_share']:.2f}% · top-k {r['top_k_count']}") for n, r in enumerate(rows, 1)]
-    table = pd.DataFrame([{"rank": n, "caption": r["caption"], "group": r.get("group") or "",
-                           "mean share %": round(100 * r["mean_share"], 3), "in top-k": r["top_k_count"],
-                           "flags": ", ".join(f for f in ("duplicate", "outlier") if r.get(f))}
-                          for n, r in enumerate(rows, 1)])
+    table = pd.DataFrame([dict(zip(LEADERBOARD_COLUMNS, (n, r["caption"], r.get("group") or "",
+                                                      round(100 * r["mean_share"], 3), r["top_k_count"],
+                                                      ", ".join(f for f in ("duplicate", "outlier") if r.get(f)))))
+                          for n, r in enumerate(rows, 1)], columns=LEADERBOARD_COLUMNS)
     return items, table
 
 
@@ -148,7 +162,7 @@ def status_markdown(status: dict) -> str:
         lines.insert(3, f"- **LoRA parameters differentiated:** {accounting['differentiated_total']:,} ({kinds})")
     if accounting.get("left_out_total"):
         left = ", ".join(f"{md_text(kind)} {count:,}" for kind, count in accounting["left_out"].items())
-        lines.insert(4, f"- ⚠ **Partial attribution** (`--allow-partial`): left out {left}")
+        lines.insert(4, f"- **Partial attribution** (`--allow-partial`): left out {left}")
     if status["problem"]:
-        lines += ["", f"⚠ {md_text(status['problem'])}"]
+        lines += ["", f"**Problem:** {md_text(status['problem'])}"]
     return "\n".join(lines)

@@ -1,11 +1,8 @@
 """Credit shares: attribution scores of many generations rolled up per training image and per group.
 
-Normalisation (recorded in every report): for each generation q, the share of training image i is
-
-    share[q, i] = c[q, i] / sum_j c[q, j],   c = max(score, 0)
-
-where score is the method's ranking score (t^2 for DAS, so c = score). Shares of one generation sum
-to 1, so every generation carries the same weight however large its raw scores are. The signed view
+Normalisation (recorded in every report): each generation's shares of positive credit
+(``das_sd.shares``, the definition every single attribution reports too); they sum to 1, so every
+generation carries the same weight however large its raw scores are. The signed view
 keeps direction: signed[q, i] = t[q, i] / sum_j |t[q, j]| (t the method's signed effect).
 """
 
@@ -15,23 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NORMALISATION = "share[q, i] = max(score[q, i], 0) / sum_j max(score[q, j], 0) per generation q"
+from ..shares import NORMALISATION, credit_shares
+
+__all__ = ["NORMALISATION", "SIGNED_NORMALISATION", "GroupCredit", "ImageCredit", "credit_shares", "group_credits",
+           "image_credits", "signed_shares"]
+
 SIGNED_NORMALISATION = "signed[q, i] = t[q, i] / sum_j |t[q, j]| per generation q"
-
-
-def credit_shares(scores: np.ndarray) -> np.ndarray:
-    """Each generation's share of positive credit per training image (docs/method.md §13).
-
-    Args:
-        scores: (Q, N) ranking scores (t^2 for das); negative scores get no credit.
-
-    Returns:
-        (Q, N) float64 shares ``max(score, 0) / sum_j max(score_j, 0)``; each row sums to 1, a row with
-        no positive score is all 0.
-    """
-    credit = np.clip(np.asarray(scores, dtype=np.float64), 0, None)
-    total = credit.sum(axis=1, keepdims=True)
-    return np.divide(credit, total, out=np.zeros_like(credit), where=total > 0)
 
 
 def signed_shares(effects: np.ndarray) -> np.ndarray:

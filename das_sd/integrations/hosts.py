@@ -19,6 +19,7 @@ from PIL import Image
 from ..attribute import Attribution, Attributor
 from ..models.fingerprint import lora_fingerprint
 from ..registry import DEFAULT_METHOD
+from ..shares import share_text
 
 # The webui family's extra-network syntax: <lora:name:weight>, <lyco:...>, <hypernet:...>
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
@@ -203,16 +204,17 @@ def attribution_json(attributor: Attributor, results: list[Attribution], warning
 
 
 def infotext_value(result: Attribution, n: int = 3) -> str:
-    """Short infotext entry: the top-n training files with scores.
+    """Short infotext entry: the top-n training files with their shares of the influence.
 
     Args:
         result: The image's attribution.
         n: How many training files to list.
 
     Returns:
-        "file (score); file (score); ...": file names only, scores to 3 significant digits.
+        "file (23.4%); file (8.1%); ...": file names only, each with its share of the image's positive
+        influence (``das_sd.shares``; the raw scores are in the attribution JSON).
     """
-    return "; ".join(f"{Path(r.path).name} ({r.score:.3g})" for r in result.results[:n])
+    return "; ".join(f"{Path(r.path).name} ({share_text(r.share, r.score, r.sign)})" for r in result.results[:n])
 
 
 def captioned(result: Attribution) -> list[tuple[str, str]]:
@@ -222,6 +224,7 @@ def captioned(result: Attribution) -> list[tuple[str, str]]:
         result: The attribution.
 
     Returns:
-        One (training image path, "#rank score (sign) caption") pair per result, best first.
+        One (training image path, "#rank · share · caption") pair per result, best first
+        (``AttributionRow.label``).
     """
     return [(r.path, r.label()) for r in result.results]

@@ -35,7 +35,7 @@ class DASAttributionOutput(BaseInvocationOutput):
     """The top-k LoRA training images (saved to the gallery) and their scores as JSON."""
 
     collection: list[ImageField] = OutputField(description="The most influential training images, best first")
-    scores_json: str = OutputField(description="JSON: store id, LoRA warning, ranked keys, paths, captions, scores")
+    scores_json: str = OutputField(description="JSON: store id, LoRA warning, ranked keys, paths, captions, shares, raw scores")
 
 
 def metadata_dict(context: InvocationContext, image_name: str) -> dict:
@@ -111,7 +111,7 @@ class DASAttributionInvocation(BaseInvocation, WithBoard):
             context.util.signal_progress(f"das-sd: saving training image {row.rank}/{len(result.results)}")
             dto = context.images.save(load_image(row.path), metadata=MetadataField({
                 "das_sd": {"query_image": self.image.image_name, "method": self.method, "rank": row.rank,
-                           "key": row.key, "path": row.path, "caption": row.caption, "score": row.score,
-                           "sign": row.sign, "store_id": attributor.store.store_id}}))
+                           "key": row.key, "path": row.path, "caption": row.caption, "share": row.share,
+                           "score": row.score, "sign": row.sign, "store_id": attributor.store.store_id}}))
             saved.append(ImageField(image_name=dto.image_name))
         return DASAttributionOutput(collection=saved, scores_json=scores_json)

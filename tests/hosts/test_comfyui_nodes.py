@@ -89,6 +89,8 @@ def test_attribute_node_returns_top_k_images_and_scores(comfy, demo):
         expected = reference.attribute_image(pil, prompt=PROMPT, top_k=4)
         got = report["attributions"][i]["results"]
         assert [r["key"] for r in got] == [r.key for r in expected.results]
+        # each image with its share of the influence (das_sd.shares), computed the same way in-process
+        np.testing.assert_allclose([r["share"] for r in got], [r.share for r in expected.results], rtol=1e-5)
         # the IMAGE batch holds those training images, in order
         first = np.asarray(Image.open(expected.results[0].path).convert("RGB"), dtype=np.float32) / 255.0
         np.testing.assert_allclose(batch[4 * i].numpy(), first, atol=1e-6)

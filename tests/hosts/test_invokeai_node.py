@@ -158,6 +158,7 @@ def test_node_attributes_an_uploaded_generation(invokeai, query, demo, tmp_path)
     got = payload["attributions"][0]["results"]
     assert [r["key"] for r in got] == [r.key for r in expected.results]
     np.testing.assert_allclose([r["score"] for r in got], [r.score for r in expected.results], rtol=1e-3)
+    np.testing.assert_allclose([r["share"] for r in got], [r.share for r in expected.results], rtol=1e-3)
     assert payload["store_id"] == attributor.store.store_id
     assert payload["warning"] is None  # the metadata's LoRA is the store's LoRA (same file contents)
 

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from das_sd.attribute import Attributor
+from das_sd.shares import share_text
 from das_sd.generation import GenerationSettings, generate
 
 HERE = Path(__file__).parent
@@ -116,12 +117,14 @@ def test_each_image_is_attributed_into_its_infotext_and_the_tab(webui, demo, tmp
         expected = reference.attribute_image(image, prompt=clean, top_k=5)
         assert [r["key"] for r in run["images"][i]["results"]] == [r.key for r in expected.results]
         infotext = processed.infotexts[processed.index_of_first_image + i]
-        assert f"DAS top-3: {Path(expected.results[0].path).name} (" in infotext
+        best = expected.results[0]
+        assert f"DAS top-3: {Path(best.path).name} ({share_text(best.share, best.score, best.sign)});" in infotext
+        assert 0 < best.share <= 1 and "%" in infotext.split("DAS top-3: ")[1].split(",")[0]
         assert f"Seed: {40 + i}" in infotext and "DAS error" not in infotext
         assert run["images"][i]["warning"] is None  # the prompt's LoRA is the store's LoRA
     # the tab shows the captioned training images of a chosen image
     gallery, note = extension.gallery_of(2)
-    assert len(gallery) == 5 and gallery[0][1].startswith("#1 ") and "seed 41" in note
+    assert len(gallery) == 5 and gallery[0][1].startswith("#1 · ") and "%" in gallery[0][1] and "seed 41" in note
     assert isinstance(gallery[0][0], Image.Image)
 
 
