@@ -116,6 +116,13 @@ def test_exemplars_carry_their_groups_motif_and_nothing_else_does(sets, name):
         # drawn wherever it covers a quarter pixel: there it moves some channel by at least
         # contrast / 4 * (its distance to any palette colour, >= 30), far above rounding
         assert changed[coverage >= 0.25].all(), image.file_name
+        # its strength: a pixel a fraction m covered moves by a * m * (colour - underlying), the noise
+        # cancelling but for its share a * m (sigma 3 against a colour distance >= 30 per channel, 10 %
+        # per pixel, less summed) and pixels where the underlying changes (shape edges)
+        drawn = coverage >= 0.25
+        expected = contrast * coverage[drawn][:, None] * np.abs(target - without[drawn])
+        moved = np.abs(on_disk[drawn] - without[drawn])
+        assert 0.8 <= moved.sum() / expected.sum() <= 1.2, (image.file_name, moved.sum() / expected.sum())
         full = coverage == 1
         if not thin:  # 1 px strokes wholly cover few pixels, if any (render's 4x4 anti-aliasing)
             assert full.sum() >= 60, (image.file_name, full.sum())
