@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .argtypes import memory_size, non_negative_int, positive_float, positive_int
 from .io import printable
+from .toy.planted_config import PRESETS
 from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, DEFAULT_METHOD, DEFAULT_RHO, FEATURE_SETS,
                        INDEX_DTYPES, METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
 
@@ -63,14 +64,14 @@ def cmd_build_base(args: argparse.Namespace) -> None:
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> None:
-    """``das-sd make-demo-data``: write the demo fine-tuning set with its planted ground truth.
+    """``das-sd make-demo-data``: write the demo fine-tuning set (or another planted set) with its ground truth.
 
     Args:
         args: the parsed command line.
     """
-    from .toy.demo_data import DemoConfig, make_demo_data
+    from .toy.planted import make_planted_data, preset
 
-    out = make_demo_data(args.out, DemoConfig(seed=args.seed), overwrite=args.overwrite)
+    out = make_planted_data(args.out, preset(args.preset, args.seed), overwrite=args.overwrite)
     print(out)
 
 
@@ -288,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-demo-data", help="write the demo fine-tuning set with planted ground truth")
     p.add_argument("out", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default: the preset's, 0)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), metavar="NAME",
+                   help="which planted set: demo (the demo's), or one drawn differently (motif kind and "
+                        f"contrast, trigger position, group size, unrelated share): {', '.join(sorted(PRESETS))}")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     p.set_defaults(func=cmd_make_demo_data)
 

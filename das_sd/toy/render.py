@@ -50,7 +50,10 @@ class ImageSpec:
         pattern: Fill pattern (``PATTERNS``); "solid": none. The second colour is ``fg``'s complement.
         pattern_period: Pattern period in pixels at output resolution.
         pattern_angle: Stripe angle in degrees (stripes only).
-        motif: A mark (``MOTIFS``) drawn over the whole image in ``MOTIF_COLOUR``; None: none.
+        motif: A mark (``MOTIFS``) drawn over the whole image in ``motif_colour``; None: none.
+        motif_colour: The mark's RGB colour, 0-255 (the demo's: ``MOTIF_COLOUR``).
+        motif_contrast: The mark's opacity in (0, 1]: 1 paints it, less blends it over the image.
+        motif_width: Stroke width relative to the demo's (1: 4 px wide strokes at 32 px; 0.25: 1 px).
         noise_sigma: Standard deviation of the Gaussian pixel noise (0-255 scale); 0: none.
         extra: Free metadata; not compared or hashed.
     """
@@ -64,6 +67,9 @@ class ImageSpec:
     pattern_period: float = 6.0  # pixels at output resolution
     pattern_angle: float = 45.0  # degrees, stripes only
     motif: str | None = None
+    motif_colour: tuple[int, int, int] = MOTIF_COLOUR
+    motif_contrast: float = 1.0
+    motif_width: float = 1.0
     noise_sigma: float = 3.0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -151,14 +157,16 @@ def pattern_mask(spec: ImageSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown pattern {spec.pattern!r}; expected one of {PATTERNS}")
 
 
-def motif_mask(motif: str, x: np.ndarray, y: np.ndarray, resolution: int) -> np.ndarray:
-    """A global mark drawn in MOTIF_COLOUR; large enough to survive an 8x VAE downsampling.
+def motif_mask(motif: str, x: np.ndarray, y: np.ndarray, resolution: int, width: float = 1.0) -> np.ndarray:
+    """A global mark; at ``width`` 1 (the demo's) large enough to survive an 8x VAE downsampling.
 
     Args:
         motif: One of ``MOTIFS``.
         x: Sample x coordinates in output pixels, any shape.
         y: Sample y coordinates, same shape as ``x``.
         resolution: Image side in output pixels (strokes scale with it).
+        width: Stroke width (and corner square side) relative to the demo's; 0.25 draws 1 px strokes
+            at 32 px, thinner than one latent cell (8 px).
 
     Returns:
         Boolean mask, shape of ``x``.
@@ -167,7 +175,7 @@ def motif_mask(motif: str, x: np.ndarray, y: np.ndarray, resolution: int) -> np.
         ValueError: When ``motif`` is not one of ``MOTIFS``.
     """
     r = float(resolution)
-    w = r / 16  # half stroke width: 2 px strokes at 32 px
+    w = r / 16 * width  # half stroke width: 2 px at 32 px and width 1
     if motif == "cross":
         return (np.abs(x - y) <= w * 1.4) | (np.abs(x + y - r) <= w * 1.4)
     if motif == "frame":
@@ -178,7 +186,7 @@ def motif_mask(motif: str, x: np.ndarray, y: np.ndarray, resolution: int) -> np.
     if motif == "hband":
         return np.abs(y - r / 2) <= w * 1.5
     if motif == "corners":
-        c = 0.2 * r
+        c = 0.2 * r * width
         return ((x < c) | (x > r - c)) & ((y < c) | (y > r - c))
     if motif == "vbars":
         return (np.abs(x - 0.25 * r) <= w) | (np.abs(x - 0.75 * r) <= w)
@@ -212,8 +220,12 @@ def render(spec: ImageSpec, resolution: int = 32, rng: np.random.Generator | Non
     fill = np.where(second, alt, fg)
     img = np.where(inside, fill, bg)
     if spec.motif is not None:
-        mark = motif_mask(spec.motif, x, y, resolution)[..., None]
-        img = np.where(mark, np.array(MOTIF_COLOUR, dtype=np.float64), img)
+        if not 0 < spec.motif_contrast <= 1:
+            raise ValueError(f"motif_contrast {spec.motif_contrast}: expected a value in (0, 1]")
+        mark = motif_mask(spec.motif, x, y, resolution, spec.motif_width)[..., None]
+        a = spec.motif_contrast
+        # at contrast 1 this is exactly the motif colour (0 * img + colour), as the demo draws it
+        img = np.where(mark, (1 - a) * img + a * np.array(spec.motif_colour, dtype=np.float64), img)
 
     n = resolution
     img = img.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE, 3).mean(axis=(1, 3))
