@@ -1,8 +1,8 @@
 """SDXL LoRA files as kohya's sd-scripts writes them (``sdxl_train_network``): UNet layers named by the original
 SGM module paths (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), both text encoders
 (``lora_te1_`` / ``lora_te2_``), per-layer ranks and alphas; on a pipeline with SDXL base's block layout
-at reduced widths. The SGM names are written here from a table typed out by hand for SDXL's layout, not
-from das-sd's derivation."""
+at reduced widths. The SGM names are written from a table typed out by hand for SDXL's layout
+(tests/sgm_layout.py), not from das-sd's derivation."""
 
 from __future__ import annotations
 
@@ -12,54 +12,17 @@ from safetensors.torch import load_file, save_file
 
 from das_sd.models.loading import ModelError, export_lora, load_lora, load_pipeline
 from sd_layouts import save_pipeline, sd_pipeline, sdxl_pipeline
+from sgm_layout import sgm_name
 from tolerances import ALGEBRAIC_RTOL, relative_error
 
 pytestmark = pytest.mark.numerics
 
-# SDXL base's original UNet blocks, by hand: level 0 (no attention) is input_blocks 1-2 with its
-# downsampler in 3; level 1 is 4-5 (ResNet .0, transformer .1), downsampler 6; level 2 is 7-8; the
-# middle block is ResNet, transformer, ResNet; output_blocks 0-2 and 3-5 are the attention levels (the
-# upsampler after the transformer: .2.conv), 6-8 the level without attention.
-SGM_BLOCKS = {
-    "down_blocks.0.resnets.0": "input_blocks.1.0", "down_blocks.0.resnets.1": "input_blocks.2.0",
-    "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
-    "down_blocks.1.resnets.0": "input_blocks.4.0", "down_blocks.1.attentions.0": "input_blocks.4.1",
-    "down_blocks.1.resnets.1": "input_blocks.5.0", "down_blocks.1.attentions.1": "input_blocks.5.1",
-    "down_blocks.1.downsamplers.0.conv": "input_blocks.6.0.op",
-    "down_blocks.2.resnets.0": "input_blocks.7.0", "down_blocks.2.attentions.0": "input_blocks.7.1",
-    "down_blocks.2.resnets.1": "input_blocks.8.0", "down_blocks.2.attentions.1": "input_blocks.8.1",
-    "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-    "mid_block.resnets.1": "middle_block.2",
-    "up_blocks.0.resnets.0": "output_blocks.0.0", "up_blocks.0.attentions.0": "output_blocks.0.1",
-    "up_blocks.0.resnets.1": "output_blocks.1.0", "up_blocks.0.attentions.1": "output_blocks.1.1",
-    "up_blocks.0.resnets.2": "output_blocks.2.0", "up_blocks.0.attentions.2": "output_blocks.2.1",
-    "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
-    "up_blocks.1.resnets.0": "output_blocks.3.0", "up_blocks.1.attentions.0": "output_blocks.3.1",
-    "up_blocks.1.resnets.1": "output_blocks.4.0", "up_blocks.1.attentions.1": "output_blocks.4.1",
-    "up_blocks.1.resnets.2": "output_blocks.5.0", "up_blocks.1.attentions.2": "output_blocks.5.1",
-    "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
-    "up_blocks.2.resnets.0": "output_blocks.6.0", "up_blocks.2.resnets.1": "output_blocks.7.0",
-    "up_blocks.2.resnets.2": "output_blocks.8.0",
-    "conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2",
-}
-RESNET = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
-          "conv_shortcut": "skip_connection"}
 # kohya's SDXL defaults (transformer linears) with LoCon's ResNet and sampler convs, and the embeddings
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv", "conv_in",
                 "conv_out", "time_embedding.linear_1", "add_embedding.linear_2")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 KOHYA_TEXT = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-
-
-def sgm_name(path: str) -> str:
-    """The original module path of a diffusers UNet module of the SDXL layout, by the hand table."""
-    block = max((b for b in SGM_BLOCKS if path == b or path.startswith(b + ".")), key=len)
-    rest = path[len(block) + 1:]
-    if ".resnets." in block:
-        rest = RESNET[rest]
-    return SGM_BLOCKS[block] + ("." + rest if rest else "")
 
 
 @pytest.fixture(scope="module")
