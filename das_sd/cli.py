@@ -128,7 +128,7 @@ def cmd_export_lora(args: argparse.Namespace) -> None:
     """
     from .models.loading import export_lora
 
-    print(export_lora(args.lora, args.to, args.out))
+    print(export_lora(args.lora, args.to, args.out, base=args.base))
 
 
 def cmd_featurize(args: argparse.Namespace) -> None:
@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", required=True)
     p.add_argument("--to", choices=["kohya", "peft"], default="kohya")
     p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--base", default=None,
+                   help="the LoRA's base pipeline folder: an SDXL base gives kohya files sd-scripts' SDXL names "
+                        "(default: the base the LoRA's lora_record.json names, else told from its parts)")
     p.set_defaults(func=cmd_export_lora)
     return parser
 

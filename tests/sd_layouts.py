@@ -71,18 +71,22 @@ def sdxl_unet(width: int = 32, text_dims: tuple[int, int] = (32, 32), pooled_dim
         projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim, norm_num_groups=8)
 
 
-def sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionXLPipeline:
+def sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0, text_widths: tuple[int, int] = (32, 32)
+                  ) -> StableDiffusionXLPipeline:
     """A whole SDXL-layout pipeline around ``sdxl_unet``: CLIP ViT-L-style text encoder (quick_gelu)
-    and a bigG-style CLIPTextModelWithProjection (gelu, projected pooled embedding), an SD-layout VAE
-    (SDXL's VAE has SD's layout) with SDXL's scaling factor, the embedded tokenizer for both, and
-    SDXL's Euler scheduler with SD's training schedule."""
+    and a bigG-style CLIPTextModelWithProjection (gelu, projected pooled embedding), of ``text_widths``
+    (SDXL: 768, 1280; single files need them to differ, as diffusers tells the encoders apart by width),
+    an SD-layout VAE (SDXL's VAE has SD's layout) with SDXL's scaling factor, the embedded tokenizer
+    for both, and SDXL's Euler scheduler with SD's training schedule."""
     torch.manual_seed(seed)
-    unet = sdxl_unet()
-    common = dict(vocab_size=566, bos_token_id=564, eos_token_id=565, pad_token_id=565, hidden_size=32,
-                  intermediate_size=64, num_attention_heads=4, max_position_embeddings=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**common, num_hidden_layers=2, hidden_act="quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, num_hidden_layers=3, hidden_act="gelu",
-                                                                projection_dim=32))
+    unet = sdxl_unet(text_dims=text_widths)
+    common = dict(vocab_size=566, bos_token_id=564, eos_token_id=565, pad_token_id=565,
+                  num_attention_heads=4, max_position_embeddings=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**common, hidden_size=text_widths[0], intermediate_size=2 * text_widths[0],
+                                                num_hidden_layers=2, hidden_act="quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        **common, hidden_size=text_widths[1], intermediate_size=2 * text_widths[1], num_hidden_layers=3,
+        hidden_act="gelu", projection_dim=32))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=16, scaling_factor=0.13025, force_upcast=True)

@@ -3,7 +3,8 @@ load offline wherever a base model is taken: the same UNet, VAE and text-encoder
 diffusers pipeline they were written from, `das-sd generate` and `das-sd featurize` on them, a store
 identity naming the file's hash. The family is told from the header (full-size headers checked on
 sparse files); SD 2.x's prediction type from metadata, an A1111 yaml or the environment, never guessed.
-Pickles, SDXL and other models are refused naming the file."""
+Pickles, SDXL refiners and other models are refused naming the file (SDXL base files:
+test_single_file_sdxl.py)."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def test_generate_and_featurize_take_a_single_file_and_the_store_names_its_hash(
     Attributor(store, device="cpu")
 
 
-def test_pickles_sdxl_and_other_files_are_refused_naming_the_file(tmp_path, capsys):
+def test_pickles_sdxl_refiners_and_other_files_are_refused_naming_the_file(tmp_path, capsys):
     cases = {"model.ckpt": (b"\x80\x04K\x01.", "pickled checkpoints are never loaded.*safetensors"),
              "model.pt": (b"\x80\x04K\x01.", "pickled"),
              "garbage.safetensors": (b"x" * 16, "not a readable single-file checkpoint")}
@@ -162,8 +163,12 @@ def test_pickles_sdxl_and_other_files_are_refused_naming_the_file(tmp_path, caps
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ModelError, match=f"^{tmp_path / name}: {message}"):
             resolve_base(tmp_path / name)
-    headers = {"sdxl": ({"conditioner.embedders.1.model.ln_final.weight": [1280],
-                         "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]}, "SDXL is not supported yet"),
+    headers = {"refiner": ({"conditioner.embedders.0.model.ln_final.weight": [1280],
+                            "model.diffusion_model.input_blocks.0.0.weight": [384, 4, 3, 3]}, "an SDXL refiner"),
+               "sdxl-novae": ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": [768],
+                               "conditioner.embedders.1.model.ln_final.weight": [1280],
+                               "model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3]},
+                              r"an SDXL checkpoint without VAE weights \(first_stage_model\.\*\)"),
                "inpaint": ({"model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3],
                             "first_stage_model.encoder.conv_in.weight": [128, 3, 3, 3],
                             "cond_stage_model.transformer.text_model.final_layer_norm.weight": [768]}, "9 input channels"),
@@ -275,15 +280,17 @@ def test_full_size_headers_pick_the_shipped_configs(full_size, tmp_path, monkeyp
 def test_shipped_configs_are_the_published_architectures(tmp_path):
     """Regenerated from single_file_configs equal the shipped files; at full size the models have the
     published parameter counts (SD 1.5: UNet 859.5 M, VAE 83.7 M, CLIP ViT-L text 123.1 M; SD 2.x: UNet
-    865.9 M, OpenCLIP ViT-H text up to its penultimate layer 340.4 M)."""
+    865.9 M, OpenCLIP ViT-H text up to its penultimate layer 340.4 M; SDXL base: UNet 2,567.5 M, VAE
+    83.7 M, CLIP ViT-L 123.1 M, OpenCLIP ViT-bigG with projection 694.7 M)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def strip(data: dict) -> dict:
         return {k: v for k, v in data.items() if k not in ("_diffusers_version", "transformers_version")}
 
     counts = {"sd1": (859_520_964, 83_653_863, 123_060_480), "sd2-768-v": (865_910_724, 83_653_863, 340_387_840),
-              "sd2-512-base": (865_910_724, 83_653_863, 340_387_840)}
+              "sd2-512-base": (865_910_724, 83_653_863, 340_387_840),
+              "sdxl": (2_567_463_684, 83_653_863, 123_060_480, 694_659_840)}
     for family in FAMILIES:
         fresh = write_configs(tmp_path / family, family)
         shipped = shipped_config(family)
@@ -295,6 +302,8 @@ def test_shipped_configs_are_the_published_architectures(tmp_path):
             models = (UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(shipped / "unet")),
                       AutoencoderKL.from_config(AutoencoderKL.load_config(shipped / "vae")),
                       CLIPTextModel(CLIPTextConfig.from_pretrained(shipped / "text_encoder")))
+            if (shipped / "text_encoder_2").is_dir():
+                models += (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(shipped / "text_encoder_2")),)
         assert tuple(sum(p.numel() for p in m.parameters()) for m in models) == counts[family]
 
 

@@ -5,7 +5,8 @@ LoRA formats (read and refused in ``lora_files``, their layers read in ``lora_we
   ``lora.down/lora.up``) keys, as written by ``save_lora_weights`` and diffusers' training scripts;
   diffusers' own ``load_lora_weights`` loads them with the adapter config the file records;
 - peft: ``adapter_model.safetensors`` (+ ``adapter_config.json``) with ``base_model.model.*`` keys;
-- kohya / A1111: ``lora_unet_*.lora_down/lora_up/alpha`` keys, as written by sd-scripts.
+- kohya / A1111: ``lora_unet_*.lora_down/lora_up/alpha`` keys, as written by sd-scripts (SDXL files name
+  UNet layers by the original SGM paths, ``lora_unet_input_blocks_*``: see ``sgm_names``).
 Kohya and peft files are converted here, each layer keeping its own rank and its alpha / rank scale, and
 loaded with a peft config that names every layer. After loading, the LoRA weights peft holds are counted
 against the file's: a LoRA that loads only part of its file is refused. Only safetensors are read:
@@ -32,6 +33,7 @@ from .lora_export import export_lora, to_kohya, to_peft  # noqa: F401
 from .lora_files import (LORA_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, layer_name, lora_file_format,  # noqa: F401
                          lora_format, lora_weight_elements, read_lora, resolve_lora_file)
 from .lora_weights import kohya_layers, peft_layers, resolve_kohya_names
+from .sgm_names import sgm_aliases, uses_sgm_names
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -261,7 +263,11 @@ def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str
             if fmt == "kohya":
                 modules = {name: [n for n, _ in getattr(pipe, name).named_modules()]
                            for name in LORA_MODELS if getattr(pipe, name, None) is not None}
-                layers = resolve_kohya_names(kohya_layers(state), modules)
+                layers = kohya_layers(state)
+                # sd-scripts names SDXL UNet layers by the original (SGM) module paths
+                aliases = ({"unet": sgm_aliases(pipe.unet)}
+                           if uses_sgm_names([n for m, n in layers if m == "unet"]) else None)
+                layers = resolve_kohya_names(layers, modules, aliases)
             else:
                 config_file = file.parent / "adapter_config.json"
                 layers = peft_layers(state, json.loads(config_file.read_text()) if config_file.is_file() else None)

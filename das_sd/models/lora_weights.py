@@ -198,38 +198,53 @@ def kohya_layers(state: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], Lor
             for layer, (down, up) in _pairs(halves).items()}
 
 
-def resolve_kohya_names(layers: Mapping[tuple[str, str], LoraLayerWeights], modules: Mapping[str, Iterable[str]]
+def resolve_kohya_names(layers: Mapping[tuple[str, str], LoraLayerWeights], modules: Mapping[str, Iterable[str]],
+                        aliases: Mapping[str, Mapping[str, str]] | None = None
                         ) -> dict[tuple[str, str], LoraLayerWeights]:
     """kohya layer names -> the module paths of the models they belong to.
 
-    kohya names a layer by its module path with "_" for "." (``lora_unet_down_blocks_0_attentions_0_proj_in``);
-    the model's own module names are matched exactly, so no layer lands on a guessed module.
+    kohya names a layer by its module path with "_" for "." (``lora_unet_down_blocks_0_attentions_0_proj_in``;
+    sd-scripts' SDXL files by the original UNet's paths, ``lora_unet_input_blocks_4_1_...``, given as
+    ``aliases``); the names are matched exactly, so no layer lands on a guessed module.
 
     Args:
         layers: ``kohya_layers`` of a file.
         modules: Model ("unet", "text_encoder") -> its module paths; text-encoder layers are keyed
             ``text_model.*`` whatever the transformers layout.
+        aliases: Model -> {another path of a module (``sgm_names.sgm_aliases``): its module path}.
 
     Returns:
         (model, module path) -> the layer.
 
     Raises:
-        ModelError: Naming a few layers that match no module (or several) of the models.
+        ModelError: Naming a few layers that match no module (or several) of the models, or two
+            layers of the file that name the same module.
     """
     lookup: dict[tuple[str, str], str | None] = {}
+
+    def add(model: str, spelling: str, canonical: str) -> None:
+        key = (model, spelling.replace(".", "_"))
+        lookup[key] = canonical if lookup.get(key, canonical) == canonical else None  # None: ambiguous
+
     for model, names in modules.items():
         for name in names:
             canonical = name if model == "unet" or name.startswith("text_model.") else f"text_model.{name}"
             for spelling in {name, canonical}:
-                key = (model, spelling.replace(".", "_"))
-                lookup[key] = canonical if lookup.get(key, canonical) == canonical else None  # None: ambiguous
-    resolved, unknown = {}, []
+                add(model, spelling, canonical)
+    for model, table in (aliases or {}).items():
+        for alias, name in table.items():
+            add(model, alias, name)
+    resolved, unknown, names = {}, [], {}
     for (model, name), layer in layers.items():
         module = lookup.get((model, name))
+        kohya_name = next(p for p, m in KOHYA_MODELS.items() if m == model) + name
         if module is None:
-            unknown.append(next(p for p, m in KOHYA_MODELS.items() if m == model) + name)
+            unknown.append(kohya_name)
+        elif (model, module) in resolved:
+            raise ModelError(f"kohya layers {names[(model, module)]} and {kohya_name} both name the {model}'s "
+                             f"layer {module!r}")
         else:
-            resolved[(model, module)] = layer
+            resolved[(model, module)], names[(model, module)] = layer, kohya_name
     if unknown:
         raise ModelError(f"{len(unknown)} of its {len(layers)} kohya layers name no layer of this pipeline "
                          f"(e.g. {', '.join(unknown[:3])}): the LoRA was made for another model layout")

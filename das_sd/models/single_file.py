@@ -1,20 +1,22 @@
-"""Single-file SD 1.x / 2.x checkpoints (A1111 / Forge / ComfyUI ``.safetensors``), loaded offline.
+"""Single-file SD 1.x / 2.x and SDXL checkpoints (A1111 / Forge / ComfyUI ``.safetensors``), loaded offline.
 
-A single file holds the original (CompVis LDM) weights of the UNet (``model.diffusion_model.*``), the
-VAE (``first_stage_model.*``) and the text encoder (``cond_stage_model.*``), without configs and
-without the tokenizer. das-sd loads it through diffusers' ``from_single_file`` with ``config=`` a
+A single file holds the original (CompVis LDM / SGM) weights of the UNet (``model.diffusion_model.*``),
+the VAE (``first_stage_model.*``) and the text encoder (``cond_stage_model.*``; SDXL's two:
+``conditioner.embedders.0.transformer.*``, CLIP, and ``conditioner.embedders.1.model.*``, OpenCLIP),
+without configs and without the tokenizers. das-sd loads it through diffusers' ``from_single_file`` with ``config=`` a
 local folder, which makes no hub call:
 
 - the family comes from the file's header (key names and shapes, no tensor read): CLIP keys
   (``cond_stage_model.transformer.*``, 768-wide cross-attention) are SD 1.x, OpenCLIP keys
-  (``cond_stage_model.model.*``, 1024 wide) SD 2.x; SDXL, inpainting and other UNets are refused;
+  (``cond_stage_model.model.*``, 1024 wide) SD 2.x, both ``conditioner.embedders`` SDXL base; SDXL
+  refiners, inpainting and other UNets are refused;
 - the component configs are the ones das-sd ships (das_sd/models/single_file_configs.py), unless a
   folder is given (``config=`` or ``$DAS_SD_SINGLE_FILE_CONFIG``) for another architecture;
 - the prediction type (the weights cannot tell SD 2.x's 768 v-prediction models from its 512-base
   epsilon ones): ``$DAS_SD_PREDICTION_TYPE``, else the given config folder's scheduler, else the
   file's ModelSpec metadata (``modelspec.prediction_type`` / ``modelspec.architecture``), else an
-  A1111 config ``<file>.yaml`` beside it (``parameterization: "v"``); SD 1.x defaults to epsilon and
-  an SD 2.x file with none of these is refused rather than guessed;
+  A1111 config ``<file>.yaml`` beside it (``parameterization: "v"``); SD 1.x and SDXL default to
+  epsilon and an SD 2.x file with none of these is refused rather than guessed;
 - the tokenizer (the CLIP BPE vocabulary, which das-sd does not ship): ``tokenizer=`` or
   ``$DAS_SD_TOKENIZER`` (a folder with a CLIPTokenizer, used as it is), else the given config
   folder's ``tokenizer/``, else the Hugging Face cache (``local_files_only``), else a ModelError that
@@ -42,7 +44,7 @@ from .tokenizer import CLIP_VOCAB_SIZE, resolve_tokenizer
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -50,6 +52,8 @@ CONFIG_ENV, PREDICTION_ENV = "DAS_SD_SINGLE_FILE_CONFIG", "DAS_SD_PREDICTION_TYP
 
 _UNET = "model.diffusion_model."
 _CLIP, _OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+_SDXL = "conditioner.embedders."
+_SDXL_CLIP, _SDXL_OPEN_CLIP = _SDXL + "0.transformer.", _SDXL + "1.model."
 
 
 def names_single_file(path: Path) -> bool:
@@ -97,15 +101,16 @@ def detect_family(shapes: Mapping[str, list[int]]) -> str:
         shapes: Tensor name -> shape (``read_header``).
 
     Returns:
-        "sd1" (CLIP ViT-L text encoder, SD 1.x UNet) or "sd2" (OpenCLIP text encoder, SD 2.x UNet).
+        "sd1" (CLIP ViT-L text encoder, SD 1.x UNet), "sd2" (OpenCLIP text encoder, SD 2.x UNet) or
+        "sdxl" (SDXL base: CLIP and OpenCLIP text encoders).
 
     Raises:
-        ModelError: For SDXL, inpainting / depth / upscaler UNets, a LoRA or diffusers-layout file,
-            a file without UNet, VAE or text-encoder weights, or one that mixes SD 1.x and 2.x parts.
+        ModelError: For SDXL refiners, inpainting / depth / upscaler UNets, a LoRA or diffusers-layout
+            file, a file without UNet, VAE or text-encoder weights, or one that mixes SD 1.x and 2.x parts.
     """
     keys = list(shapes)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelError("an SDXL checkpoint: SDXL is not supported yet (das-sd loads SD 1.x and 2.x)")
+    if any(k.startswith(_SDXL) for k in keys):
+        return _sdxl_family(keys)
     if not any(k.startswith(_UNET) for k in keys):
         if any(k.startswith(("lora_unet_", "lora_te_")) or ".lora_" in k for k in keys):
             raise ModelError("a LoRA file, not a base model: pass it with --lora")
@@ -130,6 +135,18 @@ def detect_family(shapes: Mapping[str, list[int]]) -> str:
         raise ModelError(f"the text encoder is {family.upper()}'s but the UNet's cross-attention is "
                          f"{sorted(widths)} wide: a mix of SD 1.x and SD 2.x parts")
     return family
+
+
+def _sdxl_family(keys: list[str]) -> str:
+    """"sdxl" for an SDXL base checkpoint's keys; the refusal of what else has SGM text encoders."""
+    if not any(k.startswith(_SDXL_CLIP) for k in keys) and any(k.startswith(_SDXL + "0.model.") for k in keys):
+        raise ModelError("an SDXL refiner (one OpenCLIP text encoder, conditioner.embedders.0.model.*); das-sd "
+                         "attributes text-to-image LoRAs of SDXL base models")
+    for prefix, what in ((_SDXL_CLIP, "CLIP"), (_SDXL_OPEN_CLIP, "OpenCLIP"), (_UNET, "UNet"),
+                         ("first_stage_model.", "VAE")):
+        if not any(k.startswith(prefix) for k in keys):
+            raise ModelError(f"an SDXL checkpoint without {what} weights ({prefix}*); das-sd needs the whole pipeline")
+    return "sdxl"
 
 
 def check_single_file(path: str | Path) -> Path:
@@ -211,7 +228,7 @@ def resolve_prediction_type(path: Path, family: str, config: Path | None = None)
             return json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
     shapes, metadata = read_header(path)
     found = _prediction_from_metadata(path, shapes, metadata)
-    if found is not None or family == "sd1":
+    if found is not None or family in ("sd1", "sdxl"):
         return found or "epsilon"
     raise ModelError(f"{path}: an SD 2.x checkpoint, whose weights do not say whether it predicts v (the 768 px "
                      "models: 2.0-v, 2.1) or the noise (the 512 px base models): set "
@@ -239,8 +256,8 @@ def config_folder(path: Path, family: str, prediction_type: str, config: Path | 
             raise ModelError(f"{path}: the config folder {config} has no model_index.json (a diffusers pipeline "
                              "folder's configs are needed: model_index.json, unet/, vae/, text_encoder/, scheduler/)")
         return config
-    if family == "sd1":
-        return shipped_config("sd1")
+    if family in ("sd1", "sdxl"):
+        return shipped_config(family)
     return shipped_config("sd2-768-v" if prediction_type == "v_prediction" else "sd2-512-base")
 
 
@@ -258,8 +275,9 @@ def given_config(config: str | Path | None = None) -> Path | None:
 
 
 def load_single_file(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                     config: str | Path | None = None, tokenizer: str | Path | None = None) -> StableDiffusionPipeline:
-    """Load a single-file SD 1.x / 2.x checkpoint offline as a StableDiffusionPipeline.
+                     config: str | Path | None = None, tokenizer: str | Path | None = None
+                     ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load a single-file SD 1.x / 2.x or SDXL checkpoint offline as a StableDiffusion(XL)Pipeline.
 
     Args:
         path: The ``.safetensors`` checkpoint.
@@ -267,7 +285,8 @@ def load_single_file(path: str | Path, device: str | torch.device | None = None,
         dtype: The weights' dtype.
         config: A diffusers config folder for the checkpoint (for architectures other than SD 1.x /
             2.x's); None: ``$DAS_SD_SINGLE_FILE_CONFIG``, else the configs das-sd ships.
-        tokenizer: A CLIPTokenizer folder; None: see ``resolve_tokenizer``.
+        tokenizer: A CLIPTokenizer folder (SDXL: for both tokenizers, or a folder with ``tokenizer/``
+            and ``tokenizer_2/``); None: see ``resolve_tokenizer``.
 
     Returns:
         The pipeline, without safety checker or feature extractor, progress bars off, on ``device``.
@@ -277,7 +296,7 @@ def load_single_file(path: str | Path, device: str | torch.device | None = None,
             tokenizer cannot be resolved, diffusers cannot load it, or any weight of the UNet, VAE or
             text encoder is missing from it.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     path = check_single_file(path)
@@ -285,16 +304,19 @@ def load_single_file(path: str | Path, device: str | torch.device | None = None,
     given = given_config(config)
     prediction = resolve_prediction_type(path, family, given)
     folder = config_folder(path, family, prediction, given)
-    text_config = folder / "text_encoder" / "config.json"
-    vocab = json.loads(text_config.read_text()).get("vocab_size", CLIP_VOCAB_SIZE) if text_config.is_file() \
-        else CLIP_VOCAB_SIZE
-    tok = resolve_tokenizer(family, tokenizer, given, path, vocab)
+    tok = resolve_tokenizer(family, tokenizer, given, path, _vocab_size(folder / "text_encoder"))
     quiet_libraries()
     try:
         scheduler = _scheduler(folder, prediction)
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(folder), local_files_only=True, tokenizer=tok,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if family == "sdxl":
+            tok_2 = resolve_tokenizer("sdxl-2", tokenizer, given, path, _vocab_size(folder / "text_encoder_2"))
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(path), config=str(folder), local_files_only=True, tokenizer=tok, tokenizer_2=tok_2,
+                scheduler=scheduler)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(folder), local_files_only=True, tokenizer=tok,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, SingleFileComponentError) as exc:
@@ -304,13 +326,19 @@ def load_single_file(path: str | Path, device: str | torch.device | None = None,
                    f"for the configs in {folder}") if "meta" in str(exc) else None
         raise ModelError(f"{path}: " + (missing or f"cannot load the checkpoint with the configs in {folder} ({exc})")) \
             from exc
-    for name in ("unet", "vae", "text_encoder"):  # in case a diffusers release leaves them on meta quietly
-        found = [n for n, t in getattr(pipe, name).state_dict().items() if t.is_meta]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # in case diffusers leaves them on meta quietly
+        found = [n for n, t in getattr(pipe, name).state_dict().items() if t.is_meta] if hasattr(pipe, name) else []
         if found:
             raise ModelError(f"{path}: {len(found)} of the {name}'s weights are not in the checkpoint "
                              f"(e.g. {found[0]!r}) for the configs in {folder}")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device(), dtype)
+
+
+def _vocab_size(folder: Path) -> int:
+    """The vocabulary size a text-encoder config folder gives (CLIP's when it has no config)."""
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("vocab_size", CLIP_VOCAB_SIZE) if config.is_file() else CLIP_VOCAB_SIZE
 
 
 def _missing_weights(path: Path, folder: Path) -> str | None:

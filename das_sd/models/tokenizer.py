@@ -21,10 +21,16 @@ TOKENIZER_ENV = "DAS_SD_TOKENIZER"
 CLIP_VOCAB_SIZE = 49408
 # The CLIP BPE vocabulary is the same in all of these; SD 2.x pads with "!" (OpenCLIP's 0), SD 1.x with
 # <|endoftext|>: the pad token is set per family when the tokenizer comes from the cache.
+# SDXL's first tokenizer is SD 1.x's, its second ("sdxl-2", of the OpenCLIP encoder) pads as SD 2.x's.
 _CACHED_TOKENIZERS = {"sd1": [("openai/clip-vit-large-patch14", None), ("stabilityai/stable-diffusion-2-1", "tokenizer")],
                       "sd2": [("stabilityai/stable-diffusion-2-1", "tokenizer"),
-                              ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", None), ("openai/clip-vit-large-patch14", None)]}
-_PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
+                              ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", None), ("openai/clip-vit-large-patch14", None)],
+                      "sdxl": [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+                               ("openai/clip-vit-large-patch14", None)],
+                      "sdxl-2": [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+                                 ("stabilityai/stable-diffusion-2-1", "tokenizer"), ("openai/clip-vit-large-patch14", None)]}
+_PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!", "sdxl": "<|endoftext|>", "sdxl-2": "!"}
+_SUBFOLDER = {"sdxl-2": "tokenizer_2"}  # a pipeline folder's tokenizer of each family
 _TOKENIZER_FILES = "vocab.json merges.txt tokenizer.json tokenizer_config.json special_tokens_map.json"
 
 
@@ -33,9 +39,12 @@ def resolve_tokenizer(family: str, tokenizer: str | Path | None = None, config: 
     """The CLIP tokenizer of a single-file checkpoint, found offline.
 
     Args:
-        family: "sd1" or "sd2".
-        tokenizer: A folder with a CLIPTokenizer (or a pipeline folder with ``tokenizer/``); None:
-            ``$DAS_SD_TOKENIZER``, then ``config``'s ``tokenizer/``, then the Hugging Face cache.
+        family: "sd1", "sd2", "sdxl" or "sdxl-2" (SDXL's second tokenizer: a pipeline or config
+            folder's ``tokenizer_2/``; a plain tokenizer folder is given "!" as its pad token, as
+            SDXL's second tokenizer pads).
+        tokenizer: A folder with a CLIPTokenizer (or a pipeline folder with ``tokenizer/``, and for
+            "sdxl-2" ``tokenizer_2/``); None: ``$DAS_SD_TOKENIZER``, then ``config``'s tokenizer
+            folder, then the Hugging Face cache.
         config: The config folder given for the checkpoint, if any.
         path: The checkpoint, named in the errors.
         vocab_size: The text encoder's vocabulary size, which the tokenizer must have.
@@ -50,16 +59,20 @@ def resolve_tokenizer(family: str, tokenizer: str | Path | None = None, config: 
     from transformers import CLIPTokenizer
 
     where = f"{path}: " if path else ""
+    subfolder = _SUBFOLDER.get(family, "tokenizer")
     explicit = tokenizer or os.environ.get(TOKENIZER_ENV) or None
-    if explicit is None and config is not None and (config / "tokenizer").is_dir():
-        explicit = config / "tokenizer"
+    if explicit is None and config is not None and (config / subfolder).is_dir():
+        explicit = config / subfolder
     if explicit is not None:
         folder = Path(explicit).expanduser()
-        folder = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+        own = next((folder / sub for sub in (subfolder, "tokenizer") if (folder / sub).is_dir()), None)
+        folder = own or folder
         found = _load_tokenizer(CLIPTokenizer, str(folder), None)
         if found is None or len(found) != vocab_size:
             what = "no CLIP tokenizer there" if found is None or len(found) < 10 else f"a tokenizer of {len(found)} tokens"
             raise ModelError(f"{where}{folder}: {what}; the text encoder takes {vocab_size} tokens")
+        if folder.name != subfolder and family in _SUBFOLDER:
+            found.pad_token = _PAD_TOKEN[family]  # one tokenizer folder for both of SDXL's: the second pads with "!"
         return found
     for repo, subfolder in _CACHED_TOKENIZERS[family]:
         found = _load_tokenizer(CLIPTokenizer, repo, subfolder)
@@ -67,7 +80,7 @@ def resolve_tokenizer(family: str, tokenizer: str | Path | None = None, config: 
             found.pad_token = _PAD_TOKEN[family]
             return found
     repo = _CACHED_TOKENIZERS[family][0][0]
-    sub = " --include 'tokenizer/*'" if family == "sd2" else f" {_TOKENIZER_FILES}"
+    sub = f" --include '{subfolder}/*'" if _CACHED_TOKENIZERS[family][0][1] else f" {_TOKENIZER_FILES}"
     raise ModelError(f"{where}the checkpoint needs the CLIP tokenizer, which das-sd does not ship and did not find "
                      f"in the Hugging Face cache; fetch it once (on a machine with access to the hub) with "
                      f"`hf download {repo}{sub}` (older huggingface_hub: `huggingface-cli download ...`), "
