@@ -170,10 +170,11 @@ class Attributor:
             with torch.inference_mode(False):
                 pipe = load_pipeline(self.base_path, device=device)
                 load_lora(pipe, self.lora_path)
+        # first: another family's pipeline fails the weight probes too, but this names the real cause
+        self._check_prediction_type(pipe)
         if check_fingerprints:
             # also for weights loaded here from the right files: another library release may read them differently
             self.check_pipeline(pipe)
-        self._check_prediction_type(pipe)
         self.pipe = pipe
         self.resolution = int(identity["resolution"])
         autocast = store_autocast(identity.get("compute_dtype", "float32"), pipe.unet.device)

@@ -224,3 +224,55 @@ def text_states(text_encoders: Sequence[nn.Module], token_ids: Sequence[torch.Te
         states.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
     return torch.cat(states, dim=-1), pooled
+
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning of one generation, as the generating host set it: the "original"
+    size the model is told the image had, the top-left corner of the crop it is told was taken, and
+    the target size. Sizes are (width, height) in pixels, the crop (left, top), as hosts' fields name
+    them (webui ``sdxl_crop_left`` / ``sdxl_crop_top``, ComfyUI ``crop_w`` / ``crop_h``).
+
+    Attributes:
+        original: (width, height) of the original-size conditioning.
+        crop: (left, top) of the crop conditioning.
+        target: (width, height) of the target-size conditioning.
+    """
+    original: tuple[int, int]
+    crop: tuple[int, int]
+    target: tuple[int, int]
+
+    @staticmethod
+    def plain(size: tuple[int, int]) -> "SizeConditioning":
+        """What the SDXL pipelines and hosts use when nothing else is set: original = target = the
+        generated size, no crop.
+
+        Args:
+            size: The generated image's (width, height).
+
+        Returns:
+            The size conditioning.
+        """
+        return SizeConditioning(tuple(size), (0, 0), tuple(size))
+
+    def time_ids(self) -> torch.Tensor:
+        """The UNet's ``time_ids`` row in SDXL's order: (original height, original width, crop top,
+        crop left, target height, target width).
+
+        Returns:
+            (6,) float32.
+
+        Raises:
+            ValueError: When a value is not a finite number or a size is not positive.
+        """
+        (ow, oh), (left, top), (tw, th) = self.original, self.crop, self.target
+        row = [oh, ow, top, left, th, tw]
+        try:
+            values = torch.tensor([float(v) for v in row], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"SDXL size conditioning: not numbers: original {self.original}, crop {self.crop}, "
+                             f"target {self.target}") from None
+        if not torch.isfinite(values).all() or min(oh, ow, th, tw) <= 0:
+            raise ValueError(f"SDXL size conditioning: sizes must be positive and finite: original {self.original}, "
+                             f"crop {self.crop}, target {self.target}")
+        return values

@@ -77,3 +77,12 @@ def demo(das_sd_home) -> dict:
     from das_sd.toy.demo import prepare_demo
 
     return prepare_demo(progress=False)
+
+
+@pytest.fixture(scope="session")
+def sdxl_demo(das_sd_home, tmp_path_factory) -> dict:
+    """An SDXL-layout base folder, a LoRA trained on a few demo images, and its store and index
+    (tests/sdxl_store.py)."""
+    from sdxl_store import build_sdxl_store
+
+    return build_sdxl_store(tmp_path_factory.mktemp("sdxl"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -89,3 +91,58 @@ def test_a_pipeline_the_store_was_not_built_for_is_refused(demo):
 def test_an_unknown_method_is_refused_naming_the_choices(attributing, demo):
     with pytest.raises(ValueError, match="unknown method 'nope'; expected one of das, das-signed"):
         AttributingPipeline(attributing.pipe, demo["store"], method="nope")
+
+
+# ---- SDXL ----------------------------------------------------------------------------------------
+
+SDXL_PROMPT = "zorblat, a red circle on a blue background"
+
+
+def diffusers_sdxl_pipe(sdxl_demo, lora: bool = True):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_demo["base"], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_weights(str(sdxl_demo["lora"]))
+    return pipe
+
+
+def test_an_sdxl_pipeline_is_attributed_with_the_conditioning_it_used(sdxl_demo):
+    """A StableDiffusionXLPipeline with micro-conditioning set: the attribution equals the
+    Attributor's on the same final latents with the conditioning diffusers computes for those
+    arguments (encode_prompt, _get_add_time_ids); with the default size conditioning instead, the
+    scores differ, so a wrapper that dropped it would fail."""
+    from sdxl_store import diffusers_conditioning
+
+    pipe = diffusers_sdxl_pipe(sdxl_demo)
+    das = AttributingPipeline(pipe, sdxl_demo["store"], top_k=5)
+    micro = dict(original_size=(20, 24), crops_coords_top_left=(3, 2), target_size=(16, 16))
+    out = das(SDXL_PROMPT, num_inference_steps=3, guidance_scale=4.0, num_images_per_prompt=2,
+              generator=torch.Generator().manual_seed(1), **micro)
+    assert len(out.images) == len(out.attributions) == 2 and out.latents.shape == (2, 4, 8, 8)
+
+    reference = Attributor(sdxl_demo["store"], device="cpu")
+    cond = diffusers_conditioning(reference.pipe, SDXL_PROMPT, (20, 24), (3, 2), (16, 16))
+    default = diffusers_conditioning(reference.pipe, SDXL_PROMPT, (16, 16), (0, 0), (16, 16))
+    for i in range(2):
+        expected = reference.attribute_latents(out.latents[i:i + 1], [SDXL_PROMPT], "das", 5, cond=cond)[0]
+        # one image alone vs a batch of two: float32 rounding of the features, at most A u = 1e4 * 6e-8
+        # relative (tests/tolerances.py), so the squared scores within 1.2e-3
+        assert [r.key for r in out.attributions[i].results] == [r.key for r in expected.results]
+        got = [r.score for r in out.attributions[i].results]
+        assert got == pytest.approx([r.score for r in expected.results], rel=2e-3)
+        plain = reference.attribute_latents(out.latents[i:i + 1], [SDXL_PROMPT], "das", 5, cond=default)[0]
+        assert {r.key: r.score for r in plain.results} != pytest.approx(
+            {r.key: r.score for r in expected.results}, rel=2e-2)
+
+
+def test_a_pipeline_of_another_family_is_refused_naming_the_store(sdxl_demo, base_path):
+    from das_sd.models.loading import load_pipeline
+
+    store = str(sdxl_demo["store"])
+    with pytest.raises(StoreError, match=f"{re.escape(store)}: the store was built for an SDXL model, but the "
+                                         "pipeline is SD 1.x / 2.x"):
+        AttributingPipeline(load_pipeline(base_path, device="cpu"), store)
+    with pytest.raises(StoreError, match="LoRA is not the one"):  # the right family, no LoRA loaded
+        AttributingPipeline(diffusers_sdxl_pipe(sdxl_demo, lora=False), store)

@@ -1,4 +1,4 @@
-"""Attribution beside every image a plain diffusers Stable Diffusion pipeline generates.
+"""Attribution beside every image a plain diffusers Stable Diffusion (1.x / 2.x or XL) pipeline generates.
 
     from diffusers import StableDiffusionPipeline
     from das_sd.integrations.diffusers import AttributingPipeline
@@ -10,8 +10,10 @@
     out.images[0]; out.attributions[0].results            # the top-5 training images of image 0
     das.save(out, "outputs/")                              # PNGs carrying the top-k in their metadata
 
-The pipeline runs unchanged; a step-end callback keeps the final latents and the prompt embeddings
-it actually used, which are featurized directly (no VAE round trip, no second text encoding).
+The pipeline runs unchanged; a step-end callback keeps the final latents and the conditioning it
+actually used, which are featurized directly (no VAE round trip, no second text encoding): the prompt
+embeddings, and for a ``StableDiffusionXLPipeline`` also the pooled embedding and the size
+conditioning (``add_time_ids`` from its original_size / crops_coords_top_left / target_size).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..attribute import Attribution, Attributor
+from ..conditioning import Conditioning, model_family
 from ..generation import save_png
 from ..registry import DEFAULT_METHOD
 from ..store import FeatureStore
@@ -55,7 +58,7 @@ class AttributedOutput:
 
 
 class AttributingPipeline:
-    """Wraps a ``StableDiffusionPipeline`` (LoRA loaded) and a das-sd store built for that base + LoRA.
+    """Wraps a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (LoRA loaded) and a das-sd store built for that base + LoRA.
 
     Calling it runs the pipeline unchanged and returns an ``AttributedOutput``.
 
@@ -67,7 +70,8 @@ class AttributingPipeline:
 
     Raises:
         StoreError: When the store does not open or is empty, the base or LoRA files it names are
-            missing, or ``pipe``'s weights are not the ones it was built with.
+            missing, ``pipe`` is of another model family than the store's, or its weights are not the
+            ones the store was built with.
         ValueError: When ``method`` is unknown or needs a feature set the store lacks.
     """
 
@@ -79,6 +83,7 @@ class AttributingPipeline:
         self.method = method
         self.top_k = top_k
         self.attributor.require_method(method)
+        self.sdxl = model_family(pipe) == "sdxl"
 
     @property
     def store_id(self) -> str:
@@ -101,23 +106,24 @@ class AttributingPipeline:
         captured: dict[str, torch.Tensor] = {}
         user_callback = kwargs.pop("callback_on_step_end", None)
         inputs = set(kwargs.pop("callback_on_step_end_tensor_inputs", None) or ["latents"])
+        # SDXL's UNet also takes the pooled embedding and the size conditioning (diffusers' names)
+        needed = {"latents", "prompt_embeds"} | ({"add_text_embeds", "add_time_ids"} if self.sdxl else set())
 
         def keep_final(pipe, step, timestep, tensors):
             if user_callback is not None:
                 tensors = user_callback(pipe, step, timestep, tensors)
-            captured["latents"] = tensors["latents"].detach()
-            captured["prompt_embeds"] = tensors["prompt_embeds"].detach()
+            captured.update({name: tensors[name].detach() for name in needed})
             return tensors
 
         output = self.pipe(prompt, callback_on_step_end=keep_final,
-                           callback_on_step_end_tensor_inputs=sorted(inputs | {"latents", "prompt_embeds"}),
-                           **kwargs)
+                           callback_on_step_end_tensor_inputs=sorted(inputs | needed), **kwargs)
         if "latents" not in captured:
             raise RuntimeError("the pipeline ran no denoising step; nothing to attribute")
         latents = captured["latents"].float()
-        cond = captured["prompt_embeds"]
-        if cond.shape[0] == 2 * latents.shape[0]:  # classifier-free guidance: [negative, positive]
-            cond = cond.chunk(2)[1]
+        parts = [captured[name] for name in ("prompt_embeds", "add_text_embeds", "add_time_ids") if name in captured]
+        if parts[0].shape[0] == 2 * latents.shape[0]:  # classifier-free guidance: [negative, positive] rows
+            parts = [p.chunk(2)[1] for p in parts]
+        cond = Conditioning(*(p.float() for p in parts)) if self.sdxl else parts[0]
         prompts = self._prompts(prompt, latents.shape[0])
         attributions = self.attributor.attribute_latents(latents, prompts, self.method, self.top_k,
                                                          [{"store_id": self.store_id}] * len(prompts), cond=cond)

@@ -17,6 +17,9 @@ from pathlib import Path
 from PIL import Image
 
 from ..attribute import Attribution, Attributor
+from ..conditioning import SizeConditioning
+from .families import store_family
+from ..latents import encode_prompts
 from ..models.fingerprint import lora_fingerprint
 from ..registry import DEFAULT_METHOD
 from ..shares import share_text
@@ -144,7 +147,7 @@ CACHE = AttributorCache()
 
 
 def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, method: str = DEFAULT_METHOD,
-                  top_k: int = 8, info: dict | None = None) -> Attribution:
+                  top_k: int = 8, info: dict | None = None, size: SizeConditioning | None = None) -> Attribution:
     """Attribute a host's PIL image with its prompt (as plain text: the text encoder of the store's
     pipeline never saw extra-network tags or weighting syntax).
 
@@ -155,12 +158,18 @@ def attribute_pil(attributor: Attributor, image: Image.Image, prompt: str, metho
         method: Attribution method name (das_sd.registry's ``METHOD_NAMES``).
         top_k: Training images to return.
         info: Query metadata recorded with the attribution.
+        size: SDXL stores: the size conditioning the host generated with; None: the image's own
+            size, uncropped (``SizeConditioning.plain``). SD stores have none and ignore it.
 
     Returns:
         The image's top-``top_k`` training images with their scores.
     """
+    text = plain_prompt(prompt)
     latents = attributor.encode_image(image.convert("RGB"), "image")
-    return attributor.attribute_latents(latents, [plain_prompt(prompt)], method, top_k, [info or {}])[0]
+    cond = None
+    if size is not None and store_family(attributor) == "sdxl":
+        cond = encode_prompts(attributor.pipe, [text], time_ids=size.time_ids())
+    return attributor.attribute_latents(latents, [text], method, top_k, [info or {}], cond=cond)[0]
 
 
 def lora_mismatch(attributor: Attributor, names: list[str], lora_files: dict[str, Path]) -> str | None:

@@ -2,7 +2,11 @@
 
 The store's manifest names the base model and LoRA that das-sd loads itself; ComfyUI's MODEL object
 carries no LoRA names, so the LoRAs of the generation are read from the hidden PROMPT graph (or given
-as ``lora_name``) and checked against the store's LoRA.
+as ``lora_name``) and checked against the store's LoRA; a LoRA file or checkpoint of another model
+family than the store's (SD 1.x / 2.x vs SDXL) is refused. On SDXL, the size conditioning of a
+CLIPTextEncodeSDXL node of the graph (width / height / crop_w / crop_h / target_width / target_height)
+is the one attributed with; plain CLIPTextEncode conditions on the latent's size, uncropped, as
+ComfyUI's SDXL model does.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from das_sd.registry import METHOD_NAMES  # torch-free: the node list loads with
 
 METHODS = list(METHOD_NAMES)
 LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")
+CHECKPOINT_LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader")
+SDXL_ENCODE = "CLIPTextEncodeSDXL"
+SDXL_SIZE_INPUTS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 
 
 def image_to_pil(images, index: int):
@@ -46,13 +53,48 @@ def loras_in_graph(prompt: dict | None) -> list[str]:
     return names
 
 
-def lora_path(name: str):
+def checkpoints_in_graph(prompt: dict | None) -> list[str]:
+    """Checkpoint file names of the checkpoint loader nodes in an API-format graph."""
+    return [node["inputs"]["ckpt_name"] for node in (prompt or {}).values()
+            if isinstance(node, dict) and node.get("class_type") in CHECKPOINT_LOADERS
+            and isinstance(node.get("inputs", {}).get("ckpt_name"), str)]
+
+
+def sdxl_size_in_graph(prompt: dict | None, text: str):
+    """The SizeConditioning of the graph's CLIPTextEncodeSDXL node for ``text`` (its text_g or
+    text_l), else of the only one feeding a sampler's ``positive`` input; None when there is none,
+    several, or its sizes are links rather than values."""
+    from das_sd.conditioning import SizeConditioning
+
+    nodes = {k: n for k, n in (prompt or {}).items() if isinstance(n, dict) and n.get("class_type") == SDXL_ENCODE}
+    chosen = [n for n in nodes.values() if text.strip() in (str(n["inputs"].get("text_g", "")).strip(),
+                                                            str(n["inputs"].get("text_l", "")).strip())]
+    if not chosen:
+        positive = {str(n.get("inputs", {}).get("positive", [None])[0]) for n in (prompt or {}).values()
+                    if isinstance(n, dict) and isinstance(n.get("inputs", {}).get("positive"), list)}
+        chosen = [n for k, n in nodes.items() if k in positive]
+    if len(chosen) != 1:
+        return None
+    values = [chosen[0]["inputs"].get(name) for name in SDXL_SIZE_INPUTS]
+    if not all(isinstance(v, (int, float)) for v in values):
+        return None
+    width, height, crop_w, crop_h, target_width, target_height = (int(v) for v in values)
+    return SizeConditioning((width, height), (crop_w, crop_h), (target_width, target_height))
+
+
+def host_path(kind: str, name: str):
+    """The file of a model name in ComfyUI's ``kind`` folders ("loras", "checkpoints"), or None."""
     try:
         import folder_paths  # ComfyUI's; imported lazily so that the module loads without it
 
-        return folder_paths.get_full_path("loras", name)
+        return folder_paths.get_full_path(kind, name)
     except Exception:
         return None
+
+
+def lora_path(name: str):
+    """The file of a LoRA name in ComfyUI's LoRA folders, or None."""
+    return host_path("loras", name)
 
 
 class DASLoadStore:
@@ -101,16 +143,22 @@ class DASAttribute:
 
     def attribute(self, das_store, images, prompt, method, top_k, lora_name="", graph=None, unique_id=None):
         from das_sd.data.images import load_image
+        from das_sd.integrations.families import checkpoint_family, require_family, require_lora_families
         from das_sd.integrations.hosts import attribute_pil, attribution_json, lora_mismatch
 
         if not prompt.strip():
             raise ValueError("DAS Attribute: connect or type the prompt the image was generated with")
         names = [lora_name] if lora_name else loras_in_graph(graph)
         files = {n: p for n in names if (p := lora_path(n))}
+        require_lora_families(das_store, files)
+        for name in checkpoints_in_graph(graph):
+            if (path := host_path("checkpoints", name)) is not None:
+                require_family(das_store, checkpoint_family(path), f"the graph's checkpoint {name!r}")
         warning = lora_mismatch(das_store, names, files)
+        size = sdxl_size_in_graph(graph, prompt)
         results, thumbs = [], []
         for i in range(images.shape[0]):
-            result = attribute_pil(das_store, image_to_pil(images, i), prompt, method, int(top_k), {"index": i})
+            result = attribute_pil(das_store, image_to_pil(images, i), prompt, method, int(top_k), {"index": i}, size)
             results.append(result)
             thumbs += [load_image(row.path) for row in result.results]  # size-checked before decoding
         text = attribution_json(das_store, results, warning)

@@ -2,7 +2,10 @@
 
 The image's metadata (written by InvokeAI's generation graphs) gives the prompt and the LoRAs. das-sd
 loads the base model and LoRA that the store's manifest names: InvokeAI's own models are only used
-to resolve the metadata's LoRA to a file, whose fingerprint is compared with the store's LoRA.
+to resolve the metadata's LoRA to a file, whose fingerprint is compared with the store's LoRA. A
+generation whose main model or LoRA is of another family (the metadata's model "base": sd-1 / sd-2 /
+sdxl, ...) than the store's is refused. SDXL generations are attributed with the size conditioning
+InvokeAI's SDXL graphs use: original = target = the image's size, no crop.
 """
 
 # No "from __future__ import annotations": InvokeAI reads the output class from invoke()'s return
@@ -24,10 +27,13 @@ from invokeai.invocation_api import (
     invocation_output,
 )
 from das_sd.data.images import load_image
+from das_sd.integrations.families import require_family, require_lora_families
 from das_sd.integrations.hosts import CACHE, attribute_pil, attribution_json, lora_mismatch
 from das_sd.registry import DEFAULT_METHOD, METHOD_NAMES
 
 MethodName = Literal[METHOD_NAMES]
+# InvokeAI's BaseModelType values -> das-sd's model families; other bases (flux, sd-3, ...) are named as they are
+FAMILIES = {"sd-1": "sd", "sd-2": "sd", "sdxl": "sdxl"}
 
 
 @invocation_output("das_attribution_output")
@@ -62,6 +68,23 @@ def metadata_loras(context: InvocationContext, metadata: dict) -> tuple[list[str
     return names, files
 
 
+def base_family(model: object) -> str | None:
+    """The das-sd family of a metadata model entry's "base"; None when it has none."""
+    base = model.get("base") if isinstance(model, dict) else None
+    return FAMILIES.get(base, base) if isinstance(base, str) and base else None
+
+
+def check_families(attributor, metadata: dict, files: dict[str, Path]) -> None:
+    """Refuse a store of another family than the metadata's main model or LoRAs (FamilyMismatch)."""
+    model = metadata.get("model")
+    if isinstance(model, dict):
+        require_family(attributor, base_family(model), f"the image's main model {model.get('name', '')!r}")
+    for entry in metadata.get("loras") or []:
+        lora = (entry.get("model") or entry.get("lora") or {}) if isinstance(entry, dict) else {}
+        require_family(attributor, base_family(lora), f"the image's LoRA {lora.get('name', '')!r}")
+    require_lora_families(attributor, files)
+
+
 @invocation(
     "das_attribution",
     title="DAS Attribution",
@@ -94,6 +117,7 @@ class DASAttributionInvocation(BaseInvocation, WithBoard):
         context.util.signal_progress("das-sd: loading the store and its model")
         attributor = CACHE.get(self.store_path, None if self.device == "auto" else self.device)
         names, files = metadata_loras(context, metadata)
+        check_families(attributor, metadata, files)
         warning = lora_mismatch(attributor, names, files)
         if warning:
             context.logger.warning(f"das-sd: {warning}")

@@ -162,3 +162,70 @@ def test_tab_builds_with_the_installed_gradio(webui):
     tabs = [t for callback in script_callbacks.callbacks_ui_tabs for t in callback()]
     assert [(title, elem) for _, title, elem in tabs] == [("DAS attribution", "das_attribution_tab")]
     assert extension.gallery_of(1)[0] == []
+
+
+# ---- SDXL checkpoints ----------------------------------------------------------------------------
+
+SDXL_PROMPT = "zorblat, a red circle on a blue background"
+
+
+@pytest.mark.parametrize("host", ["forge", "a1111"])
+def test_sdxl_images_are_attributed_with_the_webuis_size_conditioning(webui, sdxl_demo, tmp_path, monkeypatch, host):
+    """An SDXL checkpoint with <lora:> tags: the webui conditions on original = target = the image's
+    size and the crop of Settings > SDXL (sdxl_crop_left / sdxl_crop_top); the extension's ranking is
+    the Attributor's with the conditioning diffusers computes for those sizes."""
+    from types import SimpleNamespace
+
+    from sdxl_store import diffusers_conditioning
+
+    extension, scripts, shared, _ = webui
+    monkeypatch.setattr(scripts, "HOST", host)
+    monkeypatch.setattr(shared, "sd_model", SimpleNamespace(is_sdxl=True), raising=False)
+    shared.opts.sdxl_crop_left, shared.opts.sdxl_crop_top = 2, 1
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    shutil.copy(sdxl_demo["lora_file"], lora_dir / "sdxl_style.safetensors")
+    shared.cmd_opts.lora_dir = str(lora_dir)
+    reference = Attributor(sdxl_demo["store"], device="cpu")
+    processed, p, clean = run_webui(extension, scripts, f"<lora:sdxl_style:1>, {SDXL_PROMPT}", str(sdxl_demo["store"]),
+                                    reference.pipe)
+
+    run = extension.last_run()
+    assert scripts.errors == [] and run["errors"] == [] and [r["index"] for r in run["images"]] == [0, 1]
+    cond = diffusers_conditioning(reference.pipe, clean, (16, 16), (1, 2), (16, 16))
+    for i in range(2):
+        image = processed.images[processed.index_of_first_image + i]
+        expected = reference.attribute_latents(reference.encode_image(image), [clean], "das", 5, cond=cond)[0]
+        got = run["images"][i]["results"]
+        assert [r["key"] for r in got] == [r.key for r in expected.results]
+        assert [r["score"] for r in got] == [r.score for r in expected.results]
+        assert run["images"][i]["warning"] is None
+        assert "DAS error" not in processed.infotexts[processed.index_of_first_image + i]
+
+
+def test_an_sdxl_store_is_refused_for_an_sd_checkpoint_or_lora(webui, sdxl_demo, base_path, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from das_sd.models.loading import load_pipeline
+    from helpers import random_lora
+
+    extension, scripts, shared, _ = webui
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    save_file(random_lora(load_pipeline(base_path, device="cpu"), rank=2), lora_dir / "sd_style.safetensors")
+    shared.cmd_opts.lora_dir = str(lora_dir)
+    store = str(sdxl_demo["store"])
+    reference = Attributor(store, device="cpu")
+    shared.opts.sd_model_checkpoint = "v1-5.safetensors"
+    monkeypatch.setattr(shared, "sd_model", SimpleNamespace(is_sdxl=False), raising=False)
+    processed, _, _ = run_webui(extension, scripts, SDXL_PROMPT, store, reference.pipe, batch_size=1)
+    error = extension.last_run()["errors"][0]
+    assert f"FamilyMismatch: the das-sd store {store} was built for an SDXL model" in error
+    assert "the webui's checkpoint 'v1-5.safetensors' is SD 1.x / 2.x" in error
+    assert "DAS error: FamilyMismatch" in processed.infotexts[-1] and scripts.errors == []
+
+    monkeypatch.setattr(shared, "sd_model", SimpleNamespace(is_sdxl=True), raising=False)
+    run_webui(extension, scripts, f"<lora:sd_style:1>, {SDXL_PROMPT}", store, reference.pipe, batch_size=1)
+    assert "the generation's LoRA 'sd_style' (sd_style.safetensors) is SD 1.x / 2.x" in extension.last_run()["errors"][0]

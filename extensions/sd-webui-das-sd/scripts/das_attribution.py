@@ -57,6 +57,24 @@ def _lora_files() -> dict:
     return files
 
 
+def _checkpoint_family():
+    """The loaded checkpoint's family: "sdxl" / "sd" from the model's ``is_sdxl`` flag (A1111, Forge) or
+    SD.Next's ``sd_model_type``; None when the host does not say."""
+    if getattr(shared, "sd_model_type", None) == "sdxl":
+        return "sdxl"
+    flag = getattr(getattr(shared, "sd_model", None), "is_sdxl", None)
+    return None if flag is None else ("sdxl" if flag else "sd")
+
+
+def _size_conditioning(image):
+    """SDXL's size conditioning as the webui sets it: original = target = the size of the pass that
+    made the image (p.width / p.height, or the hires size), crop from Settings > SDXL."""
+    from das_sd.conditioning import SizeConditioning
+
+    crop = (int(float(_opt("sdxl_crop_left", 0))), int(float(_opt("sdxl_crop_top", 0))))
+    return SizeConditioning(image.size, crop, image.size)
+
+
 def _report(message: str) -> None:
     print(f"[das-sd] {message}", flush=True)
     with _last_lock:
@@ -99,6 +117,7 @@ class DASAttributionScript(scripts.Script):
         self._done = index + 1
         p.extra_generation_params.pop("DAS error", None)
         try:
+            from das_sd.integrations.families import require_family, require_lora_families
             from das_sd.integrations.hosts import CACHE, attribute_pil, infotext_value, lora_mismatch, parse_prompt_loras
 
             if not store:
@@ -107,9 +126,13 @@ class DASAttributionScript(scripts.Script):
             prompt = p.all_prompts[index] if index < len(getattr(p, "all_prompts", [])) else p.prompt
             seed = p.all_seeds[index] if index < len(getattr(p, "all_seeds", [])) else getattr(p, "seed", None)
             _, loras = parse_prompt_loras(prompt)
-            warning = lora_mismatch(attributor, [lora.name for lora in loras], _lora_files())
+            files = _lora_files()
+            require_family(attributor, _checkpoint_family(),
+                           f"the webui's checkpoint {_opt('sd_model_checkpoint', '')!r}".replace(" ''", ""))
+            require_lora_families(attributor, {lora.name: files[lora.name] for lora in loras if lora.name in files})
+            warning = lora_mismatch(attributor, [lora.name for lora in loras], files)
             result = attribute_pil(attributor, pp.image, prompt, method, int(top_k),
-                                   {"index": index, "seed": seed})
+                                   {"index": index, "seed": seed}, _size_conditioning(pp.image))
             p.extra_generation_params[f"DAS top-{min(3, int(top_k))}"] = infotext_value(result)
             p.extra_generation_params["DAS method"] = method
             p.extra_generation_params["DAS store"] = attributor.store.store_id
