@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.das-sd-installed
 
-.PHONY: venv demo test demo-lora build-base screenshots clean
+.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ demo-lora: venv
 # by its newcomer browser test (needs /usr/bin/chromium; docs/app.md)
 screenshots: venv
 	DAS_SD_SCREENSHOTS=docs DAS_SD_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests/test_app.py -k newcomer
+
+# The tiny SDXL reuses the tiny SD's VAE and tokenizer (das_sd/assets/tiny-sd)
+build-base-sdxl: venv
+	$(BIN)/das-sd build-base --family sdxl --out das_sd/assets/tiny-sdxl
+
+demo-lora-sdxl: venv
+	$(BIN)/das-sd make-demo-data build/demo-data --overwrite
+	$(BIN)/das-sd train-lora --base das_sd/assets/tiny-sdxl --data build/demo-data --out das_sd/assets/demo-lora-sdxl
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -48,16 +48,16 @@ def _open_dataset(args: argparse.Namespace):
 
 
 def cmd_build_base(args: argparse.Namespace) -> None:
-    """``das-sd build-base``: train the embedded tiny SD from scratch and print its quality check.
+    """``das-sd build-base``: train the embedded tiny SD (or tiny SDXL) from scratch and print its quality check.
 
     Args:
         args: the parsed command line.
     """
-    from .toy.build_base import BaseRecipe, build_base
+    from .toy.build_base import base_recipe, build_base
 
     overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
-    recipe = BaseRecipe(seed=args.seed, **overrides)
-    log = build_base(Path(args.out), recipe)
+    recipe = base_recipe(args.family, seed=args.seed, **overrides)
+    log = build_base(Path(args.out), recipe, family=args.family)
     acc = log["held_out_accuracy"]
     print(json.dumps({"out": str(Path(args.out).resolve()), "total_train_seconds": round(log["total_train_seconds"], 1),
                       "held_out_accuracy": {k: acc[k] for k in ("n", "all", "shape", "fg", "bg")}}, indent=2))
@@ -234,12 +234,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.no_launch:
         from .toy.demo import prepare_demo
 
-        print(json.dumps(prepare_demo(args.workdir), indent=2))
+        print(json.dumps(prepare_demo(args.workdir, family=args.family), indent=2))
         return
     from .app import launch_demo
 
     launch_demo(args.workdir, args.device, args.host, args.port,
-                announce=lambda paths: print(json.dumps(paths, indent=2), flush=True))
+                announce=lambda paths: print(json.dumps(paths, indent=2), flush=True), family=args.family)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--host", default="127.0.0.1", help="app address (default: this machine only)")
     p.add_argument("--port", type=int, default=None, help="app port (default: 7860 or the next free one)")
+    p.add_argument("--family", choices=("sd", "sdxl"), default="sd",
+                   help="the embedded base model: sd (tiny SD, default) or sdxl (tiny SDXL)")
     p.set_defaults(func=cmd_demo)
 
     from .app import add_app_flags
@@ -280,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_flags(p)
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("build-base", help="train the embedded tiny SD from scratch (about 40 minutes on 2 CPU cores)")
+    p = sub.add_parser("build-base", help="train the embedded tiny SD (about 40 minutes on 2 CPU cores) or, with "
+                       "--family sdxl, the tiny SDXL on the tiny SD's VAE (about 20 minutes) from scratch")
     p.add_argument("--out", required=True, help="output pipeline folder")
+    p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="sd: the tiny SD (default); sdxl: the tiny SDXL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=positive_int, default=None, help="VAE training steps (default: the recipe's)")
     p.add_argument("--unet-steps", type=positive_int, default=None, help="UNet + text encoder steps (default: the recipe's)")

@@ -141,7 +141,7 @@ def test_demo_announces_its_paths_then_serves_the_app_on_them(capsys, monkeypatc
 
     paths = {k: str(tmp_path / k) for k in ("workdir", "base", "lora", "data", "store")}
     served = []
-    monkeypatch.setattr(das_sd.toy.demo, "prepare_demo", lambda workdir: dict(paths, workdir=str(workdir)))
+    monkeypatch.setattr(das_sd.toy.demo, "prepare_demo", lambda workdir, **kw: dict(paths, workdir=str(workdir)))
     monkeypatch.setattr(das_sd.toy.demo_samples, "show_demo", lambda p: {"samples": f"{p['workdir']}/grid.png"})
     monkeypatch.setattr(das_sd.app, "launch_app", lambda config, host, port: served.append((config, host, port)))
     code, out, _ = run(capsys, "demo", "--workdir", str(tmp_path / "w"), "--device", "cpu", "--port", "7999")

@@ -50,16 +50,18 @@ def demo_config(paths: dict, device: str | None = None, **extra: Any) -> AppConf
 
     Args:
         paths: ``prepare_demo``'s paths: "base", "lora", "data", "workdir" and optionally "store"
-            (default: ``workdir/store``).
+            (default: the family's store in ``workdir``, ``store`` or ``store-sdxl``) and "family".
         device: Torch device ("cpu", "cuda", "cuda:1", ...); None: cuda when available.
         **extra: Further ``AppConfig`` fields (``outdir``).
 
     Returns:
         An ``AppConfig`` with ``demo=True``.
     """
+    from ..toy.demo import family_suffix
     from .session import AppConfig
 
-    return AppConfig(store=Path(paths.get("store") or Path(paths["workdir"]) / "store"), base=Path(paths["base"]),
+    default_store = Path(paths["workdir"]) / f"store{family_suffix(paths.get('family', 'sd'))}"
+    return AppConfig(store=Path(paths.get("store") or default_store), base=Path(paths["base"]),
                      lora=Path(paths["lora"]), data=Path(paths["data"]), device=device, demo=True, **extra)
 
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def launch_demo(workdir: str | Path | None, device: str | None, host: str, port: int | None,
-                announce: Callable[[dict], None] | None = None) -> None:
+                announce: Callable[[dict], None] | None = None, family: str = "sd") -> None:
     """Prepare the embedded demo, write its sample grid and example attribution, and serve the app on it.
 
     Args:
@@ -128,11 +130,12 @@ def launch_demo(workdir: str | Path | None, device: str | None, host: str, port:
         host: address to listen on.
         port: port (None: 7860 or the next free one).
         announce: called with the demo's paths (data, LoRA, store, samples ...) before the app starts.
+        family: "sd": the demo on the embedded tiny SD; "sdxl": on the embedded tiny SDXL.
     """
     from ..toy.demo import prepare_demo
     from ..toy.demo_samples import show_demo
 
-    paths = prepare_demo(workdir)
+    paths = prepare_demo(workdir, family=family)
     paths |= show_demo(paths)
     if announce:
         announce(paths)

@@ -44,22 +44,44 @@ if TYPE_CHECKING:
     from .lora_weights import LoraLayerWeights
 
 
-def embedded_base_path() -> Path:
-    """The folder of the embedded tiny Stable Diffusion shipped in the package (the offline default).
+EMBEDDED_BASES = {"sd": "tiny-sd", "sdxl": "tiny-sdxl"}
+EMBEDDED_DEMO_LORAS = {"sd": "demo-lora", "sdxl": "demo-lora-sdxl"}
+
+
+def _embedded_asset(names: dict[str, str], family: str) -> Path:
+    if family not in names:
+        raise ValueError(f"no embedded model of family {family!r}: choose one of {', '.join(names)}")
+    return Path(str(resources.files("das_sd") / "assets" / names[family]))
+
+
+def embedded_base_path(family: str = "sd") -> Path:
+    """The folder of an embedded tiny base model shipped in the package (the offline default).
+
+    Args:
+        family: "sd": the tiny Stable Diffusion; "sdxl": the tiny SDXL.
 
     Returns:
-        ``das_sd/assets/tiny-sd`` inside the installed package.
+        ``das_sd/assets/tiny-sd`` (or ``tiny-sdxl``) inside the installed package.
+
+    Raises:
+        ValueError: When ``family`` is neither "sd" nor "sdxl".
     """
-    return Path(str(resources.files("das_sd") / "assets" / "tiny-sd"))
+    return _embedded_asset(EMBEDDED_BASES, family)
 
 
-def embedded_demo_lora_path() -> Path:
-    """The folder of the demo LoRA shipped in the package (trained on the demo dataset).
+def embedded_demo_lora_path(family: str = "sd") -> Path:
+    """The folder of a demo LoRA shipped in the package (trained on the demo dataset).
+
+    Args:
+        family: "sd": the tiny SD's demo LoRA; "sdxl": the tiny SDXL's.
 
     Returns:
-        ``das_sd/assets/demo-lora`` inside the installed package.
+        ``das_sd/assets/demo-lora`` (or ``demo-lora-sdxl``) inside the installed package.
+
+    Raises:
+        ValueError: When ``family`` is neither "sd" nor "sdxl".
     """
-    return Path(str(resources.files("das_sd") / "assets" / "demo-lora"))
+    return _embedded_asset(EMBEDDED_DEMO_LORAS, family)
 
 
 def resolve_base(base: str | Path | None) -> Path:

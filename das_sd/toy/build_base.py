@@ -1,10 +1,15 @@
-"""`das-sd build-base`: the reproducible recipe that trains the embedded tiny SD from scratch on CPU.
+"""`das-sd build-base`: the reproducible recipe that trains the embedded tiny SD (or tiny SDXL) from
+scratch on CPU.
 
 Two stages, as for Stable Diffusion itself:
 1. the VAE on a generic mix of plain shapes, patterned fills, patterned backgrounds and overlaid
    marks (a VAE trained on plain shapes cannot express textures, so a LoRA style could not show);
-2. the UNet and the text encoder jointly on captioned plain shapes only, with a fraction of the
+2. the UNet and the text encoder(s) jointly on captioned plain shapes only, with a fraction of the
    (shape, colour, background) combinations held out to test that prompts compose.
+
+The tiny SDXL (``family="sdxl"``) skips stage 1: SDXL's VAE has SD's layout, so it takes the
+embedded tiny SD's trained VAE (scaling factor included) and tokenizer, and trains only stage 2 with
+SDXL's conditioning (both encoders' states, the pooled embedding and the size ``time_ids``).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..conditioning import Conditioning, text_states, unet_kwargs
 from ..noising import noisy_latents
 from ..seeds import generator
 from .render import MOTIFS, PATTERNS, all_combinations, random_spec, render
-from . import tiny_sd
+from . import tiny_sd, tiny_sdxl
 from .tokenizer import build_clip_tokenizer
 
 if TYPE_CHECKING:
@@ -72,6 +78,28 @@ class BaseRecipe:
     eval_steps: int = 25
     eval_guidance: float = 4.0
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1])
+
+
+# The tiny SDXL's recipe differs in the UNet stage only (smaller batches: it was trained on a shared CPU).
+FAMILY_RECIPES = {"sd": {}, "sdxl": {"unet_steps": 3200, "unet_batch_size": 32}}
+
+
+def base_recipe(family: str = "sd", **overrides: object) -> BaseRecipe:
+    """The embedded model's recipe of a family, with overrides.
+
+    Args:
+        family: "sd" or "sdxl".
+        **overrides: ``BaseRecipe`` fields to change.
+
+    Returns:
+        The recipe.
+
+    Raises:
+        ValueError: When ``family`` is neither "sd" nor "sdxl".
+    """
+    if family not in FAMILY_RECIPES:
+        raise ValueError(f"build-base: family must be one of {', '.join(FAMILY_RECIPES)}, not {family!r}")
+    return BaseRecipe(**{**FAMILY_RECIPES[family], **overrides})
 
 
 def held_out_combinations(every: int = 10) -> list[tuple[str, str, str]]:
@@ -260,37 +288,48 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256
 
 
 def train_unet_and_text_encoder(recipe: BaseRecipe, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
-                                log: dict) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Stage 2: train the UNet and text encoder jointly (epsilon prediction) on captioned plain shapes.
+                                log: dict, family: str = "sd") -> tuple[UNet2DConditionModel, list[CLIPTextModel]]:
+    """Stage 2: train the UNet and text encoder(s) jointly (epsilon prediction) on captioned plain shapes.
 
-    Sets the VAE's ``scaling_factor`` to 1 / std of the training latents first.
+    SD: sets the VAE's ``scaling_factor`` to 1 / std of the training latents first. SDXL: keeps the
+    VAE's (the tiny SD's) and conditions as SDXL does (``conditioning.text_states`` of both encoders,
+    size ``time_ids`` ``tiny_sdxl.TIME_IDS``: the images are drawn at the training size, uncropped).
 
     Args:
         recipe: The hyperparameters.
-        vae: The trained VAE; its config gets the scaling factor.
-        tokenizer: The embedded tokenizer.
+        vae: The trained VAE; for SD its config gets the scaling factor.
+        tokenizer: The embedded tokenizer (of every encoder).
         log: Build record; gets "scaling_factor" and "unet": final loss EMA.
+        family: "sd" or "sdxl".
 
     Returns:
-        The trained UNet and text encoder, in eval mode.
+        The trained UNet and text encoders (one for SD, two for SDXL), in eval mode.
     """
     rng = np.random.default_rng([recipe.seed, 3])
     images, captions = shapes_dataset(rng, recipe.unet_images, training_combinations(recipe.held_out_every))
     means, stds = encode_latents(vae, images)
-    scaling = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if family == "sdxl":
+        scaling = float(vae.config.scaling_factor)
+    else:
+        scaling = float(1.0 / means.std())
+        vae.register_to_config(scaling_factor=scaling)
     log["scaling_factor"] = scaling
 
     torch.manual_seed(recipe.seed)
-    unet = tiny_sd.new_unet().train()
-    text_encoder = tiny_sd.new_text_encoder(tokenizer).train()
+    if family == "sdxl":
+        unet = tiny_sdxl.new_unet().train()
+        encoders = [e.train() for e in tiny_sdxl.new_text_encoders(tokenizer)]
+        time_ids = torch.tensor(tiny_sdxl.TIME_IDS, dtype=torch.float32)
+    else:
+        unet = tiny_sd.new_unet().train()
+        encoders = [tiny_sd.new_text_encoder(tokenizer).train()]
     tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids
     noise_scheduler = tiny_sd.new_scheduler()
     alphas = noise_scheduler.alphas_cumprod
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + [p for e in encoders for p in e.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
     gen = generator(recipe.seed)
     ema = None
@@ -307,8 +346,9 @@ def train_unet_and_text_encoder(recipe: BaseRecipe, vae: AutoencoderKL, tokenize
         t = torch.randint(0, len(alphas), (len(idx),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         xt = noisy_latents(x0, eps, t, alphas)
-        cond = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, eps)
+        states = text_states(encoders, [ids] * len(encoders), family)
+        cond = Conditioning(*states, time_ids.expand(len(idx), 6)) if family == "sdxl" else states
+        loss = F.mse_loss(unet(xt, t, **unet_kwargs(cond, xt.dtype)).sample, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -316,10 +356,24 @@ def train_unet_and_text_encoder(recipe: BaseRecipe, vae: AutoencoderKL, tokenize
         ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}")
     log["unet"] = {"final_loss_ema": ema}
-    return unet.eval(), text_encoder.eval()
+    return unet.eval(), [e.eval() for e in encoders]
 
 
-def build_base(out: Path, recipe: BaseRecipe | None = None) -> dict:
+def _embedded_vae_and_tokenizer(log: dict) -> tuple[AutoencoderKL, CLIPTokenizer]:
+    """The embedded tiny SD's trained VAE and tokenizer (the tiny SDXL's), noted in the build record."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from ..models.fingerprint import model_fingerprint
+    from ..models.loading import embedded_base_path
+
+    base = embedded_base_path()
+    log["vae_and_tokenizer_from"] = {"model": "embedded tiny-sd", "fingerprint": model_fingerprint(base)}
+    vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True)
+    return vae, CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+
+
+def build_base(out: Path, recipe: BaseRecipe | None = None, family: str = "sd") -> dict:
     """Train the embedded model from scratch and save it as a diffusers folder at ``out``.
 
     The folder is written beside ``out`` first and replaces it (an existing ``out`` is deleted) only
@@ -327,26 +381,38 @@ def build_base(out: Path, recipe: BaseRecipe | None = None) -> dict:
 
     Args:
         out: The model folder to write.
-        recipe: The hyperparameters; None: ``BaseRecipe()``.
+        recipe: The hyperparameters; None: the family's (``base_recipe``).
+        family: "sd": the tiny SD; "sdxl": the tiny SDXL, on the embedded tiny SD's VAE and tokenizer.
 
     Returns:
-        The build record: the recipe, stage losses, scaling factor, timings and the held-out
+        The build record: the family, the recipe, stage losses, scaling factor, timings and the held-out
         combinations with the model's text-to-image accuracy on them.
+
+    Raises:
+        ValueError: When ``family`` is neither "sd" nor "sdxl".
     """
     from .quality import text_to_image_accuracy
 
-    recipe = recipe or BaseRecipe()
+    if family not in ("sd", "sdxl"):
+        raise ValueError(f"build_base: family must be 'sd' or 'sdxl', not {family!r}")
+    recipe = recipe or base_recipe(family)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    log: dict = {"recipe": asdict(recipe)}
+    log: dict = {"family": family, "recipe": asdict(recipe)}
     start = time.time()
-    combos = training_combinations(recipe.held_out_every)
-    corpus = [caption_of(*c) for c in combos]
-    tokenizer = build_clip_tokenizer(corpus, tiny_sd.MAX_TOKENS, num_merges=recipe.tokenizer_merges)
-    vae = train_vae(recipe, log)
-    log["vae_seconds"] = time.time() - start
-    unet, text_encoder = train_unet_and_text_encoder(recipe, vae.eval(), tokenizer, log)
+    if family == "sdxl":
+        vae, tokenizer = _embedded_vae_and_tokenizer(log)
+    else:
+        combos = training_combinations(recipe.held_out_every)
+        corpus = [caption_of(*c) for c in combos]
+        tokenizer = build_clip_tokenizer(corpus, tiny_sd.MAX_TOKENS, num_merges=recipe.tokenizer_merges)
+        vae = train_vae(recipe, log)
+        log["vae_seconds"] = time.time() - start
+    unet, encoders = train_unet_and_text_encoder(recipe, vae.eval(), tokenizer, log, family)
     log["total_train_seconds"] = time.time() - start
-    pipe = tiny_sd.assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    if family == "sdxl":
+        pipe = tiny_sdxl.assemble_pipeline(vae, tuple(encoders), tokenizer, unet)
+    else:
+        pipe = tiny_sd.assemble_pipeline(vae, encoders[0], tokenizer, unet)
     log["held_out_accuracy"] = text_to_image_accuracy(
         pipe, held_out_combinations(recipe.held_out_every), seeds=recipe.eval_seeds,
         steps=recipe.eval_steps, guidance=recipe.eval_guidance)
@@ -356,7 +422,9 @@ def build_base(out: Path, recipe: BaseRecipe | None = None) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    tiny_sd.write_portable_text_encoder(tmp / "text_encoder")
+    for name in ("text_encoder", "text_encoder_2"):
+        if (tmp / name).is_dir():
+            tiny_sd.write_portable_text_encoder(tmp / name)
     (tmp / "das_sd_build.json").write_text(json.dumps(log, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -52,29 +52,50 @@ def _record_matches(lora_dir: Path, base_fp: str, data_fp: str) -> bool:
                 and record.get("base_fingerprint") == base_fp and record.get("dataset_fingerprint") == data_fp)
 
 
-def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_store: bool = True) -> dict:
+def family_suffix(family: str) -> str:
+    """The suffix of a family's folders in the demo home: the tiny SD's keep the plain names.
+
+    Args:
+        family: "sd" or "sdxl".
+
+    Returns:
+        "" for "sd", "-sdxl" for "sdxl".
+    """
+    return "" if family == "sd" else f"-{family}"
+
+
+def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_store: bool = True,
+                 family: str = "sd") -> dict:
     """Write the demo data if missing, find (or train) the matching demo LoRA and build the demo
     feature store and its index (resuming or skipping what is already there).
+
+    Both families share the demo data; each has its own LoRA and store folders in the demo home
+    (``lora`` / ``store`` for the tiny SD, ``lora-sdxl`` / ``store-sdxl`` for the tiny SDXL).
 
     Args:
         workdir: The demo's working folder; None: ``demo_home()``'s default.
         progress: Show progress bars (LoRA training, featurizing).
         with_store: Also build the store; False leaves it to first use (the app does).
+        family: "sd": on the embedded tiny SD; "sdxl": on the embedded tiny SDXL.
 
     Returns:
         Paths as strings: "base", "lora" (the weights file), "data", "ground_truth", "workdir" and,
-        with ``with_store``, "store".
+        with ``with_store``, "store"; and "family".
+
+    Raises:
+        ValueError: When ``family`` is neither "sd" nor "sdxl".
     """
+    base = embedded_base_path(family)  # checks the family first
+    suffix = family_suffix(family)
     home = demo_home(workdir)
     data = home / "data"
     if not (data / "metadata.jsonl").is_file():
         make_demo_data(data, overwrite=True)
     dataset = open_dataset(data)
-    base = embedded_base_path()
     base_fp, data_fp = model_fingerprint(base), dataset.fingerprint()
-    lora_dir = embedded_demo_lora_path()
+    lora_dir = embedded_demo_lora_path(family)
     if not _record_matches(lora_dir, base_fp, data_fp):
-        lora_dir = home / "lora"
+        lora_dir = home / f"lora{suffix}"
         if not _record_matches(lora_dir, base_fp, data_fp):
             train_lora(base, dataset, lora_dir, LoraRecipe(), progress=progress)
     paths = {
@@ -83,9 +104,11 @@ def prepare_demo(workdir: str | Path | None = None, progress: bool = True, with_
         "data": str(data),
         "ground_truth": str(data / "ground_truth.json"),
         "workdir": str(home),
+        "family": family,
     }
     if with_store:
-        paths["store"] = str(build_demo_store(dataset, base, lora_dir / LORA_WEIGHT_NAME, home / "store", progress))
+        paths["store"] = str(build_demo_store(dataset, base, lora_dir / LORA_WEIGHT_NAME, home / f"store{suffix}",
+                                                progress))
     return paths
 
 

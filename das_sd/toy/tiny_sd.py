@@ -124,7 +124,8 @@ def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer
 
 
 def write_portable_text_encoder(folder: str | Path) -> None:
-    """Rewrite a saved CLIPTextModel's keys in the classic ``text_model.*`` layout.
+    """Rewrite a saved CLIPTextModel's (or CLIPTextModelWithProjection's) keys in the classic
+    ``text_model.*`` (and ``text_projection.*``) layout.
 
     Recent transformers save CLIPTextModel without the ``text_model.`` prefix; older releases
     (5.5, which InvokeAI pins, and every 4.x) do not recognise those keys and silently initialise a
@@ -136,7 +137,9 @@ def write_portable_text_encoder(folder: str | Path) -> None:
     file = Path(folder) / "model.safetensors"
     with safe_open(str(file), framework="pt") as fh:
         metadata = fh.metadata()
-        tensors = {("" if k.startswith("text_model.") else "text_model.") + k: fh.get_tensor(k) for k in fh.keys()}
+        # CLIPTextModelWithProjection's projection sits beside text_model, unprefixed, in every release
+        tensors = {("" if k.startswith(("text_model.", "text_projection.")) else "text_model.") + k: fh.get_tensor(k)
+                   for k in fh.keys()}
     tmp = file.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(file)
