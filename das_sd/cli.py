@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("train-lora", help="fine-tune a LoRA on a dataset (deterministic for a seed)")
-    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x folder or single-file .safetensors "
+    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x or SDXL folder or single-file .safetensors "
                    "checkpoint (default: the embedded tiny SD)")
     _add_dataset_flags(p)
     p.add_argument("--out", required=True, help="output folder (pytorch_lora_weights.safetensors + lora_record.json)")
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--num-images", type=positive_int, default=1)
-    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x folder or single-file .safetensors "
+    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x or SDXL folder or single-file .safetensors "
                    "checkpoint (default: the embedded tiny SD)")
     p.add_argument("--lora", default=None, help="LoRA file or folder (diffusers, peft or kohya safetensors)")
     p.add_argument("--lora-scale", type=float, default=1.0)
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("featurize", help="compute the training set's attribution features into a store (resumable)")
-    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x folder or single-file .safetensors "
+    p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x or SDXL folder or single-file .safetensors "
                    "checkpoint (default: the embedded tiny SD)")
     p.add_argument("--lora", default=None, help="the LoRA trained on --data (file or folder); required, "
                    "except with --merge (the parts carry the model)")
