@@ -40,12 +40,13 @@ def _layers(pipe):
                 yield model, name, module
 
 
-def sgm_kohya_file(pipe, seed: int = 0):
-    """An sd-scripts SDXL file, float64, each layer with its own rank and alpha; and the update of each layer."""
+def sgm_kohya_file(pipe, seed: int = 0, ranks: tuple = (2, 4, 3), alphas: tuple = (1.0, 6.0, 2.5, 4.0)):
+    """An sd-scripts SDXL file, float64, the layers' ranks and alphas cycling through ``ranks`` and
+    ``alphas``; and the update of each layer."""
     g = torch.Generator().manual_seed(seed)
     state, expected = {}, {}
     for i, (model, name, module) in enumerate(_layers(pipe)):
-        rank, alpha = (2, 4, 3)[i % 3], (1.0, 6.0, 2.5, 4.0)[i % 4]
+        rank, alpha = ranks[i % len(ranks)], alphas[i % len(alphas)]
         if isinstance(module, torch.nn.Conv2d):
             down = torch.randn(rank, module.in_channels, *module.kernel_size, generator=g, dtype=torch.float64)
             up = torch.randn(module.out_channels, rank, 1, 1, generator=g, dtype=torch.float64)
@@ -126,6 +127,20 @@ def test_sd_scripts_sdxl_file_loads_each_layer_with_its_rank_and_alpha(sdxl_base
     assert_same_updates(loaded_updates(pipe), expected)
     base = outputs(load_pipeline(sdxl_base, device="cpu", dtype=torch.float64))
     assert_same_outputs(outputs(pipe), outputs(merged_by_hand(sdxl_base, expected)), base)
+
+
+def test_diffusers_own_sgm_conversion_places_every_layer_where_das_sd_does(sdxl_base, tmp_path):
+    """With one rank and alpha for all layers (diffusers' kohya conversion gives attention layers the
+    file's most common alpha, not their own), diffusers' load_lora_weights, with its own SGM -> diffusers
+    renaming, loads the same update into every layer as das-sd: an independent check of the names."""
+    pipe = load_pipeline(sdxl_base, device="cpu", dtype=torch.float64)
+    state, expected = sgm_kohya_file(pipe, seed=5, ranks=(4,), alphas=(6.0,))
+    save_file(state, str(tmp_path / "uniform.safetensors"))
+    load_lora(pipe, tmp_path / "uniform.safetensors")
+    assert_same_updates(loaded_updates(pipe), expected)
+    theirs = load_pipeline(sdxl_base, device="cpu", dtype=torch.float64)
+    theirs.load_lora_weights(str(tmp_path), weight_name="uniform.safetensors", adapter_name="default")
+    assert_same_updates(loaded_updates(theirs), expected)
 
 
 def test_export_to_kohya_writes_sd_scripts_sdxl_names_and_round_trips(sdxl_base, tmp_path):

@@ -89,7 +89,7 @@ def resolve_base(base: str | Path | None) -> Path:
     anything is loaded from it.
 
     Args:
-        base: A pipeline folder or a single-file SD 1.x / 2.x ``.safetensors`` checkpoint
+        base: A pipeline folder or a single-file SD 1.x / 2.x or SDXL ``.safetensors`` checkpoint
             (das_sd.models.single_file); None, "" or "embedded" for the embedded tiny SD.
 
     Returns:
