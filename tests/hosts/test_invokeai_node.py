@@ -196,3 +196,33 @@ def test_node_without_a_prompt_fails_with_a_clear_error(invokeai, query, demo):
 
     typed = run_node(client, name, demo["store"], prompt=PROMPT, top_k=1)  # typing the prompt fixes it
     assert typed["status"] == "completed", typed
+
+
+# ---- SDXL (not yet run against a real server: needs .ci/run's build/host-invokeai-6.14.2 venv) ----
+
+def test_node_attributes_an_sdxl_generation_and_refuses_another_family(invokeai, sdxl_demo, query, demo):
+    """An SDXL image whose metadata names an SDXL main model: attributed as InvokeAI's SDXL graphs
+    condition (original = target = its size, no crop); metadata of an SD 1.x model is refused for the
+    SDXL store (and the SD store refuses SDXL metadata), the message naming the store."""
+    client, _ = invokeai
+    reference = Attributor(sdxl_demo["store"], device="cpu")
+    image = generate(reference.pipe, GenerationSettings(prompt=PROMPT, seed=12)).images[0]
+    sdxl_model = {"key": "k-xl", "hash": "blake3:1", "name": "tiny-sdxl", "base": "sdxl", "type": "main"}
+    name = upload(client, image, {"positive_prompt": PROMPT, "model": sdxl_model})
+    item = run_node(client, name, str(sdxl_demo["store"]))
+    assert item["status"] == "completed", item.get("error_traceback") or item
+    (output,) = item["session"]["results"].values()
+    got = json.loads(output["scores_json"])["attributions"][0]["results"]
+    expected = attribute_pil(reference, image, PROMPT, "das", TOP_K)
+    assert [r["key"] for r in got] == [r.key for r in expected.results]
+    np.testing.assert_allclose([r["score"] for r in got], [r.score for r in expected.results], rtol=1e-3)
+
+    sd_model = {**sdxl_model, "name": "tiny-sd", "base": "sd-1"}
+    refused = run_node(client, upload(client, image, {"positive_prompt": PROMPT, "model": sd_model}),
+                       str(sdxl_demo["store"]))
+    message = refused["error_message"] + (refused.get("error_traceback") or "")
+    assert refused["status"] == "failed" and f"store {sdxl_demo['store']} was built for an SDXL model" in message
+    assert "main model 'tiny-sd' is SD 1.x / 2.x" in message
+    _, sd_image = query
+    refused = run_node(client, upload(client, sd_image, {"positive_prompt": PROMPT, "model": sdxl_model}), demo["store"])
+    assert refused["status"] == "failed" and "is SDXL" in refused["error_message"] + (refused.get("error_traceback") or "")
