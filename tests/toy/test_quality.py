@@ -1,7 +1,7 @@
 """The embedded model must work as a text-to-image model on prompts it was never trained on."""
 
-
 import pytest
+
 from das_sd.toy.build_base import held_out_combinations, training_combinations
 from das_sd.toy.quality import text_to_image_accuracy
 
