@@ -8,6 +8,7 @@ from pathlib import Path
 
 from das_sd.cli import main
 from das_sd.toy.demo_data import DemoConfig, make_demo_data
+from das_sd.toy.tiny_sd import write_portable_text_encoder
 from sd_layouts import save_pipeline, sdxl_pipeline
 
 RESOLUTION = 16  # the SDXL layout's native size: sample_size 8 times the VAE's factor 2
@@ -23,6 +24,8 @@ def build_sdxl_store(root: Path) -> dict:
         {"base", "lora", "data", "store"}: their paths (the LoRA's weights file under "lora_file").
     """
     base = save_pipeline(sdxl_pipeline(), root / "sdxl-base")
+    for encoder in ("text_encoder", "text_encoder_2"):  # readable by older transformers too (InvokeAI's 5.5)
+        write_portable_text_encoder(base / encoder)
     data = make_demo_data(root / "data", DemoConfig(images_per_style=1, exemplars_per_group=1))
     lora, store = root / "lora", root / "store"
     assert main(["train-lora", "--base", str(base), "--data", str(data), "--out", str(lora), "--steps", "5",

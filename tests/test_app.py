@@ -326,6 +326,9 @@ def test_browser_newcomer_generates_from_an_example_and_inspects(served_store, r
         # click an example: it fills the prompt; Generate shows 8 training images with their shares
         chosen = next(e for e in listed.splitlines() if e.strip().startswith(triggers[1] + ",")).strip()
         examples.get_by_text(chosen, exact=True).click()
+        # Gradio fills the prompt from the server's answer to the click: wait for it, then check it
+        page.wait_for_function("v => document.querySelector('#prompt textarea').value === v", arg=chosen,
+                               timeout=30_000)
         assert prompt.input_value() == chosen
         page.locator("#generate").click()
         page.wait_for_function("document.querySelectorAll('#attribution-0 img').length >= 8", timeout=300_000)

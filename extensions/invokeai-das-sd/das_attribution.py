@@ -34,6 +34,7 @@ from das_sd.registry import DEFAULT_METHOD, METHOD_NAMES
 MethodName = Literal[METHOD_NAMES]
 # InvokeAI's BaseModelType values -> das-sd's model families; other bases (flux, sd-3, ...) are named as they are
 FAMILIES = {"sd-1": "sd", "sd-2": "sd", "sdxl": "sdxl"}
+UNTOLD_BASES = ("any", "unknown")  # InvokeAI's bases that claim no family
 
 
 @invocation_output("das_attribution_output")
@@ -69,9 +70,12 @@ def metadata_loras(context: InvocationContext, metadata: dict) -> tuple[list[str
 
 
 def base_family(model: object) -> str | None:
-    """The das-sd family of a metadata model entry's "base"; None when it has none."""
+    """The das-sd family of a metadata model entry's "base"; None when it has none or InvokeAI could
+    not tell ("any", "unknown": its probe gives those to LoRAs it cannot place, e.g. small ones)."""
     base = model.get("base") if isinstance(model, dict) else None
-    return FAMILIES.get(base, base) if isinstance(base, str) and base else None
+    if not isinstance(base, str) or base in UNTOLD_BASES or not base:
+        return None
+    return FAMILIES.get(base, base)
 
 
 def check_families(attributor, metadata: dict, files: dict[str, Path]) -> None:
