@@ -48,7 +48,7 @@ def plot_lambda(results: dict, out: Path) -> None:
         if c["chosen_rho"] is not None:
             ax.axvline(c["chosen_rho"], color="grey", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("rho (lambda = rho trace / k)")
+        ax.set_xlabel("rho (lambda = rho trace / min(N, k))")
         ax.set_title(name)
     axes[0][0].set_ylabel("LDS")
     axes[0][-1].legend(fontsize=7)

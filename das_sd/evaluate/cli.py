@@ -132,7 +132,7 @@ def _lds_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive_int, default=1, help="LoRAs per subset (seeds), outputs averaged")
     p.add_argument("--tune-fraction", type=float, default=0.5,
                    help="share of each query set held out to choose lambda (never reported)")
-    p.add_argument("--rho-grid", type=positive_float_list, default=None, help="comma-separated rho values for lambda = rho trace / k "
+    p.add_argument("--rho-grid", type=positive_float_list, default=None, help="comma-separated rho values for lambda = rho trace / min(N, k) "
                    "(default 0.1,1,10,100,1000,10000)")
     p.add_argument("--output-timesteps", type=positive_int, default=50)
     p.add_argument("--output-noise-draws", type=positive_int, default=4)

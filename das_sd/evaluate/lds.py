@@ -58,7 +58,7 @@ class LDSSettings:
         bootstrap: Resamples of the queries for the 95 % interval.
         tune_fraction: Share of each query set held out to choose lambda (never reported); 0: no tune part.
         split_seed: Seed of the tune / reported split of each query set.
-        rho_grid: The rho tried for each kernel method (lambda = rho trace / k).
+        rho_grid: The rho tried for each kernel method (lambda = rho trace / min(N, k), das_sd.ridge).
     """
     subsets: int = 16  # M (the papers use 64)
     fraction: float = 0.5
@@ -70,7 +70,7 @@ class LDSSettings:
     bootstrap: int = 1000
     tune_fraction: float = 0.5  # of each query set, held out to choose lambda (never reported)
     split_seed: int = 0
-    rho_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # lambda = rho trace / k
+    rho_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # lambda = rho trace / min(N, k)
 
 
 def draw_subsets(n: int, settings: LDSSettings) -> np.ndarray:

@@ -80,8 +80,9 @@ class BaseRecipe:
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1])
 
 
-# The tiny SDXL's recipe differs in the UNet stage only (smaller batches: it was trained on a shared CPU).
-FAMILY_RECIPES = {"sd": {}, "sdxl": {"unet_steps": 3200, "unet_batch_size": 32}}
+# One recipe for both families: the tiny SDXL differs in architecture only (it reuses the tiny SD's VAE
+# and tokenizer, so its VAE stage is skipped). 3200 steps of 32 left it at held-out accuracy 0.21.
+FAMILY_RECIPES: dict[str, dict] = {"sd": {}, "sdxl": {}}
 
 
 def base_recipe(family: str = "sd", **overrides: object) -> BaseRecipe:

@@ -109,12 +109,13 @@ def run_node(client, image_name: str, store: str, **inputs) -> dict:
     pytest.fail(f"queue item {item_id} did not finish in 300 s")
 
 
-def install_lora(client, path: Path) -> dict:
-    """Register a LoRA file with InvokeAI's model manager (in place), as a user would."""
+def install_model(client, path: Path) -> dict:
+    """Register a model file or folder with InvokeAI's model manager (in place), as a user would;
+    InvokeAI's probe decides its type and base. Returns the metadata entry InvokeAI's graphs write."""
     response = client.post("/api/v2/models/install", params={"source": str(path), "inplace": "true"}, json={})
     response.raise_for_status()
     job = response.json()["id"]
-    for _ in range(120):
+    for _ in range(240):
         job_state = client.get(f"/api/v2/models/install/{job}").json()
         if job_state["status"] in ("completed", "error"):
             assert job_state["status"] == "completed", job_state
@@ -122,7 +123,7 @@ def install_lora(client, path: Path) -> dict:
             return {"key": config["key"], "hash": config["hash"], "name": config["name"],
                     "base": config["base"], "type": config["type"]}
         time.sleep(0.5)
-    pytest.fail("the LoRA install job did not finish")
+    pytest.fail(f"the install job of {path} did not finish")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_node_attributes_an_uploaded_generation(invokeai, query, demo, tmp_path)
     attributor, image = query
     lora_copy = tmp_path / "demo_style.safetensors"
     shutil.copy(demo["lora"], lora_copy)
-    lora = install_lora(client, lora_copy)
+    lora = install_model(client, lora_copy)
     name = upload(client, image, {"positive_prompt": PROMPT, "seed": 11, "loras": [{"model": lora, "weight": 1.0}]})
 
     item = run_node(client, name, demo["store"])
@@ -198,31 +199,61 @@ def test_node_without_a_prompt_fails_with_a_clear_error(invokeai, query, demo):
     assert typed["status"] == "completed", typed
 
 
-# ---- SDXL (not yet run against a real server: needs .ci/run's build/host-invokeai-6.14.2 venv) ----
+# ---- SDXL: a model and LoRA InvokeAI itself recognises as SDXL, installed through its model manager ----
 
-def test_node_attributes_an_sdxl_generation_and_refuses_another_family(invokeai, sdxl_demo, query, demo):
-    """An SDXL image whose metadata names an SDXL main model: attributed as InvokeAI's SDXL graphs
-    condition (original = target = its size, no crop); metadata of an SD 1.x model is refused for the
-    SDXL store (and the SD store refuses SDXL metadata), the message naming the store."""
+@pytest.fixture(scope="module")
+def sdxl_installed(invokeai, tmp_path_factory):
+    """An SDXL-layout pipeline folder with SDXL's text-encoder widths (768 + 1280: the UNet's
+    cross-attention width 2048 is what InvokeAI's probe reads to call a model SDXL), its LoRA exported
+    to kohya's SDXL naming (the single file sd-scripts writes) and a store built from that file; the
+    folder and the file installed through InvokeAI's model manager API."""
+    from sdxl_store import build_sdxl_store
+
     client, _ = invokeai
-    reference = Attributor(sdxl_demo["store"], device="cpu")
+    demo = build_sdxl_store(tmp_path_factory.mktemp("sdxl-invokeai"), text_widths=(768, 1280), kohya=True)
+    return demo | {"main": install_model(client, demo["base"]), "lora_model": install_model(client, demo["lora_file"])}
+
+
+def test_invokeai_installs_the_sdxl_model_and_lora_as_sdxl(sdxl_installed):
+    assert (sdxl_installed["main"]["type"], sdxl_installed["main"]["base"]) == ("main", "sdxl")
+    assert (sdxl_installed["lora_model"]["type"], sdxl_installed["lora_model"]["base"]) == ("lora", "sdxl")
+
+
+def test_node_attributes_an_sdxl_generation_of_installed_models(invokeai, sdxl_installed):
+    """An SDXL image whose metadata names the installed SDXL main model and LoRA: the LoRA resolves,
+    through InvokeAI's model records, to the store's file (no warning); the scores are das-sd's own,
+    with the size conditioning InvokeAI's SDXL graphs use (original = target = the image's size)."""
+    client, _ = invokeai
+    store = str(sdxl_installed["store"])
+    reference = Attributor(store, device="cpu")
     image = generate(reference.pipe, GenerationSettings(prompt=PROMPT, seed=12)).images[0]
-    sdxl_model = {"key": "k-xl", "hash": "blake3:1", "name": "tiny-sdxl", "base": "sdxl", "type": "main"}
-    name = upload(client, image, {"positive_prompt": PROMPT, "model": sdxl_model})
-    item = run_node(client, name, str(sdxl_demo["store"]))
+    metadata = {"positive_prompt": PROMPT, "model": sdxl_installed["main"],
+                "loras": [{"model": sdxl_installed["lora_model"], "weight": 1.0}]}
+    item = run_node(client, upload(client, image, metadata), store)
     assert item["status"] == "completed", item.get("error_traceback") or item
     (output,) = item["session"]["results"].values()
-    got = json.loads(output["scores_json"])["attributions"][0]["results"]
+    payload = json.loads(output["scores_json"])
+    assert payload["warning"] is None
+    got = payload["attributions"][0]["results"]
     expected = attribute_pil(reference, image, PROMPT, "das", TOP_K)
     assert [r["key"] for r in got] == [r.key for r in expected.results]
     np.testing.assert_allclose([r["score"] for r in got], [r.score for r in expected.results], rtol=1e-3)
 
-    sd_model = {**sdxl_model, "name": "tiny-sd", "base": "sd-1"}
-    refused = run_node(client, upload(client, image, {"positive_prompt": PROMPT, "model": sd_model}),
-                       str(sdxl_demo["store"]))
-    message = refused["error_message"] + (refused.get("error_traceback") or "")
-    assert refused["status"] == "failed" and f"store {sdxl_demo['store']} was built for an SDXL model" in message
-    assert "main model 'tiny-sd' is SD 1.x / 2.x" in message
+
+def test_stores_refuse_installed_models_of_another_family(invokeai, sdxl_installed, query, demo):
+    """Metadata of an SD 1.x main model is refused by the SDXL store; the SD store refuses the
+    installed SDXL main model and, alone, the installed SDXL LoRA; each message names the store."""
+    client, _ = invokeai
+    store = str(sdxl_installed["store"])
     _, sd_image = query
-    refused = run_node(client, upload(client, sd_image, {"positive_prompt": PROMPT, "model": sdxl_model}), demo["store"])
-    assert refused["status"] == "failed" and "is SDXL" in refused["error_message"] + (refused.get("error_traceback") or "")
+    sd_model = {**sdxl_installed["main"], "name": "tiny-sd", "base": "sd-1"}
+    refused = run_node(client, upload(client, sd_image, {"positive_prompt": PROMPT, "model": sd_model}), store)
+    message = refused["error_message"] + (refused.get("error_traceback") or "")
+    assert refused["status"] == "failed" and f"store {store} was built for an SDXL model" in message
+    assert "main model 'tiny-sd' is SD 1.x / 2.x" in message
+
+    for metadata in ({"positive_prompt": PROMPT, "model": sdxl_installed["main"]},
+                     {"positive_prompt": PROMPT, "loras": [{"model": sdxl_installed["lora_model"], "weight": 1.0}]}):
+        refused = run_node(client, upload(client, sd_image, metadata), demo["store"])
+        message = refused["error_message"] + (refused.get("error_traceback") or "")
+        assert refused["status"] == "failed" and "is SDXL" in message and demo["store"] in message
