@@ -36,7 +36,8 @@ from .registry import DEFAULT_METHOD, FAMILY_NAMES, METHODS, Method, method
 from .score import latent_similarity, ranking, raw_scores, train_vectors
 from .shares import credit_shares, share_text
 from .topk import TopK, stream_topk
-from .store import FeatureStore, StoreError, identity_with_defaults
+from .store import FeatureStore, StoreError
+from .store_manifest import identity_with_defaults
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -545,7 +546,7 @@ def attribute_file(store: str | Path, image: str | Path, prompt: str | None = No
         ValueError: If the method is unknown or needs a feature set this store lacks.
     """
     from . import generation
-    from .store import MANIFEST
+    from .store_manifest import MANIFEST
     from .store_integrity import require_identity
 
     opened = FeatureStore.open(store)

@@ -16,7 +16,8 @@ import torch
 
 from ..data.datasets import Dataset, open_dataset
 from ..registry import AUTOCAST_DTYPES, DEFAULT_AUTOCAST, FEATURE_SETS, check_choice
-from ..store import MANIFEST, FeatureStore, Row, StoreError, blocks_of
+from ..store import FeatureStore, StoreError
+from ..store_manifest import MANIFEST, Row, blocks_of
 from .settings import FeaturizerSettings
 
 PARTS = "parts"

@@ -20,7 +20,8 @@ from ..data.datasets import Dataset
 from ..io import printable
 from ..registry import INDEX_DTYPES, check_choice
 from ..score import LambdaRule, build_indexes, refresh_indexes
-from ..store import MANIFEST, FeatureStore
+from ..store import FeatureStore
+from ..store_manifest import MANIFEST
 from .build import featurize_dataset
 from .plan import FeaturizeJob, autocast_dtype, parse_part
 from .settings import FeaturizerSettings

@@ -31,7 +31,7 @@ from .rollup import (NORMALISATION, SIGNED_NORMALISATION, GroupCredit, ImageCred
 from .signals import DUPLICATE_SIMILARITY, OUTLIER_Z, ImageSignals, image_signals
 
 if TYPE_CHECKING:
-    from ..store import Row
+    from ..store_manifest import Row
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..attribute import Attributor
 from ..io import open_regular, read_safetensors_header
 from ..registry import FAMILY_NAMES
-from ..store import identity_with_defaults
+from ..store_manifest import identity_with_defaults
 
 # SD 1.x / 2.x UNets have one transformer block per attention; SDXL's have 2 and 10 in the deeper
 # levels, so a LoRA key on block 1 or later is an SDXL UNet's (any key style writes the index so).
