@@ -66,7 +66,9 @@ def main() -> None:
     from das_sd.evaluate.ablations import run_ablations
     from das_sd.evaluate.counterfactual import CounterfactualSettings, run_counterfactual
     from das_sd.evaluate.groundtruth import evaluate_ground_truth
-    from das_sd.evaluate.lds import LDSSettings, gen_queries, run_lds, val_queries
+    from das_sd.evaluate.lds import run_lds
+    from das_sd.evaluate.lds_queries import gen_queries, val_queries
+    from das_sd.evaluate.lds_settings import LDSSettings
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def metrics(t: torch.Tensor, keys: list[str], queries: list, relevant: dict) -> 
 
 def agreement(t: torch.Tensor, exact: torch.Tensor) -> dict:
     """Mean over queries of Spearman(t^2, exact t^2) and of the top-10 overlap."""
-    from das_sd.evaluate.lds import spearman
+    from das_sd.evaluate.lds_stats import spearman
 
     rhos, overlaps = [], []
     for a, b in zip(t.double().pow(2), exact.double().pow(2)):

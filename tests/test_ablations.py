@@ -10,7 +10,9 @@ from das_sd.attribute import Attributor
 from das_sd.data.datasets import open_dataset
 from das_sd.evaluate.ablations import run_ablations
 from das_sd.evaluate.groundtruth import evaluate_ground_truth
-from das_sd.evaluate.lds import LDSSettings, run_lds, val_queries
+from das_sd.evaluate.lds import run_lds
+from das_sd.evaluate.lds_queries import val_queries
+from das_sd.evaluate.lds_settings import LDSSettings
 from helpers import store_arrays, tiny_attributed_store, write_imagefolder
 
 

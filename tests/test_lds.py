@@ -1,4 +1,4 @@
-"""The LDS instrument (das_sd/evaluate/lds.py) against known answers."""
+"""The LDS instrument (das_sd/evaluate/lds.py and its lds_*.py parts) against known answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from das_sd.attribute import Attributor
-from das_sd.evaluate.lds import LDSSettings, draw_subsets, lds, model_outputs, oracle_scores, run_lds, spearman
+from das_sd.evaluate.lds import run_lds
+from das_sd.evaluate.lds_outputs import model_outputs
+from das_sd.evaluate.lds_settings import LDSSettings
+from das_sd.evaluate.lds_stats import lds, oracle_scores, spearman
+from das_sd.evaluate.lds_subsets import draw_subsets
 from helpers import tiny_attributed_store, torch_threads, write_imagefolder
 
 
@@ -91,7 +95,9 @@ def test_retraining_harness_is_cached_resumable_and_parallel(demo, tmp_path):
     from safetensors.torch import load_file
 
     from das_sd.data.datasets import open_dataset
-    from das_sd.evaluate.lds import LDSQueries, retrain_subsets, retrained_outputs
+    from das_sd.evaluate.lds_outputs import retrained_outputs
+    from das_sd.evaluate.lds_queries import LDSQueries
+    from das_sd.evaluate.lds_subsets import retrain_subsets
     from das_sd.latents import encode_images
     from das_sd.models.loading import load_pipeline
     from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, train_lora
@@ -187,7 +193,7 @@ def test_retraining_on_a_local_ray_cluster_gives_the_same_loras(demo, tmp_path):
     from safetensors.torch import load_file
 
     from das_sd.data.datasets import open_dataset
-    from das_sd.evaluate.lds import retrain_subsets
+    from das_sd.evaluate.lds_subsets import retrain_subsets
     from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe
 
     full = open_dataset(demo["data"])

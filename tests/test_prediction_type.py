@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from das_sd.attribute import Attributor
 from das_sd.data.datasets import open_dataset
-from das_sd.evaluate.lds import LDSSettings, _output_noise, model_outputs
+from das_sd.evaluate.lds_outputs import _output_noise, model_outputs
+from das_sd.evaluate.lds_settings import LDSSettings
 from das_sd.featurize.build import featurize_dataset
 from das_sd.featurize.featurizer import Featurizer
 from das_sd.featurize.gradients import per_row_gradients

@@ -10,7 +10,7 @@ from ..argtypes import method_list, positive_float_list, positive_int
 from .jobs import QuerySources, StoreTarget, ablations_report, counterfactual_report, ground_truth_report, lds_report
 
 if TYPE_CHECKING:
-    from .lds import LDSSettings
+    from .lds_settings import LDSSettings
 
 
 def _target(args: argparse.Namespace) -> StoreTarget:
@@ -22,7 +22,7 @@ def _sources(args: argparse.Namespace) -> QuerySources:
 
 
 def _lds_settings(args: argparse.Namespace) -> LDSSettings:
-    from .lds import LDSSettings
+    from .lds_settings import LDSSettings
 
     return LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
                        tune_fraction=args.tune_fraction, rho_grid=args.rho_grid or LDSSettings.rho_grid,

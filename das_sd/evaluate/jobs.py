@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..attribute import Attributor
     from .counterfactual import CounterfactualSettings
-    from .lds import LDSQueries, LDSSettings
+    from .lds_queries import LDSQueries
+    from .lds_settings import LDSSettings
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class QuerySources:
             ValueError: when neither ``val`` nor ``prompts`` is given, or the prompt file is empty.
         """
         from ..io import read_prompt_file
-        from .lds import gen_queries, val_queries
+        from .lds_queries import gen_queries, val_queries
 
         if not self.val and not self.prompts:
             raise ValueError("give --val DIR (held-out real images) and/or --prompts FILE (generations)")
