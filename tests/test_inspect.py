@@ -329,7 +329,7 @@ def test_a_mapping_that_matches_no_training_image_is_refused(tmp_path):
     dataset's metadata.jsonl, read as CSV): refused with its name, not every image in "(none)"."""
     from types import SimpleNamespace
 
-    from das_sd.inspect.inspection import mapping_coverage, read_group_mapping, training_groups
+    from das_sd.inspect.groups import mapping_coverage, read_group_mapping, training_groups
 
     rows = [SimpleNamespace(key=f"key{i}", path=f"images/{i}.png", caption="a caption") for i in range(3)]
     attributor = SimpleNamespace(rows=rows)

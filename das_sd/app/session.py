@@ -427,7 +427,7 @@ class Workbench:
         Raises:
             ValueError: When the mapping gives no training image a group.
         """
-        from ..inspect.inspection import mapping_coverage
+        from ..inspect.groups import mapping_coverage
 
         try:
             rows = FeatureStore.open(self.config.store).rows()

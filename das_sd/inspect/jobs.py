@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .. import generation
 from ..io import read_prompt_file
-from .inspection import IMAGE_SUFFIXES, Inspection, InspectSettings, Progress, generate_queries, image_queries, \
-    inspect_generations
+from .generations import IMAGE_SUFFIXES, generate_queries, image_queries
+from .inspection import Inspection, InspectSettings, Progress, inspect_generations
 
 
 def inspect_store(store: str | Path, out: str | Path, settings: InspectSettings, prompts: str | Path | None = None,
