@@ -111,7 +111,7 @@ def exact_scores(store, pipe, settings, generations: dict, rhos: list[float], wo
     """rho -> split -> (queries, N) exact das t (scale-free e, leverage on), cached in workdir."""
     from safetensors.torch import load_file, save_file
 
-    from das_sd.attribute import QUERY_NOISE_KEY
+    from das_sd.attribute_queries import QUERY_NOISE_KEY
     from das_sd.latents import encode_prompts
 
     cache = workdir / "exact_features.safetensors"

@@ -44,8 +44,8 @@ _API = {
     "build_indexes": "das_sd.score",
     "METHODS": "das_sd.registry",
     "Attributor": "das_sd.attribute",
-    "Attribution": "das_sd.attribute",
-    "AttributionRow": "das_sd.attribute",
+    "Attribution": "das_sd.attribute_results",
+    "AttributionRow": "das_sd.attribute_results",
     "attribute_file": "das_sd.attribute",
 }
 

@@ -8,11 +8,14 @@ for every query, docs/method.md §4), score.
 A query is a generated image (its prompt read from the PNG metadata, or given) or the pipeline's final
 latents plus prompt, with no VAE round trip. Queries use fixed noise draws, so attributing the same
 query twice gives the same scores.
+
+Here: opening the store and its model, checking them, and scoring. Reading, checking and
+featurizing a query is das_sd.attribute_queries (``Attributor``'s other part); the ranking it
+returns is das_sd.attribute_results's ``Attribution``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,120 +23,27 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.buckets import BucketSpec
-from .data.images import ImageError, image_size, is_fully_transparent, open_image, to_rgb
-from .featurize.featurizer import Featurizer, features_together, store_autocast
-from .featurize.settings import FeaturizerSettings
-from .generation import image_metadata
+from .attribute_queries import AttributorQueries, QueryError
+from .attribute_results import Attribution, AttributionRow
 from .conditioning import Conditioning, model_family
-from .latents import encode_prompts, native_time_ids
-
+from .featurize.featurizer import Featurizer, store_autocast
+from .featurize.settings import FeaturizerSettings
 from .models.fingerprint import lora_fingerprint, model_fingerprint
 from .models.loading import load_lora, load_pipeline
 from .models.probe import pipeline_probes, probe_differences
 from .noising import prediction_type
 from .registry import DEFAULT_METHOD, FAMILY_NAMES, METHODS, Method, method
 from .score import latent_similarity, ranking, raw_scores, train_vectors
-from .shares import credit_shares, share_text
-from .topk import TopK, stream_topk
+from .shares import credit_shares
 from .store import FeatureStore, StoreError
 from .store_manifest import identity_with_defaults
+from .topk import TopK, stream_topk
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 
-class QueryError(ValueError):
-    """A query that cannot be attributed; the message says why."""
-
-
-class MissingPromptError(QueryError):
-    """An image query without a prompt (the app says where to type one, the CLI which flag)."""
-
-
-@dataclass
-class AttributionRow:
-    """One training image in a query's ranking.
-
-    Attributes:
-        rank: 1 for the most influential image.
-        key: The training sample's key in the store.
-        path: Absolute path of the training image.
-        caption: The training caption.
-        score: The method's ranking score (``das_sd.score.ranking``: t^2 for das, t for signed methods).
-        sign: Sign of the signed effect t: +1, -1, or 0.
-        share: The image's share of the query's positive influence over all N training images
-            (``das_sd.shares``, as ``das-sd inspect`` defines it): the number to read; None when
-            not known (a record of an older das-sd).
-    """
-    rank: int
-    key: str
-    path: str  # absolute path of the training image
-    caption: str
-    score: float  # the method's ranking score (das_sd.score.ranking: t^2 for das)
-    sign: int  # sign of the signed effect t (+1 / -1 / 0)
-    share: float | None = None  # share of the positive influence (das_sd.shares)
-
-    def label(self) -> str:
-        """Caption for galleries: rank, share of the influence and the training caption.
-
-        Returns:
-            E.g. ``"#1 · 23.4% · a photo of ..."``; the raw score and sign instead of the share when
-            the share is not known.
-        """
-        return f"#{self.rank} · {share_text(self.share, self.score, self.sign)} · {self.caption}"
-
-
-@dataclass
-class Attribution:
-    """The ranked training images of one query.
-
-    Attributes:
-        method: The method that ranked them (``registry.METHODS``).
-        query: What was attributed: its ``prompt``, and e.g. its ``source`` file or the caller's info.
-        results: The top-k rows, best first.
-        notes: What the user must know to read the ranking, e.g. that the store differentiates only
-            part of the LoRA (``--allow-partial``); empty when nothing.
-    """
-    method: str
-    query: dict
-    results: list[AttributionRow] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        """The attribution as JSON-ready data (what ``das-sd attribute --json`` prints).
-
-        Returns:
-            ``{"method": ..., "query": ..., "results": [row as a dict, ...], "notes": [...]}``.
-        """
-        return {"method": self.method, "query": self.query, "results": [asdict(r) for r in self.results],
-                "notes": list(self.notes)}
-
-    def provenance(self, store_id: str) -> dict:
-        """The compact record written into an attributed image's metadata.
-
-        Args:
-            store_id: The store's id (``FeatureStore.store_id``), to tell which store ranked them.
-
-        Returns:
-            ``{"method", "store_id", "top_k": [{"rank", "key", "share" (6 decimals: the number to
-            read, ``das_sd.shares``), "score" (6 significant digits), "sign"}, ...]}``.
-        """
-        return {"method": self.method, "store_id": store_id,
-                "top_k": [{"rank": r.rank, "key": r.key,
-                           "share": None if r.share is None else round(r.share, 6),
-                           "score": float(f"{r.score:.6g}"), "sign": r.sign}
-                          for r in self.results]}
-
-
-# Every query is featurized with the same noise draws (those of this key): its features then depend
-# only on its latent and conditioning, so the same generation reached by different routes (the
-# pipeline's own latents, a PNG, another host) ranks the same even when the latents differ by float
-# rounding. Training samples keep per-sample noise, which the kernel averages over.
-QUERY_NOISE_KEY = "das-sd-query"
-
-
-class Attributor:
+class Attributor(AttributorQueries):
     """Scores a feature store's training samples for query images or latents.
 
     Args:
@@ -276,70 +186,6 @@ class Attributor:
                              f"(it supports {', '.join(self.methods)})")
         return m
 
-    # ---- queries -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image, source: str = "image") -> torch.Tensor:
-        """The latent x_0 of an image: the VAE's mode times its scaling factor (docs/method.md §2).
-
-        Args:
-            image: An image at one of the store's ``query_sizes`` (converted to RGB).
-            source: What error messages call the image.
-
-        Returns:
-            The (1, 4, h/8, w/8) float32 latent, on the VAE's device.
-
-        Raises:
-            QueryError: If the image is not at one of the store's ``query_sizes``.
-        """
-        self._check_size(image.size, source)
-        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(self.pipe.vae.device, self.pipe.vae.dtype)
-        vae = self.pipe.vae
-        return (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float()
-
-    def _check_size(self, size: tuple[int, int], source: str) -> None:
-        if tuple(size) not in self.query_sizes:
-            sizes = ", ".join(f"{w}x{h}" for w, h in self.query_sizes[:6]) + (", ..." if len(self.query_sizes) > 6 else "")
-            raise QueryError(f"{source}: image is {size[0]}x{size[1]}; this store's model works at {sizes} "
-                             "(attribute the generation at its native size)")
-
-    @property
-    def query_sizes(self) -> list[tuple[int, int]]:
-        """The image sizes a query may have: the store's square, and for a bucketed store every bucket.
-
-        Returns:
-            (width, height) pairs, the square first.
-        """
-        square = (self.resolution, self.resolution)
-        buckets = identity_with_defaults(self.store.identity)["buckets"]
-        return [square] + [s for s in (BucketSpec(**buckets).sizes() if buckets else []) if s != square]
-
-    def query_features(self, latents: torch.Tensor, prompts: list[str], cond: torch.Tensor | Conditioning | None = None,
-                       feature_sets: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Projected features of each query, per feature set (docs/method.md §4, §8). Every query
-        uses the noise draws of ``QUERY_NOISE_KEY``.
-
-        Args:
-            latents: (n, 4, h, w) query latents x_0.
-            prompts: One prompt per latent.
-            cond: The prompts' conditioning the pipeline used ((n, tokens, d) text states, or an SDXL
-                ``Conditioning``); None encodes ``prompts``
-                with the pipeline's text encoder.
-            feature_sets: Which sets to compute; None: all of the store's, so that a caller can rank
-                with every method.
-
-        Returns:
-            ``{feature_set: (n, k) features phi_q}``, on the CPU.
-        """
-        if cond is None:
-            size = (latents.shape[-1] * self.pipe.vae_scale_factor, latents.shape[-2] * self.pipe.vae_scale_factor)
-            cond = encode_prompts(self.pipe, prompts, time_ids=native_time_ids(self.pipe, size))
-        keys = [QUERY_NOISE_KEY] * len(prompts)
-        names = feature_sets or list(self.featurizers)
-        features = features_together([self.featurizers[name] for name in names], latents, cond, keys)
-        return {name: phi.cpu() for name, phi in zip(names, features)}
-
     def _features_for(self, name: str, latents, prompts, features, cond) -> dict[str, torch.Tensor]:
         """``features`` completed with the feature set method ``name`` needs (only that one is computed)."""
         needed = method(name).feature_set
@@ -460,43 +306,6 @@ class Attributor:
             return False
         k = int(self.store.identity["feature_sets"][m.feature_set]["projection_dim"])
         return len(self.store) * k * 4 > self.max_in_memory_bytes
-
-    def image_query(self, image: str | Path | Image.Image, prompt: str | None = None,
-                    fallback_prompt: str | None = None) -> tuple[torch.Tensor, str, str]:
-        """(latent, prompt, source) of an image query; the prompt is ``prompt``, else the image's PNG
-        metadata prompt, else ``fallback_prompt``.
-
-        Args:
-            image: An image file or a PIL image, at the store's resolution.
-            prompt: The prompt it was generated from; None reads it from the image's metadata.
-            fallback_prompt: The prompt when neither ``prompt`` nor the metadata gives one.
-
-        Returns:
-            The (1, 4, h/8, w/8) float32 latent, the prompt, and the source (the path, or ``"image"``).
-
-        Raises:
-            QueryError: If the file cannot be read, is not at the store's resolution, or is fully
-                transparent.
-            MissingPromptError: If no prompt is given or found.
-        """
-        source = str(image) if not isinstance(image, Image.Image) else "image"
-        if not isinstance(image, Image.Image):
-            try:
-                # a query has the store's resolution: any other size is refused from the header,
-                # before a (possibly 64-megapixel) image is decoded
-                self._check_size(image_size(Path(image)), source)
-                image = open_image(Path(image))
-            except ImageError as exc:
-                raise QueryError(str(exc)) from None
-        if is_fully_transparent(image):
-            raise QueryError(f"{source}: the image is fully transparent (alpha 0 everywhere): there is nothing "
-                             "in it to attribute")
-        meta = image_metadata(image)
-        image = to_rgb(image)
-        prompt = prompt if prompt is not None else (meta.get("prompt") or fallback_prompt)
-        if not prompt:
-            raise MissingPromptError(f"{source}: no prompt given and none found in the image metadata; pass --prompt")
-        return self.encode_image(image, source), prompt, source
 
     def attribute_image(self, image: str | Path | Image.Image, prompt: str | None = None, method: str = DEFAULT_METHOD,
                         top_k: int = 10) -> Attribution:

@@ -16,7 +16,7 @@ from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, D
                        INDEX_DTYPES, METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
 
 if TYPE_CHECKING:
-    from .attribute import Attribution
+    from .attribute_results import Attribution
 
 
 def _add_dataset_flags(p: argparse.ArgumentParser) -> None:

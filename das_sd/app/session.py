@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..attribute import Attribution, Attributor, MissingPromptError, QueryError
+from ..attribute import Attributor
+from ..attribute_queries import MissingPromptError, QueryError
+from ..attribute_results import Attribution
 from ..data.images import ImageError
 from ..generation import GenerationSettings, generate, save_png, shorten, truncation_note
 from ..models.fingerprint import das_sd_home, provenance, short

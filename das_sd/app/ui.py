@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 from starlette.middleware import Middleware
 
-from ..attribute import Attribution
+from ..attribute_results import Attribution
 from ..data.images import open_image
 from ..generation import GenerationSettings, shorten
 from ..integrations.hosts import captioned

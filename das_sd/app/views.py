@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from ..attribute import Attribution
+from ..attribute_results import Attribution
 from ..shares import share_text
 
 EFFECT_COLOURS = {"t > 0": "#d9480f", "t < 0": "#1c7ed6"}  # sign of the signed leave-one-out effect t_i

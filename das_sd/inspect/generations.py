@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..attribute import Attributor, QueryError
+from ..attribute import Attributor
+from ..attribute_queries import QueryError
 from ..generation import GenerationSettings, generate, save_png
 from ..models.fingerprint import provenance
 from .inspection import Generation, InspectSettings

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attribute import Attributor, QueryError
+from ..attribute import Attributor
+from ..attribute_queries import QueryError
 from ..generation import GenerationSettings
 from ..registry import DEFAULT_METHOD, METHOD_NAMES, check_choice
 from ..score import ranking

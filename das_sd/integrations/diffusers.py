@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attribute import Attribution, Attributor
+from ..attribute import Attributor
+from ..attribute_results import Attribution
 from ..conditioning import Conditioning, model_family
 from ..generation import save_png
 from ..registry import DEFAULT_METHOD

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..attribute import Attribution, Attributor
+from ..attribute import Attributor
+from ..attribute_results import Attribution
 from ..conditioning import SizeConditioning
 from .families import store_family
 from ..latents import encode_prompts
