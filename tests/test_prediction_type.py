@@ -38,7 +38,7 @@ from das_sd.seeds import generator
 from das_sd.store import FeatureStore, StoreError
 from das_sd.train import LoraRecipe, batch_schedule, train_lora
 from helpers import random_lora
-from tolerances import ALGEBRAIC_RTOL, FLOAT32_FORWARD_ATOL, FLOAT32_FORWARD_RTOL, relative_error
+from tolerances import ALGEBRAIC_RTOL, FLOAT32_FORWARD_ATOL, FLOAT32_FORWARD_RTOL, algebraic_rtol, relative_error
 
 pytestmark = pytest.mark.numerics
 
@@ -204,7 +204,17 @@ def test_loss_features_and_residuals_of_a_v_model_equal_brute_force(v_pipe64):
                 r.append(error.detach().pow(2).mean().sqrt())
                 r_eps.append((pred.detach() - eps).pow(2).mean().sqrt())
         expected = torch.stack(grads).mean(0) @ dense
-        assert relative_error(phi[i], expected) < ALGEBRAIC_RTOL, i
+        # the same brute force with the 3 timesteps batched: its spread from the one-row runs is the
+        # reference's rounding noise (the t = 0 row is ill-conditioned, tests/tolerances.py)
+        ts = torch.tensor(uniform_grid(3, 1000))
+        eps = torch.stack([noise_for(0, keys[i], int(t), (4, 8, 8)) for t in ts]).double()
+        a = alphas[ts].view(-1, 1, 1, 1)
+        pred = unet(a.sqrt() * x0[i:i + 1] + (1 - a).sqrt() * eps, ts,
+                    encoder_hidden_states=cond[i:i + 1].expand(3, -1, -1)).sample
+        losses = (pred - (a.sqrt() * eps - (1 - a).sqrt() * x0[i:i + 1])).pow(2).flatten(1).mean(1)
+        batched = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+                               for loss in losses]).mean(0) @ dense
+        assert relative_error(phi[i], expected) < algebraic_rtol(expected, batched), i
         # residuals are computed in float32 whatever the UNet (rows rounded to float32 first)
         r, r_eps = torch.stack(r), torch.stack(r_eps)
         assert magnitude[i].item() == pytest.approx(r.mean().item(), rel=FLOAT32_FORWARD_RTOL)

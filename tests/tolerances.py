@@ -23,6 +23,12 @@ test. Hence:
 - ALGEBRAIC claims (batched = one-by-one autograd, projected = P^T brute force, shared forward =
   separate forward) are checked in float64 with ALGEBRAIC_RTOL = 1e-10: 9 x above A = 1e5 (100 x the
   gradient amplification measured) times u64, and 1,300 x the largest difference seen.
+  A gradient whose row is ill-conditioned takes more: the loss gradient of the SD 2.x-layout v model
+  at t = 0 (x_t ~ x_0, a small gradient made of large cancelling terms) differs by 3.1e-10 between
+  the same float64 brute force run one row at a time and batched, while the predictions agree to
+  1.3e-14. Where such rows occur, ``algebraic_rtol`` measures the reference's own rounding spread
+  (the same brute force in a second evaluation order) and allows 10 x that, never less than
+  ALGEBRAIC_RTOL: a real error (a wrong row, timestep or target) is 1e-3 or more.
 - FLOAT32_FORWARD_RTOL bounds two float32 evaluations of the same forward quantity (UNet outputs,
   residual norms; no kink): A = 1e3 (6 x the largest forward amplification seen) gives 6e-5 of the
   output scale; the tests use 1e-3 relative with an absolute floor FLOAT32_FORWARD_ATOL = 1e-5 for
@@ -59,6 +65,13 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """||got - expected|| / ||expected||, in float64."""
     got, expected = got.double(), expected.double()
     return ((got - expected).norm() / expected.norm()).item()
+
+
+def algebraic_rtol(reference: torch.Tensor, other_order: torch.Tensor) -> float:
+    """The float64 bound of an algebraic claim checked against ``reference``: ALGEBRAIC_RTOL, or 10 x
+    the reference's own rounding spread (``other_order``: the same brute force evaluated in another
+    order, e.g. batched) when that is larger (ill-conditioned rows, see the module docstring)."""
+    return max(ALGEBRAIC_RTOL, 10 * relative_error(other_order, reference))
 
 
 def sampler_atol(steps: int, guidance: float, scale: float = 3.0) -> float:
