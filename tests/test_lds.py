@@ -15,6 +15,7 @@ from das_sd.evaluate.lds_settings import LDSSettings
 from das_sd.evaluate.lds_stats import lds, oracle_scores, spearman
 from das_sd.evaluate.lds_subsets import draw_subsets
 from helpers import tiny_attributed_store, torch_threads, write_imagefolder
+from tolerances import FLOAT32_FORWARD_RTOL
 
 
 def test_spearman_known_values():
@@ -138,6 +139,21 @@ def test_retraining_harness_is_cached_resumable_and_parallel(demo, tmp_path):
     cached = list(tmp_path.glob("subset-*/seed-0/outputs-val-*.json"))
     assert len(cached) == 4
     assert np.array_equal(outputs, retrained_outputs(demo["base"], folders, queries, settings, progress=False))
+
+    # the prompts go through each LoRA's text-encoder part (trained by the recipe), as in its generations
+    from das_sd.latents import encode_prompts
+    from das_sd.models.loading import load_lora
+
+    base_cond = encode_prompts(pipe, queries.prompts)
+    load_lora(pipe, folders[2][0], adapter_name="check")
+    lora_cond = encode_prompts(pipe, queries.prompts)
+    assert not torch.allclose(lora_cond, base_cond, atol=1e-4)  # the text-encoder LoRA changes the prompts
+    with_lora_text = model_outputs(pipe, queries.latents, lora_cond, queries.keys, settings)
+    with_base_text = model_outputs(pipe, queries.latents, base_cond, queries.keys, settings)
+    # equal within the bound of two float32 evaluations of one forward quantity; the base text
+    # encoder's prompts move these outputs by 1 - 3 %, far outside it
+    assert np.allclose(outputs[2], with_lora_text, rtol=FLOAT32_FORWARD_RTOL, atol=0)
+    assert (np.abs(outputs[2] - with_base_text) > 5 * FLOAT32_FORWARD_RTOL * np.abs(with_base_text)).all()
 
 
 def test_eval_lds_command_end_to_end_on_a_tiny_store(demo, tmp_path, capsys):

@@ -99,7 +99,8 @@ def retrained_outputs(base: Path, folders: list[list[Path]], queries: LDSQueries
     """Model outputs of every retrained LoRA on one query set (cached beside each LoRA).
 
     The base pipeline is loaded on the CPU only when some output is not cached yet; the prompts are
-    encoded once by the base text encoder (docs/method.md §15).
+    encoded with each retrained LoRA loaded, so that its text-encoder part (trained by default)
+    enters the outputs as it enters the generations (docs/method.md §15).
 
     Args:
         base: Folder of the base model.
@@ -116,18 +117,18 @@ def retrained_outputs(base: Path, folders: list[list[Path]], queries: LDSQueries
     from ..latents import encode_prompts
     from ..models.loading import load_lora, load_pipeline
 
-    pipe, cond = None, None
+    pipe = None
     rows = []
     for row in tqdm(folders, desc=f"outputs ({queries.name})", unit="subset", disable=not progress):
         values = []
         for folder in row:
             def compute(folder=folder):
-                nonlocal pipe, cond
+                nonlocal pipe
                 if pipe is None:  # loaded only when some output is not cached yet
                     pipe = load_pipeline(base, device="cpu")
-                    cond = encode_prompts(pipe, queries.prompts)  # the recipe's LoRA leaves the text encoder as is
                 load_lora(pipe, folder, adapter_name="lds")
                 try:
+                    cond = encode_prompts(pipe, queries.prompts)  # through the LoRA's text-encoder part
                     return model_outputs(pipe, queries.latents, cond, queries.keys, settings)
                 finally:
                     pipe.delete_adapters("lds")
@@ -138,6 +139,7 @@ def retrained_outputs(base: Path, folders: list[list[Path]], queries: LDSQueries
 
 
 def _query_digest(queries: LDSQueries, settings: LDSSettings) -> str:
+    # "lora-text": outputs cached before prompts went through the LoRA's text encoder are not reused
     text = json.dumps([queries.keys, queries.prompts, settings.output_timesteps, settings.output_noise_draws,
-                       settings.output_seed])
+                       settings.output_seed, "lora-text"])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
