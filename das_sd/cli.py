@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_flags(p)
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("build-base", help="train the embedded tiny SD (about 40 minutes on 2 CPU cores) or, with "
-                       "--family sdxl, the tiny SDXL on the tiny SD's VAE (about 10 minutes) from scratch")
+    p = sub.add_parser("build-base", help="train the embedded tiny SD (about 36 minutes on 2 idle CPU cores) or, with "
+                       "--family sdxl, the tiny SDXL on the tiny SD's VAE (about 26 minutes) from scratch")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="sd: the tiny SD (default); sdxl: the tiny SDXL")
     p.add_argument("--seed", type=int, default=0)
