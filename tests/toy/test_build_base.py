@@ -11,11 +11,16 @@ from safetensors.torch import load_file
 from das_sd.toy.build_base import BaseRecipe, base_recipe, build_base
 
 
-def test_family_recipes_differ_only_where_recorded():
-    sd, sdxl = base_recipe("sd"), base_recipe("sdxl", unet_steps=7)
-    assert sd == BaseRecipe() and sdxl.unet_steps == 7 and sdxl.unet_batch_size == 32
-    assert {k: v for k, v in vars(sdxl).items() if k not in ("unet_steps", "unet_batch_size")} == \
-        {k: v for k, v in vars(sd).items() if k not in ("unet_steps", "unet_batch_size")}
+def test_both_families_share_one_recipe_and_the_shipped_builds_record_it():
+    from dataclasses import asdict
+
+    from das_sd.models.loading import embedded_base_path
+
+    assert base_recipe("sd") == base_recipe("sdxl") == BaseRecipe()
+    assert base_recipe("sdxl", unet_steps=7) == BaseRecipe(unet_steps=7)
+    for family in ("sd", "sdxl"):  # each shipped model was built by today's recipe
+        record = json.loads((embedded_base_path(family) / "das_sd_build.json").read_text())
+        assert record["recipe"] == asdict(base_recipe(family)), family
     with pytest.raises(ValueError, match="'flux'"):
         base_recipe("flux")
     with pytest.raises(ValueError, match="'flux'"):
