@@ -228,3 +228,30 @@ def test_retraining_on_a_local_ray_cluster_gives_the_same_loras(demo, tmp_path):
         assert x.keys() == y.keys()
         for key in x:  # same seed rule, same thread count
             assert torch.equal(y[key], x[key]), key
+
+
+def test_eval_lds_runs_on_an_sdxl_store(sdxl_demo, tmp_path, capsys):
+    """The LDS on an SDXL store (tests/sdxl_store.py): subsets retrained as SDXL LoRAs with both
+    text-encoder parts, gen queries generated and scored with SDXL conditioning."""
+    from safetensors import safe_open
+
+    from das_sd.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zorblat, a red circle on a blue background\nquimvex, a white triangle on a green background\n")
+    argv = ["eval", "lds", "--store", str(sdxl_demo["store"]), "--workdir", str(tmp_path / "run"), "--prompts",
+            str(prompts), "--subsets", "3", "--output-timesteps", "2", "--output-noise-draws", "1", "--device", "cpu",
+            "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    gen = report["query_sets"]["gen"]
+    assert (gen["queries"], gen["tune_queries"]) == (1, 1)
+    assert np.isfinite(gen["lds"]["das"]["lds"]) and np.isfinite(gen["lds"]["tracin"]["lds"])
+    loras = sorted((tmp_path / "run").glob("subset-*/seed-0/*.safetensors"))
+    assert len(loras) == 3
+    with safe_open(str(loras[0]), "pt") as fh:
+        parts = {key.split(".")[0] for key in fh.keys()}
+    assert parts == {"unet", "text_encoder", "text_encoder_2"}  # the recipe's SDXL LoRA, retrained whole
+    outputs = [json.loads(p.read_text()) for p in sorted((tmp_path / "run").glob("subset-*/seed-0/outputs-gen-*.json"))]
+    # the tune and the reported query of each subset; each subset's LoRA moves them
+    assert len(outputs) == 6 and len({json.dumps(o) for o in outputs}) == 6
