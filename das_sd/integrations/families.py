@@ -105,13 +105,13 @@ def checkpoint_family(path: str | Path) -> str | None:
     Raises:
         ValueError: When a ``.safetensors`` file cannot be read.
     """
+    from ..models.single_file import read_header, text_encoder_family
+
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return None
-    keys = _header_keys(path, "checkpoint")
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "sdxl"
-    return "sd" if any(k.startswith("cond_stage_model.") for k in keys) else None
+    shapes, _ = read_header(path)  # ModelError (a ValueError) naming the file when it cannot be read
+    return text_encoder_family(shapes)
 
 
 def require_lora_families(attributor: Attributor, files: dict[str, Path]) -> None:

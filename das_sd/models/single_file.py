@@ -42,7 +42,7 @@ from .single_file_configs import shipped_config
 from .tokenizer import CLIP_VOCAB_SIZE, resolve_tokenizer
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -51,7 +51,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors",)
 CONFIG_ENV, PREDICTION_ENV = "DAS_SD_SINGLE_FILE_CONFIG", "DAS_SD_PREDICTION_TYPE"
 
 _UNET = "model.diffusion_model."
-_CLIP, _OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+_SD_TEXT = "cond_stage_model."
+_CLIP, _OPEN_CLIP = _SD_TEXT + "transformer.", _SD_TEXT + "model."
 _SDXL = "conditioner.embedders."
 _SDXL_CLIP, _SDXL_OPEN_CLIP = _SDXL + "0.transformer.", _SDXL + "1.model."
 
@@ -94,6 +95,21 @@ def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
     return {k: list(v["shape"]) for k, v in header.items()}, metadata
 
 
+def text_encoder_family(keys: Iterable[str]) -> str | None:
+    """The family that a checkpoint's text-encoder names claim, without any further check.
+
+    Args:
+        keys: Tensor names of a single-file checkpoint.
+
+    Returns:
+        "sdxl" (``conditioner.embedders.*``), "sd" (``cond_stage_model.*``: SD 1.x or 2.x), or None.
+    """
+    keys = list(keys)
+    if any(k.startswith(_SDXL) for k in keys):
+        return "sdxl"
+    return "sd" if any(k.startswith(_SD_TEXT) for k in keys) else None
+
+
 def detect_family(shapes: Mapping[str, list[int]]) -> str:
     """The model family of a single-file checkpoint, from its tensor names and shapes.
 
@@ -109,7 +125,7 @@ def detect_family(shapes: Mapping[str, list[int]]) -> str:
             file, a file without UNet, VAE or text-encoder weights, or one that mixes SD 1.x and 2.x parts.
     """
     keys = list(shapes)
-    if any(k.startswith(_SDXL) for k in keys):
+    if text_encoder_family(keys) == "sdxl":
         return _sdxl_family(keys)
     if not any(k.startswith(_UNET) for k in keys):
         if any(k.startswith(("lora_unet_", "lora_te_")) or ".lora_" in k for k in keys):
