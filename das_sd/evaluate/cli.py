@@ -107,13 +107,13 @@ def cmd_eval_counterfactual(args: argparse.Namespace) -> None:
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
     """Flags every evaluation shares: the store, its model overrides, the methods, JSON output."""
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="feature store folder (featurized and indexed)")
     p.add_argument("--methods", type=method_list, default=None,
                    help="comma-separated methods (default: all the store supports)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--base", default=None)
-    p.add_argument("--lora", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the full results as one JSON object")
+    p.add_argument("--base", default=None, help="base model folder or checkpoint file, if it moved since featurizing")
+    p.add_argument("--lora", default=None, help="LoRA file, if it moved since featurizing")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def _retraining_flags(p: argparse.ArgumentParser, results: str) -> None:
@@ -127,15 +127,16 @@ def _lds_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
     p.add_argument("--val-limit", type=positive_int, default=None, help="use only the first N val images")
     p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
-    p.add_argument("--seeds", type=positive_int, default=1)
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per prompt (with --prompts)")
     p.add_argument("--subsets", type=positive_int, default=16, help="M (the papers use 64)")
     p.add_argument("--repeats", type=positive_int, default=1, help="LoRAs per subset (seeds), outputs averaged")
     p.add_argument("--tune-fraction", type=float, default=0.5,
                    help="share of each query set held out to choose lambda (never reported)")
     p.add_argument("--rho-grid", type=positive_float_list, default=None, help="comma-separated rho values for lambda = rho trace / min(N, k) "
                    "(default 0.1,1,10,100,1000,10000)")
-    p.add_argument("--output-timesteps", type=positive_int, default=50)
-    p.add_argument("--output-noise-draws", type=positive_int, default=4)
+    p.add_argument("--output-timesteps", type=positive_int, default=50,
+                   help="timesteps of the uniform grid that the output L_simple is averaged over")
+    p.add_argument("--output-noise-draws", type=positive_int, default=4, help="noise draws per timestep of that average")
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -176,7 +177,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     _store_flags(p)
     _retraining_flags(p, "results")
     p.add_argument("--prompts", required=True, help="text file of prompts (generations with seeds 0..N-1)")
-    p.add_argument("--seeds", type=positive_int, default=1)
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per prompt")
     p.add_argument("--top-k", type=positive_int, default=10, help="training images removed per method and generation")
     p.add_argument("--random-draws", type=positive_int, default=1, help="random-removal controls per generation")
     p.set_defaults(func=cmd_eval_counterfactual)
