@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")
     p.add_argument("--store", required=True, help="feature store folder (featurized)")
-    p.add_argument("--lambda", dest="lambda_", type=positive_float, default=None, help="explicit ridge lambda")
+    p.add_argument("--lambda", dest="lambda_", type=positive_float, default=None, metavar="X",
+                   help="explicit ridge lambda (instead of --rho's rule)")
     p.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
                    help="lambda = rho * trace(Phi^T Phi) / min(N, k) (the mean non-zero eigenvalue) when --lambda is not given")
     p.add_argument("--dtype", default=DEFAULT_INDEX_DTYPE, choices=INDEX_DTYPES,

@@ -28,7 +28,7 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "end to end.", ("demo", "make-demo-data", "check-data", "train-lora", "generate")),
     ("Featurize", "Compute the training set's projected LoRA gradients into a feature store (once per "
      "store; resumable).", ("featurize",)),
-    ("Index", "Solve the kernel and store the scorer's train-side vectors (once per store; seconds).", ("index",)),
+    ("Index", "Solve the kernel once per store, after featurizing (and again after extending the store).", ("index",)),
     ("Attribute", "Rank the training images for one generated image.", ("attribute",)),
     ("Inspect", "Dataset-level credit over many generations: per image, per group, duplicates and outliers.",
      ("inspect",)),

@@ -86,3 +86,72 @@ def test_out_writes_the_page_atomically(tmp_path: Path) -> None:
     assert cli_reference.main(["--out", str(out)]) == 0
     assert out.read_text(encoding="utf-8") == cli_reference.render()
     assert [p.name for p in tmp_path.iterdir()] == ["cli.md"]
+
+
+def _defaults(argv: list[str]) -> dict:
+    """The parsed defaults of one command (``argv``: the command and its required flags)."""
+    return vars(build_parser().parse_args(argv))
+
+
+def test_the_flags_defaults_are_the_settings_defaults() -> None:
+    """Where a flag's default repeats a settings dataclass's (the library's defaults), they agree, so
+    the page, ``--help`` and the API document one value."""
+    from das_sd.evaluate.counterfactual import CounterfactualSettings
+    from das_sd.evaluate.lds_settings import LDSSettings
+    from das_sd.featurize.settings import FeaturizerSettings
+    from das_sd.generation import GenerationSettings
+    from das_sd.inspect.inspection import InspectSettings
+    from das_sd.toy.build_base import BaseRecipe
+    from das_sd.train import LoraRecipe
+
+    train = _defaults(["train-lora", "--data", "d", "--out", "o"])
+    recipe = LoraRecipe()
+    assert (train["rank"], train["steps"], train["lr"], train["batch_size"], train["seed"]) == \
+        (recipe.rank, recipe.steps, recipe.learning_rate, recipe.batch_size, recipe.seed)
+    assert train["text_encoder_rank"] is None and "default 8" in _help("train-lora", "--text-encoder-rank")
+    assert recipe.text_encoder_rank == 8
+
+    gen = _defaults(["generate", "--prompt", "p", "--out", "o"])
+    settings = GenerationSettings(prompt="p")
+    for flag in ("negative_prompt", "seed", "steps", "guidance", "num_images", "lora_scale"):
+        assert gen[flag] == getattr(settings, flag), flag
+
+    feat = _defaults(["featurize", "--data", "d", "--store", "s"])
+    fs = FeaturizerSettings()
+    assert (feat["output"], feat["timesteps"], feat["dim"], feat["projector"], feat["projection_nonzeros"],
+            feat["projection_seed"], feat["noise_seed"], feat["residual"], feat["residual_timesteps"]) == \
+        (fs.output, fs.num_timesteps, fs.projection_dim, fs.projector, fs.projection_nonzeros,
+         fs.projection_seed, fs.noise_seed, fs.residual, fs.residual_timesteps)
+
+    ins = _defaults(["inspect", "--store", "s", "--out", "o"])
+    inspect_settings = InspectSettings()
+    for flag in ("method", "top_k", "batch_size", "bootstrap", "duplicate_threshold"):
+        assert ins[flag] == getattr(inspect_settings, flag), flag
+
+    lds = _defaults(["eval", "lds", "--store", "s", "--workdir", "w"])
+    for flag in ("subsets", "repeats", "tune_fraction", "output_timesteps", "output_noise_draws"):
+        assert lds[flag] == getattr(LDSSettings, flag), flag
+    assert lds["rho_grid"] is None
+    assert ",".join(f"{r:g}" for r in LDSSettings.rho_grid) in _help("eval lds", "--rho-grid")
+
+    cf = _defaults(["eval", "counterfactual", "--store", "s", "--workdir", "w", "--prompts", "p"])
+    assert (cf["top_k"], cf["random_draws"]) == (CounterfactualSettings.top_k, CounterfactualSettings.random_draws)
+
+    assert _defaults(["build-base", "--out", "o"])["seed"] == BaseRecipe.seed
+
+
+def _help(command: str, flag: str) -> str:
+    """The help text of one flag of ``das-sd COMMAND``."""
+    parsers = dict(_all_parsers())
+    action = next(a for a in parsers[f"das-sd {command}"]._actions if flag in a.option_strings)
+    return action.help or ""
+
+
+def test_help_texts_quote_the_defaults_they_depend_on() -> None:
+    """Defaults quoted in help prose (not in the parser's default) match the code."""
+    from das_sd.registry import DEFAULT_METHOD, DEFAULT_RHO
+
+    assert _defaults(["index", "--store", "s"])["rho"] == DEFAULT_RHO
+    assert "rho * trace(Phi^T Phi) / min(N, k)" in _help("index", "--rho")
+    assert _defaults(["attribute", "--store", "s", "--image", "i"])["method"] == DEFAULT_METHOD
+    assert "(default 8; 0: UNet only)" in _help("train-lora", "--text-encoder-rank")
