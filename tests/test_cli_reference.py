@@ -41,8 +41,8 @@ def test_the_rendering_does_not_depend_on_the_terminal_or_the_machine(monkeypatc
     monkeypatch.setenv("COLUMNS", "40")
     monkeypatch.setenv("DAS_SD_HOME", "/somewhere/else")
     assert cli_reference.render() == first
-    home = os.path.expanduser("~")
-    assert home not in first and str(Path.cwd()) not in first
+    for machine_path in (os.path.expanduser("~"), str(Path.cwd())):
+        assert len(machine_path) < 2 or machine_path not in first, machine_path
     assert f"das-sd {__version__}" not in first  # a release would otherwise change the page
 
 
