@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.das-sd-installed
 
-.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots clean
+.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots cli-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ build-base-sdxl: venv
 demo-lora-sdxl: venv
 	$(BIN)/das-sd make-demo-data build/demo-data --overwrite
 	$(BIN)/das-sd train-lora --base das_sd/assets/tiny-sdxl --data build/demo-data --out das_sd/assets/demo-lora-sdxl
+
+# docs/cli.md, the command reference, rendered from the argparse parsers (tests/test_cli_reference.py
+# fails when it is out of date)
+cli-docs: venv
+	$(BIN)/python -m das_sd.cli_reference --out docs/cli.md
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

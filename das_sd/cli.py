@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--family sdxl, the tiny SDXL on the tiny SD's VAE (about 26 minutes) from scratch")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="sd: the tiny SD (default); sdxl: the tiny SDXL")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (data, initialisation, noise)")
     p.add_argument("--vae-steps", type=positive_int, default=None, help="VAE training steps (default: the recipe's)")
     p.add_argument("--unet-steps", type=positive_int, default=None, help="UNet + text encoder steps (default: the recipe's)")
     p.set_defaults(func=cmd_build_base)
@@ -310,29 +310,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_flags(p)
     p.add_argument("--out", required=True, help="output folder (pytorch_lora_weights.safetensors + lora_record.json)")
     p.add_argument("--subset", default=None, help="file with the sample keys to train on (JSON list or one per line)")
-    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the UNet's attention layers")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    p.add_argument("--steps", type=positive_int, default=800)
-    p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--steps", type=positive_int, default=800, help="optimizer steps")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate (AdamW)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per optimizer step")
     p.add_argument("--resolution", type=positive_int, default=None, help="training resolution (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds batch order, timesteps, noise and the LoRA initialisation: "
+                   "the same seed and data give the same LoRA")
     p.add_argument("--text-encoder-rank", type=non_negative_int, default=None,
                    help="rank of the text-encoder LoRA trained alongside the UNet's (default 8; 0: UNet only)")
     p.add_argument("--text-encoder-lr", type=positive_float, default=None, help="text-encoder LoRA learning rate (default: --lr)")
     p.set_defaults(func=cmd_train_lora)
 
     p = sub.add_parser("generate", help="generate images; parameters and hashes go into the PNG metadata")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=positive_int, default=25)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--num-images", type=positive_int, default=1)
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt of classifier-free guidance (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="image j uses seed + j; the initial noise is drawn on the CPU")
+    p.add_argument("--steps", type=positive_int, default=25, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images to generate (seeds seed .. seed + N - 1)")
     p.add_argument("--base", default=None, help="diffusers SD 1.x / 2.x or SDXL folder, or single-file .safetensors "
                    "checkpoint (default: the embedded tiny SD)")
     p.add_argument("--lora", default=None, help="LoRA file or folder (diffusers, peft or kohya safetensors)")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (1: as trained, 0: the base model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output PNG (with -NN suffixes for several images)")
     p.set_defaults(func=cmd_generate)
@@ -354,14 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random projection P (sparse: O(s p) per row, the dense kinds O(k p))")
     p.add_argument("--projection-nonzeros", type=positive_int, default=defaults.projection_nonzeros,
                    help="s, nonzeros per coordinate of the sparse projector (k must be a multiple)")
-    p.add_argument("--projection-seed", type=int, default=defaults.projection_seed)
-    p.add_argument("--noise-seed", type=int, default=defaults.noise_seed)
+    p.add_argument("--projection-seed", type=int, default=defaults.projection_seed, help="seed of the projection P")
+    p.add_argument("--noise-seed", type=int, default=defaults.noise_seed,
+                   help="seed of the feature and residual noise eps_{z,t} (with the sample key and t)")
     p.add_argument("--no-normalize", action="store_true", help="no per-timestep unit normalisation (das set)")
-    p.add_argument("--residual", default=defaults.residual, choices=RESIDUAL_FORMS)
+    p.add_argument("--residual", default=defaults.residual, choices=RESIDUAL_FORMS,
+                   help="form of the residual weight e_i (das set; docs/method.md §9)")
     p.add_argument("--residual-timesteps", type=non_negative_int, default=defaults.residual_timesteps,
                    help="T_E for the residual weights; 0 (default): the feature timesteps, from the featurizing "
                         "forward (no extra UNet passes)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="samples per step (--max-memory cuts a step's rows into passes that fit)")
     mode = p.add_mutually_exclusive_group()  # one process (none of them), one part, the merge, or Ray
     mode.add_argument("--shard", default=None, metavar="I/N",
                       help="do part I of N of the work (for torchrun, Slurm arrays, ...); then run --merge once")
@@ -389,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_featurize)
 
     p = sub.add_parser("index", help="solve the kernel and store the scorer's train-side vectors")
-    p.add_argument("--store", required=True)
-    p.add_argument("--lambda", dest="lambda_", type=positive_float, default=None, help="explicit ridge lambda")
+    p.add_argument("--store", required=True, help="feature store folder (featurized)")
+    p.add_argument("--lambda", dest="lambda_", type=positive_float, default=None, metavar="X",
+                   help="explicit ridge lambda (instead of --rho's rule)")
     p.add_argument("--rho", type=positive_float, default=DEFAULT_RHO,
                    help="lambda = rho * trace(Phi^T Phi) / min(N, k) (the mean non-zero eigenvalue) when --lambda is not given")
     p.add_argument("--dtype", default=DEFAULT_INDEX_DTYPE, choices=INDEX_DTYPES,
@@ -399,20 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("verify", help="check a store: its manifest, and every file against the checksum recorded for it")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="feature store folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("attribute", help="the training images that most influenced a generated image")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="feature store folder (featurized and indexed)")
     p.add_argument("--image", required=True, help="generated PNG (its prompt is read from the metadata)")
     p.add_argument("--prompt", default=None, help="prompt, when the image has none in its metadata")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHOD_NAMES)
-    p.add_argument("--top-k", type=positive_int, default=10)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHOD_NAMES,
+                   help="attribution method (docs/method.md §11)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="training images listed")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
     p.add_argument("--base", default=None, help="base model folder or checkpoint file, if it moved since featurizing")
     p.add_argument("--lora", default=None, help="LoRA file, if it moved since featurizing")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_attribute)
 
     from .evaluate.cli import add_eval_commands
@@ -422,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_command(sub)
 
     p = sub.add_parser("export-lora", help="convert a das-sd / diffusers LoRA to kohya (A1111, ComfyUI) or peft format")
-    p.add_argument("--lora", required=True)
-    p.add_argument("--to", choices=["kohya", "peft"], default="kohya")
+    p.add_argument("--lora", required=True, help="LoRA file or folder to convert (diffusers, peft or kohya safetensors)")
+    p.add_argument("--to", choices=["kohya", "peft"], default="kohya",
+                   help="output format: kohya (A1111, ComfyUI; each layer keeps its alpha) or peft (scale folded into lora_B)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--base", default=None,
                    help="the LoRA's base pipeline folder: an SDXL base gives kohya files sd-scripts' SDXL names "

@@ -77,7 +77,8 @@ def add_app_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", default=None, help="LoRA file or folder (default: the one the store names)")
     p.add_argument("--data", default=None, help="dataset to build / extend the store from (default: the store's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--outdir", default=None, help="where generated PNGs are saved (default: ~/.cache/das-sd/outputs)")
+    p.add_argument("--outdir", default=None, help="where generated PNGs are saved "
+                   "(default: $DAS_SD_HOME/outputs, i.e. ~/.cache/das-sd/outputs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
 
 from ..argtypes import method_list, positive_float_list, positive_int
 from .jobs import QuerySources, StoreTarget, ablations_report, counterfactual_report, ground_truth_report, lds_report
-
-if TYPE_CHECKING:
-    from .lds_settings import LDSSettings
+from .lds_settings import LDSSettings
 
 
 def _target(args: argparse.Namespace) -> StoreTarget:
@@ -22,8 +19,6 @@ def _sources(args: argparse.Namespace) -> QuerySources:
 
 
 def _lds_settings(args: argparse.Namespace) -> LDSSettings:
-    from .lds_settings import LDSSettings
-
     return LDSSettings(subsets=args.subsets, repeats=args.repeats, output_timesteps=args.output_timesteps,
                        tune_fraction=args.tune_fraction, rho_grid=args.rho_grid or LDSSettings.rho_grid,
                        output_noise_draws=args.output_noise_draws)
@@ -107,13 +102,13 @@ def cmd_eval_counterfactual(args: argparse.Namespace) -> None:
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
     """Flags every evaluation shares: the store, its model overrides, the methods, JSON output."""
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="feature store folder (featurized and indexed)")
     p.add_argument("--methods", type=method_list, default=None,
                    help="comma-separated methods (default: all the store supports)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--base", default=None)
-    p.add_argument("--lora", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the full results as one JSON object")
+    p.add_argument("--base", default=None, help="base model folder or checkpoint file, if it moved since featurizing")
+    p.add_argument("--lora", default=None, help="LoRA file, if it moved since featurizing")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def _retraining_flags(p: argparse.ArgumentParser, results: str) -> None:
@@ -127,15 +122,17 @@ def _lds_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", default=None, help="dataset folder of held-out real images (val queries)")
     p.add_argument("--val-limit", type=positive_int, default=None, help="use only the first N val images")
     p.add_argument("--prompts", default=None, help="text file of prompts (gen queries, seeds 0..N-1)")
-    p.add_argument("--seeds", type=positive_int, default=1)
-    p.add_argument("--subsets", type=positive_int, default=16, help="M (the papers use 64)")
-    p.add_argument("--repeats", type=positive_int, default=1, help="LoRAs per subset (seeds), outputs averaged")
-    p.add_argument("--tune-fraction", type=float, default=0.5,
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per prompt (with --prompts)")
+    p.add_argument("--subsets", type=positive_int, default=LDSSettings.subsets, help="M (the papers use 64)")
+    p.add_argument("--repeats", type=positive_int, default=LDSSettings.repeats,
+                   help="LoRAs per subset (seeds), outputs averaged")
+    p.add_argument("--tune-fraction", type=float, default=LDSSettings.tune_fraction,
                    help="share of each query set held out to choose lambda (never reported)")
     p.add_argument("--rho-grid", type=positive_float_list, default=None, help="comma-separated rho values for lambda = rho trace / min(N, k) "
-                   "(default 0.1,1,10,100,1000,10000)")
-    p.add_argument("--output-timesteps", type=positive_int, default=50)
-    p.add_argument("--output-noise-draws", type=positive_int, default=4)
+                   f"(default {','.join(f'{rho:g}' for rho in LDSSettings.rho_grid)})")
+    p.add_argument("--output-timesteps", type=positive_int, default=LDSSettings.output_timesteps,
+                   help="timesteps of the uniform grid that the output L_simple is averaged over")
+    p.add_argument("--output-noise-draws", type=positive_int, default=LDSSettings.output_noise_draws, help="noise draws per timestep of that average")
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
@@ -144,7 +141,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     Args:
         sub: the ``das-sd`` parser's subcommands.
     """
-    p = sub.add_parser("eval", help="evaluate attribution methods (ground truth, LDS, counterfactuals)")
+    p = sub.add_parser("eval", help="evaluate attribution methods (ground truth, LDS, counterfactuals, ablations)")
     evals = p.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     p = evals.add_parser("groundtruth", help="Recall@5/10 and mAP of planted exemplar groups, per method")
     _store_flags(p)
@@ -176,7 +173,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     _store_flags(p)
     _retraining_flags(p, "results")
     p.add_argument("--prompts", required=True, help="text file of prompts (generations with seeds 0..N-1)")
-    p.add_argument("--seeds", type=positive_int, default=1)
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds 0..N-1 per prompt")
     p.add_argument("--top-k", type=positive_int, default=10, help="training images removed per method and generation")
     p.add_argument("--random-draws", type=positive_int, default=1, help="random-removal controls per generation")
     p.set_defaults(func=cmd_eval_counterfactual)
