@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..attribute import Attributor
 from ..io import open_regular, read_safetensors_header
+from ..models.single_file import read_header, text_encoder_family
 from ..registry import FAMILY_NAMES
 from ..store_manifest import identity_with_defaults
 
@@ -105,8 +106,6 @@ def checkpoint_family(path: str | Path) -> str | None:
     Raises:
         ValueError: When a ``.safetensors`` file cannot be read.
     """
-    from ..models.single_file import read_header, text_encoder_family
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return None
