@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, save_results  # noqa: E402
 
+from das_sd.registry import DEFAULT_METHOD  # noqa: E402
+
 SPLITS = ("tune", "test")
 
 
@@ -111,7 +113,9 @@ def run_preset(name: str, workdir: Path) -> dict:
         gain_path.write_text(json.dumps(motif_gain(data, lora)))
         wall["motif-gain"] = round(time.time() - start, 1)
     lora_record = json.loads((lora / "lora_record.json").read_text())
-    return {"preset": name, "settings": json.loads((data / "ground_truth.json").read_text())["settings"]
+    indexes = json.loads((store / "manifest.json").read_text()).get("indexes", {})
+    return {"preset": name, "default_method": DEFAULT_METHOD,
+            "lambda_rule": {fs: index.get("lambda_rule") for fs, index in indexes.items()}, "settings": json.loads((data / "ground_truth.json").read_text())["settings"]
             if name != "demo" else {}, "images": config.total, "background_share": round(config.background_share, 4),
             "lora_recipe": lora_record.get("recipe", {}), "wall_seconds": wall, "ground_truth": reports,
             "motif_gain": json.loads(gain_path.read_text())}

@@ -3,7 +3,7 @@
     python benchmarks/report.py [NAME]     # another run: results/NAME.json -> BENCHMARKS-NAME.md
 
 Tables: planted ground truth per method and split, LDS per method and query set (with the lambda
-chosen on held-out queries and a paired bootstrap of das against every other method), counterfactual
+chosen on held-out queries and a paired bootstrap of the default method against every other method), counterfactual
 removal, ablations. The verdict lines are computed from the numbers, not written by hand.
 """
 
@@ -17,6 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
+
+from das_sd.registry import DEFAULT_METHOD  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "BENCHMARKS.md"
 
@@ -57,34 +59,73 @@ def lds_section(lds: dict) -> list[str]:
              "datamodel fitted to the very outputs it is scored on (a check that the outputs are consistent; with "
              "M below the number of training images it fits them exactly, so it is not a ceiling).", ""]
     for set_name, block in lds["query_sets"].items():
+        reference = DEFAULT_METHOD if DEFAULT_METHOD in block["lds"] else "das"
         lines += [f"### {set_name} queries ({block['queries']} reported, {block['tune_queries']} held out for lambda)", "",
-                  "| method | LDS | 95 % CI | rho | das minus method (paired, 95 % CI) |", "|---|---|---|---|---|"]
-        das = block["lds"].get("das")
+                  f"| method | LDS | 95 % CI | rho | {reference} minus method (paired, 95 % CI) |", "|---|---|---|---|---|"]
+        ref = block["lds"].get(reference)
         for name, r in block["lds"].items():
             rho = lds["lambda"].get(name, {}).get("chosen_rho")
             diff = ""
-            if das is not None and name != "das" and not name.startswith("oracle"):
-                d, lo, hi = paired_difference(das["per_query"], r["per_query"])
+            if ref is not None and name != reference and not name.startswith("oracle"):
+                d, lo, hi = paired_difference(ref["per_query"], r["per_query"])
                 diff = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             lines.append(f"| {name} | {r['lds']:.3f} | [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | "
                          f"{'' if rho is None else f'{rho:g}'} | {diff} |")
         methods = [n for n in block["lds"] if not n.startswith("oracle")]
         best = max(methods, key=lambda n: block["lds"][n]["lds"])
-        lines += ["", verdict(block, best), ""]
+        lines += ["", verdict(block, best, reference), ""]
+    lines += defaults_section(lds)
     return lines
 
 
-def verdict(block: dict, best: str) -> str:
+def store_rho(lds: dict, method: str, set_name: str) -> float | None:
+    """The rho of the store's own index for ``method``: the point of the rho curve whose reported LDS is
+    the store-lambda LDS (the curve is computed on the same queries and outputs)."""
+    value = lds["query_sets"][set_name]["lds_store_lambda"][method]["lds"]
+    points = lds["lambda"].get(method, {}).get("curve", [])
+    return next((p["rho"] for p in points if p["report"].get(set_name) == value), None)
+
+
+def defaults_section(lds: dict) -> list[str]:
+    """Every method as das-sd scores by default: the store's own index (its default rho), no rho chosen
+    per method; paired differences of the default method against the others."""
+    lines = ["### At das-sd's defaults (the store's own lambda for every method)", "",
+             "The same queries and outputs, every kernel method scored with the index the store was built with "
+             f"(default rho), nothing chosen per method. Paired 95 % CIs of the default method ({DEFAULT_METHOD}) "
+             "minus each other method.", "",
+             "| method | rho | " + " | ".join(f"{n} LDS [95 % CI] | {DEFAULT_METHOD} minus method"
+                                          for n in lds["query_sets"]) + " |",
+             "|---|---|" + "---|---|" * len(lds["query_sets"])]
+    sets = list(lds["query_sets"].items())
+    for name in sets[0][1]["lds_store_lambda"]:
+        rho = store_rho(lds, name, sets[0][0]) if name in lds["lambda"] else None
+        cells = []
+        for _, block in sets:
+            r, ref = block["lds_store_lambda"][name], block["lds_store_lambda"].get(DEFAULT_METHOD)
+            diff = ""
+            if ref is not None and name != DEFAULT_METHOD:
+                d, lo, hi = paired_difference(ref["per_query"], r["per_query"])
+                diff = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            cells += [f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", diff]
+        lines.append(f"| {name} | {'' if rho is None else f'{rho:g}'} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def verdict(block: dict, best: str, reference: str) -> str:
+    """The highest LDS, and whether ``reference`` (the default method) beats D-TRAK and TRAK with a paired
+    95 % interval that excludes 0."""
     r = block["lds"]
     text = f"Highest LDS: **{best}** ({r[best]['lds']:.3f})."
-    if "das" in r and "dtrak" in r:
-        d, lo, hi = paired_difference(r["das"]["per_query"], r["dtrak"]["per_query"])
+    for other in ("dtrak", "trak"):
+        if reference not in r or other not in r:
+            continue
+        d, lo, hi = paired_difference(r[reference]["per_query"], r[other]["per_query"])
         if lo > 0:
-            text += f" das beats dtrak by {d:+.3f} (paired 95 % CI [{lo:+.3f}, {hi:+.3f}] excludes 0)."
+            text += f" {reference} beats {other} by {d:+.3f} (paired 95 % CI [{lo:+.3f}, {hi:+.3f}] excludes 0)."
         elif hi < 0:
-            text += f" dtrak beats das by {-d:+.3f} (paired 95 % CI of das - dtrak [{lo:+.3f}, {hi:+.3f}])."
+            text += f" {other} beats {reference} by {-d:+.3f} (paired 95 % CI of {reference} - {other} [{lo:+.3f}, {hi:+.3f}])."
         else:
-            text += (f" das - dtrak = {d:+.3f}, paired 95 % CI [{lo:+.3f}, {hi:+.3f}] includes 0: "
+            text += (f" {reference} - {other} = {d:+.3f}, paired 95 % CI [{lo:+.3f}, {hi:+.3f}] includes 0: "
                      "this run does not separate them.")
     return text
 

@@ -22,6 +22,7 @@ from das_sd.app import AppConfig, Workbench
 from das_sd.app.ui import build_app
 from das_sd.attribute import Attributor
 from das_sd.cli import main as cli_main
+from das_sd.registry import DEFAULT_METHOD
 from das_sd.generation import GenerationSettings, generate
 from helpers import chromium_page
 
@@ -97,7 +98,7 @@ def test_generate_and_attribute_match_the_cli(served, reference, demo, tmp_path,
                      "--json", "--device", "cpu"]) == 0
     cli = json.loads(capsys.readouterr().out)
     assert cli["query"]["prompt"] == prompt
-    out = client.predict(handle_file(str(png)), "", "das", TOP_K, api_name="/attribute")
+    out = client.predict(handle_file(str(png)), "", DEFAULT_METHOD, TOP_K, api_name="/attribute")  # the CLI's default
     upload_gallery, upload_json = value(out[1]), out[4]
     assert [r["key"] for r in upload_json["results"]] == [r["key"] for r in cli["results"]]
     assert [r["score"] for r in upload_json["results"]] == pytest.approx([r["score"] for r in cli["results"]], rel=1e-5)
@@ -336,7 +337,7 @@ def test_browser_newcomer_generates_from_an_example_and_inspects(served_store, r
         gallery_text = page.locator("#attribution-0").inner_text()
         # the shares shown are those of the Python API on the same prompt and seed, to display rounding
         result = generate(reference.pipe, GenerationSettings(prompt=chosen, seed=0))
-        expected = reference.attribute_latents(result.latents, [chosen], "das", 8)[0].results
+        expected = reference.attribute_latents(result.latents, [chosen], DEFAULT_METHOD, 8)[0].results  # the UI's default
         shares = shown_shares(gallery_text)
         assert len(shares) == 8, gallery_text
         assert shares == pytest.approx([100 * r.share for r in expected], abs=0.051), gallery_text
@@ -350,7 +351,7 @@ def test_browser_newcomer_generates_from_an_example_and_inspects(served_store, r
         large.wait_for(timeout=60_000)
         thumb = page.locator("#attribution-0 img").first.bounding_box()
         assert large.bounding_box()["width"] > 2 * thumb["width"]
-        assert expected[0].caption in detail and "Raw das score" in detail and "sum to 100" in detail
+        assert expected[0].caption in detail and f"Raw {DEFAULT_METHOD} score" in detail and "sum to 100" in detail
         page.screenshot(path=str(shots / "app-demo.png"), full_page=True)
 
         # Inspect: its empty state explains itself (real headers, no "1 2 3"); run it on the examples
@@ -379,7 +380,7 @@ def test_inspect_tab_ranks_like_the_python_api(served, reference, tmp_path):
     url, _ = served
     client = Client(url, verbose=False)
     groups_md, gallery, table, influenced, files = client.predict(
-        INSPECT_PROMPTS, 2, "column:concept", None, "das", TOP_K, api_name="/inspect")
+        INSPECT_PROMPTS, 2, "column:concept", None, InspectSettings().method, TOP_K, api_name="/inspect")
     prompts = INSPECT_PROMPTS.splitlines()
     queries = generate_queries(reference, prompts, 2, tmp_path / "generations", InspectSettings(top_k=TOP_K))
     expected = inspect_generations(reference, queries, 4, InspectSettings(top_k=TOP_K), "column:concept").image_rows()

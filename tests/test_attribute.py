@@ -13,7 +13,7 @@ from das_sd.cli import main
 from das_sd.data.ground_truth import load_ground_truth
 from das_sd.evaluate.groundtruth import SPLITS, evaluate_ground_truth, queries_for
 from das_sd.generation import GenerationSettings, generate, save_png
-from das_sd.registry import METHODS
+from das_sd.registry import DEFAULT_METHOD, METHODS
 from tolerances import U32
 
 
@@ -28,7 +28,7 @@ def ground_truth_summary(demo, attributor):
     trigger word; the defaults were chosen on the disjoint tune split)."""
     report = evaluate_ground_truth(attributor, demo["data"], split="test")
     print("planted ground truth, test split:", json.dumps(report["methods"]))
-    print("AP per group:", json.dumps(report["ap_per_group"]["das"]))
+    print("AP per group:", json.dumps(report["ap_per_group"][DEFAULT_METHOD]))
     return report["methods"], report["chance_ap"]
 
 
@@ -44,13 +44,14 @@ def test_tune_and_test_queries_are_disjoint(demo):
 def test_planted_exemplars_rank_far_above_chance(ground_truth_summary):
     summary, chance = ground_truth_summary
     assert set(summary) == set(METHODS)
-    assert summary["das"]["ap"] > 5 * chance  # chance AP is about the exemplars' share of the set
-    assert summary["das"]["recall@10"] > summary["latent-sim"]["recall@10"]
+    for name in ("das", DEFAULT_METHOD):
+        assert summary[name]["ap"] > 5 * chance  # chance AP is about the exemplars' share of the set
+        assert summary[name]["recall@10"] > summary["latent-sim"]["recall@10"]
 
 
 def test_planted_exemplars_reach_the_recall_target(ground_truth_summary):
     summary, _ = ground_truth_summary
-    assert summary["das"]["recall@10"] >= 0.8
+    assert summary[DEFAULT_METHOD]["recall@10"] >= 0.8 and summary["das"]["recall@10"] >= 0.8
 
 
 def test_attribute_json_schema_and_same_keys_as_api(demo, attributor, tmp_path, capsys):
@@ -59,20 +60,22 @@ def test_attribute_json_schema_and_same_keys_as_api(demo, attributor, tmp_path, 
     code = main(["attribute", "--store", demo["store"], "--image", str(path), "--top-k", "5", "--json",
                  "--device", "cpu"])
     out = json.loads(capsys.readouterr().out)
-    assert code == 0 and out["method"] == "das" and out["query"]["prompt"] == result.settings.prompt
+    assert code == 0 and out["method"] == DEFAULT_METHOD and out["query"]["prompt"] == result.settings.prompt
     assert [r["rank"] for r in out["results"]] == [1, 2, 3, 4, 5]
     assert set(out["results"][0]) == {"rank", "key", "path", "caption", "score", "sign", "share"}
     scores = [r["score"] for r in out["results"]]
     assert scores == sorted(scores, reverse=True) and all(s >= 0 for s in scores)
-    # share: the score over the sum of all N training images' scores (das scores t^2 are all >= 0),
+    # share: the score over the sum of all N training images' scores (the default method's scores t^2
+    # are all >= 0),
     # recomputed here in float64 from the same query's t: the CLI's float32 t^2 differ by <= 2 u each
     latents, prompt, _ = attributor.image_query(path)
-    t = attributor.scores(latents, [prompt], "das").double()
+    assert METHODS[DEFAULT_METHOD].squared
+    t = attributor.scores(latents, [prompt], DEFAULT_METHOD).double()
     total = float(t.pow(2).sum())
     assert [r["share"] for r in out["results"]] == pytest.approx([s / total for s in scores], rel=4 * U32)
     assert [r["share"] for r in out["results"]] == pytest.approx([float(t.abs().max() ** 2 / total)] + [
         r["share"] for r in out["results"][1:]], rel=4 * U32)  # the best share belongs to the largest |t|
-    api = attributor.attribute_image(path, method="das", top_k=5)
+    api = attributor.attribute_image(path, method=DEFAULT_METHOD, top_k=5)
     assert [r.key for r in api.results] == [r["key"] for r in out["results"]]
 
 

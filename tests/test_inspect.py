@@ -113,13 +113,14 @@ def test_batched_inspection_equals_one_by_one_attribution(demo, tmp_path):
     prompts = [f"{t}, {SUBJECTS[0]}" for t in TRIGGERS[:3]]
     queries = list(generate_queries(attributor, prompts, 1, tmp_path, InspectSettings()))
     inspection = inspect_generations(attributor, iter(queries), len(queries), InspectSettings(batch_size=2))
-    psi = train_vectors(attributor.store, "das")
+    method = InspectSettings().method  # the method inspect_generations scored with
+    psi = train_vectors(attributor.store, method)
     for q, (generation, latents) in enumerate(queries):
-        one = attributor.attribute_latents(latents, [generation.prompt], "das", top_k=len(inspection.keys))[0]
+        one = attributor.attribute_latents(latents, [generation.prompt], method, top_k=len(inspection.keys))[0]
         by_key = {r.key: r.score for r in one.results}
         phi = attributor.query_features(latents, [generation.prompt], feature_sets=["das"])["das"]
         # casting the float64 features to float32 may round an entry either way: one more u32
-        slack = score_slack("das", phi, psi, relative=U32).item()
+        slack = score_slack(method, phi, psi, relative=U32).item()
         got, expected = np.asarray(inspection.scores[q]), np.asarray([by_key[k] for k in inspection.keys])
         assert np.all(np.abs(got - expected) <= 2 * slack), np.abs(got - expected).max() / slack
 

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline
 from das_sd.attribute import Attributor
 from das_sd.generation import GenerationSettings, generate, read_png_attribution, read_png_metadata
 from das_sd.integrations.diffusers import AttributingPipeline
+from das_sd.registry import DEFAULT_METHOD
 from das_sd.store import StoreError
 from helpers import random_lora
 from tolerances import sampler_atol
@@ -44,14 +45,14 @@ def test_each_generated_image_is_attributed_from_its_final_latents(attributing, 
         torch.testing.assert_close(out.latents[i:i + 1], ours.latents, atol=sampler_atol(25, 4.0), rtol=0)
         # the pipeline's own latents, attributed alone: its features (a batch of 2) differ by float32
         # rounding, at most A u = 1e4 * 6e-8 relative (tests/tolerances.py), so the squared scores by 1.2e-3
-        expected = reference.attribute_latents(out.latents[i:i + 1], [PROMPT], "das", 5)[0]
+        expected = reference.attribute_latents(out.latents[i:i + 1], [PROMPT], DEFAULT_METHOD, 5)[0]
         assert [r.key for r in out.attributions[i].results] == [r.key for r in expected.results]
         assert [r.score for r in out.attributions[i].results] == pytest.approx([r.score for r in expected.results],
                                                                               rel=2e-3)
     paths = attributing.save(out, tmp_path)
     for path, attribution in zip(paths, out.attributions):
         record = read_png_attribution(path)
-        assert record["store_id"] == attributing.store_id and record["method"] == "das"
+        assert record["store_id"] == attributing.store_id and record["method"] == DEFAULT_METHOD
         assert [r["key"] for r in record["top_k"]] == [r.key for r in attribution.results]
         # both numbers: the share (6 decimals) and the raw score (6 significant digits, so that a
         # das score of 6.663e-06 is not rounded to 7e-06)
@@ -126,13 +127,13 @@ def test_an_sdxl_pipeline_is_attributed_with_the_conditioning_it_used(sdxl_demo)
     cond = diffusers_conditioning(reference.pipe, SDXL_PROMPT, (20, 24), (3, 2), (16, 16))
     default = diffusers_conditioning(reference.pipe, SDXL_PROMPT, (16, 16), (0, 0), (16, 16))
     for i in range(2):
-        expected = reference.attribute_latents(out.latents[i:i + 1], [SDXL_PROMPT], "das", 5, cond=cond)[0]
+        expected = reference.attribute_latents(out.latents[i:i + 1], [SDXL_PROMPT], DEFAULT_METHOD, 5, cond=cond)[0]
         # one image alone vs a batch of two: float32 rounding of the features, at most A u = 1e4 * 6e-8
         # relative (tests/tolerances.py), so the squared scores within 1.2e-3
         assert [r.key for r in out.attributions[i].results] == [r.key for r in expected.results]
         got = [r.score for r in out.attributions[i].results]
         assert got == pytest.approx([r.score for r in expected.results], rel=2e-3)
-        plain = reference.attribute_latents(out.latents[i:i + 1], [SDXL_PROMPT], "das", 5, cond=default)[0]
+        plain = reference.attribute_latents(out.latents[i:i + 1], [SDXL_PROMPT], DEFAULT_METHOD, 5, cond=default)[0]
         assert {r.key: r.score for r in plain.results} != pytest.approx(
             {r.key: r.score for r in expected.results}, rel=2e-2)
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from .demo import DEMO_PROMPTS
 from ..generation import GenerationSettings, generate, save_png
+from ..registry import DEFAULT_METHOD
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -78,7 +79,7 @@ def write_demo_samples(paths: dict, pipe: StableDiffusionPipeline, info: dict,
 def example_attribution(paths: dict, attributor: Attributor, info: dict,
                         prompt: str = "zorblat, a green square on a orange background",
                         seed: int = 0, top_k: int = 5) -> dict:
-    """Generate one image with a planted trigger word and attribute it with DAS.
+    """Generate one image with a planted trigger word and attribute it with the default method.
 
     Args:
         paths: ``prepare_demo``'s paths; the image is saved as ``samples/example.png`` under "workdir".
@@ -94,5 +95,5 @@ def example_attribution(paths: dict, attributor: Attributor, info: dict,
     result = generate(attributor.pipe, GenerationSettings(prompt=prompt, seed=seed), info)
     image_path = save_png(result.images[0], Path(paths["workdir"]) / "samples" / "example.png",
                           result.metadata(0) | {"width": result.images[0].width, "height": result.images[0].height})
-    attribution = attributor.attribute_latents(result.latents, [prompt], "das", top_k)[0]
+    attribution = attributor.attribute_latents(result.latents, [prompt], DEFAULT_METHOD, top_k)[0]
     return {"image": str(image_path)} | attribution.to_json()

@@ -87,7 +87,7 @@ def test_attribute_node_returns_top_k_images_and_scores(comfy, demo):
     reference = Attributor(demo["store"], device="cpu")
     for i in range(2):
         pil = generate(reference.pipe, GenerationSettings(prompt=PROMPT, seed=7 + i)).images[0]
-        expected = reference.attribute_image(pil, prompt=PROMPT, top_k=4)
+        expected = reference.attribute_image(pil, prompt=PROMPT, method=inputs["method"], top_k=4)
         got = report["attributions"][i]["results"]
         assert [r["key"] for r in got] == [r.key for r in expected.results]
         # each image with its share of the influence (das_sd.shares), computed the same way in-process

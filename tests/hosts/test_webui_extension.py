@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from das_sd.attribute import Attributor
+from das_sd.registry import DEFAULT_METHOD
 from das_sd.shares import share_text
 from das_sd.generation import GenerationSettings, generate
 
@@ -114,7 +115,7 @@ def test_each_image_is_attributed_into_its_infotext_and_the_tab(webui, demo, tmp
     assert [r["index"] for r in run["images"]] == [0, 1] and run["errors"] == []  # the grid is skipped
     for i in range(2):
         image = processed.images[processed.index_of_first_image + i]
-        expected = reference.attribute_image(image, prompt=clean, top_k=5)
+        expected = reference.attribute_image(image, prompt=clean, method="das", top_k=5)  # run_webui's choice
         assert [r["key"] for r in run["images"][i]["results"]] == [r.key for r in expected.results]
         infotext = processed.infotexts[processed.index_of_first_image + i]
         best = expected.results[0]
@@ -133,7 +134,7 @@ def test_rest_route_and_settings(webui, demo, monkeypatch):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    assert shared.opts.das_top_k == 8 and shared.opts.das_method == "das"
+    assert shared.opts.das_top_k == 8 and shared.opts.das_method == DEFAULT_METHOD
     app = FastAPI()
     for callback in script_callbacks.callbacks_app_started:
         callback(None, app)
