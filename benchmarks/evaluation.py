@@ -20,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_results  # noqa: E402
 
+from das_sd.argtypes import positive_float_list  # noqa: E402
+
 GEN_PROMPTS = [  # three trigger words and the three styles, on subjects outside both query splits
     "zorblat, a red circle on a blue background",
     "quimvex, a white triangle on a green background",
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("--counterfactual-seeds", type=int, default=1)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rho-grid", type=positive_float_list, default=None,
+                        help="rho values tried per kernel method on the LDS tune queries (comma-separated; "
+                             "default: LDSSettings.rho_grid)")
     parser.add_argument("--name", default="eval-demo", help="results name (benchmarks/results/NAME.json; "
                         "report benchmarks/BENCHMARKS.md, or BENCHMARKS-NAME.md for another name)")
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: counterfactual,ablations")
@@ -93,7 +98,8 @@ def main() -> None:
         for split in ("tune", "test")}, args.name)
 
     lds_settings = LDSSettings(subsets=args.subsets, output_timesteps=args.output_timesteps,
-                               output_noise_draws=args.output_noise_draws)
+                               output_noise_draws=args.output_noise_draws,
+                               **({} if args.rho_grid is None else {"rho_grid": tuple(args.rho_grid)}))
     queries = [val_queries(attributor, val_dir, args.val_limit), gen_queries(attributor, GEN_PROMPTS, args.gen_seeds)]
     stage(out, wall, "lds", lambda: run_lds(attributor, work / "lds", queries, lds_settings,
                                                      workers=args.workers), args.name)

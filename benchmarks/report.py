@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
 
-from das_sd.registry import DEFAULT_METHOD  # noqa: E402
+from das_sd.registry import DEFAULT_METHOD, DEFAULT_RHO  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "BENCHMARKS.md"
 
@@ -89,10 +89,10 @@ def store_rho(lds: dict, method: str, set_name: str) -> float | None:
 def defaults_section(lds: dict) -> list[str]:
     """Every method as das-sd scores by default: the store's own index (its default rho), no rho chosen
     per method; paired differences of the default method against the others."""
-    lines = ["### At das-sd's defaults (the store's own lambda for every method)", "",
+    lines = ["### At the store's own lambda (das-sd's defaults when the store was indexed at the default rho)", "",
              "The same queries and outputs, every kernel method scored with the index the store was built with "
-             f"(default rho), nothing chosen per method. Paired 95 % CIs of the default method ({DEFAULT_METHOD}) "
-             "minus each other method.", "",
+             f"(its rho in the table; the default is {DEFAULT_RHO:g}), nothing chosen per method. Paired 95 % CIs of "
+             f"the default method ({DEFAULT_METHOD}) minus each other method.", "",
              "| method | rho | " + " | ".join(f"{n} LDS [95 % CI] | {DEFAULT_METHOD} minus method"
                                           for n in lds["query_sets"]) + " |",
              "|---|---|" + "---|---|" * len(lds["query_sets"])]
