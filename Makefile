@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.das-sd-installed
 
-.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots cli-docs clean
+.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots screenshots-invokeai cli-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo-lora: venv
 # by its newcomer browser test (needs /usr/bin/chromium; docs/app.md)
 screenshots: venv
 	DAS_SD_SCREENSHOTS=docs DAS_SD_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests/test_app.py -k newcomer
+
+# docs/host-invokeai.png: the DAS Attribution node's result in a real invokeai-web 6.14.2 (the venv
+# .ci/run builds in build/host-invokeai-6.14.2; needs /usr/bin/chromium; benchmarks/screenshot_invokeai.py)
+screenshots-invokeai: venv
+	DAS_SD_INVOKEAI_PYTHON=$(CURDIR)/build/host-invokeai-6.14.2/bin/python HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/screenshot_invokeai.py
 
 # The tiny SDXL reuses the tiny SD's VAE and tokenizer (das_sd/assets/tiny-sd)
 build-base-sdxl: venv

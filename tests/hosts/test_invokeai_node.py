@@ -12,11 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import socket
-import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +22,11 @@ from das_sd.attribute import Attributor
 from das_sd.generation import GenerationSettings, generate
 from das_sd.integrations.hosts import attribute_pil
 
-NODES = Path(__file__).resolve().parents[2] / "extensions" / "invokeai-das-sd"
-PROMPT = "quimvex, a red circle on a blue background"
-TOP_K = 5
-
 httpx = pytest.importorskip("httpx")
+
+from invokeai_server import (  # noqa: E402
+    NODES, PROMPT, SEED, TOP_K, install_model, invokeai_server, run_node, upload, upload_generation,
+)
 
 
 def invokeai_python() -> Path:
@@ -43,93 +38,18 @@ def invokeai_python() -> Path:
     return Path(value)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def invokeai(tmp_path_factory):
     python = invokeai_python()
     root = tmp_path_factory.mktemp("invokeai-root")
-    shutil.copytree(NODES, root / "nodes" / NODES.name)
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INVOKEAI_HOST": "127.0.0.1", "INVOKEAI_PORT": str(port)}
-    log = (root / "server.log").open("wb")
-    server = subprocess.Popen([str(python.parent / "invokeai-web"), "--root", str(root)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("invokeai-web did not start:\n" + (root / "server.log").read_text(errors="replace")[-3000:])
-            try:
-                if client.get("/api/v1/app/version").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+    with invokeai_server(python, root) as (client, _):
         yield client, root
-    finally:
-        client.close()
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
-def upload(client, image: Image.Image, metadata: dict | None) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    data = {"metadata": json.dumps(metadata)} if metadata is not None else {}
-    response = client.post("/api/v1/images/upload", params={"image_category": "user", "is_intermediate": "false"},
-                           files={"file": ("query.png", buffer.getvalue(), "image/png")}, data=data)
-    response.raise_for_status()
-    return response.json()["image_name"]
-
-
-def run_node(client, image_name: str, store: str, **inputs) -> dict:
-    """Enqueue a one-node graph and wait for the queue item to finish."""
-    node = {"id": "das", "type": "das_attribution", "image": {"image_name": image_name}, "store_path": store,
-            "top_k": TOP_K, "method": "das", "device": "cpu", **inputs}
-    batch = {"batch": {"graph": {"id": str(uuid.uuid4()), "nodes": {"das": node}, "edges": []}, "runs": 1}}
-    response = client.post("/api/v1/queue/default/enqueue_batch", json=batch)
-    response.raise_for_status()
-    item_id = response.json()["item_ids"][0]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        item = client.get(f"/api/v1/queue/default/i/{item_id}").json()
-        if item["status"] in ("completed", "failed", "canceled"):
-            return item
-        time.sleep(0.5)
-    pytest.fail(f"queue item {item_id} did not finish in 300 s")
-
-
-def install_model(client, path: Path) -> dict:
-    """Register a model file or folder with InvokeAI's model manager (in place), as a user would;
-    InvokeAI's probe decides its type and base. Returns the metadata entry InvokeAI's graphs write."""
-    response = client.post("/api/v2/models/install", params={"source": str(path), "inplace": "true"}, json={})
-    response.raise_for_status()
-    job = response.json()["id"]
-    for _ in range(240):
-        job_state = client.get(f"/api/v2/models/install/{job}").json()
-        if job_state["status"] in ("completed", "error"):
-            assert job_state["status"] == "completed", job_state
-            config = job_state["config_out"]
-            return {"key": config["key"], "hash": config["hash"], "name": config["name"],
-                    "base": config["base"], "type": config["type"]}
-        time.sleep(0.5)
-    pytest.fail(f"the install job of {path} did not finish")
 
 
 @pytest.fixture(scope="module")
 def query(demo):
     attributor = Attributor(demo["store"], device="cpu")
-    image = generate(attributor.pipe, GenerationSettings(prompt=PROMPT, seed=11)).images[0]
+    image = generate(attributor.pipe, GenerationSettings(prompt=PROMPT, seed=SEED)).images[0]
     return attributor, image
 
 
@@ -145,10 +65,7 @@ def test_node_pack_loads_and_shows_in_the_schema(invokeai):
 def test_node_attributes_an_uploaded_generation(invokeai, query, demo, tmp_path):
     client, _ = invokeai
     attributor, image = query
-    lora_copy = tmp_path / "demo_style.safetensors"
-    shutil.copy(demo["lora"], lora_copy)
-    lora = install_model(client, lora_copy)
-    name = upload(client, image, {"positive_prompt": PROMPT, "seed": 11, "loras": [{"model": lora, "weight": 1.0}]})
+    name = upload_generation(client, image, demo["lora"], tmp_path)
 
     item = run_node(client, name, demo["store"])
     assert item["status"] == "completed", item.get("error_traceback") or item
