@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from das_sd.attribute import Attributor
     from das_sd.generation import GenerationSettings, generate
+    from das_sd.registry import DEFAULT_METHOD
     from das_sd.toy.demo import prepare_demo
 
     demo = prepare_demo(progress=False)
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             response = client.post("/api/v1/boards/", params={"board_name": BOARD})
             response.raise_for_status()
             name = upload_generation(client, image, demo["lora"], Path(tmp))
-            item = run_node(client, name, demo["store"], board={"board_id": response.json()["board_id"]})
+            item = run_node(client, name, demo["store"], board={"board_id": response.json()["board_id"]},
+                            method=DEFAULT_METHOD)
             if item["status"] != "completed":
                 raise RuntimeError(f"the node failed: {item.get('error_traceback') or item}")
             (output,) = item["session"]["results"].values()
