@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .argtypes import memory_size, non_negative_int, positive_float, positive_int
 from .io import printable
-from .toy.planted_config import PRESETS
+from .toy.cli import add_toy_commands
 from .registry import (AUTOCAST_DTYPES, DEFAULT_AUTOCAST, DEFAULT_INDEX_DTYPE, DEFAULT_METHOD, DEFAULT_RHO, FEATURE_SETS,
                        INDEX_DTYPES, METHOD_NAMES, OUTPUT_FUNCTIONS, PROJECTOR_KINDS, RESIDUAL_FORMS)
 
@@ -45,34 +45,6 @@ def _open_dataset(args: argparse.Namespace):
     if note:
         _note(note)
     return dataset
-
-
-def cmd_build_base(args: argparse.Namespace) -> None:
-    """``das-sd build-base``: train the embedded tiny SD (or tiny SDXL) from scratch and print its quality check.
-
-    Args:
-        args: the parsed command line.
-    """
-    from .toy.build_base import base_recipe, build_base
-
-    overrides = {k: v for k, v in (("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps)) if v is not None}
-    recipe = base_recipe(args.family, seed=args.seed, **overrides)
-    log = build_base(Path(args.out), recipe, family=args.family)
-    acc = log["held_out_accuracy"]
-    print(json.dumps({"out": str(Path(args.out).resolve()), "total_train_seconds": round(log["total_train_seconds"], 1),
-                      "held_out_accuracy": {k: acc[k] for k in ("n", "all", "shape", "fg", "bg")}}, indent=2))
-
-
-def cmd_make_demo_data(args: argparse.Namespace) -> None:
-    """``das-sd make-demo-data``: write the demo fine-tuning set (or another planted set) with its ground truth.
-
-    Args:
-        args: the parsed command line.
-    """
-    from .toy.planted import make_planted_data, preset
-
-    out = make_planted_data(args.out, preset(args.preset, args.seed), overwrite=args.overwrite)
-    print(out)
 
 
 def cmd_check_data(args: argparse.Namespace) -> None:
@@ -282,23 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_flags(p)
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("build-base", help="train the embedded tiny SD (about 36 minutes on 2 idle CPU cores) or, with "
-                       "--family sdxl, the tiny SDXL on the tiny SD's VAE (about 26 minutes) from scratch")
-    p.add_argument("--out", required=True, help="output pipeline folder")
-    p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="sd: the tiny SD (default); sdxl: the tiny SDXL")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (data, initialisation, noise)")
-    p.add_argument("--vae-steps", type=positive_int, default=None, help="VAE training steps (default: the recipe's)")
-    p.add_argument("--unet-steps", type=positive_int, default=None, help="UNet + text encoder steps (default: the recipe's)")
-    p.set_defaults(func=cmd_build_base)
-
-    p = sub.add_parser("make-demo-data", help="write the demo fine-tuning set with planted ground truth")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default: the preset's, 0)")
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), metavar="NAME",
-                   help="which planted set: demo (the demo's), or one drawn differently (motif kind and "
-                        f"contrast, trigger position, group size, unrelated share): {', '.join(sorted(PRESETS))}")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
-    p.set_defaults(func=cmd_make_demo_data)
+    add_toy_commands(sub)
 
     p = sub.add_parser("check-data", help="read a dataset and report its samples, fingerprint and bad files")
     _add_dataset_flags(p)

@@ -262,8 +262,9 @@ def test_commands_are_thin():
     import das_sd.cli
     import das_sd.evaluate.cli
     import das_sd.inspect.cli
+    import das_sd.toy.cli
 
-    modules = (das_sd.cli, das_sd.evaluate.cli, das_sd.inspect.cli)
+    modules = (das_sd.cli, das_sd.evaluate.cli, das_sd.inspect.cli, das_sd.toy.cli)
     commands = {name: f for m in modules for name, f in vars(m).items() if name.startswith("cmd_")}
     sizes = {name: code_lines(inspect.getsource(f)) for name, f in commands.items()}
     assert len(commands) >= 17 and max(sizes.values()) <= 16, sizes
