@@ -307,6 +307,9 @@ def test_browser_newcomer_generates_from_an_example_and_inspects(served_store, r
         prompt = page.locator("#prompt textarea")
         examples = page.locator("#examples")
         examples.wait_for(timeout=60_000)
+        # Gradio fills the examples' rows after the element appears (slower on a loaded machine): wait for them
+        page.wait_for_function("ts => ts.every(t => document.querySelector('#examples').innerText.includes(t))",
+                               arg=triggers, timeout=60_000)
         listed = examples.inner_text()
         assert all(t in listed for t in triggers), listed
         first = prompt.input_value()
