@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.das-sd-installed
 
-.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots screenshots-invokeai cli-docs clean
+.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots screenshots-invokeai screenshots-comfyui cli-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ screenshots: venv
 # .ci/run builds in build/host-invokeai-6.14.2; needs /usr/bin/chromium; benchmarks/screenshot_invokeai.py)
 screenshots-invokeai: venv
 	DAS_SD_INVOKEAI_PYTHON=$(CURDIR)/build/host-invokeai-6.14.2/bin/python HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/screenshot_invokeai.py
+
+# docs/host-comfyui.png: the DAS nodes and their result in a real ComfyUI web UI (main.py --cpu); a
+# ComfyUI checkout and a venv with its requirements and das-sd, set up as benchmarks/screenshot_comfyui.py
+# says (neither is in this repository); needs /usr/bin/chromium
+COMFYUI ?= $(CURDIR)/build/comfyui
+COMFYUI_PYTHON ?= $(CURDIR)/build/comfyui-venv/bin/python
+screenshots-comfyui: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/screenshot_comfyui.py --comfyui $(COMFYUI) --python $(COMFYUI_PYTHON)
 
 # The tiny SDXL reuses the tiny SD's VAE and tokenizer (das_sd/assets/tiny-sd)
 build-base-sdxl: venv

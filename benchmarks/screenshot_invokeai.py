@@ -17,23 +17,20 @@ Usage: DAS_SD_INVOKEAI_PYTHON=build/host-invokeai-6.14.2/bin/python python bench
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
 from pathlib import Path
-
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "hosts"), str(ROOT / "tests")]
 
 from helpers import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402  (tests/helpers.py)
 from invokeai_server import PROMPT, SEED, TOP_K, invokeai_server, run_node, upload_generation  # noqa: E402
+from screenshots import demo_generation, optimize_png  # noqa: E402  (benchmarks/screenshots.py)
 
 BOARD = "das-sd attribution"
 OUT = ROOT / "docs" / "host-invokeai.png"
-MAX_BYTES = 400_000
 
 
 def capture_ui(url: str, image_names: list[str], out: Path, width: int = 1400, height: int = 900,
@@ -94,27 +91,6 @@ def capture_ui(url: str, image_names: list[str], out: Path, width: int = 1400, h
             browser.close()
 
 
-def optimize_png(path: Path, max_bytes: int = MAX_BYTES) -> int:
-    """Re-save a PNG optimized; quantized to 256 colours when that is still too big.
-
-    Args:
-        path: The PNG, rewritten in place.
-        max_bytes: The size to stay under.
-
-    Returns:
-        The file's size in bytes afterwards.
-    """
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    if buffer.tell() > max_bytes:
-        buffer = io.BytesIO()
-        image.quantize(256, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
-    path.write_bytes(buffer.getvalue())
-    return path.stat().st_size
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the node on a demo generation in a fresh InvokeAI and screenshot its result.
 
@@ -132,13 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("set DAS_SD_INVOKEAI_PYTHON to the python of a venv with invokeai==6.14.2 and das-sd")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from das_sd.attribute import Attributor
-    from das_sd.generation import GenerationSettings, generate
     from das_sd.registry import DEFAULT_METHOD
-    from das_sd.toy.demo import prepare_demo
 
-    demo = prepare_demo(progress=False)
-    image = generate(Attributor(demo["store"], device="cpu").pipe, GenerationSettings(prompt=PROMPT, seed=SEED)).images[0]
+    demo, image = demo_generation(PROMPT, SEED)
     with tempfile.TemporaryDirectory(prefix="das-sd-invokeai-") as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
