@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +45,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "hosts"), str(ROOT / "tests")]
 
-from helpers import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402  (tests/helpers.py)
-from invokeai_server import PROMPT, SEED, TOP_K, free_port  # noqa: E402  (the same demo query)
+from helpers import browser_page  # noqa: E402  (tests/helpers.py)
+from invokeai_server import PROMPT, SEED, TOP_K, free_port, http_server  # noqa: E402  (the same demo query)
 from screenshots import demo_generation, optimize_png  # noqa: E402  (benchmarks/screenshots.py)
 
 NODES = ROOT / "extensions" / "comfyui-das-sd"
@@ -106,32 +105,11 @@ def comfyui_server(comfyui: Path, python: Path, base: Path,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    log_path = base / "server.log"
-    log = log_path.open("wb")
-    server = subprocess.Popen([str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                               "--base-directory", str(base), "--disable-auto-launch"],
-                              cwd=comfyui, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=url, timeout=60)
-    try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("ComfyUI did not start:\n" + log_path.read_text(errors="replace")[-3000:])
-            try:
-                if client.get("/system_stats").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+    command = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--disable-auto-launch"]
+    with http_server(command, env, base / "server.log", url, "/system_stats", "ComfyUI", start_timeout,
+                     cwd=comfyui) as client:
         yield client, url
-    finally:
-        client.close()
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def check_nodes_loaded(client: httpx.Client, log: Path) -> dict:
@@ -220,33 +198,26 @@ def capture_ui(url: str, client: httpx.Client, api: dict, out: Path, width: int 
     Raises:
         RuntimeError: When the workflow fails or the preview images do not show.
     """
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            page.set_default_timeout(timeout_ms)
-            page.goto(url)
-            page.wait_for_function("() => (window.app || window.comfyAPI?.app?.app)?.graph !== undefined")
-            page.wait_for_timeout(3000)  # first-visit dialogs (templates) open after the graph
-            page.keyboard.press("Escape")
-            prompt_id = page.evaluate(LOAD_AND_QUEUE, [api, LAYOUT])
-            entry = wait_for_history(client, prompt_id)
-            # the preview node's images decoded on the canvas
-            page.wait_for_function("""() => {
-              const app = window.app || window.comfyAPI.app.app;
-              const imgs = app.graph.getNodeById(4).imgs || [];
-              return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
-            }""")
-            page.mouse.move(width - 5, height - 5)  # no hover highlight
-            page.evaluate("() => (window.app || window.comfyAPI.app.app).graph.setDirtyCanvas(true, true)")
-            page.wait_for_timeout(1500)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(out))
-            return entry
-        finally:
-            browser.close()
+    with browser_page(width, height) as page:
+        page.set_default_timeout(timeout_ms)
+        page.goto(url)
+        page.wait_for_function("() => (window.app || window.comfyAPI?.app?.app)?.graph !== undefined")
+        page.wait_for_timeout(3000)  # first-visit dialogs (templates) open after the graph
+        page.keyboard.press("Escape")
+        prompt_id = page.evaluate(LOAD_AND_QUEUE, [api, LAYOUT])
+        entry = wait_for_history(client, prompt_id)
+        # the preview node's images decoded on the canvas
+        page.wait_for_function("""() => {
+          const app = window.app || window.comfyAPI.app.app;
+          const imgs = app.graph.getNodeById(4).imgs || [];
+          return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+        }""")
+        page.mouse.move(width - 5, height - 5)  # no hover highlight
+        page.evaluate("() => (window.app || window.comfyAPI.app.app).graph.setDirtyCanvas(true, true)")
+        page.wait_for_timeout(1500)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out))
+        return entry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "hosts"), str(ROOT / "tests")]
 
-from helpers import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402  (tests/helpers.py)
+from helpers import browser_page  # noqa: E402  (tests/helpers.py)
 from invokeai_server import PROMPT, SEED, TOP_K, invokeai_server, run_node, upload_generation  # noqa: E402
 from screenshots import demo_generation, optimize_png  # noqa: E402  (benchmarks/screenshots.py)
 
@@ -49,46 +49,39 @@ def capture_ui(url: str, image_names: list[str], out: Path, width: int = 1400, h
     Raises:
         RuntimeError: When a thumbnail of ``image_names`` does not load.
     """
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            page.set_default_timeout(timeout_ms)
-            page.goto(url)
-            board = page.get_by_text(BOARD, exact=True).first
-            board.wait_for()
-            page.wait_for_timeout(2000)  # the "What's New" popover opens on a first visit
-            close = page.get_by_role("button", name="Close", exact=True)
-            for i in range(close.count()):
-                if close.nth(i).is_visible():
-                    close.nth(i).click()
-            board.click()
-            # rank 1 was saved first: sort the gallery oldest first so it comes first
-            page.get_by_role("button", name="Gallery Images/Videos Settings").click()
-            if page.get_by_text("Newest First", exact=True).count():
-                page.get_by_text("Newest First", exact=True).click()
-                page.get_by_text("Oldest First", exact=True).last.click()
-            page.keyboard.press("Escape")
-            thumbnails = [page.locator(f'img[src*="{name}/thumbnail"]').last for name in image_names]
-            for name, thumbnail in zip(image_names, thumbnails):
-                thumbnail.wait_for()
-                if not thumbnail.evaluate("img => img.decode().then(() => img.naturalWidth > 0, () => false)"):
-                    raise RuntimeError(f"the thumbnail of {name} did not load")
-            thumbnails[0].dblclick()  # open rank 1 in the viewer
-            page.get_by_role("button", name="Info (I)").click()
-            page.get_by_role("tab", name="Metadata").click()
-            page.get_by_text('"rank": 1,').wait_for()
-            if page.get_by_role("button", name="Toggle Left Panel (T)").count() and \
-                    page.get_by_text("Choose Prompt Template").is_visible():
-                page.get_by_role("button", name="Toggle Left Panel (T)").click()  # room for the viewer
-            page.mouse.move(width // 2, height - 10)  # no hover tooltip
-            page.wait_for_timeout(1500)  # panel animations
-            out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(out))
-        finally:
-            browser.close()
+    with browser_page(width, height) as page:
+        page.set_default_timeout(timeout_ms)
+        page.goto(url)
+        board = page.get_by_text(BOARD, exact=True).first
+        board.wait_for()
+        page.wait_for_timeout(2000)  # the "What's New" popover opens on a first visit
+        close = page.get_by_role("button", name="Close", exact=True)
+        for i in range(close.count()):
+            if close.nth(i).is_visible():
+                close.nth(i).click()
+        board.click()
+        # rank 1 was saved first: sort the gallery oldest first so it comes first
+        page.get_by_role("button", name="Gallery Images/Videos Settings").click()
+        if page.get_by_text("Newest First", exact=True).count():
+            page.get_by_text("Newest First", exact=True).click()
+            page.get_by_text("Oldest First", exact=True).last.click()
+        page.keyboard.press("Escape")
+        thumbnails = [page.locator(f'img[src*="{name}/thumbnail"]').last for name in image_names]
+        for name, thumbnail in zip(image_names, thumbnails):
+            thumbnail.wait_for()
+            if not thumbnail.evaluate("img => img.decode().then(() => img.naturalWidth > 0, () => false)"):
+                raise RuntimeError(f"the thumbnail of {name} did not load")
+        thumbnails[0].dblclick()  # open rank 1 in the viewer
+        page.get_by_role("button", name="Info (I)").click()
+        page.get_by_role("tab", name="Metadata").click()
+        page.get_by_text('"rank": 1,').wait_for()
+        if page.get_by_role("button", name="Toggle Left Panel (T)").count() and \
+                page.get_by_text("Choose Prompt Template").is_visible():
+            page.get_by_role("button", name="Toggle Left Panel (T)").click()  # room for the viewer
+        page.mouse.move(width // 2, height - 10)  # no hover tooltip
+        page.wait_for_timeout(1500)  # panel animations
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,13 @@ def chromium_page(width: int = 1400, height: int = 1000):
         if os.environ.get("DAS_SD_REQUIRE_BROWSER") == "1":
             pytest.fail(f"DAS_SD_REQUIRE_BROWSER=1 but {CHROMIUM} is missing")
         pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    with browser_page(width, height) as page:
+        yield page
+
+
+@contextmanager
+def browser_page(width: int = 1400, height: int = 1000):
+    """A page of headless Debian Chromium (no pytest: the screenshot scripts use it too)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

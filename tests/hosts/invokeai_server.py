@@ -41,6 +41,52 @@ def free_port() -> int:
 
 
 @contextmanager
+def http_server(command: list[str], env: dict[str, str], log_path: Path, url: str, ready_path: str, name: str,
+                start_timeout: float, cwd: Path | None = None) -> Iterator[httpx.Client]:
+    """Start a host's server process, wait until ``url + ready_path`` answers 200, stop it on exit.
+
+    Args:
+        command: The server's command line.
+        env: Its environment.
+        log_path: Where its stdout and stderr go.
+        url: Its base URL.
+        ready_path: A path that answers 200 once it serves.
+        name: The server's name, for the error message.
+        start_timeout: Seconds to wait for it.
+        cwd: Its working directory (None: this process's).
+
+    Returns:
+        A context manager yielding an httpx client on ``url``.
+
+    Raises:
+        RuntimeError: When the server exits or does not answer in time (with the log's tail).
+    """
+    log = log_path.open("wb")
+    server = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = httpx.Client(base_url=url, timeout=60)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start:\n" + log_path.read_text(errors="replace")[-3000:])
+            try:
+                if client.get(ready_path).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        yield client
+    finally:
+        client.close()
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@contextmanager
 def invokeai_server(python: Path, root: Path, start_timeout: float = 180,
                     env: dict[str, str] | None = None) -> Iterator[tuple[httpx.Client, str]]:
     """Run `invokeai-web` (next to ``python``) on a free port with ``root`` as its root and the node
@@ -63,31 +109,10 @@ def invokeai_server(python: Path, root: Path, start_timeout: float = 180,
     url = f"http://127.0.0.1:{port}"
     server_env = {**os.environ, "HF_HUB_OFFLINE": "1", "INVOKEAI_HOST": "127.0.0.1", "INVOKEAI_PORT": str(port),
                   **(env or {})}
-    log = (root / "server.log").open("wb")
-    server = subprocess.Popen([str(Path(python).parent / "invokeai-web"), "--root", str(root)], env=server_env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=url, timeout=60)
-    try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("invokeai-web did not start:\n"
-                                   + (root / "server.log").read_text(errors="replace")[-3000:])
-            try:
-                if client.get("/api/v1/app/version").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+    command = [str(Path(python).parent / "invokeai-web"), "--root", str(root)]
+    with http_server(command, server_env, root / "server.log", url, "/api/v1/app/version", "invokeai-web",
+                     start_timeout) as client:
         yield client, url
-    finally:
-        client.close()
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def upload(client: httpx.Client, image: Image.Image, metadata: dict | None) -> str:
