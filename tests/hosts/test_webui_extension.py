@@ -165,6 +165,64 @@ def test_tab_builds_with_the_installed_gradio(webui):
     assert extension.gallery_of(1)[0] == []
 
 
+def a1111_png(image: Image.Image, path: Path, parameters: str) -> Image.Image:
+    """``image`` saved as the webui saves its PNGs (infotext in a ``parameters`` text chunk only) and
+    opened again, as the tab's upload hands it over."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, pnginfo=info)
+    return Image.open(path)
+
+
+def test_the_tab_attributes_an_image_made_earlier_from_its_png_parameters(webui, demo, tmp_path):
+    """An image generated earlier, dropped into the tab: its prompt (LoRA tag included) comes from
+    the webui's infotext in the PNG; the training images are das_sd's own for that image and prompt."""
+    extension, scripts, shared, _ = webui
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    shutil.copy(demo["lora"], lora_dir / "demo_style.safetensors")
+    shared.cmd_opts.lora_dir = str(lora_dir)
+    reference = Attributor(demo["store"], device="cpu")
+    clean = "glimber, a red square on a blue background"
+    made = generate(reference.pipe, GenerationSettings(prompt=clean, seed=7)).images[0]
+    parameters = f"<lora:demo_style:0.8>, {clean}\nNegative prompt: blurry\nSteps: 20, Seed: 7, Size: 32x32"
+    dropped = a1111_png(made, tmp_path / "00007-7.png", parameters)
+
+    gallery, note = extension.attribute_upload(dropped, "", 4, "das", demo["store"])
+    expected = reference.attribute_image(made, prompt=clean, method="das", top_k=4)
+    assert [label for _, label in gallery] == [r.label() for r in expected.results]
+    for (shown, _), row in zip(gallery, expected.results):
+        assert list(shown.convert("RGB").getdata()) == list(Image.open(row.path).convert("RGB").getdata())
+    assert "method das" in note and clean in note and "—" not in note  # the tag names the store's LoRA
+    assert extension.last_run()["images"] == []  # the last generation's record is left as it was
+
+    # a typed prompt wins over the image's own; the store falls back to Settings > DAS attribution
+    shared.opts.das_store = demo["store"]
+    other = "zorblat, a green square on a orange background"
+    gallery, note = extension.attribute_upload(dropped, other, 4, "das", "")
+    expected = reference.attribute_image(made, prompt=other, method="das", top_k=4)
+    assert [label for _, label in gallery] == [r.label() for r in expected.results]
+    assert "names no LoRA" in note
+
+
+def test_the_tab_says_what_is_missing_for_a_dropped_image(webui, demo, tmp_path):
+    extension, _, _, _ = webui
+    reference = Attributor(demo["store"], device="cpu")
+    made = generate(reference.pipe, GenerationSettings(prompt="zorblat, a red circle", seed=3)).images[0]
+    assert extension.attribute_upload(None, "", 4, "das", demo["store"]) == \
+        ([], "Drop an image (a PNG saved by the webui or das-sd) to attribute it.")
+    bare = tmp_path / "bare.png"
+    made.save(bare)  # no parameters: the prompt must be typed
+    gallery, note = extension.attribute_upload(Image.open(bare), "", 4, "das", demo["store"])
+    assert gallery == [] and "type the prompt" in note
+    gallery, note = extension.attribute_upload(made.resize((48, 48)), "zorblat", 4, "das", demo["store"])
+    assert gallery == [] and note.startswith("Attribution failed: QueryError") and "48" in note
+    gallery, note = extension.attribute_upload(made, "zorblat", 4, "das", str(tmp_path / "missing"))
+    assert gallery == [] and "StoreError" in note and "missing" in note
+
+
 # ---- SDXL checkpoints ----------------------------------------------------------------------------
 
 SDXL_PROMPT = "zorblat, a red circle on a blue background"

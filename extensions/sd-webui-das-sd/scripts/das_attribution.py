@@ -2,7 +2,8 @@
 
 An always-visible script: when enabled, every generated image (never the grid) is attributed with
 das-sd right after it is made. Results go to the image's infotext ("DAS top-k"), to the "DAS
-attribution" tab (captioned gallery of the training images) and to the REST route /das/v1/last.
+attribution" tab (captioned gallery of the training images) and to the REST route /das/v1/last. The
+tab also attributes an image made earlier (dropped in, its prompt read from its PNG parameters).
 The webui's own model object differs per host, so it is never touched: das-sd loads the base and
 LoRA that the store's manifest names. A failure here never breaks generation; it is reported in the
 console, in the infotext ("DAS error") and in the tab.
@@ -81,6 +82,26 @@ def _report(message: str) -> None:
         _last["errors"].append(message)
 
 
+def _attribute(image, prompt: str, method: str, top_k, store: str, info: dict, size, checkpoint: str | None):
+    """One image's attribution record, its Attribution and the store id, as the tab and REST route
+    show it (``warning``: the prompt's LoRAs are not the store's). ``checkpoint`` names the webui's
+    loaded checkpoint when the image was made with it: its family must be the store's."""
+    from das_sd.integrations.families import require_family, require_lora_families
+    from das_sd.integrations.hosts import CACHE, attribute_pil, lora_mismatch, parse_prompt_loras
+
+    if not store:
+        raise ValueError("no feature store set (script field, Settings > DAS attribution, or --das-store)")
+    attributor = CACHE.get(store, _opt("das_device", None) or getattr(shared.cmd_opts, "das_device", None))
+    _, loras = parse_prompt_loras(prompt)
+    files = _lora_files()
+    if checkpoint is not None:
+        require_family(attributor, _checkpoint_family(), checkpoint)
+    require_lora_families(attributor, {lora.name: files[lora.name] for lora in loras if lora.name in files})
+    warning = lora_mismatch(attributor, [lora.name for lora in loras], files)
+    result = attribute_pil(attributor, image, prompt, method, int(top_k), info, size)
+    return result.to_json() | info | {"warning": warning}, result, attributor.store.store_id
+
+
 class DASAttributionScript(scripts.Script):
     def title(self):
         return TITLE
@@ -117,30 +138,20 @@ class DASAttributionScript(scripts.Script):
         self._done = index + 1
         p.extra_generation_params.pop("DAS error", None)
         try:
-            from das_sd.integrations.families import require_family, require_lora_families
-            from das_sd.integrations.hosts import CACHE, attribute_pil, infotext_value, lora_mismatch, parse_prompt_loras
+            from das_sd.integrations.hosts import infotext_value
 
-            if not store:
-                raise ValueError("no feature store set (script field, Settings > DAS attribution, or --das-store)")
-            attributor = CACHE.get(store, _opt("das_device", None) or getattr(shared.cmd_opts, "das_device", None))
             prompt = p.all_prompts[index] if index < len(getattr(p, "all_prompts", [])) else p.prompt
             seed = p.all_seeds[index] if index < len(getattr(p, "all_seeds", [])) else getattr(p, "seed", None)
-            _, loras = parse_prompt_loras(prompt)
-            files = _lora_files()
-            require_family(attributor, _checkpoint_family(),
-                           f"the webui's checkpoint {_opt('sd_model_checkpoint', '')!r}".replace(" ''", ""))
-            require_lora_families(attributor, {lora.name: files[lora.name] for lora in loras if lora.name in files})
-            warning = lora_mismatch(attributor, [lora.name for lora in loras], files)
-            result = attribute_pil(attributor, pp.image, prompt, method, int(top_k),
-                                   {"index": index, "seed": seed}, _size_conditioning(pp.image))
+            checkpoint = f"the webui's checkpoint {_opt('sd_model_checkpoint', '')!r}".replace(" ''", "")
+            record, result, store_id = _attribute(pp.image, prompt, method, top_k, store, {"index": index, "seed": seed},
+                                                  _size_conditioning(pp.image), checkpoint)
             p.extra_generation_params[f"DAS top-{min(3, int(top_k))}"] = infotext_value(result)
             p.extra_generation_params["DAS method"] = method
-            p.extra_generation_params["DAS store"] = attributor.store.store_id
-            record = result.to_json() | {"index": index, "seed": seed, "warning": warning}
+            p.extra_generation_params["DAS store"] = store_id
             with _last_lock:
                 _last["images"].append(record)
-            if warning:
-                _report(f"image {index}: {warning}")
+            if record["warning"]:
+                _report(f"image {index}: {record['warning']}")
         except Exception as exc:  # never break generation; say what went wrong
             _report(f"image {index}: attribution failed: {type(exc).__name__}: {exc}")
             traceback.print_exc()
@@ -162,22 +173,50 @@ def _open(path: str):
     return load_image(path)
 
 
+def _gallery(record: dict, title: str) -> tuple[list, str]:
+    """A record's captioned training images and the line above them."""
+    from das_sd.attribute import AttributionRow
+
+    # PIL images, not paths: Gradio 4 refuses to serve files outside the webui's folders
+    items = [(_open(r["path"]), AttributionRow(**r).label()) for r in record["results"]]
+    note = f"{title}, method {record['method']}"
+    for warning in [record.get("warning"), *record.get("notes", [])]:
+        if warning:
+            note += f" — {warning}"
+    return items, note
+
+
 def gallery_of(image_number: int) -> tuple[list, str]:
     run = last_run()
     if not run["images"]:
         return [], "No attributed images yet: enable DAS attribution in txt2img / img2img and generate."
     record = run["images"][max(0, min(int(image_number), len(run["images"])) - 1)]
-    from das_sd.attribute import AttributionRow
-
-    # PIL images, not paths: Gradio 4 refuses to serve files outside the webui's folders
-    items = [(_open(r["path"]), AttributionRow(**r).label()) for r in record["results"]]
-    note = f"Image {record['index'] + 1} (seed {record['seed']}), method {record['method']}"
-    for warning in [record.get("warning"), *record.get("notes", [])]:
-        if warning:
-            note += f" — {warning}"
+    items, note = _gallery(record, f"Image {record['index'] + 1} (seed {record['seed']})")
     if run["errors"]:
         note += "\n\nErrors: " + "; ".join(run["errors"])
     return items, note
+
+
+def attribute_upload(image, prompt: str, top_k, method: str, store: str) -> tuple[list, str]:
+    """The tab's "Attribute an image": an image made earlier, with the prompt typed or, when left
+    empty, read from the image's PNG parameters (A1111 infotext or das-sd's own)."""
+    if image is None:
+        return [], "Drop an image (a PNG saved by the webui or das-sd) to attribute it."
+    try:
+        from das_sd.generation import image_metadata
+
+        meta = image_metadata(image)
+        prompt = (prompt or "").strip() or meta.get("prompt") or ""
+        if not prompt:
+            return [], ("The image records no prompt (no PNG parameters): type the prompt it was generated "
+                        "with.")
+        seed = meta.get("seed")
+        record, _, _ = _attribute(image, prompt, method, top_k, store or _default_store(),
+                                  {"index": 0, "seed": seed}, None, None)
+        return _gallery(record, f"Dropped image (prompt {prompt!r})")
+    except Exception as exc:  # shown in the tab, as a generation's failure is
+        _report(f"dropped image: attribution failed: {type(exc).__name__}: {exc}")
+        return [], f"Attribution failed: {type(exc).__name__}: {exc}"
 
 
 def on_ui_tabs():
@@ -185,9 +224,20 @@ def on_ui_tabs():
         with gr.Row():
             image_number = gr.Number(value=1, precision=0, label="Generated image number")
             refresh = gr.Button("Show", variant="primary")
+        with gr.Accordion("Attribute an image made earlier", open=False):
+            with gr.Row():
+                upload = gr.Image(type="pil", label="Image (its prompt is read from its PNG parameters)",
+                                  elem_id="das_attribution_upload")
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt (empty: from the image)", lines=2)
+                    top_k = gr.Slider(minimum=1, maximum=32, step=1, value=int(_opt("das_top_k", 8)), label="Top-k")
+                    method = gr.Dropdown(choices=METHODS, value=_opt("das_method", DEFAULT_METHOD), label="Method")
+                    store = gr.Textbox(value=_default_store(), label="das-sd feature store folder")
+                    attribute = gr.Button("Attribute", variant="primary", elem_id="das_attribution_attribute")
         status = gr.Markdown(elem_id="das_attribution_status")
         gallery = gr.Gallery(label="Most influential training images", columns=4, elem_id="das_attribution_gallery")
         refresh.click(gallery_of, inputs=[image_number], outputs=[gallery, status])
+        attribute.click(attribute_upload, inputs=[upload, prompt, top_k, method, store], outputs=[gallery, status])
     return [(tab, TITLE, "das_attribution_tab")]
 
 
