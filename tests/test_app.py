@@ -550,9 +550,9 @@ def test_user_text_is_shown_literally_in_the_apps_markdown():
     the app's Markdown shows them as text, never as an image, a link or bold."""
     import gradio as gr
 
-    from das_sd.app.session import Query
-    from das_sd.app.ui import guarded, upload_note
-    from das_sd.app.views import detail_of, groups_markdown, status_markdown
+    from das_sd.app.events import guarded
+    from das_sd.app.values import Query
+    from das_sd.app.views import detail_of, groups_markdown, status_markdown, upload_note
 
     page, _ = rendered_text(f"**Caption:** {HOSTILE}")
     assert "<img" in page and "<a href" in page and "<strong>bold" in page  # unescaped, it would render

@@ -10,17 +10,21 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any
 
-    from .session import AppConfig
+    from .values import AppConfig
 
 __all__ = ["AppConfig", "AppError", "Query", "Workbench", "add_app_flags", "config_from_args", "demo_config", "launch_app", "launch_demo", "main"]
 
 
 def __getattr__(name: str):
-    # the session module loads torch and diffusers: only on first use, so `das-sd --help` stays fast
-    if name in ("AppConfig", "AppError", "Query", "Workbench"):
-        from . import session
+    # the engine loads torch and diffusers: only on first use, so `das-sd --help` stays fast
+    if name in ("AppConfig", "AppError", "Query"):
+        from . import values
 
-        return getattr(session, name)
+        return getattr(values, name)
+    if name == "Workbench":
+        from .session import Workbench
+
+        return Workbench
     raise AttributeError(f"module 'das_sd.app' has no attribute {name!r}")
 
 
@@ -58,7 +62,7 @@ def demo_config(paths: dict, device: str | None = None, **extra: Any) -> AppConf
         An ``AppConfig`` with ``demo=True``.
     """
     from ..toy.demo import family_suffix
-    from .session import AppConfig
+    from .values import AppConfig
 
     default_store = Path(paths["workdir"]) / f"store{family_suffix(paths.get('family', 'sd'))}"
     return AppConfig(store=Path(paths.get("store") or default_store), base=Path(paths["base"]),
@@ -96,7 +100,7 @@ def config_from_args(args: argparse.Namespace, progress: bool = True) -> AppConf
     Returns:
         The ``AppConfig``; paths given as flags are expanded and made absolute.
     """
-    from .session import AppConfig
+    from .values import AppConfig
 
     extra = {"outdir": Path(args.outdir).expanduser()} if args.outdir else {}
     if args.store is None:

@@ -6,82 +6,37 @@ API and the tests. One lock serialises everything that runs the model: Gradio's 
 heavy events one at a time, the lock makes that true for any other caller too.
 
 Queries keep their latents and projected features (``Query``), so switching the method or top-k
-re-ranks from the cache without generating or featurizing again.
+re-ranks from the cache without generating or featurizing again. The dataset-level inspection
+(``inspect``, ``groups``) is the ``InspectRequests`` mixin (inspect_session.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from ..attribute import Attributor
 from ..attribute_queries import MissingPromptError, QueryError
 from ..attribute_results import Attribution
 from ..data.images import ImageError
-from ..generation import GenerationSettings, generate, save_png, shorten, truncation_note
-from ..models.fingerprint import das_sd_home, provenance, short
+from ..generation import GenerationSettings, generate, save_png, truncation_note
+from ..models.fingerprint import provenance, short
 from ..store import FeatureStore, StoreError
+from .inspect_session import InspectRequests
+from .values import AppConfig, AppError, Query
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from diffusers import StableDiffusionPipeline
 
-    from ..inspect.inspection import Inspection, Progress
-
-class AppError(ValueError):
-    """A request the app cannot serve; the message is shown to the user as is."""
+# AppConfig, AppError and Query are imported from here too (they lived here before values.py)
+__all__ = ["AppConfig", "AppError", "Query", "Workbench"]
 
 
-@dataclass
-class AppConfig:
-    """What the app serves: which store, model and dataset, and where its outputs go.
-
-    Attributes:
-        store: Feature store folder; built from ``data`` when missing.
-        base: Base model folder; None: the base the store's manifest names.
-        lora: LoRA file or folder; None: the LoRA the store's manifest names.
-        data: Dataset to build or extend the store from; None: the one the manifest names.
-        device: Torch device ("cpu", "cuda", "cuda:1", ...); None: cuda when available.
-        outdir: Where generated PNGs (one folder per day) and inspection reports are saved
-            (default: ``outputs`` under ``$DAS_SD_HOME``, else ``~/.cache/das-sd``).
-        demo: The embedded demo: base, LoRA and data come from ``prepare_demo`` and the store is a
-            cache, rebuilt when the demo LoRA was retrained.
-    """
-
-    store: Path  # feature store folder (built from ``data`` when missing)
-    base: Path | None = None  # None: the base the store's manifest names
-    lora: Path | None = None  # None: the LoRA the store's manifest names
-    data: Path | None = None  # dataset to build or extend the store from; None: the manifest's
-    device: str | None = None
-    outdir: Path = field(default_factory=lambda: das_sd_home() / "outputs")
-    demo: bool = False  # the embedded demo: base, LoRA and data come from ``prepare_demo``
-
-
-@dataclass
-class Query:
-    """One attributed image: what is needed to re-rank it without running the model again.
-
-    Attributes:
-        latents: (1, 4, h, w) float latents of the image.
-        prompt: The prompt it is attributed with.
-        features: Projected query features per feature set name, each (1, k).
-        image_path: The saved PNG (generations) or the uploaded file.
-        info: Query metadata shown with the attribution ("seed", "source", "prompt_from", "prompt_note").
-    """
-    latents: torch.Tensor  # (1, 4, h, w)
-    prompt: str
-    features: dict[str, torch.Tensor]
-    image_path: str  # the saved PNG (generations) or the upload
-    info: dict = field(default_factory=dict)
-
-
-class Workbench:
+class Workbench(InspectRequests):
     """The app's engine: one pipeline (base + LoRA), feature store and ``Attributor`` for every session.
 
     Everything is loaded lazily, on first use; ``lock`` serialises every call that runs the model.
@@ -325,117 +280,6 @@ class Workbench:
         with self.lock:
             return self.attributor.attribute_latents(query.latents, [query.prompt], method, int(top_k),
                                                      [query.info], features=query.features)[0]
-
-    @property
-    def inspect_root(self) -> Path:
-        """The folder under ``config.outdir`` that holds the inspection reports."""
-        return Path(self.config.outdir) / "inspect"
-
-    def inspect(self, prompts: list[str], seeds: int, method: str, top_k: int, group_by: str | None = None,
-                progress: Progress | None = None,
-                mapping_file: str | Path | None = None) -> tuple[Inspection, dict[str, Path]]:
-        """Generate prompts x seeds, attribute them in batches and roll the credit up (das_sd.inspect,
-        docs/method.md §13); the report files go to a new timestamped folder under ``inspect_root``.
-
-        Args:
-            prompts: One prompt per item; blank items and items starting with "#" are skipped.
-            seeds: Seeds per prompt (0, 1, ..., seeds - 1).
-            method: An attribution method name (das_sd.registry's ``METHOD_NAMES``).
-            top_k: Training images credited per generation.
-            group_by: "folder", "column:NAME" or "file:PATH" (a mapping inside the dataset folder);
-                None: no groups.
-            progress: Called with (done, total, generation id) as batches finish.
-            mapping_file: An uploaded group mapping (JSON or CSV); it replaces ``group_by``.
-
-        Returns:
-            The ``Inspection`` and its report files by kind ("html", "json", "images_csv", "groups_csv", ...).
-
-        Raises:
-            AppError: When no prompt is left, the grouping is refused (see ``groups``) or the store is
-                not ready.
-        """
-        from ..inspect import InspectSettings, generate_queries, inspect_generations
-
-        prompts = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
-        if not prompts:
-            raise AppError("type one or more prompts, one per line")
-        group_by, mapping = self.groups(group_by, mapping_file)  # before minutes of generating
-        with self.lock:
-            attributor = self.attributor
-            out = self.inspect_root / time.strftime("%Y-%m-%d-%H%M%S")
-            settings = InspectSettings(method=method, top_k=int(top_k))
-            queries = generate_queries(attributor, prompts, int(seeds), out / "generations", settings)
-            inspection = inspect_generations(attributor, queries, len(prompts) * int(seeds), settings,
-                                             group_by or None, progress, mapping)
-            return inspection, inspection.save(out)
-
-    def groups(self, group_by: str | None, mapping_file: str | Path | None = None) -> tuple[str | None, dict | None]:
-        """(group_by, mapping) for the inspection, checked before any generating.
-
-        Requests never name a server path: a mapping is an upload (size-capped) or, as ``file:PATH``,
-        a file of the dataset folder.
-
-        Args:
-            group_by: "folder", "column:NAME" or "file:PATH" (relative to the dataset folder); None or
-                blank: no groups.
-            mapping_file: An uploaded mapping file (JSON object or CSV); it replaces ``group_by``.
-
-        Returns:
-            The grouping (``file:NAME`` for an upload, None for none) and the mapping read (training
-            key or file -> group), or None when the grouping needs none.
-
-        Raises:
-            AppError: When the mapping cannot be read, lies outside the dataset folder, is too large
-                or matches no training image, when there is no dataset folder for ``file:PATH``, or
-                when ``group_by`` is none of the accepted forms.
-        """
-        from ..inspect import MAX_MAPPING_BYTES, read_group_mapping, read_mapping_inside
-
-        group_by = (group_by or "").strip() or None
-        try:
-            if mapping_file:
-                name = Path(mapping_file).name
-                group_by = f"file:{name}"
-                mapping = read_group_mapping(Path(mapping_file), MAX_MAPPING_BYTES, name=f"the uploaded mapping {name}")
-            elif group_by and group_by.startswith("file:"):
-                root = self.dataset_root()
-                if root is None:
-                    raise AppError("there is no dataset folder to read file:PATH from: upload the mapping instead")
-                mapping = read_mapping_inside(root, group_by.split(":", 1)[1].strip())
-            else:
-                mapping = None
-            if mapping is not None:
-                self.mapping_coverage(group_by, mapping)  # a mapping that matches nothing: refused now
-                return group_by, mapping
-        except AppError:
-            raise
-        except ValueError as exc:
-            raise AppError(str(exc)) from None
-        if group_by and group_by != "folder" and not group_by.startswith("column:"):
-            raise AppError(f"Group by {shorten(group_by, 60)!r}: expected folder, column:NAME or file:PATH "
-                           "(a mapping inside the dataset folder), or upload a mapping")
-        return group_by, None
-
-    def mapping_coverage(self, group_by: str, mapping: dict) -> str | None:
-        """How much of the store's training images a group mapping covers (das_sd.inspect's line).
-
-        Args:
-            group_by: The grouping's name, used in messages ("file:NAME").
-            mapping: Training key or file -> group.
-
-        Returns:
-            A line for the user, or None while there is no store (or no training image) to compare with.
-
-        Raises:
-            ValueError: When the mapping gives no training image a group.
-        """
-        from ..inspect.groups import mapping_coverage
-
-        try:
-            rows = FeatureStore.open(self.config.store).rows()
-        except StoreError:
-            return None
-        return mapping_coverage(rows, mapping, group_by) if rows else None
 
     def _output_path(self, seed: int) -> Path:
         # A1111's layout: one folder per day, a running number, the seed

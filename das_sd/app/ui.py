@@ -1,16 +1,13 @@
 """The Gradio app: generate, and see beside each image the training images that shaped it.
 
 Layout only: every handler is a thin call into ``Workbench``. Heavy events (generate, attribute,
-build) share one queue slot (``concurrency_id="model"``), so any number of browsers can use the app
-while the model runs one job at a time; re-ranking from cached query features is cheap and
-runs beside them.
+inspect, build) share one queue slot (events.py's ``HEAVY``), so any number of browsers can use the
+app while the model runs one job at a time; re-ranking from cached query features is cheap and
+runs beside them. The Inspect tab is inspect_tab.py's.
 """
 
 from __future__ import annotations
 
-import functools
-import html
-import logging
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,28 +17,23 @@ from starlette.middleware import Middleware
 
 from ..attribute_results import Attribution
 from ..data.images import open_image
-from ..generation import GenerationSettings, shorten
+from ..generation import GenerationSettings
 from ..integrations.hosts import captioned
 from ..registry import DEFAULT_METHOD, METHOD_NAMES
+from .events import HEAVY, guarded, warn
 from .examples import example_prompts
 from .guard import DatasetImagesOnly
+from .inspect_tab import InspectTab
 from .session import AppError, Query, Workbench
-from .views import (EFFECT_COLOURS, LEADERBOARD_COLUMNS, SHARE_EXPLAINED, api_json, detail_of, groups_markdown,
-                    leaderboard, md_text, score_plot, status_markdown)
+from .views import EFFECT_COLOURS, SHARE_EXPLAINED, api_json, detail_of, md_text, score_plot, status_markdown, upload_note
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
 
 
 MAX_IMAGES = 4  # generation slots shown side by side with their attributions
 MAX_TOP_K = 32
 MAX_UPLOAD = "10mb"
-SHOWN_PROMPT = 300  # characters of a prompt echoed back (CLIP reads 77 tokens of it anyway)
-LEADERBOARD = 24  # training images shown in the Inspect tab
-HEAVY = dict(concurrency_id="model", concurrency_limit=1)
-
-log = logging.getLogger("das_sd.app")
 
 CSS = """
 .das-thumbs img, .das-generated img, .das-detail img { image-rendering: pixelated; }
@@ -54,72 +46,6 @@ PLOT = dict(x="rank", y="share %", color="effect", sort=None, height=220, label=
 GENERATE_HINT = ("*Pick an example prompt (or type one) and click **Generate**: beside each generation appear the "
                  "training images that most influenced it, each with its share of the influence; click one to see "
                  "it large below.*")
-INSPECT_HINT = ("*Click **Inspect**: each prompt is generated with several seeds, every generation attributed, and the "
-                "training images ranked here by their mean share of the influence (with the credit per group when "
-                "*Group by* is set). Click a training image to see the generations it influenced most.*")
-
-
-def as_html(message: str) -> str:
-    """A message for Gradio's alerts, which render HTML: file names, prompts and captions in it shown as text.
-
-    Args:
-        message: Plain text.
-
-    Returns:
-        ``message`` with ``&``, ``<`` and ``>`` escaped.
-    """
-    return html.escape(message, quote=False)
-
-
-def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Show failures as readable messages in the UI, never as a stack trace.
-
-    Args:
-        fn: A Gradio event handler.
-
-    Returns:
-        ``fn`` wrapped: ``ValueError``, ``OSError`` and ``ArithmeticError`` become a ``gr.Error`` with
-        their message; any other exception is logged and shown by type and message.
-    """
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (ValueError, OSError, ArithmeticError) as exc:  # das-sd's own errors are ValueErrors
-            raise gr.Error(as_html(str(exc)), print_exception=False) from None
-        except Exception as exc:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(as_html(f"unexpected {type(exc).__name__}: {exc} (details in the server log)"),
-                           print_exception=False) from None
-    return wrapper
-
-
-def warn(note: str | None) -> None:
-    """Show ``note`` (first letter capitalised) as a Gradio warning toast.
-
-    Args:
-        note: The sentence to show; None or empty: nothing is shown.
-    """
-    if note:
-        gr.Warning(as_html(note[0].upper() + note[1:]))
-
-
-def upload_note(query: Query) -> str:
-    """The Attribute tab's Markdown under the upload: the prompt used (shown as typed), and any warning.
-
-    Args:
-        query: The upload's query from ``Workbench.image_query``.
-
-    Returns:
-        Markdown: where the prompt came from, the prompt (shortened, escaped) and its ``prompt_note``.
-    """
-    note = f"Prompt ({query.info['prompt_from']}): *{md_text(shorten(query.prompt.strip(), SHOWN_PROMPT))}*"
-    if query.info.get("prompt_note"):
-        text = query.info["prompt_note"]
-        note += f"\n\n**Note:** {md_text(text[0].upper() + text[1:])}"
-    return note
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -222,33 +148,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
                                                     allow_preview=False)
                         upload_plot = gr.BarPlot(**PLOT)
 
-        with gr.Tab("Inspect"):
-            with gr.Row():
-                with gr.Column(scale=1, min_width=280):
-                    inspect_prompts = gr.Textbox(
-                        label="Prompts (one per line)", lines=6, elem_id="inspect-prompts", value="\n".join(examples),
-                        placeholder="One prompt per line, e.g. the LoRA's training captions")
-                    if examples:
-                        gr.Examples([["\n".join(examples)]], inputs=[inspect_prompts], elem_id="inspect-examples",
-                                    example_labels=[f"The {len(examples)} example prompts"],
-                                    label="Example prompts (training captions of the LoRA)")
-                    inspect_seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
-                    inspect_group = gr.Textbox(label="Group by: folder, column:NAME or file:PATH in the dataset "
-                                                     "folder (optional)",
-                                               value="column:concept" if bench.config.demo else "")
-                    inspect_mapping = gr.File(label="…or a group mapping (JSON object or CSV: key or file, group; "
-                                                    "≤ 1 MB)", file_types=[".json", ".csv"], type="filepath")
-                    inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
-                    inspect_files = gr.File(label="Reports (HTML, JSON, CSV)", file_count="multiple", interactive=False)
-                with gr.Column(scale=3):
-                    inspect_groups = gr.Markdown(INSPECT_HINT, latex_delimiters=[], elem_id="inspect-groups")
-                    leader_gallery = gr.Gallery(label="Most credited training images · mean share (click one)", columns=8,
-                                                height=260, elem_id="leaderboard", elem_classes="das-thumbs",
-                                                allow_preview=False)
-                    leader_table = gr.Dataframe(value=None, headers=LEADERBOARD_COLUMNS, label="Leaderboard",
-                                                interactive=False, max_height=300, elem_id="leader-table")
-                    influenced = gr.Gallery(label="Generations the selected training image influenced most", columns=6,
-                                            height=200, elem_id="influenced", elem_classes="das-thumbs", allow_preview=False)
+        inspect_tab = InspectTab(bench, examples)
 
         with gr.Tab("Index"):
             status_md = gr.Markdown(latex_delimiters=[])
@@ -315,37 +215,6 @@ def build_app(bench: Workbench) -> gr.Blocks:
             return [*out, shown, state]
 
         @guarded
-        def on_inspect(prompts_, seeds_, group_, mapping_, method_, k_, state, progress=gr.Progress()):
-            group_by, mapping = bench.groups(group_, mapping_)  # a bad grouping is refused before the store is checked
-            ensure_ready(progress)
-            inspection, files = bench.inspect(
-                (prompts_ or "").splitlines(), int(seeds_), method_, int(k_), (group_ or "").strip() or None,
-                progress=lambda done, total, what: progress((done, total), desc=f"generating and attributing {what}"),
-                mapping_file=mapping_)
-            long = sum(1 for p in {g.prompt for g in inspection.generations} if bench.prompt_note(p))
-            if long:
-                warn(f"{long} prompt(s) are longer than the text encoder reads: their ends had no effect")
-            data = inspection.to_json()
-            rows = data["images"][:LEADERBOARD]
-            generations = {g["id"]: g for g in data["generations"]}
-            state = {**state, "inspect_rows": rows, "inspect_generations": generations}
-            items, table = leaderboard(rows)
-            coverage = bench.mapping_coverage(group_by, mapping) if mapping is not None else None
-            if coverage and '"(none)"' in coverage:
-                warn(f"the group mapping {coverage}")
-            return (groups_markdown(data["groups"], data["group_by"], coverage), items, table, [],
-                    [str(files[k]) for k in ("html", "json", "images_csv", "groups_csv")], state)
-
-        def select_leader(state, evt: gr.SelectData):
-            rows = state.get("inspect_rows", [])
-            if evt.index is None or evt.index >= len(rows):
-                return []
-            generations = state.get("inspect_generations", {})
-            return [(generations[t["generation"]]["image"],
-                     f"{100 * t['share']:.2f}% · {shorten(generations[t['generation']]['prompt'], SHOWN_PROMPT)}")
-                    for t in rows[evt.index]["top_generations"] if t["generation"] in generations]
-
-        @guarded
         def on_build(progress=gr.Progress(track_tqdm=True)):
             progress(0, desc="featurizing the dataset")
             return status_markdown(bench.build_store(notify=lambda stage: progress(0, desc=stage)))
@@ -380,11 +249,7 @@ def build_app(bench: Workbench) -> gr.Blocks:
         for i, (_, gallery, _) in enumerate(slots):
             gallery.select(select_generated(i), [session], [detail_image, detail_md], api_visibility="private")
         upload_gallery.select(select_upload, [session], [detail_image, detail_md], api_visibility="private")
-        inspect_button.click(on_inspect, [inspect_prompts, inspect_seeds, inspect_group, inspect_mapping, method, top_k,
-                                          session],
-                             [inspect_groups, leader_gallery, leader_table, influenced, inspect_files, session],
-                             api_name="inspect", **HEAVY)
-        leader_gallery.select(select_leader, [session], influenced, api_visibility="private")
+        inspect_tab.wire(method, top_k, session, ensure_ready)
         build_button.click(on_build, None, status_md, api_name="build_store", **HEAVY)
         refresh_button.click(on_status, None, status_md, api_visibility="private")
         app.load(on_status, None, status_md, api_visibility="private")

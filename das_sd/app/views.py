@@ -4,13 +4,19 @@ components display (gallery items, data frames, markdown). No Gradio objects, no
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..attribute_results import Attribution
+from ..generation import shorten
 from ..shares import share_text
 
+if TYPE_CHECKING:
+    from .values import Query
+
 EFFECT_COLOURS = {"t > 0": "#d9480f", "t < 0": "#1c7ed6"}  # sign of the signed leave-one-out effect t_i
+SHOWN_PROMPT = 300  # characters of a prompt echoed back (CLIP reads 77 tokens of it anyway)
 
 # Text of users (prompts, captions, group names, file names) is shown literally: HTML's specials as
 # entities, Markdown's (and GFM autolinks', and the "$$" of Gradio's LaTeX) backslash-escaped, line
@@ -89,6 +95,22 @@ def detail_of(result: dict | None, index: int | None) -> tuple[str | None, str]:
             f"\n\n**Caption:** {md_text(r['caption'])}\n\n**Key:** {md_text(r['key'])}\n\n"
             f"**File:** {md_text(r['path'])}")
     return r["path"], text
+
+
+def upload_note(query: Query) -> str:
+    """The Attribute tab's Markdown under the upload: the prompt used (shown as typed), and any warning.
+
+    Args:
+        query: The upload's query from ``Workbench.image_query``.
+
+    Returns:
+        Markdown: where the prompt came from, the prompt (shortened, escaped) and its ``prompt_note``.
+    """
+    note = f"Prompt ({query.info['prompt_from']}): *{md_text(shorten(query.prompt.strip(), SHOWN_PROMPT))}*"
+    if query.info.get("prompt_note"):
+        text = query.info["prompt_note"]
+        note += f"\n\n**Note:** {md_text(text[0].upper() + text[1:])}"
+    return note
 
 
 LEADERBOARD_COLUMNS = ["rank", "caption", "group", "mean share %", "in top-k", "flags"]
