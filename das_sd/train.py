@@ -321,16 +321,18 @@ def _save_lora(pipe, out: Path, encoders: list) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    from .models.lora_files import portable_adapter_config
+
     unet = pipe.unet
     parts = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-             "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+             "unet_lora_adapter_metadata": portable_adapter_config(unet.peft_config["default"])}
     for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders):
         # "text_model." as every SD LoRA file spells it (transformers 5 dropped the submodule;
         # diffusers strips the prefix again when loading)
         parts[f"{name}_lora_layers"] = {k if k.startswith("text_model.") else f"text_model.{k}": v
                                         for k, v in convert_state_dict_to_diffusers(
                                             get_peft_model_state_dict(encoder, adapter_name="default")).items()}
-        parts[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+        parts[f"{name}_lora_adapter_metadata"] = portable_adapter_config(encoder.peft_config["default"])
     saver = StableDiffusionXLPipeline if model_family(pipe) == "sdxl" else StableDiffusionPipeline
     saver.save_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **parts)
 

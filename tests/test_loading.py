@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -173,3 +174,60 @@ def test_pickled_component_weights_are_refused_without_unpickling(base_path, tmp
     monkeypatch.setattr(torch, "load", never)
     with pytest.raises(ModelError, match=f"{component}/{pickled_name}: pickled weights are never loaded"):
         load_pipeline(base, device="cpu")
+
+
+def test_a_tokenizer_saved_as_tokenizer_json_only_loads_under_transformers_4(base_path, monkeypatch):
+    """transformers 4.x's CLIPTokenizer needs vocab.json; the embedded tokenizers are saved by
+    transformers 5 as tokenizer.json only. Under a 4.x version string the fast class is loaded and
+    registered in the pipeline, and tokenizes exactly as the pipeline's own."""
+    from das_sd.latents import tokenize_prompts
+    from das_sd.models.tokenizer import fast_only_tokenizers
+
+    assert not (base_path / "tokenizer" / "vocab.json").exists()  # the case the fallback exists for
+    assert fast_only_tokenizers(base_path, ("tokenizer",)) == {}  # transformers 5: nothing to do
+    prompts = ["quimvex, a red circle on a blue background", "Zorblat, a GREEN square!", "xyzzy " * 40]
+    expected = tokenize_prompts(load_pipeline(base_path, device="cpu"), prompts)[0]
+    # the module in sys.modules now (loading the pipeline may have put a new lazy module there)
+    transformers = sys.modules["transformers"]
+    monkeypatch.setattr(transformers, "__version__", "4.51.3")
+    assert list(fast_only_tokenizers(base_path, ("tokenizer",))) == ["tokenizer"]
+    pipe = load_pipeline(base_path, device="cpu")
+    assert isinstance(pipe.tokenizer, transformers.CLIPTokenizerFast)
+    assert torch.equal(tokenize_prompts(pipe, prompts)[0], expected)
+
+
+def test_lora_headers_hold_only_what_any_peft_reads(pipe, base_path, tmp_path):
+    """The adapter config das-sd writes into a LoRA header rebuilds the same LoraConfig, without the
+    default-valued fields a newer peft adds (an older peft refuses unknown ones)."""
+    from peft import LoraConfig
+
+    from das_sd.models.lora_files import adapter_metadata, portable_adapter_config, unknown_adapter_fields
+
+    config = LoraConfig(r=4, lora_alpha=2.5, target_modules={"to_q", "to_v"}, init_lora_weights="gaussian",
+                        rank_pattern={"to_q": 2})
+    entries = portable_adapter_config(config)
+    assert set(entries) == {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "init_lora_weights"}
+    assert entries["target_modules"] == ["to_q", "to_v"]
+    assert LoraConfig(**entries).to_dict() == config.to_dict()
+    # the shipped demo LoRAs are written that way: every entry is one of those fields or differs from its default
+    defaults = LoraConfig().to_dict()
+    for family in ("sd", "sdxl"):
+        from das_sd.models.loading import embedded_demo_lora_path
+
+        metadata = adapter_metadata(resolve_lora_file(embedded_demo_lora_path(family)))
+        assert unknown_adapter_fields(metadata) == []
+        for key, value in metadata.items():
+            field = key.split(".", 1)[1]
+            assert field in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern") or \
+                value != defaults[field], key
+
+    # a header written by a newer peft (a field this peft does not know) is refused by name, not with
+    # LoraConfig's TypeError
+    state = random_lora(pipe)
+    header = {"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": ["to_q"], "unet.rank_pattern": {},
+              "unet.alpha_pattern": {}, "unet.future_peft_field": None}
+    save_file(state, str(tmp_path / "pytorch_lora_weights.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(header)})
+    assert unknown_adapter_fields(header) == ["unet.future_peft_field"]
+    with pytest.raises(ModelError, match=r"pytorch_lora_weights.safetensors: .*future_peft_field.*newer peft"):
+        load_lora(load_pipeline(base_path, device="cpu"), tmp_path)

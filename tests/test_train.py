@@ -94,6 +94,17 @@ def test_alpha_different_from_rank_survives_save_and_load(base_path, small_set, 
     fresh = load_pipeline(base_path, device="cpu")
     load_lora(fresh, tmp_path / "l")
     assert torch.allclose(unet_outputs(fresh), trained, atol=FLOAT32_FORWARD_ATOL, rtol=FLOAT32_FORWARD_RTOL)
+    # the header records the adapter config portably: what rebuilds it, none of peft's other defaults
+    # (which an older peft would refuse as unknown fields; tests/test_min_versions.py loads such files)
+    from peft import LoraConfig
+
+    from das_sd.models.lora_files import adapter_metadata
+
+    header = {k.split(".", 1)[1]: v for k, v in adapter_metadata(tmp_path / "l" / LORA_WEIGHT_NAME).items()
+              if k.startswith("unet.")}
+    assert header["lora_alpha"] == 16.0 and header["r"] == recipe.rank
+    assert LoraConfig(**header).to_dict() == pipe.unet.peft_config["default"].to_dict()
+    assert set(header) <= {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "init_lora_weights"}
 
 
 def test_training_leaves_the_callers_rng_state_and_modes_as_it_found_them(base_path, small_set, tmp_path):

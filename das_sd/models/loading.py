@@ -30,10 +30,12 @@ from .errors import ModelError
 from .runtime import default_device, quiet_libraries  # noqa: F401  (importable from here as before)
 # LoRA files are read in lora_files / lora_weights and converted in lora_export; their names stay importable here
 from .lora_export import export_lora, to_kohya, to_peft  # noqa: F401
-from .lora_files import (LORA_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, layer_name, lora_file_format,  # noqa: F401
-                         lora_format, lora_weight_elements, read_lora, resolve_lora_file)
+from .lora_files import (LORA_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, adapter_metadata, layer_name,  # noqa: F401
+                         lora_file_format, lora_format, lora_weight_elements, read_lora, resolve_lora_file,
+                         unknown_adapter_fields)
 from .lora_weights import kohya_layers, peft_layers, resolve_kohya_names
 from .sgm_names import sgm_aliases, uses_sgm_names
+from .tokenizer import fast_only_tokenizers  # noqa: F401  (importable from here)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -190,20 +192,27 @@ def load_pipeline(base: str | Path | None = None, device: str | torch.device | N
     family = pipeline_family(path)
     quiet_libraries()
     try:
+        # diffusers would refuse a fast tokenizer for model_index.json's CLIPTokenizer: loaded
+        # without it, registered after
+        fast_tokenizers = fast_only_tokenizers(path, ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",))
         if family == "sdxl":
             from transformers import CLIPTextModelWithProjection
 
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 str(path), local_files_only=True, use_safetensors=True, dtype=dtype,
                 text_encoder=load_text_encoder(path / "text_encoder", dtype),
-                text_encoder_2=load_text_encoder(path / "text_encoder_2", dtype, CLIPTextModelWithProjection))
+                text_encoder_2=load_text_encoder(path / "text_encoder_2", dtype, CLIPTextModelWithProjection),
+                **dict.fromkeys(fast_tokenizers, None))
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
                 str(path), local_files_only=True, use_safetensors=True, dtype=dtype,
                 text_encoder=load_text_encoder(path / "text_encoder", dtype),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                **dict.fromkeys(fast_tokenizers, None))
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ModelError(f"{path}: cannot load the pipeline ({exc})") from exc
+    if fast_tokenizers:
+        pipe.register_modules(**fast_tokenizers)
     if model_family(pipe) != family:
         raise ModelError(f"{path}: a {family.upper()} pipeline folder whose UNet has the other family's "
                          "conditioning (addition_embed_type); das-sd cannot tell how to condition it")
@@ -280,6 +289,13 @@ def load_lora(pipe: StableDiffusionPipeline, path: str | Path, adapter_name: str
         raise ModelError(f"{file}: the pipeline already holds a LoRA named {adapter_name!r}")
     try:
         if fmt == "diffusers":
+            unknown = unknown_adapter_fields(adapter_metadata(file))
+            if unknown:
+                import peft
+
+                raise ModelError(f"its header's adapter config has fields that peft {peft.__version__} does not know "
+                                 f"({', '.join(unknown[:4])}): it was written by a newer peft; upgrade peft "
+                                 "(pip install -U peft) in this environment")
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
         else:
             if fmt == "kohya":

@@ -27,6 +27,8 @@ from .errors import ModelError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+    from peft import LoraConfig
+
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: "unet.r", "unet.lora_alpha", ...
@@ -229,6 +231,55 @@ def adapter_metadata(file: str | Path) -> dict | None:
         return json.loads(raw) if raw else None
     except json.JSONDecodeError as exc:
         raise ModelError(f"{file}: its {ADAPTER_METADATA_KEY} header entry is not JSON ({exc})") from None
+
+
+_ALWAYS_RECORDED = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+
+
+def portable_adapter_config(config: LoraConfig) -> dict:
+    """A peft ``LoraConfig`` as the file header records it, for any peft release: only the rank, the
+    alpha, the target modules, the per-layer patterns and the fields that differ from their defaults.
+
+    diffusers rebuilds the config with ``LoraConfig(**entries)``; a full ``to_dict()`` holds every field
+    of the writing release (peft 0.18 added ``alora_invocation_tokens``, later ones more), which an
+    older peft refuses as unknown keyword arguments. Left out at their defaults, they read the same.
+    The patterns stay even when empty: diffusers 0.35 reads ``rank_pattern`` from the header unasked.
+
+    Args:
+        config: The adapter's ``peft.LoraConfig``.
+
+    Returns:
+        The header entries (without the model prefix).
+    """
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    entries = {k: v for k, v in config.to_dict().items()
+               if k in _ALWAYS_RECORDED or k not in defaults or _differs(v, defaults[k])}
+    # sets (target_modules) sorted: the header reads the same on every run
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in entries.items()}
+
+
+def _differs(value, default) -> bool:
+    if isinstance(value, (set, list, tuple)) and isinstance(default, (set, list, tuple)):
+        return set(value) != set(default)  # target_modules: a set, written as a list
+    return value != default
+
+
+def unknown_adapter_fields(metadata: dict | None) -> list[str]:
+    """The header's ``LoraConfig`` fields that the installed peft does not know (written by a newer
+    peft), which diffusers would pass to ``LoraConfig`` and fail on.
+
+    Args:
+        metadata: ``adapter_metadata`` of a file ("unet.r", ...), or None.
+
+    Returns:
+        The unknown entries with their prefix, sorted; [] when all are known.
+    """
+    from peft import LoraConfig
+
+    known = set(LoraConfig.__dataclass_fields__)
+    return sorted(k for k in (metadata or {}) if k.split(".", 1)[-1] not in known)
 
 
 def lora_metadata(file: str | Path) -> dict[str, str]:

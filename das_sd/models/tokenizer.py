@@ -1,4 +1,4 @@
-"""The CLIP tokenizer of a single-file checkpoint, found offline.
+"""CLIP tokenizers: a single-file checkpoint's, found offline; a pipeline folder's under transformers 4.x.
 
 A single-file checkpoint holds no tokenizer, and das-sd does not ship the CLIP BPE vocabulary. It is
 taken, in order, from the folder given (``$DAS_SD_TOKENIZER``; used as it is), the config folder given
@@ -95,3 +95,34 @@ def _load_tokenizer(cls, name: str, subfolder: str | None):
         return cls.from_pretrained(name, subfolder=subfolder or "", local_files_only=True)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def fast_only_tokenizers(folder: Path, names: tuple[str, ...]) -> dict:
+    """The pipeline's tokenizers that transformers 4.x cannot load by the class model_index.json names.
+
+    A folder saved by transformers 5 (the embedded tiny models) holds only ``tokenizer.json``. From 5 on
+    ``CLIPTokenizer`` reads it; before 5, ``CLIPTokenizer`` is the slow, pure-Python one, which needs
+    ``vocab.json`` and ``merges.txt``, while ``CLIPTokenizerFast`` reads ``tokenizer.json`` with the
+    same tokenizers library. Webui venvs pin transformers 4.x, so there those folders get the fast
+    class; a folder with the vocabulary files is left to diffusers as it is.
+
+    Args:
+        folder: The pipeline folder.
+        names: Its tokenizer subfolders ("tokenizer", and SDXL's "tokenizer_2").
+
+    Returns:
+        ``from_pretrained`` keyword arguments: subfolder name -> loaded tokenizer, for the folders that
+        need it; {} under transformers 5 or later.
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {}
+    from transformers import CLIPTokenizerFast
+
+    out = {}
+    for name in names:
+        sub = folder / name
+        if (sub / "tokenizer.json").is_file() and not (sub / "vocab.json").is_file():
+            out[name] = CLIPTokenizerFast.from_pretrained(str(sub), local_files_only=True)
+    return out
