@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.das-sd-installed
 
-.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots screenshots-invokeai screenshots-comfyui cli-docs clean
+.PHONY: venv demo test demo-lora build-base build-base-sdxl demo-lora-sdxl screenshots screenshots-invokeai screenshots-comfyui screenshots-webui cli-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ COMFYUI ?= $(CURDIR)/build/comfyui
 COMFYUI_PYTHON ?= $(CURDIR)/build/comfyui-venv/bin/python
 screenshots-comfyui: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/screenshot_comfyui.py --comfyui $(COMFYUI) --python $(COMFYUI_PYTHON)
+
+# docs/host-webui.png, docs/host-webui-txt2img.png: the extension's tab and accordion in a real Stable
+# Diffusion WebUI Forge; a Forge checkout and its venv with das-sd, set up as benchmarks/screenshot_webui.py
+# says (neither is in this repository); needs /usr/bin/chromium
+FORGE ?= $(CURDIR)/build/forge
+FORGE_PYTHON ?= $(CURDIR)/build/forge-venv/bin/python
+screenshots-webui: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/screenshot_webui.py --webui $(FORGE) --python $(FORGE_PYTHON)
 
 # The tiny SDXL reuses the tiny SD's VAE and tokenizer (das_sd/assets/tiny-sd)
 build-base-sdxl: venv
