@@ -69,6 +69,16 @@ def test_stand_in_matches_the_recorded_host_contract(webui):
     assert signature_names(extra_networks.parse_prompt) == FACTS["modules/extra_networks.py"]["parse_prompt"]
 
 
+def webui_lora_folder(shared, tmp_path: Path, loras: dict[str, Path]) -> Path:
+    """The webui's LoRA folder (--lora-dir) holding ``loras`` (name -> file) as <name>.safetensors."""
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    for name, file in loras.items():
+        shutil.copy(file, folder / f"{name}.safetensors")
+    shared.cmd_opts.lora_dir = str(folder)
+    return folder
+
+
 def run_webui(extension, scripts, prompt: str, store: str, pipe, batch_size: int = 2, top_k: int = 5):
     from modules import processing
 
@@ -101,10 +111,7 @@ def build_ui(script):
 def test_each_image_is_attributed_into_its_infotext_and_the_tab(webui, demo, tmp_path, monkeypatch, host):
     extension, scripts, shared, script_callbacks = webui
     monkeypatch.setattr(scripts, "HOST", host)
-    lora_dir = tmp_path / "Lora"
-    lora_dir.mkdir()
-    shutil.copy(demo["lora"], lora_dir / "demo_style.safetensors")
-    shared.cmd_opts.lora_dir = str(lora_dir)
+    webui_lora_folder(shared, tmp_path, {"demo_style": demo["lora"]})
     reference = Attributor(demo["store"], device="cpu")
     prompt = "<lora:demo_style:1>, glimber, a red square on a blue background"
     processed, p, clean = run_webui(extension, scripts, prompt, demo["store"], reference.pipe)
@@ -180,10 +187,7 @@ def test_the_tab_attributes_an_image_made_earlier_from_its_png_parameters(webui,
     """An image generated earlier, dropped into the tab: its prompt (LoRA tag included) comes from
     the webui's infotext in the PNG; the training images are das_sd's own for that image and prompt."""
     extension, scripts, shared, _ = webui
-    lora_dir = tmp_path / "Lora"
-    lora_dir.mkdir()
-    shutil.copy(demo["lora"], lora_dir / "demo_style.safetensors")
-    shared.cmd_opts.lora_dir = str(lora_dir)
+    webui_lora_folder(shared, tmp_path, {"demo_style": demo["lora"]})
     reference = Attributor(demo["store"], device="cpu")
     clean = "glimber, a red square on a blue background"
     made = generate(reference.pipe, GenerationSettings(prompt=clean, seed=7)).images[0]
@@ -221,6 +225,7 @@ def test_the_tab_says_what_is_missing_for_a_dropped_image(webui, demo, tmp_path)
     assert gallery == [] and note.startswith("Attribution failed: QueryError") and "48" in note
     gallery, note = extension.attribute_upload(made, "zorblat", 4, "das", str(tmp_path / "missing"))
     assert gallery == [] and "StoreError" in note and "missing" in note
+    assert extension.last_run() == {"images": [], "errors": []}  # a generation's record is not touched
 
 
 # ---- SDXL checkpoints ----------------------------------------------------------------------------
@@ -241,10 +246,7 @@ def test_sdxl_images_are_attributed_with_the_webuis_size_conditioning(webui, sdx
     monkeypatch.setattr(scripts, "HOST", host)
     monkeypatch.setattr(shared, "sd_model", SimpleNamespace(is_sdxl=True), raising=False)
     shared.opts.sdxl_crop_left, shared.opts.sdxl_crop_top = 2, 1
-    lora_dir = tmp_path / "Lora"
-    lora_dir.mkdir()
-    shutil.copy(sdxl_demo["lora_file"], lora_dir / "sdxl_style.safetensors")
-    shared.cmd_opts.lora_dir = str(lora_dir)
+    webui_lora_folder(shared, tmp_path, {"sdxl_style": sdxl_demo["lora_file"]})
     reference = Attributor(sdxl_demo["store"], device="cpu")
     processed, p, clean = run_webui(extension, scripts, f"<lora:sdxl_style:1>, {SDXL_PROMPT}", str(sdxl_demo["store"]),
                                     reference.pipe)

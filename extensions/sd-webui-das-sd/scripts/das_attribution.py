@@ -214,8 +214,8 @@ def attribute_upload(image, prompt: str, top_k, method: str, store: str) -> tupl
         record, _, _ = _attribute(image, prompt, method, top_k, store or _default_store(),
                                   {"index": 0, "seed": seed}, None, None)
         return _gallery(record, f"Dropped image (prompt `{prompt}`)")  # code: <lora:...> is no HTML tag
-    except Exception as exc:  # shown in the tab, as a generation's failure is
-        _report(f"dropped image: attribution failed: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # shown in the tab and the console; the last generation's record is left alone
+        print(f"[das-sd] dropped image: attribution failed: {type(exc).__name__}: {exc}", flush=True)
         traceback.print_exc()
         return [], f"Attribution failed: {type(exc).__name__}: {exc}"
 
