@@ -30,8 +30,8 @@ _API = {
     "GenerationSettings": "das_sd.generation",
     "GenerationResult": "das_sd.generation",
     "generate": "das_sd.generation",
-    "save_png": "das_sd.generation",
-    "read_png_metadata": "das_sd.generation",
+    "save_png": "das_sd.png_metadata",
+    "read_png_metadata": "das_sd.png_metadata",
     "prepare_demo": "das_sd.toy.demo",
     # dataset -> store -> scores: the attribution API
     "FeaturizerSettings": "das_sd.featurize.settings",

@@ -17,8 +17,8 @@ from .conditioning import Conditioning
 from .data.buckets import BucketSpec
 from .data.images import ImageError, image_size, is_fully_transparent, open_image, to_rgb
 from .featurize.featurizer import features_together
-from .generation import image_metadata
 from .latents import encode_prompts, native_time_ids
+from .png_metadata import image_metadata
 from .store_manifest import identity_with_defaults
 
 if TYPE_CHECKING:

@@ -221,7 +221,7 @@ def test_bad_uploads_and_prompts_get_readable_errors(served, tmp_path):
 
 
 def test_long_prompts_are_shortened_and_their_truncation_reported(served, reference, tmp_path):
-    from das_sd.generation import save_png
+    from das_sd.png_metadata import save_png
 
     url, _ = served
     client = Client(url, verbose=False)

@@ -12,7 +12,8 @@ from das_sd.attribute import Attributor, QueryError
 from das_sd.cli import main
 from das_sd.data.ground_truth import load_ground_truth
 from das_sd.evaluate.groundtruth import SPLITS, evaluate_ground_truth, queries_for
-from das_sd.generation import GenerationSettings, generate, save_png
+from das_sd.generation import GenerationSettings, generate
+from das_sd.png_metadata import save_png
 from das_sd.registry import DEFAULT_METHOD, METHODS
 from tolerances import U32
 

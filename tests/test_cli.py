@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from das_sd.cli import main
-from das_sd.generation import read_png_metadata
+from das_sd.png_metadata import read_png_metadata
 from helpers import TINY_FEATURIZE, subset_dataset
 
 
@@ -285,7 +285,8 @@ def test_library_warnings_stay_off_stderr(demo, tmp_path):
     """A newcomer reads any stderr line as an error: `das-sd --help` and `das-sd attribute` (which
     imports diffusers, whose import made transformers warn about torchvision) print none of theirs."""
     from das_sd.attribute import Attributor
-    from das_sd.generation import GenerationSettings, generate, save_png
+    from das_sd.generation import GenerationSettings, generate
+    from das_sd.png_metadata import save_png
 
     pipe = Attributor(demo["store"], device="cpu").pipe
     result = generate(pipe, GenerationSettings(prompt="zorblat, a green square on a orange background", steps=4))

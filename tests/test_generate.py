@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from das_sd.generation import (GenerationSettings, decode_latents, generate, infotext, parse_infotext,
-                               read_png_metadata, save_png)
+from das_sd.generation import GenerationSettings, decode_latents, generate
+from das_sd.png_metadata import read_png_metadata, save_png
 from tolerances import sampler_atol
 
 
@@ -42,16 +42,6 @@ def test_png_metadata_round_trip(pipe, tmp_path):
     assert "Seed: 3" in text and "Lora hashes: \"demo: def456\"" in text
 
 
-def test_a1111_infotext_is_parsed(tmp_path):
-    text = infotext({"prompt": "a cat\nwith two lines", "negative_prompt": "dog", "steps": 20,
-                     "scheduler": "Euler a", "guidance": 7.0, "seed": 42, "width": 512, "height": 512})
-    parsed = parse_infotext(text)
-    assert parsed["prompt"] == "a cat\nwith two lines" and parsed["negative_prompt"] == "dog"
-    assert parsed["seed"] == 42 and parsed["steps"] == 20 and parsed["guidance"] == 7.0
-    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-    assert read_png_metadata(tmp_path / "plain.png") == {}
-
-
 def test_lora_scale_zero_equals_the_base(pipe, base_path, tmp_path):
     from das_sd.models.loading import load_lora, load_pipeline
     from helpers import random_lora
@@ -81,20 +71,3 @@ def test_package_root_api_names_stay_functions_after_their_modules_load():
         first, again = getattr(das_sd, name), getattr(das_sd, name)
         assert not isinstance(first, types.ModuleType) and not isinstance(again, types.ModuleType), name
     assert das_sd.generate is das_sd.generation.generate
-
-
-def test_a_malformed_attribution_record_is_an_image_error_naming_the_file(tmp_path):
-    import pytest
-    from PIL.PngImagePlugin import PngInfo
-
-    from das_sd.data.images import ImageError
-    from das_sd.generation import PNG_ATTRIBUTION_KEY, read_png_attribution
-
-    info = PngInfo()
-    info.add_text(PNG_ATTRIBUTION_KEY, "{not json")
-    path = tmp_path / "bad-record.png"
-    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
-    with pytest.raises(ImageError, match="bad-record.png: its 'das_sd_attribution' record is not valid JSON"):
-        read_png_attribution(path)
-    Image.new("RGB", (4, 4)).save(tmp_path / "none.png")
-    assert read_png_attribution(tmp_path / "none.png") is None

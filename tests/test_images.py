@@ -71,7 +71,7 @@ def test_a_bomb_costs_no_memory(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header(22000, 22000))
     code = ("import resource, sys\nfrom das_sd.data.images import load_image, ImageError\n"
-            "from das_sd.generation import read_png_metadata\n"
+            "from das_sd.png_metadata import read_png_metadata\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "for read in (load_image, read_png_metadata):\n"
             "    try:\n        read(sys.argv[1])\n        sys.exit('decoded')\n    except ImageError:\n        pass\n"
@@ -95,7 +95,7 @@ def test_errors_name_the_image_never_an_object_repr(tmp_path):
 
 
 def test_images_keep_their_metadata_and_load_fully(tmp_path):
-    from das_sd.generation import png_bytes, read_png_metadata
+    from das_sd.png_metadata import png_bytes, read_png_metadata
 
     path = tmp_path / "gen.png"
     path.write_bytes(png_bytes(Image.new("RGB", (32, 32), "blue"), {"prompt": "a blue square"}))

@@ -9,8 +9,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from das_sd.attribute import Attributor
-from das_sd.generation import GenerationSettings, generate, read_png_attribution, read_png_metadata
+from das_sd.generation import GenerationSettings, generate
 from das_sd.integrations.diffusers import AttributingPipeline
+from das_sd.png_metadata import read_png_attribution, read_png_metadata
 from das_sd.registry import DEFAULT_METHOD
 from das_sd.store import StoreError
 from helpers import random_lora

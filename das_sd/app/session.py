@@ -21,8 +21,9 @@ from ..attribute import Attributor
 from ..attribute_queries import MissingPromptError, QueryError
 from ..attribute_results import Attribution
 from ..data.images import ImageError
-from ..generation import GenerationSettings, generate, save_png, truncation_note
+from ..generation import GenerationSettings, generate, truncation_note
 from ..models.fingerprint import provenance, short
+from ..png_metadata import save_png
 from ..store import FeatureStore, StoreError
 from .inspect_session import InspectRequests
 from .values import AppConfig, AppError, Query

@@ -12,8 +12,9 @@ import torch
 
 from ..attribute import Attributor
 from ..attribute_queries import QueryError
-from ..generation import GenerationSettings, generate, save_png
+from ..generation import GenerationSettings, generate
 from ..models.fingerprint import provenance
+from ..png_metadata import save_png
 from .inspection import Generation, InspectSettings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -29,7 +29,7 @@ from PIL import Image
 from ..attribute import Attributor
 from ..attribute_results import Attribution
 from ..conditioning import Conditioning, model_family
-from ..generation import save_png
+from ..png_metadata import save_png
 from ..registry import DEFAULT_METHOD
 from ..store import FeatureStore
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .demo import DEMO_PROMPTS
-from ..generation import GenerationSettings, generate, save_png
+from ..generation import GenerationSettings, generate
+from ..png_metadata import save_png
 from ..registry import DEFAULT_METHOD
 
 if TYPE_CHECKING:

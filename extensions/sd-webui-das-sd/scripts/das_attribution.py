@@ -203,7 +203,7 @@ def attribute_upload(image, prompt: str, top_k, method: str, store: str) -> tupl
     if image is None:
         return [], "Drop an image (a PNG saved by the webui or das-sd) to attribute it."
     try:
-        from das_sd.generation import image_metadata
+        from das_sd.png_metadata import image_metadata
 
         meta = image_metadata(image)
         prompt = (prompt or "").strip() or meta.get("prompt") or ""
