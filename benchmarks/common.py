@@ -74,7 +74,8 @@ def load_model(config: str, rank: int, device: str):
     SDXL UNet ("sdxl-256") also takes a pooled embedding and size conditioning (``_inputs``)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from das_sd.train import LoraRecipe, add_lora_adapter
+    from das_sd.lora_record import LoraRecipe
+    from das_sd.train import add_lora_adapter
 
     if config == "demo":
         from das_sd.models.loading import embedded_demo_lora_path, load_lora, load_pipeline

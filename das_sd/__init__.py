@@ -25,7 +25,7 @@ _API = {
     "load_lora": "das_sd.models.loading",
     "embedded_base_path": "das_sd.models.loading",
     "ModelError": "das_sd.models.loading",
-    "LoraRecipe": "das_sd.train",
+    "LoraRecipe": "das_sd.lora_record",
     "train_lora": "das_sd.train",
     "GenerationSettings": "das_sd.generation",
     "GenerationResult": "das_sd.generation",

@@ -46,7 +46,8 @@ def cmd_train_lora(args: argparse.Namespace) -> None:
     Args:
         args: the parsed command line.
     """
-    from .train import LoraRecipe, train_lora_on_folder
+    from .lora_record import LoraRecipe
+    from .train import train_lora_on_folder
 
     optional = {"alpha": args.alpha, "text_encoder_rank": args.text_encoder_rank}
     recipe = LoraRecipe(rank=args.rank, steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,

@@ -46,7 +46,8 @@ def pipe(base_path):
 def _random_lora_pipe(base_path, dtype: torch.dtype):
     from das_sd.featurize.lora_layers import lora_parameters
     from das_sd.models.loading import load_pipeline
-    from das_sd.train import LoraRecipe, add_lora_adapter
+    from das_sd.lora_record import LoraRecipe
+    from das_sd.train import add_lora_adapter
 
     pipe = load_pipeline(base_path, device="cpu", dtype=dtype)
     add_lora_adapter(pipe.unet, LoraRecipe(rank=2))

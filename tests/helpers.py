@@ -129,7 +129,8 @@ def tiny_attributed_store(base: str, root: Path, samples):
     from das_sd.featurize.settings import FeaturizerSettings
     from das_sd.models.loading import load_lora, load_pipeline
     from das_sd.score import LambdaRule, build_index
-    from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, train_lora
+    from das_sd.lora_record import LORA_WEIGHT_NAME, LoraRecipe
+    from das_sd.train import train_lora
 
     dataset = open_dataset(write_imagefolder(root / "data", samples))
     train_lora(base, dataset, root / "lora", LoraRecipe(steps=6, batch_size=4, rank=2, alpha=2.0), progress=False)

@@ -102,7 +102,7 @@ def test_the_flags_defaults_are_the_settings_defaults() -> None:
     from das_sd.generation import GenerationSettings
     from das_sd.inspect.inspection import InspectSettings
     from das_sd.toy.build_base import BaseRecipe
-    from das_sd.train import LoraRecipe
+    from das_sd.lora_record import LoraRecipe
 
     train = _defaults(["train-lora", "--data", "d", "--out", "o"])
     recipe = LoraRecipe()

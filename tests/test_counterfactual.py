@@ -25,7 +25,7 @@ def test_counterfactual_command_retrains_without_the_top_k_and_measures_the_chan
     from das_sd.attribute import Attributor
     from das_sd.cli import main
     from das_sd.generation import GenerationSettings, generate
-    from das_sd.train import read_record
+    from das_sd.lora_record import read_record
 
     root, dataset, store, prompts = tiny
     run = root / "run"

@@ -101,7 +101,8 @@ def test_retraining_harness_is_cached_resumable_and_parallel(demo, tmp_path):
     from das_sd.evaluate.lds_subsets import retrain_subsets
     from das_sd.latents import encode_images
     from das_sd.models.loading import load_pipeline
-    from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe, train_lora
+    from das_sd.lora_record import LORA_WEIGHT_NAME, LoraRecipe
+    from das_sd.train import train_lora
 
     full = open_dataset(demo["data"])
     dataset = full.subset(full.keys[::22][:12])
@@ -210,7 +211,7 @@ def test_retraining_on_a_local_ray_cluster_gives_the_same_loras(demo, tmp_path):
 
     from das_sd.data.datasets import open_dataset
     from das_sd.evaluate.lds_subsets import retrain_subsets
-    from das_sd.train import LORA_WEIGHT_NAME, LoraRecipe
+    from das_sd.lora_record import LORA_WEIGHT_NAME, LoraRecipe
 
     full = open_dataset(demo["data"])
     dataset = full.subset(full.keys[::22][:12])

@@ -244,7 +244,8 @@ def test_export_keeps_every_layers_scale(sd15_base, tmp_path, to, alphas):
 def test_export_of_a_lora_trained_with_alpha_not_rank_keeps_its_outputs(base_path, demo_data, tmp_path):
     """The review's case: `train-lora --alpha 7 --rank 2`, then export-lora to kohya and to peft."""
     from das_sd.data.datasets import open_dataset
-    from das_sd.train import LoraRecipe, train_lora
+    from das_sd.lora_record import LoraRecipe
+    from das_sd.train import train_lora
     from helpers import unet_outputs
     from tolerances import FLOAT32_FORWARD_ATOL, FLOAT32_FORWARD_RTOL
 

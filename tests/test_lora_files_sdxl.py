@@ -147,7 +147,8 @@ def test_export_to_kohya_writes_sd_scripts_sdxl_names_and_round_trips(sdxl_base,
     """A LoRA loaded from an sd-scripts SDXL file, saved in diffusers' format as train-lora saves it and
     exported to kohya: the export has the SGM / lora_te1_ / lora_te2_ names and alphas of the original
     file, with --base and without (its text_encoder_2 part tells SDXL), and loads to the same outputs."""
-    from das_sd.train import LORA_WEIGHT_NAME, _save_lora
+    from das_sd.lora_record import LORA_WEIGHT_NAME
+    from das_sd.train import _save_lora
 
     pipe = load_pipeline(sdxl_base, device="cpu", dtype=torch.float64)
     state, expected = sgm_kohya_file(pipe, seed=3)

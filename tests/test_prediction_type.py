@@ -32,11 +32,12 @@ from das_sd.featurize.gradients import per_row_gradients
 from das_sd.featurize.lora_layers import lora_parameters
 from das_sd.featurize.settings import FeaturizerSettings, noise_for, uniform_grid
 from das_sd.latents import encode_images, encode_prompts
+from das_sd.lora_record import LoraRecipe
 from das_sd.models.loading import ModelError, load_lora, load_pipeline
 from das_sd.noising import prediction_type, training_target
 from das_sd.seeds import generator
 from das_sd.store import FeatureStore, StoreError
-from das_sd.train import LoraRecipe, batch_schedule, train_lora
+from das_sd.train import batch_schedule, train_lora
 from helpers import random_lora
 from tolerances import ALGEBRAIC_RTOL, FLOAT32_FORWARD_ATOL, FLOAT32_FORWARD_RTOL, algebraic_rtol, relative_error
 

@@ -143,7 +143,8 @@ def test_sdxl_lora_trains_saves_loads_and_its_store_refuses_sd(sdxl_folder, tmp_
     from das_sd.featurize.service import build_store
     from das_sd.featurize.settings import FeaturizerSettings
     from das_sd.store import StoreError
-    from das_sd.train import LoraRecipe, train_lora
+    from das_sd.lora_record import LoraRecipe
+    from das_sd.train import train_lora
 
     dataset = _dataset(tmp_path / "data")
     pipe = load_pipeline(sdxl_folder, device="cpu")
@@ -177,7 +178,7 @@ def test_sdxl_lora_trains_saves_loads_and_its_store_refuses_sd(sdxl_folder, tmp_
 
 
 def test_sdxl_text_encoder_2_lora_refused_on_sd_pipeline(tmp_path):
-    from das_sd.train import LORA_WEIGHT_NAME
+    from das_sd.lora_record import LORA_WEIGHT_NAME
     from safetensors.torch import save_file
 
     pipe = sd_pipeline()

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from das_sd.data.datasets import open_dataset
 from das_sd.featurize.lora_layers import lora_parameters
+from das_sd.lora_record import LORA_WEIGHT_NAME, LoraRecipe, read_record, recipe_from_record
 from das_sd.models.loading import load_lora, load_pipeline
-from das_sd.train import (LORA_WEIGHT_NAME, LoraRecipe, batch_schedule, read_record, read_subset_file,
-                          recipe_from_record, train_lora)
+from das_sd.train import batch_schedule, read_subset_file, train_lora
 from helpers import unet_outputs
 from tolerances import FLOAT32_FORWARD_ATOL, FLOAT32_FORWARD_RTOL
 

@@ -19,7 +19,7 @@ from .retrain import run_training_jobs, training_job
 if TYPE_CHECKING:
     from ..attribute import Attributor
     from ..data.datasets import Dataset
-    from ..train import LoraRecipe
+    from ..lora_record import LoraRecipe
 
 
 def draw_subsets(n: int, settings: LDSSettings) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from ..attribute import Attributor
     from ..data.datasets import Dataset
-    from ..train import LoraRecipe
+    from ..lora_record import LoraRecipe
 
 
 def attributed_recipe_and_data(attributor: Attributor) -> tuple[LoraRecipe, Dataset]:
@@ -36,7 +36,7 @@ def attributed_recipe_and_data(attributor: Attributor) -> tuple[LoraRecipe, Data
             ``das-sd train-lora``), or when the dataset's samples no longer match the store's rows.
     """
     from ..data.datasets import open_dataset
-    from ..train import read_record, recipe_from_record
+    from ..lora_record import read_record, recipe_from_record
 
     record = read_record(attributor.lora_path.parent)
     if not record:
@@ -54,7 +54,8 @@ def _train_one(job: tuple) -> str:
     """Worker: retrain the LoRA on one subset (skipped when its record is already there)."""
     base, data_root, data_format, keys, out, recipe_dict, threads = job
     from ..data.datasets import open_dataset
-    from ..train import LoraRecipe, read_record, train_lora
+    from ..lora_record import LoraRecipe, read_record
+    from ..train import train_lora
 
     if read_record(out):
         return out

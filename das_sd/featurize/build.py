@@ -19,12 +19,12 @@ from .. import __version__
 from ..data.datasets import Dataset
 from ..conditioning import Conditioning, model_family, size_time_ids
 from ..latents import encode_images, encode_prompts, native_resolution
+from ..lora_record import read_record
 from ..models.fingerprint import lora_fingerprint, model_fingerprint
 from ..models.loading import ModelError
 from ..data.buckets import BucketSpec, default_buckets, kohya_buckets
 from ..models.lora_files import kohya_training_resolution, lora_metadata
 from ..registry import check_choice
-from ..train import read_record
 from ..models.probe import pipeline_probes
 from ..noising import prediction_type
 from ..store import FeatureStore

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 from ..data.datasets import open_dataset
 from .demo_data import make_demo_data
+from ..lora_record import LORA_WEIGHT_NAME, LoraRecipe, read_record
 from ..models.fingerprint import das_sd_home, model_fingerprint
 from ..models.loading import embedded_base_path, embedded_demo_lora_path
-from ..train import LORA_WEIGHT_NAME, LoraRecipe, read_record, train_lora
+from ..train import train_lora
 
 if TYPE_CHECKING:
     from collections.abc import Callable
