@@ -1,6 +1,6 @@
 """The embedded model must work as a text-to-image model on prompts it was never trained on."""
 
-from das_sd.toy.build_base import held_out_combinations, training_combinations
+from das_sd.toy.base_data import held_out_combinations, training_combinations
 from das_sd.toy.quality import text_to_image_accuracy
 
 
