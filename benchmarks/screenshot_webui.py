@@ -36,39 +36,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "hosts"), str(ROOT / "tests")]
 
-from helpers import browser_page  # noqa: E402  (tests/helpers.py)
+from helpers import browser_page, webui_png  # noqa: E402  (tests/helpers.py)
 from invokeai_server import PROMPT, SEED, free_port, http_server  # noqa: E402  (the same demo query)
 from screenshots import demo_generation, optimize_png  # noqa: E402  (benchmarks/screenshots.py)
 
 EXTENSION = ROOT / "extensions" / "sd-webui-das-sd"
 OUT = ROOT / "docs" / "host-webui.png"
 LORA = "demo_style"
-
-
-def webui_png(image: Image.Image, path: Path, prompt: str, seed: int) -> Path:
-    """Save ``image`` as the webui saves its PNGs: the infotext (prompt with its LoRA tag, then the
-    settings line) in a ``parameters`` text chunk.
-
-    Args:
-        image: The image.
-        path: Where to write it.
-        prompt: The prompt, LoRA tag included.
-        seed: The seed it was generated with.
-
-    Returns:
-        ``path``.
-    """
-    info = PngImagePlugin.PngInfo()
-    width, height = image.size
-    info.add_text("parameters", f"{prompt}\nSteps: 20, Sampler: DDIM, CFG scale: 5, Seed: {seed}, "
-                                f"Size: {width}x{height}, Lora hashes: \"{LORA}\"")
-    image.save(path, pnginfo=info)
-    return path
 
 
 def capture_tab(url: str, query: Path, out: Path, accordion_out: Path, width: int = 1400, height: int = 1000,
@@ -138,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         (data / "models" / "Lora").mkdir(parents=True)
         shutil.copy(demo["lora"], data / "models" / "Lora" / f"{LORA}.safetensors")
         (data / "models" / "Stable-diffusion").mkdir(parents=True)
-        query = webui_png(image, data / f"00000-{SEED}.png", f"<lora:{LORA}:1>, {PROMPT}", SEED)
+        width, height = image.size
+        query = webui_png(image, data / f"00000-{SEED}.png",
+                          f"<lora:{LORA}:1>, {PROMPT}\nSteps: 20, Sampler: DDIM, CFG scale: 5, Seed: {SEED}, "
+                          f"Size: {width}x{height}, Lora hashes: \"{LORA}\"")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [str(args.python), "launch.py", "--skip-prepare-environment", "--skip-install",
@@ -146,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                    "--always-cpu", "--data-dir", str(data), "--server-name", "127.0.0.1", "--port", str(port),
                    "--das-store", str(demo["store"]), "--das-device", "cpu"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        accordion_out = args.out.with_name(args.out.stem + "-txt2img.png")
         with http_server(command, env, data / "server.log", url, "/", "Forge", 600, cwd=args.webui):
             try:
-                captions = capture_tab(url, query, args.out, args.out.with_name(args.out.stem + "-txt2img.png"))
+                captions = capture_tab(url, query, args.out, accordion_out)
             except Exception:
                 print((data / "server.log").read_text(errors="replace")[-4000:], file=sys.stderr)
                 raise
         log = (data / "server.log").read_text(errors="replace")
-    for path in (args.out, args.out.with_name(args.out.stem + "-txt2img.png")):
+    for path in (args.out, accordion_out):
         print(f"{path}: {optimize_png(path)} bytes")
     print(f"top-{len(captions)}: {captions}")
     if "[das-sd]" in log:

@@ -43,6 +43,17 @@ def browser_page(width: int = 1400, height: int = 1000):
             browser.close()
 
 
+def webui_png(image, path: Path, parameters: str) -> Path:
+    """``image`` saved as the webui saves its PNGs: the infotext in a ``parameters`` text chunk only
+    (das-sd's own PNGs also carry a ``das_sd`` JSON chunk, which readers prefer)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, pnginfo=info)
+    return path
+
+
 @contextmanager
 def torch_threads(count: int):
     """Run a block with ``count`` torch threads: a worker's result is reproduced bit for bit in-process

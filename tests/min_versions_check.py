@@ -42,13 +42,14 @@ def unet_prediction(pipe, conditioning, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute(store: str, image: str, prompt: str) -> tuple[dict[str, torch.Tensor], dict]:
+def compute(store: str, image: str, prompt: str, attributor=None) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors compared, and the library versions that made them.
 
     Args:
         store: The demo feature store.
         image: A generated image at the store's resolution.
         prompt: Its prompt.
+        attributor: The store's ``Attributor`` when the caller has one; None: loaded here.
 
     Returns:
         (name -> float32 or int64 tensor, {"transformers": ..., "diffusers": ..., "peft": ...}).
@@ -64,7 +65,7 @@ def compute(store: str, image: str, prompt: str) -> tuple[dict[str, torch.Tensor
 
     torch.manual_seed(0)
     out: dict[str, torch.Tensor] = {}
-    attributor = Attributor(store, device="cpu")
+    attributor = attributor or Attributor(store, device="cpu")
     pipe = attributor.pipe
     for i, ids in enumerate(tokenize_prompts(pipe, PROMPTS)):
         out[f"sd.tokens.{i}"] = torch.as_tensor(ids).long()

@@ -55,7 +55,7 @@ def test_minimum_versions_compute_what_the_project_versions_compute(demo, tmp_pa
         [pinned("transformers"), pinned("diffusers"), pinned("peft")]
     assert versions["transformers"].startswith("4.")
     old = load_file(str(target))
-    new, _ = compute(str(demo["store"]), str(query), PROMPT)
+    new, _ = compute(str(demo["store"]), str(query), PROMPT, attributor)
     assert sorted(old) == sorted(new)
 
     for name in [k for k in new if ".tokens." in k]:  # tokenization is exact

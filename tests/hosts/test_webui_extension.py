@@ -21,6 +21,7 @@ from das_sd.attribute import Attributor
 from das_sd.registry import DEFAULT_METHOD
 from das_sd.shares import share_text
 from das_sd.generation import GenerationSettings, generate
+from helpers import webui_png
 
 HERE = Path(__file__).parent
 STUB = HERE / "webui_stub"
@@ -172,17 +173,6 @@ def test_tab_builds_with_the_installed_gradio(webui):
     assert extension.gallery_of(1)[0] == []
 
 
-def a1111_png(image: Image.Image, path: Path, parameters: str) -> Image.Image:
-    """``image`` saved as the webui saves its PNGs (infotext in a ``parameters`` text chunk only) and
-    opened again, as the tab's upload hands it over."""
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
-    return Image.open(path)
-
-
 def test_the_tab_attributes_an_image_made_earlier_from_its_png_parameters(webui, demo, tmp_path):
     """An image generated earlier, dropped into the tab: its prompt (LoRA tag included) comes from
     the webui's infotext in the PNG; the training images are das_sd's own for that image and prompt."""
@@ -192,7 +182,7 @@ def test_the_tab_attributes_an_image_made_earlier_from_its_png_parameters(webui,
     clean = "glimber, a red square on a blue background"
     made = generate(reference.pipe, GenerationSettings(prompt=clean, seed=7)).images[0]
     parameters = f"<lora:demo_style:0.8>, {clean}\nNegative prompt: blurry\nSteps: 20, Seed: 7, Size: 32x32"
-    dropped = a1111_png(made, tmp_path / "00007-7.png", parameters)
+    dropped = Image.open(webui_png(made, tmp_path / "00007-7.png", parameters))  # as the tab's upload hands it over
 
     gallery, note = extension.attribute_upload(dropped, "", 4, "das", demo["store"])
     expected = reference.attribute_image(made, prompt=clean, method="das", top_k=4)

@@ -82,6 +82,18 @@ def _report(message: str) -> None:
         _last["errors"].append(message)
 
 
+def _top_k_slider(elem_id: str | None = None):
+    return gr.Slider(minimum=1, maximum=32, step=1, value=int(_opt("das_top_k", 8)), label="Top-k", elem_id=elem_id)
+
+
+def _method_dropdown(elem_id: str | None = None):
+    return gr.Dropdown(choices=METHODS, value=_opt("das_method", DEFAULT_METHOD), label="Method", elem_id=elem_id)
+
+
+def _store_box(elem_id: str | None = None):
+    return gr.Textbox(value=_default_store(), label="das-sd feature store folder", elem_id=elem_id)
+
+
 def _attribute(image, prompt: str, method: str, top_k, store: str, info: dict, size, checkpoint: str | None):
     """One image's attribution record, its Attribution and the store id, as the tab and REST route
     show it (``warning``: the prompt's LoRAs are not the store's). ``checkpoint`` names the webui's
@@ -114,12 +126,8 @@ class DASAttributionScript(scripts.Script):
             enabled = gr.Checkbox(value=False, label="Attribute each image to the LoRA's training images",
                                   elem_id=self.elem_id("enabled"))
             with gr.Row():
-                top_k = gr.Slider(minimum=1, maximum=32, step=1, value=int(_opt("das_top_k", 8)), label="Top-k",
-                                  elem_id=self.elem_id("top_k"))
-                method = gr.Dropdown(choices=METHODS, value=_opt("das_method", DEFAULT_METHOD), label="Method",
-                                     elem_id=self.elem_id("method"))
-            store = gr.Textbox(value=_default_store(), label="das-sd feature store folder",
-                               elem_id=self.elem_id("store"))
+                top_k, method = _top_k_slider(self.elem_id("top_k")), _method_dropdown(self.elem_id("method"))
+            store = _store_box(self.elem_id("store"))
         return [enabled, top_k, method, store]
 
     def process(self, p, enabled, top_k, method, store):
@@ -231,9 +239,7 @@ def on_ui_tabs():
                                   elem_id="das_attribution_upload")
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt (empty: from the image)", lines=2)
-                    top_k = gr.Slider(minimum=1, maximum=32, step=1, value=int(_opt("das_top_k", 8)), label="Top-k")
-                    method = gr.Dropdown(choices=METHODS, value=_opt("das_method", DEFAULT_METHOD), label="Method")
-                    store = gr.Textbox(value=_default_store(), label="das-sd feature store folder")
+                    top_k, method, store = _top_k_slider(), _method_dropdown(), _store_box()
                     attribute = gr.Button("Attribute", variant="primary", elem_id="das_attribution_attribute")
         status = gr.Markdown(elem_id="das_attribution_status")
         gallery = gr.Gallery(label="Most influential training images", columns=4, elem_id="das_attribution_gallery")
